@@ -1,0 +1,3 @@
+from llmdiff.cli import main
+
+main()

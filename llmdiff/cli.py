@@ -1,0 +1,96 @@
+"""The `llmdiff` command line: parse options, call `llmdiff.api`, render. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from llmdiff import __version__
+from llmdiff.errors import LLMDiffError
+
+
+def _console(no_color: bool = False):
+    from rich.console import Console
+
+    return Console(no_color=no_color, highlight=False, width=None if sys.stdout.isatty() else 120)
+
+
+def _fail(message: str, debug: bool, json_path=None):
+    if json_path:
+        from llmdiff.report import write_json
+
+        write_json({"llmdiff_version": __version__, "error": message, "exit_code": 2}, json_path)
+    if debug:
+        raise
+    click.echo(f"llmdiff: error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llmdiff")
+def main():
+    """Find bugs in LLM implementations: same weights, several implementations, layer by layer."""
+
+
+@main.command()
+def models():
+    """List the models llmdiff knows."""
+    from llmdiff.spec import get_spec, model_names
+
+    for name in model_names():
+        s = get_spec(name)
+        click.echo(f"{name:<12} {s.family:<7} vocab {s.vocab_size}  hidden {s.hidden_size}  layers {s.num_layers}"
+                   f"  heads {s.num_heads}/{s.num_kv_heads} kv  head_dim {s.head_dim}  mlp {s.mlp_dim}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--tiny", is_flag=True, help="A tiny model with every architectural feature kept.")
+@click.option("--impl", "impls", multiple=True, metavar="NAME[@PYTHON]",
+              help="Implementation to compare (repeatable): hf, oracle, NAME@/path/to/python, module:Class.")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16"]),
+              help="Compute dtype (repeatable); default float32 and bfloat16.")
+@click.option("--weights", type=click.Path(), help="A local HF checkpoint directory (safetensors).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights and prompts.")
+@click.option("--reference", default="oracle", show_default=True, help="Implementation the others are compared with.")
+@click.option("--attn", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
+              help="Attention implementation for hf.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the JSON report here.")
+@click.option("--workdir", type=click.Path(), help="Keep weights, jobs and captures in this directory.")
+@click.option("--timeout", type=float, default=None, help="Seconds each worker may run.")
+@click.option("--all-points", is_flag=True, help="Show every point, not only the summary ones.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict lines.")
+@click.option("--no-color", is_flag=True)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, json_path, workdir, timeout,
+            all_points, quiet, no_color, debug):
+    """Compare MODEL across implementations, point by point, in float32 and bfloat16.
+
+    Exit codes: 0 parity, 1 divergence, 2 usage or runtime error.
+    """
+    from llmdiff import api
+    from llmdiff.report import render, write_json
+
+    console = _console(no_color)
+    try:
+        result = api.compare(model, impls or ("hf",), dtypes=dtypes or api.DTYPES, tiny=tiny, weights=weights,
+                             seed=seed, reference=reference, attn=attn, workdir=workdir, timeout=timeout,
+                             progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
+    except LLMDiffError as e:
+        _fail(str(e), debug, json_path)
+    if json_path:
+        write_json(result.report, json_path)
+    if quiet:
+        click.echo(result.summary())
+    else:
+        render(result.report, console, all_points=all_points)
+    for impl in result.report["implementations"]:
+        if not impl["ok"]:
+            click.echo(f"llmdiff: error: {impl['name']}: {impl['error']}", err=True)
+    sys.exit(result.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Launch one worker process per implementation and collect what each wrote.
+
+Workers run one after another (each gets the whole machine, or GPU). A worker that crashes,
+hangs or is killed loses only its own unfinished runs: everything else is kept and the error
+is reported per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from llmdiff.errors import UsageError
+
+ENTRY_POINT_GROUP = "llmdiff.references"
+
+
+def available_implementations() -> dict[str, str]:
+    """name -> "module:Class" for every implementation registered by entry point."""
+    return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+@dataclass
+class Implementation:
+    name: str                    # "hf", or "module:Class" for an unregistered adapter
+    module: str
+    cls: str
+    python: str = sys.executable
+
+    @classmethod
+    def parse(cls, text: str) -> "Implementation":
+        """`NAME`, `NAME@PYTHON`, `module:Class` or `module:Class@PYTHON`."""
+        name, _, python = text.partition("@")
+        if python and not (os.path.isfile(python) and os.access(python, os.X_OK)):
+            raise UsageError(f"implementation {text!r}: {python} is not an executable Python interpreter")
+        if ":" in name:
+            module, _, attr = name.partition(":")
+            return cls(name=name, module=module, cls=attr, python=python or sys.executable)
+        known = available_implementations()
+        if name not in known:
+            raise UsageError(f"no implementation {name!r}; available: {', '.join(sorted(known)) or 'none'}"
+                             " (or give an adapter as module:Class)")
+        module, _, attr = known[name].partition(":")
+        label = name if not python else f"{name}@{python}"
+        return cls(name=label, module=module, cls=attr, python=python or sys.executable)
+
+
+@dataclass
+class RunRequest:
+    dtype: str
+    out: str                     # path prefix: OUT.safetensors, OUT.json
+    constants_dtype: str | None = None
+
+
+@dataclass
+class RunResult:
+    impl: str
+    dtype: str
+    constants_dtype: str | None
+    ok: bool
+    error: str | None
+    captures_path: str | None
+    meta: dict = field(default_factory=dict)
+
+
+def _tail(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def run_worker(impl: Implementation, job: dict, requests: list[RunRequest], workdir: Path,
+               timeout: float | None = None) -> list[RunResult]:
+    import llmdiff.references
+
+    job = dict(job, impl=impl.name, module=impl.module, **{"class": impl.cls},
+               references_dir=list(llmdiff.references.__path__)[0],
+               runs=[{"dtype": r.dtype, "out": r.out, "constants_dtype": r.constants_dtype} for r in requests])
+    safe = impl.name.replace("/", "_").replace(":", "_").replace("@", "_")
+    job_path = workdir / f"job-{safe}.json"
+    job_path.write_text(json.dumps(job))
+    worker = Path(__file__).with_name("worker.py")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+    # A foreign interpreter finds adapters given as module:Class on the caller's path.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
+    t = time.perf_counter()
+    failure = None
+    try:
+        proc = subprocess.run([impl.python, str(worker), str(job_path)], capture_output=True,
+                              text=True, env=env, timeout=timeout)
+        if proc.returncode < 0:
+            failure = f"worker for {impl.name!r} was killed by signal {-proc.returncode}" + (
+                " (out of memory?)" if proc.returncode == -9 else "")
+        elif proc.returncode not in (0, 1):
+            failure = f"worker for {impl.name!r} exited with code {proc.returncode}: {_tail(proc.stderr)}"
+        stderr = proc.stderr
+    except subprocess.TimeoutExpired as e:
+        failure = f"worker for {impl.name!r} timed out after {timeout:.0f} s"
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+    except OSError as e:
+        failure = f"cannot start worker for {impl.name!r} with {impl.python}: {e.strerror}"
+        stderr = ""
+    (workdir / f"worker-{safe}.log").write_text(stderr or "")
+    wall = time.perf_counter() - t
+
+    results = []
+    for r in requests:
+        meta_path = Path(r.out + ".json")
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            meta.setdefault("timings", {})["worker_wall_s"] = round(wall, 3)
+            ok = bool(meta.get("ok"))
+            results.append(RunResult(impl.name, r.dtype, r.constants_dtype, ok, meta.get("error"),
+                                     r.out + ".safetensors" if ok else None, meta))
+        else:
+            error = failure or f"worker for {impl.name!r} ended before finishing {r.dtype}: {_tail(stderr)}"
+            results.append(RunResult(impl.name, r.dtype, r.constants_dtype, False, error, None,
+                                     {"python": impl.python}))
+    return results

@@ -1,0 +1,165 @@
+"""The canonical weight set of a run: seeded random weights, or a local checkpoint.
+
+Random weights are deterministic per tensor name (the same name and seed give the same
+numbers whatever else the model holds), have realistic scale, non-zero norm scales, and
+blocks strong enough that the model does not just echo its input token (random tied-embedding
+models tend to, and then top-1 agreement means nothing). Every value is a bfloat16 number,
+so float32 and bfloat16 runs start from the very same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from llmdiff import convert, safetensors_file
+from llmdiff.errors import WeightsError
+from llmdiff.spec import ModelSpec
+
+# Residual-branch gains: with these, each block moves the residual stream by about as much
+# as the embedding itself, so the last position's logits depend on more than its own token.
+_OUT_GAIN = 2.0
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def to_bf16_values(a: np.ndarray) -> np.ndarray:
+    """Round to the nearest bfloat16 number, kept as float32 (exactly representable)."""
+    import ml_dtypes
+
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def random_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    D, F, H, N = spec.hidden_size, spec.mlp_dim, spec.head_dim, spec.num_heads
+    out = {}
+    for name, shape in convert.canonical_shapes(spec).items():
+        rng = _rng(seed, name)
+        kind = name.split(".")[-1]
+        if kind.endswith("norm"):
+            w = rng.normal(0.0, 0.25, shape)             # scale is (1 + w): around 1, never all 1
+        elif kind == "embed":
+            w = rng.normal(0.0, D ** -0.5, shape)        # times sqrt(D) at the input: O(1) entries
+        elif kind == "o":
+            w = rng.normal(0.0, _OUT_GAIN * (N * H) ** -0.5, shape)
+        elif kind == "down":
+            w = rng.normal(0.0, _OUT_GAIN * F ** -0.5, shape)
+        else:                                            # q, k, v, gate, up: fan-in D
+            w = rng.normal(0.0, D ** -0.5, shape)
+        out[name] = to_bf16_values(w)
+    return out
+
+
+# --- Hugging Face checkpoints -------------------------------------------------------------
+
+def hf_config(spec: ModelSpec, dtype: str = "bfloat16") -> dict:
+    """A config.json for GemmaForCausalLM that loads in transformers 4.38 and later.
+
+    Both `hidden_act` and `hidden_activation` say tanh GELU: 4.38.0 read `hidden_act`
+    (exact GELU by default, the original bug), later releases prefer `hidden_activation`.
+    """
+    return {
+        "architectures": ["GemmaForCausalLM"],
+        "model_type": "gemma",
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.mlp_dim,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": spec.max_positions,
+        "rms_norm_eps": spec.norm_eps,
+        "rope_theta": spec.rope_base,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "pad_token_id": spec.pad_id,
+        "eos_token_id": spec.eos_id,
+        "bos_token_id": spec.bos_id,
+        "tie_word_embeddings": spec.tie_embeddings,
+        "torch_dtype": dtype,
+        "use_cache": True,
+    }
+
+
+def write_hf_checkpoint(path, spec: ModelSpec, canon: dict, dtype: str = "bfloat16") -> Path:
+    """config.json + model.safetensors, as `save_pretrained` would write them."""
+    import ml_dtypes
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    np_dtype = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[dtype]
+    tensors = {k: np.asarray(v).astype(np_dtype) for k, v in convert.to_hf(spec, canon).items()}
+    safetensors_file.save(path / "model.safetensors", tensors, {"format": "pt"})
+    (path / "config.json").write_text(json.dumps(hf_config(spec, dtype), indent=2) + "\n")
+    return path
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_CONFIG_FIELDS = {  # config.json key -> spec field, checked when present
+    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "mlp_dim",
+    "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
+}
+
+
+def read_hf_checkpoint(path, spec: ModelSpec) -> dict[str, np.ndarray]:
+    """The canonical set (float32) of a local HF checkpoint directory; safetensors only."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"weights path {path} does not exist")
+    if not path.is_dir():
+        raise WeightsError(f"weights path {path} is not a directory (expected an HF checkpoint dir)")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        if pickles:
+            raise WeightsError(
+                f"{path} holds only pickle weights ({pickles[0]}); llmdiff never unpickles:"
+                " convert it to safetensors first")
+        raise WeightsError(f"{path} holds no *.safetensors files")
+    config_path = path / "config.json"
+    if config_path.exists():
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{config_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        for key, field in _CONFIG_FIELDS.items():
+            want = getattr(spec, field)
+            if key in config and config[key] != want:
+                tiny = "" if spec.tiny else " (a tiny checkpoint needs --tiny)"
+                raise WeightsError(
+                    f"{config_path}: {key}={config[key]} but {spec.name} has {want}{tiny}")
+    tensors = {}
+    for f in files:
+        for name, value in safetensors_file.load(f).items():
+            tensors[name] = value
+    canon = convert.from_hf(spec, tensors, where=str(path))
+    return {k: np.asarray(v, dtype=np.float32) for k, v in canon.items()}
+
+
+def save_canonical(path, canon: dict) -> None:
+    safetensors_file.save(path, {k: np.asarray(v, np.float32) for k, v in canon.items()})
+
+
+def weights_fingerprint(canon: dict) -> str:
+    """sha256 over names and bytes: identical weights give identical fingerprints."""
+    h = hashlib.sha256()
+    for name in sorted(canon):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(canon[name], np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def is_safetensors(path) -> bool:
+    return os.fspath(path).endswith(".safetensors")

@@ -1,0 +1,102 @@
+"""One implementation's worker process: load weights, run the tokens, write the captures.
+
+    python /path/to/llmdiff/worker.py JOB.json        (or: python -m llmdiff.worker JOB.json)
+
+The parent writes JOB.json; for each requested run the worker writes RUN.safetensors (the
+canonical points, prompts concatenated along the sequence axis) and RUN.json (versions,
+timings, error). A run that fails writes its error and the worker goes on to the next; a
+worker that dies leaves no RUN.json, and the parent reports that.
+
+Run by file path, the worker needs neither llmdiff installed nor anything beyond its own
+framework, numpy and safetensors: it maps `llmdiff` and `llmdiff.references` onto this source
+tree without executing `llmdiff/__init__.py`. That is what lets `--impl hf@/other/python`
+compare a second transformers install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+import types
+
+
+def _map_source_tree(references_dir: str) -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    if "llmdiff" not in sys.modules:
+        pkg = types.ModuleType("llmdiff")
+        pkg.__path__ = [here]
+        sys.modules["llmdiff"] = pkg
+    if "llmdiff.references" not in sys.modules:
+        refs = types.ModuleType("llmdiff.references")
+        refs.__path__ = [references_dir]
+        sys.modules["llmdiff.references"] = refs
+        sys.modules["llmdiff"].references = refs
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(job_path: str) -> int:
+    with open(job_path) as f:
+        job = json.load(f)
+    if __package__ in (None, ""):
+        _map_source_tree(job["references_dir"])
+    # Quiet frameworks that print on import (TensorFlow, XLA) and keep JAX off the whole GPU.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+    import numpy as np
+
+    from llmdiff import safetensors_file
+
+    t0 = time.perf_counter()
+    try:
+        module = importlib.import_module(job["module"])
+        adapter = getattr(module, job["class"])(job)
+        versions = adapter.versions()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, never lost
+        for run in job["runs"]:
+            _write_json(run["out"] + ".json", {
+                "ok": False, "error": f"cannot start implementation {job['impl']!r}: {_one_line(exc)}",
+                "traceback": traceback.format_exc(), "python": sys.executable})
+        return 1
+    import_s = time.perf_counter() - t0
+
+    status = 0
+    for run in job["runs"]:
+        meta = {"ok": False, "error": None, "python": sys.executable, "versions": versions,
+                "dtype": run["dtype"], "timings": {"import_s": round(import_s, 3)}}
+        try:
+            t = time.perf_counter()
+            adapter.load(run["dtype"], run.get("constants_dtype"))
+            meta["timings"]["load_s"] = round(time.perf_counter() - t, 3)
+            t = time.perf_counter()
+            per_prompt = [adapter.run(tokens) for tokens in job["tokens"]]
+            meta["timings"]["run_s"] = round(time.perf_counter() - t, 3)
+            names = sorted(per_prompt[0])
+            captures = {n: np.concatenate([p[n] for p in per_prompt], axis=1) for n in names}
+            safetensors_file.save(run["out"] + ".safetensors", captures)
+            describe = getattr(adapter, "describe", None)
+            meta.update(ok=True, points=names, details=describe() if describe else {})
+        except BaseException as exc:  # noqa: BLE001
+            meta.update(error=_one_line(exc), traceback=traceback.format_exc())
+            status = 1
+        _write_json(run["out"] + ".json", meta)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,138 @@
+"""Adapter for Hugging Face transformers (`GemmaForCausalLM`), loaded the way users load it.
+
+Capture works on transformers 4.38 to today: the attention code changed a lot between them
+(per-class eager/SDPA attention in 4.38; one attention module and an attention-function
+registry since 4.48), so points are taken only where every release agrees:
+- module hooks on submodules that exist in all of them (norms, projections, layers);
+- `embed` as the input of layer 0 (4.38 scales embeddings inline in `GemmaModel.forward`,
+  later releases inside a scaled-embedding module);
+- q and k after RoPE by wrapping the modeling module's `apply_rotary_pos_emb`, which every
+  release calls by its global name from the attention forward.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from llmdiff.references.base import Reference
+
+_TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float64": "float64"}
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def _first_tensor(args, kwargs, key):
+    return args[0] if args else kwargs[key]
+
+
+class HFReference(Reference):
+    name = "hf"
+
+    def versions(self):
+        import torch
+        import transformers
+
+        return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+    def load(self, dtype, constants_dtype=None):
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
+        # `dtype=` replaced `torch_dtype=` in transformers 4.56; older releases only know the latter.
+        dtype_kw = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
+        self.attn_implementation = self.options.get("attn", "eager")
+        model = AutoModelForCausalLM.from_pretrained(
+            self.job["weights"]["hf_dir"], attn_implementation=self.attn_implementation,
+            **{dtype_kw: torch_dtype})
+        model.eval()
+        self.model = self.patch_model(model)
+
+    def patch_model(self, model):
+        """Return the model to run. Subclasses (tests' mutants, porters' variants) change it here."""
+        return model
+
+    def run(self, tokens):
+        import torch
+
+        model = self.model
+        layers = model.model.layers
+        cap: dict[str, np.ndarray] = {}
+        current = {"layer": None}
+        handles = []
+
+        def save(name, t):
+            cap[name] = t.detach().to(torch.float64 if t.dtype == torch.float64 else torch.float32).cpu().numpy()
+
+        def on_output(name, transform=None):
+            def hook(module, args, output):
+                out = output[0] if isinstance(output, tuple) else output
+                save(name, transform(out) if transform else out)
+            return hook
+
+        def on_input(name):
+            def hook(module, args, kwargs):
+                save(name, _first_tensor(args, kwargs, "hidden_states"))
+            return hook
+
+        def heads(t):  # (B, T, K*H) -> (B, T, K, H)
+            return t.reshape(*t.shape[:2], -1, model.config.head_dim)
+
+        handles.append(layers[0].register_forward_pre_hook(on_input("embed"), with_kwargs=True))
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+
+            def enter(module, args, kwargs, i=i):
+                current["layer"] = i
+            handles += [
+                attn.register_forward_pre_hook(enter, with_kwargs=True),
+                layer.input_layernorm.register_forward_hook(on_output(f"L{i}.attn_norm")),
+                attn.v_proj.register_forward_hook(on_output(f"L{i}.v", heads)),
+                attn.o_proj.register_forward_hook(on_output(f"L{i}.attn_out")),
+                # Gemma 1's `post_attention_layernorm` is the norm *before* the MLP: its input is
+                # the residual after attention, its output the MLP's input.
+                layer.post_attention_layernorm.register_forward_pre_hook(
+                    on_input(f"L{i}.resid_mid"), with_kwargs=True),
+                layer.post_attention_layernorm.register_forward_hook(on_output(f"L{i}.mlp_norm")),
+                mlp.gate_proj.register_forward_hook(on_output(f"L{i}.mlp_gate")),
+                mlp.up_proj.register_forward_hook(on_output(f"L{i}.mlp_up")),
+                mlp.down_proj.register_forward_pre_hook(on_input(f"L{i}.mlp_act"), with_kwargs=True),
+                mlp.register_forward_hook(on_output(f"L{i}.mlp_out")),
+                layer.register_forward_hook(on_output(f"L{i}.out")),
+            ]
+        handles.append(model.model.norm.register_forward_hook(on_output("final_norm")))
+
+        modeling = sys.modules[type(layers[0].self_attn).__module__]
+        original_rope = modeling.apply_rotary_pos_emb
+
+        def rope_and_capture(q, k, *args, **kwargs):
+            q_embed, k_embed = original_rope(q, k, *args, **kwargs)
+            i = current["layer"]
+            save(f"L{i}.q", q_embed.transpose(1, 2))  # (B, N, T, H) -> (B, T, N, H)
+            save(f"L{i}.k", k_embed.transpose(1, 2))
+            return q_embed, k_embed
+
+        modeling.apply_rotary_pos_emb = rope_and_capture
+        try:
+            with torch.no_grad():
+                ids = torch.tensor([tokens], dtype=torch.long)
+                out = model(input_ids=ids, use_cache=False)
+            save("logits", out.logits)
+        finally:
+            modeling.apply_rotary_pos_emb = original_rope
+            for h in handles:
+                h.remove()
+        return cap
+
+    def describe(self):
+        return {"attn_implementation": self.attn_implementation}
