@@ -11,11 +11,22 @@ from pathlib import Path
 _SUMMARY_POINT = re.compile(r"^(embed|L\d+\.out|final_norm|logits)$")
 
 
+def _strict(x):
+    """JSON has no NaN or infinity: write them as null (the point's `finite` says why)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    return x
+
+
 def write_json(report: dict, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, allow_nan=True) + "\n")
+    tmp.write_text(json.dumps(_strict(report), indent=1, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llmdiff.spec import ModelSpec
 
@@ -81,23 +82,32 @@ def gelu(x, p: Precision):
     raise ValueError(f"gelu={p.gelu!r}")
 
 
-def rope(x, positions, base: float, p: Precision):
+def rope_angles(T: int, H: int, base: float, p: Precision, dtype) -> np.ndarray:
+    """position / base**(2i/H) for positions 0..T-1: a (T, H/2) table, computed on the host.
+
+    numpy, not XLA, because XLA on CPU divides float32 by multiplying with a reciprocal
+    (measured: 610 of 2304 angles of a 96-token, H=48 table differ from IEEE division), so
+    in XLA the "div" and "mul_reciprocal" forms would be the same bits.
+    """
+    adt = np.dtype(dtype) if p.rope_dtype == "compute" else np.dtype(_wide(dtype))
+    # The timescales, correctly rounded to the angle dtype.
+    timescale = (float(base) ** (2 * np.arange(H // 2, dtype=np.float64) / H)).astype(adt)
+    pos = np.arange(T, dtype=np.float64).astype(adt)[:, None]                      # (T, 1)
+    if p.rope_form == "div":
+        return pos / timescale
+    if p.rope_form == "mul_reciprocal":
+        return pos * (np.asarray(1, adt) / timescale)
+    raise ValueError(f"rope_form={p.rope_form!r}")
+
+
+def rope(x, angles):
     """Rotary embedding, half-rotated layout: x = [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin].
 
-    x: (B, T, heads, H); positions: (B, T).
+    x: (B, T, heads, H); angles: (T, H/2) from `rope_angles`.
     """
-    H = x.shape[-1]
-    adt = x.dtype if p.rope_dtype == "compute" else _wide(x.dtype)
-    timescale = jnp.asarray(base, adt) ** (2 * jnp.arange(H // 2, dtype=adt) / H)  # (H/2,)
-    pos = positions.astype(adt)[..., None]                                          # (B, T, 1)
-    if p.rope_form == "div":
-        angles = pos / timescale
-    elif p.rope_form == "mul_reciprocal":
-        angles = pos * (1 / timescale)
-    else:
-        raise ValueError(f"rope_form={p.rope_form!r}")
-    sin = jnp.sin(angles)[..., None, :]                                             # (B, T, 1, H/2)
-    cos = jnp.cos(angles)[..., None, :]
+    angles = jnp.asarray(angles)
+    sin = jnp.sin(angles)[None, :, None, :]                                         # (1, T, 1, H/2)
+    cos = jnp.cos(angles)[None, :, None, :]
     x1, x2 = jnp.split(x, 2, axis=-1)
     # The rotation is applied in the angle dtype (x promotes), then rounded once, as DeepMind.
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -128,8 +138,9 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: dict, i:
     else:
         q = jnp.einsum("BTD,NDH->BTNH", x, attn["q_einsum"]["w"])
         k, v = jnp.einsum("BSD,CKDH->CBSKH", x, attn["kv_einsum"]["w"])
-    q = rope(q, positions, spec.rope_base, p)                                      # (B, T, N, H)
-    k = rope(k, positions, spec.rope_base, p)                                      # (B, S, K, H)
+    angles = rope_angles(x.shape[1], q.shape[-1], spec.rope_base, p, q.dtype)
+    q = rope(q, angles)                                                            # (B, T, N, H)
+    k = rope(k, angles)                                                            # (B, S, K, H)
     cap[f"L{i}.q"], cap[f"L{i}.k"], cap[f"L{i}.v"] = q, k, v
 
     B, T = q.shape[:2]

@@ -1,0 +1,200 @@
+"""End to end: `llmdiff compare` on tiny models, correct and buggy, and every bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_by_candidate
+from llmdiff import convert, safetensors_file, weights
+from llmdiff.spec import capture_points, get_spec
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def test_readme_main_command_exits_0_with_parity(tmp_path):
+    """The README's set-up command ends with the main job; run that part exactly as written."""
+    block = re.search(r"```(?:bash|sh)?\n(.*?)```", README.read_text(), re.S).group(1)
+    setup_line = block.strip().splitlines()[0]
+    main_job = setup_line.split("&&")[-1].strip()
+    assert main_job.startswith("llmdiff compare gemma-7b --tiny")
+    proc = subprocess.run([*main_job.split(), "--json", str(tmp_path / "r.json")], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    spec = get_spec("gemma-7b", tiny=True)
+    for dtype in ("float32", "bfloat16"):
+        run = run_by_candidate(report, "hf", dtype)
+        assert run["verdict"] == "parity"
+        assert [p["name"] for p in run["points"]] == capture_points(spec)  # every point, both sides
+        assert run["missing_points"] == []
+    fp32_logits = next(p for p in run_by_candidate(report, "hf", "float32")["points"] if p["name"] == "logits")
+    assert fp32_logits["rel_l2"] <= 1e-5
+    assert "verdict: parity" in proc.stdout
+
+
+def test_models_lists_published_numbers(llmdiff_cli):
+    code, out, _, _ = llmdiff_cli("models")
+    assert code == 0
+    assert re.search(r"gemma-7b .*vocab 256000 .*hidden 3072 .*layers 28 .*heads 16/16 kv .*head_dim 256 .*mlp 24576", out)
+    assert re.search(r"gemma-2b .*hidden 2048 .*layers 18 .*heads 8/1 kv .*head_dim 256 .*mlp 16384", out)
+
+
+def test_exact_gelu_mutant_diverges_in_layer0_mlp(llmdiff_cli, mutants_on_path):
+    code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--impl", "hf_mutants:ExactGelu",
+                                       "--dtype", "float32")
+    assert code == 1, out
+    run = run_by_candidate(report, "hf_mutants:ExactGelu", "float32")
+    assert run["verdict"] == "divergence"
+    assert run["first_divergence"] == "L0.mlp_act"  # gate and up are still right; act(gate)*up is not
+    assert "first divergence at L0.mlp_act" in out
+
+
+def test_python_float_embed_scale_caught_in_bf16_at_embed_only(llmdiff_cli, mutants_on_path):
+    code, _, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--impl",
+                                     "hf_mutants:PythonFloatEmbedScale")
+    assert code == 1
+    assert run_by_candidate(report, "hf_mutants:PythonFloatEmbedScale", "float32")["verdict"] == "parity"
+    bf16 = run_by_candidate(report, "hf_mutants:PythonFloatEmbedScale", "bfloat16")
+    assert bf16["first_divergence"] == "embed"
+    embed = bf16["points"][0]
+    assert 1e-3 < embed["rel_l2"] < 1e-2  # 27.75 vs 27.7128-ish: a few parts in a thousand
+
+
+def test_second_interpreter_runs_the_worker(llmdiff_cli):
+    """--impl hf@PYTHON: the worker runs under that interpreter, found by file path."""
+    code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--impl", f"hf@{sys.executable}",
+                                       "--dtype", "float32")
+    assert code == 0, out
+    impl = report["implementations"][0]
+    assert impl["name"] == f"hf@{sys.executable}" and impl["ok"]
+    assert impl["versions"]["transformers"]
+
+
+# --- bad input: one line, exit 2, nothing computed lost --------------------------------------
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("llmdiff: error: ")
+    return lines[0]
+
+
+def test_unknown_model_suggests_close_names(llmdiff_cli):
+    code, _, err, report = llmdiff_cli("compare", "gemma-7", "--tiny")
+    assert code == 2
+    assert "unknown model 'gemma-7'; did you mean gemma-7b" in _one_error_line(err)
+    assert report["exit_code"] == 2 and "unknown model" in report["error"]
+
+
+def test_unknown_implementation_lists_available(llmdiff_cli):
+    code, _, err, _ = llmdiff_cli("compare", "gemma-7b", "--tiny", "--impl", "deepmnd")
+    assert code == 2
+    assert "no implementation 'deepmnd'; available: hf, oracle" in _one_error_line(err)
+
+
+def test_missing_weights_path(llmdiff_cli, tmp_path):
+    code, _, err, _ = llmdiff_cli("compare", "gemma-7b", "--tiny", "--weights", str(tmp_path / "nope"))
+    assert code == 2
+    assert "does not exist" in _one_error_line(err)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    spec = get_spec("gemma-7b", tiny=True)
+    return weights.write_hf_checkpoint(tmp_path / "ckpt", spec, weights.random_weights(spec, seed=3))
+
+
+def test_local_checkpoint_compares_at_parity(llmdiff_cli, tiny_checkpoint):
+    code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--weights", str(tiny_checkpoint),
+                                       "--dtype", "float32")
+    assert code == 0, out
+    assert report["weights"]["source"] == "hf"
+    spec = get_spec("gemma-7b", tiny=True)
+    assert report["weights"]["fingerprint"] == weights.weights_fingerprint(weights.random_weights(spec, seed=3))
+
+
+def test_truncated_safetensors(llmdiff_cli, tiny_checkpoint):
+    f = tiny_checkpoint / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    code, _, err, _ = llmdiff_cli("compare", "gemma-7b", "--tiny", "--weights", str(tiny_checkpoint))
+    assert code == 2
+    assert "truncated" in _one_error_line(err)
+
+
+def test_corrupt_safetensors_header(llmdiff_cli, tiny_checkpoint):
+    f = tiny_checkpoint / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:16] = b"\x00garbage"
+    f.write_bytes(bytes(data))
+    code, _, err, _ = llmdiff_cli("compare", "gemma-7b", "--tiny", "--weights", str(tiny_checkpoint))
+    assert code == 2
+    assert "corrupt safetensors header" in _one_error_line(err)
+
+
+def test_shape_mismatch_names_the_tensor(llmdiff_cli, tiny_checkpoint):
+    f = tiny_checkpoint / "model.safetensors"
+    tensors = {k: v.copy() for k, v in safetensors_file.load(f).items()}
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:-1]
+    safetensors_file.save(f, tensors)
+    code, _, err, _ = llmdiff_cli("compare", "gemma-7b", "--tiny", "--weights", str(tiny_checkpoint))
+    assert code == 2
+    line = _one_error_line(err)
+    assert "shape mismatch: model.layers.1.mlp.up_proj.weight has shape (767, 96)" in line
+
+
+def test_checkpoint_of_another_model(llmdiff_cli, tiny_checkpoint):
+    code, _, err, _ = llmdiff_cli("compare", "gemma-2b", "--tiny", "--weights", str(tiny_checkpoint))
+    assert code == 2
+    assert "hidden_size=96 but gemma-2b has 384" in _one_error_line(err)
+
+
+def test_pickle_only_checkpoint_is_refused_unread(llmdiff_cli, tmp_path):
+    ckpt = tmp_path / "pickled"
+    ckpt.mkdir()
+    marker = tmp_path / "payload-ran"
+    # A pickle whose loading would create `marker`: it must never be loaded.
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    code, _, err, _ = llmdiff_cli("compare", "gemma-7b", "--tiny", "--weights", str(ckpt))
+    assert code == 2
+    assert "never unpickles" in _one_error_line(err)
+    assert not marker.exists()
+
+
+def test_crashed_worker_keeps_other_results(llmdiff_cli, mutants_on_path):
+    code, _, err, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--dtype", "float32",
+                                       "--impl", "hf", "--impl", "hf_mutants:CrashesInRun")
+    assert code == 2
+    assert "hf_mutants:CrashesInRun" in err and "exited with code 3" in err
+    impls = {i["name"]: i for i in report["implementations"]}
+    assert impls["hf"]["ok"] and impls["oracle"]["ok"] and not impls["hf_mutants:CrashesInRun"]["ok"]
+    assert run_by_candidate(report, "hf", "float32")["verdict"] == "parity"  # not lost
+    assert run_by_candidate(report, "hf_mutants:CrashesInRun", "float32")["verdict"] == "error"
+
+
+def test_implementation_failing_to_load_is_one_line(llmdiff_cli, mutants_on_path):
+    code, _, err, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--dtype", "float32",
+                                       "--impl", "hf_mutants:FailsToLoad")
+    assert code == 2
+    assert "RuntimeError: CUDA out of memory (simulated)" in _one_error_line(err)
+    assert report["implementations"][1]["ok"]  # the oracle still ran
+
+
+def test_nan_is_a_divergence_where_it_starts(llmdiff_cli, mutants_on_path):
+    code, _, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--dtype", "float32",
+                                     "--impl", "hf_mutants:NaNLogits")
+    assert code == 1
+    run = run_by_candidate(report, "hf_mutants:NaNLogits", "float32")
+    assert run["first_divergence"] == "L1.out"
