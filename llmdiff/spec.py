@@ -30,6 +30,18 @@ class ModelSpec:
     rope_base: float = 10_000.0
     query_pre_attn_scalar: float = 0.0  # q is scaled by this ** -0.5; 0 means head_dim
     tie_embeddings: bool = True      # logits = h @ embed.T, no separate lm_head
+    # Gemma 2 / 3 features (the defaults are Gemma 1's: none of them).
+    attention_types: tuple[str, ...] = ()  # per layer "global" | "local"; () means all global
+    sliding_window: int | None = None      # local layers: a key is visible within this many positions
+    attn_softcap: float | None = None      # logits = cap * tanh(logits / cap), before the mask
+    final_softcap: float | None = None     # the same on the output logits
+    post_attn_norm: bool = False           # RMSNorm on the attention output before the residual add
+    post_mlp_norm: bool = False            # RMSNorm on the MLP output before the residual add
+    qk_norm: bool = False                  # RMSNorm on q and k (per head) before RoPE
+    rope_base_local: float = 10_000.0      # RoPE base on local layers (`rope_base` is the global one)
+    rope_scale: float = 1.0                # linear RoPE scaling factor on global layers
+    rope_scale_local: float = 1.0          # ... and on local layers
+    transpose_gating: bool = False         # DeepMind stores gating_einsum as (2, F, D), not (2, D, F)
     max_positions: int = 8192
     pad_id: int = 0
     eos_id: int = 1
