@@ -46,6 +46,8 @@ class CompareResult:
         for run in self.report["runs"]:
             where = f" first divergence at {run['first_divergence']}" if run["first_divergence"] else ""
             lines.append(f"{run['candidate']} vs {run['reference']} [{run['dtype']}]: {run['verdict']}{where}")
+        for f in self.report.get("findings", []):
+            lines.append(f"{f['code']} {f['name']} {f['implementation']} [{f['dtype']}] at {f['where']}: {f['message']}")
         return "\n".join(lines)
 
 
@@ -57,12 +59,14 @@ def _load_weights(spec: ModelSpec, weights, seed: int):
 
 def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, weights=None,
             seed: int = 0, reference: str = ORACLE, workdir=None, attn: str = "eager",
-            timeout: float | None = None, progress=None) -> CompareResult:
+            timeout: float | None = None, select=(), ignore=(), diagnose: bool = True,
+            progress=None) -> CompareResult:
     """Run `model` in each implementation and the oracle, and compare every canonical point.
 
     impls: implementation names (`hf`, `oracle`), `NAME@PYTHON`, or adapters `module:Class`.
     weights: None for seeded random weights, or a local HF checkpoint directory.
     workdir: where weights, jobs and captures go (kept); None for a temporary directory.
+    select, ignore: checks by code, name or prefix (`LD3`); diagnose=False skips the checks.
     progress: optional callable(str) told what is happening.
     """
     t_start = time.perf_counter()
@@ -81,6 +85,7 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     if reference not in names:
         raise UsageError(f"reference {reference!r} is not among the implementations ({', '.join(names)})")
 
+    checks = _checks(select, ignore) if diagnose else None
     canon, weights_info = _load_weights(spec, weights, seed)
     weights_info["fingerprint"] = weights_mod.weights_fingerprint(canon)
     temporary = workdir is None
@@ -104,6 +109,8 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
             for r in run_worker(impl, job, requests, work, timeout=timeout):
                 results[(r.impl, r.dtype, r.constants_dtype)] = r
         report = _build_report(spec, weights_info, tokens, chosen, dtypes, reference, results, attn)
+        if checks is not None:
+            _diagnose(report, checks, spec, job, work, results, reference, timeout, say)
         report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
         report["workdir"] = None if temporary else str(work)
         return CompareResult(report)
@@ -173,3 +180,38 @@ def _build_report(spec, weights_info, tokens, chosen, dtypes, reference, results
         "exit_code": 2 if failed else 1 if diverged else 0,
         "python": sys.version.split()[0],
     }
+
+
+def _checks(select, ignore):
+    from llmdiff import registry
+
+    checks, broken = registry.load_checks()
+    return registry.select(checks, select, ignore), broken
+
+
+def _diagnose(report, checks_and_broken, spec, job, work, results, reference, timeout, say) -> None:
+    """Add findings: static checks per implementation, counterfactuals per divergent run."""
+    from llmdiff import diagnose
+
+    checks, broken = checks_and_broken
+    findings = []
+    for impl in report["implementations"]:
+        if impl["name"] != ORACLE:
+            findings += diagnose.static_findings(checks, spec, impl["name"], impl.get("details"),
+                                                 report["tokens"], report["weights"])
+    divergent = [r for r in report["runs"] if r["verdict"] == "divergence"]
+    lab = diagnose.OracleLab(job, work, timeout)
+    if divergent and reference == ORACLE:
+        for run in divergent:
+            say(f"diagnosing {run['candidate']} ({run['dtype']})")
+            d = run["dtype"]
+            floors = diff.noise_floors(_load_caps(results.get((ORACLE, d, None))),
+                                       _load_caps(results.get((ORACLE, TRUTH_DTYPE, d))), d)
+            cand_caps = _load_caps(results.get((run["candidate"], d, None)))
+            findings += diagnose.diagnose_run(lab, checks, spec, run["candidate"], cand_caps, run, floors,
+                                              capture_points(spec))
+    report["findings"] = [f.to_dict() for f in findings]
+    report["checks"] = {"selected": [c.code for c in checks], "broken": [str(b) for b in broken],
+                        "counterfactual_runs": lab.runs}
+    if findings and report["exit_code"] == 0:
+        report["exit_code"] = 1

@@ -60,12 +60,15 @@ def models():
 @click.option("--json", "json_path", type=click.Path(), help="Write the JSON report here.")
 @click.option("--workdir", type=click.Path(), help="Keep weights, jobs and captures in this directory.")
 @click.option("--timeout", type=float, default=None, help="Seconds each worker may run.")
+@click.option("--select", "select", multiple=True, metavar="CODE|NAME|PREFIX", help="Run only these checks.")
+@click.option("--ignore", "ignore", multiple=True, metavar="CODE|NAME|PREFIX", help="Skip these checks.")
+@click.option("--no-diagnose", is_flag=True, help="Only compare; run no checks.")
 @click.option("--all-points", is_flag=True, help="Show every point, not only the summary ones.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict lines.")
 @click.option("--no-color", is_flag=True)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, json_path, workdir, timeout,
-            all_points, quiet, no_color, debug):
+            select, ignore, no_diagnose, all_points, quiet, no_color, debug):
     """Compare MODEL across implementations, point by point, in float32 and bfloat16.
 
     Exit codes: 0 parity, 1 divergence, 2 usage or runtime error.
@@ -77,7 +80,7 @@ def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, json_pat
     try:
         result = api.compare(model, impls or ("hf",), dtypes=dtypes or api.DTYPES, tiny=tiny, weights=weights,
                              seed=seed, reference=reference, attn=attn, workdir=workdir, timeout=timeout,
-                             progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
+                             select=select, ignore=ignore, diagnose=not no_diagnose, progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
     except LLMDiffError as e:
         _fail(str(e), debug, json_path)
     if json_path:
@@ -90,6 +93,69 @@ def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, json_pat
         if not impl["ok"]:
             click.echo(f"llmdiff: error: {impl['name']}: {impl['error']}", err=True)
     sys.exit(result.exit_code)
+
+
+@main.group()
+def checks():
+    """The known-bug checks: list them, explain one."""
+
+
+@checks.command("list")
+def checks_list():
+    """Code, name, families, kind and status of every check."""
+    from llmdiff import registry
+
+    found, broken = registry.load_checks()
+    for c in found:
+        dtypes = "" if c.dtypes == ("float32", "bfloat16") else f" ({', '.join(c.dtypes)} only)"
+        click.echo(f"{c.code}  {c.name:<34} {','.join(c.families):<20} {c.kind:<8} ok{dtypes}")
+    for b in broken:
+        click.echo(f"llmdiff: warning: {b}", err=True)
+
+
+@checks.command("explain")
+@click.argument("code_or_name")
+def checks_explain(code_or_name):
+    """Print what a check finds, why it matters, how it is confirmed, the fix, references."""
+    from llmdiff import registry
+    from llmdiff.check import HEADINGS
+
+    try:
+        check = registry.find(registry.load_checks()[0], code_or_name)
+    except LLMDiffError as e:
+        _fail(str(e), False)
+    click.echo(f"{check.code} {check.name}  ({check.kind}; families: {', '.join(check.families)};"
+               f" dtypes: {', '.join(check.dtypes)})")
+    if check.knob:
+        click.echo(f"oracle knob: {check.knob[0]}={check.knob[1]!r}")
+    docs = check.docs()
+    for heading in HEADINGS:
+        click.echo(f"\n{heading}\n{'-' * len(heading)}\n{docs.get(heading, '')}")
+
+
+@main.command()
+@click.option("--model", default="gemma-7b", show_default=True)
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--json", "json_path", type=click.Path(), help="Write the matrix as JSON here.")
+@click.option("--debug", is_flag=True)
+def selftest(model, dtypes, json_path, debug):
+    """Diagnose oracle mutants with known bugs: every mutant must be named by its own check only.
+
+    Exit 0 when the confusion matrix is diagonal, 1 otherwise.
+    """
+    from llmdiff import selftest as st
+    from llmdiff.report import write_json
+
+    console = _console()
+    try:
+        result = st.selftest(model, dtypes=dtypes or ("float32", "bfloat16"),
+                             progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+    except LLMDiffError as e:
+        _fail(str(e), debug, json_path)
+    if json_path:
+        write_json(result, json_path)
+    st.render(result, console)
+    sys.exit(0 if result["diagonal"] else 1)
 
 
 if __name__ == "__main__":

@@ -84,5 +84,17 @@ def render(report: dict, console, *, all_points: bool = False) -> None:
         color = "green" if verdict == "parity" else "red"
         where = f", first divergence at [bold]{run['first_divergence']}[/bold]" if run["first_divergence"] else ""
         console.print(f"  verdict: [{color}]{verdict}[/{color}]{where}")
+    findings = report.get("findings") or []
+    if findings:
+        console.print(f"\n[bold]findings ({len(findings)})[/bold]")
+        for f in findings:
+            mark = "[green]confirmed[/green]" if f["confirmed"] else "[yellow]unconfirmed[/yellow]"
+            console.print(f"  [bold]{f['code']}[/bold] {f['name']}  {f['implementation']}"
+                          f"{' (' + f['dtype'] + ')' if f['dtype'] else ''} at {f['where']}  {mark}")
+            console.print(f"      {f['message']}")
+            if f.get("fix"):
+                console.print(f"      fix: {f['fix']}")
+    for b in (report.get("checks") or {}).get("broken", []):
+        console.print(f"[yellow]warning[/yellow]: {b}")
     code = report["exit_code"]
     console.print(f"\nexit code {code} ({ {0: 'parity', 1: 'divergence', 2: 'error'}[code] })")

@@ -21,6 +21,18 @@ from llmdiff.errors import UsageError
 ENTRY_POINT_GROUP = "llmdiff.references"
 
 
+def venvs_root() -> str:
+    """Where implementations with a virtualenv of their own live: $LLMDIFF_VENVS/NAME."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("LLMDIFF_VENVS") or os.path.join(cache, "llmdiff", "venvs")
+
+
+def venv_python(name: str) -> str | None:
+    """The interpreter of implementation NAME's own virtualenv, if it has one (e.g. deepmind)."""
+    exe = os.path.join(venvs_root(), name, *(("Scripts", "python.exe") if os.name == "nt" else ("bin", "python")))
+    return exe if os.path.isfile(exe) and os.access(exe, os.X_OK) else None
+
+
 def available_implementations() -> dict[str, str]:
     """name -> "module:Class" for every implementation registered by entry point."""
     return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
@@ -32,6 +44,7 @@ class Implementation:
     module: str
     cls: str
     python: str = sys.executable
+    options: dict = field(default_factory=dict)  # merged over the job's options (selftest mutants)
 
     @classmethod
     def parse(cls, text: str) -> "Implementation":
@@ -48,7 +61,8 @@ class Implementation:
                              " (or give an adapter as module:Class)")
         module, _, attr = known[name].partition(":")
         label = name if not python else f"{name}@{python}"
-        return cls(name=label, module=module, cls=attr, python=python or sys.executable)
+        # Without @PYTHON: the implementation's own virtualenv where it has one, else this Python.
+        return cls(name=label, module=module, cls=attr, python=python or venv_python(name) or sys.executable)
 
 
 @dataclass
@@ -56,6 +70,7 @@ class RunRequest:
     dtype: str
     out: str                     # path prefix: OUT.safetensors, OUT.json
     constants_dtype: str | None = None
+    options: dict = field(default_factory=dict)  # merged over the job's options for this run
 
 
 @dataclass
@@ -78,9 +93,10 @@ def run_worker(impl: Implementation, job: dict, requests: list[RunRequest], work
                timeout: float | None = None) -> list[RunResult]:
     import llmdiff.references
 
-    job = dict(job, impl=impl.name, module=impl.module, **{"class": impl.cls},
+    job = dict(job, options={**job.get("options", {}), **impl.options}, impl=impl.name, module=impl.module, **{"class": impl.cls},
                references_dir=list(llmdiff.references.__path__)[0],
-               runs=[{"dtype": r.dtype, "out": r.out, "constants_dtype": r.constants_dtype} for r in requests])
+               runs=[{"dtype": r.dtype, "out": r.out, "constants_dtype": r.constants_dtype, "options": r.options}
+                     for r in requests])
     safe = impl.name.replace("/", "_").replace(":", "_").replace("@", "_")
     job_path = workdir / f"job-{safe}.json"
     job_path.write_text(json.dumps(job))

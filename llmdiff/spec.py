@@ -62,7 +62,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
-        return cls(**d)
+        # JSON turns tuples into lists; the spec must stay hashable (it is a static jit argument).
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 # Published numbers. Gemma 1: https://huggingface.co/google/gemma-7b/blob/main/config.json,

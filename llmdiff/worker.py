@@ -37,9 +37,18 @@ def _map_source_tree(references_dir: str) -> None:
         sys.modules["llmdiff"].references = refs
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, limit: int = 300) -> str:
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _start_error(impl: str, exc: BaseException) -> str:
+    # An adapter whose framework is absent raises an ImportError that says how to install it
+    # (references/deepmind_gemma.py: MissingExtra); that message is the whole error.
+    if type(exc).__name__ == "MissingExtra":
+        return str(exc)
+    return f"cannot start implementation {impl!r}: {_one_line(exc)}"
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -70,7 +79,7 @@ def main(job_path: str) -> int:
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, never lost
         for run in job["runs"]:
             _write_json(run["out"] + ".json", {
-                "ok": False, "error": f"cannot start implementation {job['impl']!r}: {_one_line(exc)}",
+                "ok": False, "error": _start_error(job["impl"], exc),
                 "traceback": traceback.format_exc(), "python": sys.executable})
         return 1
     import_s = time.perf_counter() - t0
@@ -80,6 +89,8 @@ def main(job_path: str) -> int:
         meta = {"ok": False, "error": None, "python": sys.executable, "versions": versions,
                 "dtype": run["dtype"], "timings": {"import_s": round(import_s, 3)}}
         try:
+            # A run may carry its own options (the oracle's counterfactual knobs, say).
+            adapter.options = {**job.get("options", {}), **run.get("options", {})}
             t = time.perf_counter()
             adapter.load(run["dtype"], run.get("constants_dtype"))
             meta["timings"]["load_s"] = round(time.perf_counter() - t, 3)

@@ -1,0 +1,141 @@
+"""What a known-bug check is. Checks live in `checks/`, one per file, and register through the
+entry-point group `llmdiff.checks`, the same way a third-party package adds its own:
+
+    [project.entry-points."llmdiff.checks"]
+    LD301 = "llmdiff.checks.gelu_exact_vs_tanh:GeluExactVsTanh"
+
+A check's docstring is its documentation (`llmdiff checks explain CODE`), with the headings
+of `HEADINGS`. Two kinds:
+
+- static: `run(ctx)` looks at evidence that needs no forward pass (an implementation's resolved
+  config, its weights, the tokens) and yields findings;
+- dynamic: the check names a `knob` of the oracle's precision policy that switches its bug on.
+  When a candidate diverges, llmdiff re-runs the oracle with the knob on; if the divergence
+  collapses to the noise floor where it started, the bug is confirmed (`llmdiff.diagnose`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+HEADINGS = ("What it finds", "Why it matters", "How it is confirmed", "Fix", "References")
+CODE_RE = re.compile(r"^LD\d{3}$")
+NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)+$")
+# Names read after "allow" (`allow gelu-exact-vs-tanh`): they name the bad pattern, not advice.
+BAD_NAME_PREFIXES = ("use-", "avoid-", "no-", "check-", "fix-", "allow-")
+ALL_FAMILIES = ("gemma", "gemma2", "gemma3")
+
+
+@dataclass
+class Finding:
+    code: str
+    name: str
+    implementation: str
+    dtype: str | None
+    where: str                 # a canonical point, or a file / config key
+    message: str               # one line
+    evidence: dict = field(default_factory=dict)
+    confirmed: bool = False    # True when a counterfactual re-run confirmed it
+    fix: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Context:
+    """What a check may look at for one implementation (and one dtype, for dynamic evidence)."""
+
+    spec: object                           # llmdiff.spec.ModelSpec
+    implementation: str
+    details: dict                          # the implementation's self-description (resolved config...)
+    dtype: str | None = None
+    run: dict | None = None                # the diff of this implementation vs the reference
+    tokens: list | None = None
+    weights: dict | None = None            # the report's weights section
+
+
+class Check:
+    code = ""
+    name = ""
+    families: tuple[str, ...] = ALL_FAMILIES
+    # (knob, value) on `references.gemma.Precision` that switches the bug on; None: static.
+    knob: tuple[str, object] | None = None
+    # Other forms the same bug takes in real code, as extra knob settings tried with `knob`
+    # (e.g. a bfloat16 `inv_freq` multiplied, as HF does, rather than a timescale divided).
+    also: tuple[dict, ...] = ()
+    # The dtypes in which the bug acts (a bfloat16-only bug is invisible in float32).
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+
+    @property
+    def kind(self) -> str:
+        return "dynamic" if self.knob else "static"
+
+    def variants(self) -> list[dict]:
+        """The policies that switch this bug on: the knob, then each `also` on top of it."""
+        if not self.knob:
+            return []
+        base = {self.knob[0]: self.knob[1]}
+        return [base] + [{**base, **extra} for extra in self.also]
+
+    def applies(self, spec, dtype: str | None = None) -> bool:
+        return spec.family in self.families and (dtype is None or dtype in self.dtypes)
+
+    def run(self, ctx: Context) -> Iterator[Finding]:
+        """Static evidence. Dynamic checks are confirmed by `llmdiff.diagnose` and yield nothing here."""
+        return iter(())
+
+    @classmethod
+    def docs(cls) -> dict[str, str]:
+        """The docstring split by its `## Heading` sections."""
+        sections, current = {}, None
+        for line in (cls.__doc__ or "").splitlines():
+            m = re.match(r"\s*##\s+(.*\S)\s*$", line)
+            if m:
+                current = m.group(1)
+                sections[current] = []
+            elif current:
+                sections[current].append(line.strip())
+        return {k: "\n".join(v).strip() for k, v in sections.items()}
+
+    @classmethod
+    def summary(cls) -> str:
+        return " ".join(cls.docs().get("What it finds", "").split())
+
+    @classmethod
+    def fix(cls) -> str:
+        return " ".join(cls.docs().get("Fix", "").split())
+
+    def finding(self, ctx: Context, where: str, message: str, evidence: dict | None = None,
+                confirmed: bool = False) -> Finding:
+        return Finding(self.code, self.name, ctx.implementation, ctx.dtype, where, message,
+                       evidence or {}, confirmed, self.fix())
+
+
+def problems_with(check: type, knobs: dict | None = None) -> list[str]:
+    """Why a check class breaks the contract (empty when it is fine).
+
+    `knobs`: the oracle's knob names, to validate a dynamic check's knob (the caller passes
+    them so that listing checks never imports JAX).
+    """
+    out = []
+    if not (isinstance(check, type) and issubclass(check, Check)):
+        return [f"{check!r} is not a subclass of llmdiff.check.Check"]
+    if not CODE_RE.match(check.code or ""):
+        out.append(f"code {check.code!r} is not LD followed by three digits")
+    if not NAME_RE.match(check.name or "") or check.name.startswith(BAD_NAME_PREFIXES):
+        out.append(f"name {check.name!r} must be lower-case words joined by '-', naming the bad pattern")
+    docs = check.docs()
+    for heading in HEADINGS:
+        if not docs.get(heading):
+            out.append(f"docstring lacks a '## {heading}' section with text")
+    if not check.families or any(f not in ALL_FAMILIES for f in check.families):
+        out.append(f"families {check.families!r} must be among {ALL_FAMILIES}")
+    if knobs is not None:
+        for variant in check.variants(check):
+            for knob in variant:
+                if knob not in knobs:
+                    out.append(f"knob {knob!r} is not a field of the oracle's Precision policy")
+    return out
