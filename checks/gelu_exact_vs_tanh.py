@@ -11,8 +11,9 @@ class GeluExactVsTanh(Check):
     transformers 4.38.0 read `hidden_act="gelu"` from Gemma's config.json and built exact GELU.
 
     ## How it is confirmed
-    Dynamic. The first divergent point is `L{i}.mlp_act` (gate and up still agree). Re-running
-    the oracle with `gelu="exact"` brings the candidate back to the noise floor there.
+    Dynamic, in float32. The first divergent point is `L{i}.mlp_act` (gate and up still agree).
+    Re-running the oracle with `gelu="exact"` brings the candidate back to the noise floor there.
+    The two GELUs differ by less than one bfloat16 rounding, so compare in float32 to see it.
 
     ## Fix
     Use the tanh approximation: `hidden_activation="gelu_pytorch_tanh"` in the HF config
@@ -26,3 +27,4 @@ class GeluExactVsTanh(Check):
     code = "LD301"
     name = "gelu-exact-vs-tanh"
     knob = ("gelu", "exact")
+    dtypes = ("float32",)

@@ -14,7 +14,8 @@ class RopeAnglesInComputeDtype(Check):
 
     ## How it is confirmed
     Dynamic, bfloat16 only: the first divergent point is `L0.q` / `L0.k` (v still agrees);
-    re-running the oracle with `rope_dtype="compute"` brings them back to the noise floor.
+    re-running the oracle with `rope_dtype="compute"` (or `"table_compute"`, with HF's
+    `inv_freq` form) brings them back to the noise floor.
 
     ## Fix
     Keep `inv_freq` and the angle computation in float32 (`position_ids.float() @
@@ -30,3 +31,10 @@ class RopeAnglesInComputeDtype(Check):
     name = "rope-angles-in-compute-dtype"
     knob = ("rope_dtype", "compute")
     dtypes = ("bfloat16",)
+
+    def variants(self):
+        # Angles wholly in bfloat16; or a bfloat16 `inv_freq` (HF after `.to(bfloat16)`)
+        # multiplied in float32; or a bfloat16 timescale divided in float32.
+        return [{"rope_dtype": "compute"},
+                {"rope_dtype": "table_compute", "rope_form": "mul_reciprocal"},
+                {"rope_dtype": "table_compute"}]

@@ -38,6 +38,11 @@ class CompareResult:
     def __bool__(self) -> bool:
         return self.exit_code == 0
 
+    def __repr__(self) -> str:
+        # What pytest prints for a failing `assert llmdiff.compare(...)`.
+        verdict = {0: "parity", 1: "divergence", 2: "error"}[self.exit_code]
+        return f"<llmdiff {self.report['model']}: {verdict}>\n{self.summary()}"
+
     def summary(self) -> str:
         lines = []
         for impl in self.report["implementations"]:
@@ -54,18 +59,29 @@ class CompareResult:
 def _load_weights(spec: ModelSpec, weights, seed: int):
     if weights is None:
         return weights_mod.random_weights(spec, seed), {"source": "random", "path": None, "seed": seed}
+    if str(weights).startswith("deepmind:"):  # an Orbax/Flax checkpoint directory, as Google ships them
+        from llmdiff import deepmind_checkpoint
+
+        path = str(weights)[len("deepmind:"):]
+        canon, info = deepmind_checkpoint.read_deepmind_checkpoint(path, spec)
+        return canon, {"source": "deepmind", "path": path, "seed": None, **info}
     return weights_mod.read_hf_checkpoint(weights, spec), {"source": "hf", "path": str(weights), "seed": None}
 
 
 def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, weights=None,
             seed: int = 0, reference: str = ORACLE, workdir=None, attn: str = "eager",
             timeout: float | None = None, select=(), ignore=(), diagnose: bool = True,
-            progress=None) -> CompareResult:
+            thresholds: diff.Thresholds = diff.DEFAULT_THRESHOLDS, points=None, layers=None,
+            device: str = "auto", progress=None) -> CompareResult:
     """Run `model` in each implementation and the oracle, and compare every canonical point.
 
     impls: implementation names (`hf`, `oracle`), `NAME@PYTHON`, or adapters `module:Class`.
     weights: None for seeded random weights, or a local HF checkpoint directory.
-    workdir: where weights, jobs and captures go (kept); None for a temporary directory.
+    workdir: where weights, jobs and captures go (kept, and `recompare` can re-read them);
+        None for a temporary directory.
+    thresholds: how many times its noise floor a point may be off (`diff.Thresholds`).
+    points, layers: capture only points matching these globs (`L*.out`) / in these layers.
+    device: "cpu", "cuda" or "auto" (cuda when the worker's framework sees a GPU).
     select, ignore: checks by code, name or prefix (`LD3`); diagnose=False skips the checks.
     progress: optional callable(str) told what is happening.
     """
@@ -94,9 +110,12 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     try:
         canonical_path = work / "canonical.safetensors"
         weights_mod.save_canonical(canonical_path, canon)
-        hf_dir = weights if weights is not None else weights_mod.write_hf_checkpoint(work / "hf-checkpoint", spec, canon)
-        tokens = inputs.synthetic_prompts(spec, seed)
-        job = {"spec": spec.to_dict(), "tokens": tokens, "options": {"attn": attn},
+        hf_dir = (weights if weights_info["source"] == "hf"
+                  else weights_mod.write_hf_checkpoint(work / "hf-checkpoint", spec, canon))
+        tokens, tokens_info, prompts = _prompts(spec, hf_dir, weights_info, seed, work)
+        selected = select_points(spec, points, layers)
+        job = {"spec": spec.to_dict(), "tokens": tokens, "options": {"attn": attn, "device": device},
+               "points": None if selected == capture_points(spec) else selected,
                "weights": {"canonical": str(canonical_path), "hf_dir": str(hf_dir)}}
 
         results = {}
@@ -108,15 +127,78 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
             say(f"running {impl.name} ({', '.join(r.dtype if not r.constants_dtype else f'float64 as {r.constants_dtype}' for r in requests)})")
             for r in run_worker(impl, job, requests, work, timeout=timeout):
                 results[(r.impl, r.dtype, r.constants_dtype)] = r
-        report = _build_report(spec, weights_info, tokens, chosen, dtypes, reference, results, attn)
+        report = _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, results, attn,
+                               thresholds, selected)
+        report["results"] = [{"impl": r.impl, "dtype": r.dtype, "constants_dtype": r.constants_dtype,
+                              "file": Path(r.out).name} for r in results.values()]
+        from llmdiff import diagnose
+
+        lab = diagnose.OracleLab(job, work, timeout)
+        if reference == ORACLE:
+            say("teacher forcing: the oracle fed each candidate's own block inputs")
+            _teacher_force(report, lab, results, thresholds)
         if checks is not None:
-            _diagnose(report, checks, spec, job, work, results, reference, timeout, say)
+            _diagnose(report, checks, spec, lab, results, reference, say, thresholds)
+        if prompts is not None:
+            _tokenizer_parity(report, prompts, checks, spec)
         report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
         report["workdir"] = None if temporary else str(work)
         return CompareResult(report)
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def tokenize(model: str, *, tiny: bool = False, weights=None, text=None, select=(), ignore=()) -> dict:
+    """Tokenizer and chat-template parity of a checkpoint (`llmdiff tokenize`): a report dict
+    with "tokenizer" (per-string ids, chat template), "findings" (LD0xx) and "exit_code"."""
+    from llmdiff import tokenizer
+
+    return tokenizer.check_tokenizer(model, tiny=tiny, weights=weights, text=text, select=select, ignore=ignore)
+
+
+def _prompts(spec, hf_dir, weights_info, seed, work):
+    """Token ids: real text through the checkpoint's tokenizer (tiny runs without one get the
+    tiny tokenizer, never written into a user's directory), tokenizer parity started in the
+    background; synthetic ids when there is no tokenizer."""
+    from llmdiff import tokenizer
+
+    tokenizer_dir, tiny_tokenizer = None, False
+    if weights_info["source"] == "hf" and tokenizer.has_tokenizer(hf_dir):
+        tokenizer_dir = hf_dir
+    elif spec.tiny:
+        tokenizer_dir = hf_dir if weights_info["source"] != "hf" else Path(work) / "tiny-tokenizer"
+        tiny_tokenizer = True
+    if tokenizer_dir is not None:
+        Path(tokenizer_dir).mkdir(parents=True, exist_ok=True)
+        prompts = tokenizer.Prompts(spec, tokenizer_dir, tiny_tokenizer=tiny_tokenizer)
+        made = prompts.tokens(inputs.DEFAULT_LENGTHS)
+        if made is not None:
+            prompts.start_parity()
+            tokens, info = made
+            return tokens, {**info, "prompts": len(tokens), "lengths": [len(t) for t in tokens], "ids": tokens}, prompts
+    tokens = inputs.synthetic_prompts(spec, seed)
+    return tokens, {"source": "synthetic", "prompts": len(tokens), "lengths": [len(t) for t in tokens]}, None
+
+
+def _tokenizer_parity(report, prompts, checks_and_broken, spec) -> None:
+    """The tokenizer section (JSON key "tokenizer") and its LD0xx findings, listed first."""
+    from llmdiff import tokenizer
+
+    parity = prompts.parity()
+    if parity and "error" not in parity:
+        # Same seed, same report: the time goes with the other timings; a tokenizer llmdiff wrote
+        # into its own work directory has no path worth keeping.
+        report["timings"]["tokenizer"] = parity.pop("timings")
+        if prompts.tiny_tokenizer:
+            parity["path"] = None
+    report["tokenizer"] = parity
+    if not parity or "error" in parity or checks_and_broken is None:
+        return
+    found = [f.to_dict() for f in tokenizer.findings(parity, checks_and_broken[0], spec)]
+    report["findings"] = found + report.get("findings", [])
+    if found and report["exit_code"] == 0:
+        report["exit_code"] = 1
 
 
 def _safe(name: str) -> str:
@@ -129,11 +211,34 @@ def _load_caps(result) -> dict[str, np.ndarray] | None:
     return {k: np.asarray(v) for k, v in safetensors_file.load(result.captures_path).items()}
 
 
-def _build_report(spec, weights_info, tokens, chosen, dtypes, reference, results, attn) -> dict:
+def select_points(spec, points=None, layers=None) -> list[str]:
+    """Canonical points (forward order) matching any glob in `points` and, for per-layer points,
+    whose layer is in `layers`. None selects everything."""
+    import fnmatch
+
+    chosen = capture_points(spec)
+    if layers is not None:
+        layers = set(layers)
+        bad = sorted(i for i in layers if not 0 <= i < spec.num_layers)
+        if bad:
+            raise UsageError(f"layer {bad[0]} does not exist; {spec.name} has layers 0..{spec.num_layers - 1}")
+        chosen = [p for p in chosen if not p.startswith("L") or int(p[1:p.index(".")]) in layers]
+    if points:
+        chosen = [p for p in chosen if any(fnmatch.fnmatchcase(p, g) for g in points)]
+        if not chosen:
+            raise UsageError(f"no point matches {', '.join(points)}; points look like embed, L0.q, L3.out, logits")
+    return chosen
+
+
+def _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, results, attn,
+                  thresholds=diff.DEFAULT_THRESHOLDS, selected=None) -> dict:
+    selected = selected or capture_points(spec)
     implementations, timings = [], {}
     for impl in chosen:
         mine = [r for (name, _, _), r in results.items() if name == impl.name]
         errors = [f"{r.dtype}: {r.error}" for r in mine if not r.ok]
+        if len({r.error for r in mine if not r.ok}) == 1 and all(not r.ok for r in mine):
+            errors = [mine[0].error]  # the same failure in every run (cannot start): say it once
         versions = next((r.meta.get("versions") for r in mine if r.meta.get("versions")), {})
         implementations.append({
             "name": impl.name, "python": impl.python, "versions": versions or {},
@@ -161,7 +266,7 @@ def _build_report(spec, weights_info, tokens, chosen, dtypes, reference, results
                              "error": failed.error if failed else "no result", "first_divergence": None,
                              "points": [], "logits": None})
                 continue
-            run = diff.compare_captures(cand_caps, ref_caps, floors, d, capture_points(spec))
+            run = diff.compare_captures(cand_caps, ref_caps, floors, d, selected, thresholds)
             runs.append({"dtype": d, "reference": reference, "candidate": impl.name, **run})
 
     failed = any(not i["ok"] for i in implementations) or any(r["verdict"] == "error" for r in runs)
@@ -171,8 +276,9 @@ def _build_report(spec, weights_info, tokens, chosen, dtypes, reference, results
         "model": spec.name,
         "spec": spec.to_dict(),
         "weights": weights_info,
-        "tokens": {"source": "synthetic", "prompts": len(tokens), "lengths": [len(t) for t in tokens]},
-        "options": {"attn": attn, "dtypes": dtypes},
+        "tokens": tokens_info,
+        "options": {"attn": attn, "dtypes": dtypes, "reference": reference, "points": selected,
+                    "thresholds": thresholds.to_dict()},
         "implementations": implementations,
         "runs": runs,
         "findings": [],
@@ -189,7 +295,40 @@ def _checks(select, ignore):
     return registry.select(checks, select, ignore), broken
 
 
-def _diagnose(report, checks_and_broken, spec, job, work, results, reference, timeout, say) -> None:
+def _teacher_force(report, lab, results, thresholds) -> None:
+    """For every run: the candidate against the oracle fed the candidate's own block inputs.
+
+    A bug smaller than the dtype's accumulated noise (a bfloat16 norm scale rounded twice)
+    still breaks the exactness of the one op it is in; here each point carries only the
+    error made since its block's input, so that op stands out."""
+    from llmdiff import diagnose
+
+    points = report["options"]["points"]
+    wanted = []
+    for run in report["runs"]:
+        cand = results.get((run["candidate"], run["dtype"], None))
+        if run["verdict"] != "error" and cand is not None and cand.ok:
+            wanted += [(run["dtype"], {}, None, cand.captures_path), (TRUTH_DTYPE, {}, run["dtype"], cand.captures_path)]
+    if not wanted:
+        return
+    lab.run_many(wanted)  # one worker for all of them
+    for run in report["runs"]:
+        cand = results.get((run["candidate"], run["dtype"], None))
+        if run["verdict"] == "error" or cand is None or not cand.ok:
+            continue
+        d = run["dtype"]
+        done = diagnose.teacher_forced(lab, _load_caps(cand), cand.captures_path, d, points, thresholds)
+        if done is None:
+            run["forced"] = {"error": "the teacher-forced oracle run failed"}
+            continue
+        forced, _ = done
+        forced["files"] = {"oracle": Path(lab.path(d, {}, None, cand.captures_path)).stem,
+                           "truth": Path(lab.path(TRUTH_DTYPE, {}, d, cand.captures_path)).stem}
+        diff.attach_forced(run, {k: forced[k] for k in ("verdict", "first_divergence", "points", "files")})
+
+
+def _diagnose(report, checks_and_broken, spec, lab, results, reference, say,
+              thresholds=diff.DEFAULT_THRESHOLDS) -> None:
     """Add findings: static checks per implementation, counterfactuals per divergent run."""
     from llmdiff import diagnose
 
@@ -199,19 +338,60 @@ def _diagnose(report, checks_and_broken, spec, job, work, results, reference, ti
         if impl["name"] != ORACLE:
             findings += diagnose.static_findings(checks, spec, impl["name"], impl.get("details"),
                                                  report["tokens"], report["weights"])
-    divergent = [r for r in report["runs"] if r["verdict"] == "divergence"]
-    lab = diagnose.OracleLab(job, work, timeout)
+    divergent = [r for r in report["runs"] if r["verdict"] == "divergence" or r.get("local_divergence")]
+    points = report["options"]["points"]
     if divergent and reference == ORACLE:
         for run in divergent:
             say(f"diagnosing {run['candidate']} ({run['dtype']})")
             d = run["dtype"]
+            cand = results.get((run["candidate"], d, None))
             floors = diff.noise_floors(_load_caps(results.get((ORACLE, d, None))),
                                        _load_caps(results.get((ORACLE, TRUTH_DTYPE, d))), d)
-            cand_caps = _load_caps(results.get((run["candidate"], d, None)))
-            findings += diagnose.diagnose_run(lab, checks, spec, run["candidate"], cand_caps, run, floors,
-                                              capture_points(spec))
+            findings += diagnose.explain(lab, checks, spec, run["candidate"], _load_caps(cand), cand.captures_path,
+                                         run, floors, points, thresholds)
     report["findings"] = [f.to_dict() for f in findings]
-    report["checks"] = {"selected": [c.code for c in checks], "broken": [str(b) for b in broken],
+    report["checks"] = {"selected": [c.code for c in checks if c.kind != "audit"], "broken": [str(b) for b in broken],
                         "counterfactual_runs": lab.runs}
     if findings and report["exit_code"] == 0:
         report["exit_code"] = 1
+
+
+def recompare(directory, *, thresholds: diff.Thresholds | None = None, reference: str | None = None) -> CompareResult:
+    """Re-compare the captures saved by `compare(..., workdir=DIR/captures)` with other thresholds
+    or another reference, without running any model. Findings are those of the original run
+    (confirming them needs the models)."""
+    import json
+
+    from llmdiff.runner import RunResult
+
+    directory = Path(directory)
+    report_path, captures = directory / "report.json", directory / "captures"
+    if not report_path.exists():
+        raise UsageError(f"{directory} holds no report.json (write one with compare --out {directory})")
+    old = json.loads(report_path.read_text())
+    if "results" not in old or not captures.is_dir():
+        raise UsageError(f"{directory} holds no saved captures; run compare with --out {directory} --save-captures")
+    results = {}
+    for e in old["results"]:
+        meta_path, caps_path = captures / f"{e['file']}.json", captures / f"{e['file']}.safetensors"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"ok": False, "error": "no result saved"}
+        ok = bool(meta.get("ok")) and caps_path.exists()
+        results[(e["impl"], e["dtype"], e["constants_dtype"])] = RunResult(
+            e["impl"], e["dtype"], e["constants_dtype"], ok, meta.get("error"), str(caps_path) if ok else None, meta)
+    spec = ModelSpec.from_dict(old["spec"])
+    chosen = [Implementation(name=i["name"], module="", cls="", python=i["python"]) for i in old["implementations"]]
+    reference = reference or old["options"].get("reference", ORACLE)
+    if reference not in [i.name for i in chosen]:
+        raise UsageError(f"reference {reference!r} is not among the saved implementations "
+                         f"({', '.join(i.name for i in chosen)})")
+    opts = old["options"]
+    thresholds = thresholds or diff.Thresholds(**opts.get("thresholds", {}))
+    report = _build_report(spec, old["weights"], old["tokens"], chosen, opts["dtypes"], reference, results,
+                           opts.get("attn", "eager"), thresholds, opts.get("points"))
+    for key in ("findings", "checks", "results", "tokenizer"):
+        if key in old:
+            report[key] = old[key]
+    report["recompared_from"] = str(report_path)
+    if report["findings"] and report["exit_code"] == 0:
+        report["exit_code"] = 1
+    return CompareResult(report)

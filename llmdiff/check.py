@@ -12,6 +12,14 @@ of `HEADINGS`. Two kinds:
 - dynamic: the check names a `knob` of the oracle's precision policy that switches its bug on.
   When a candidate diverges, llmdiff re-runs the oracle with the knob on; if the divergence
   collapses to the noise floor where it started, the bug is confirmed (`llmdiff.diagnose`).
+
+A check looks at an implementation during `compare` (`target = "implementation"`, the default)
+or at a checkpoint on disk during `audit` (`target = "checkpoint"`, kind "audit"). An audit
+check's `run(ctx)` gets an `AuditContext`: the checkpoint's JSON files, its tensor headers, and
+statistics of every tensor, which `llmdiff.audit` computes in one streaming pass shared by all
+checks (no check reads the weights itself). A check that needs more than those statistics may
+define `visit_block(ctx, tensor, rows, block)`: it is called during that same pass with each
+block of whole rows, already in memory.
 """
 
 from __future__ import annotations
@@ -57,10 +65,38 @@ class Context:
     weights: dict | None = None            # the report's weights section
 
 
+@dataclass
+class AuditContext:
+    """What an audit check may look at: one checkpoint directory, never executed or unpickled.
+
+    `tensors` maps each tensor name to a `llmdiff.audit.TensorRecord` (file, dtype, shape and,
+    once the streaming pass is done, `stats`: non-finite and zero counts, row norms of token
+    tables, digests). JSON files that are absent are None.
+    """
+
+    path: object                           # pathlib.Path of the checkpoint directory
+    spec: object | None                    # llmdiff.spec.ModelSpec, when the family is known
+    config: dict
+    generation_config: dict | None = None
+    tokenizer_config: dict | None = None
+    tokenizer: dict | None = None          # tokenizer.json
+    special_tokens_map: dict | None = None
+    files: dict = field(default_factory=dict)       # kind -> [file names] (safetensors, pickle, code...)
+    file_errors: dict = field(default_factory=dict)  # file name -> why it cannot be read
+    tensors: dict = field(default_factory=dict)     # name -> llmdiff.audit.TensorRecord
+    family: str | None = None              # from the spec, else from config.json's model_type
+    notes: dict = field(default_factory=dict)       # per-check scratch space, keyed by code
+    implementation: str = "checkpoint"
+    dtype: str | None = None
+
+
 class Check:
     code = ""
     name = ""
     families: tuple[str, ...] = ALL_FAMILIES
+    # "implementation": looks at an implementation during `compare` (a `Context`);
+    # "checkpoint": looks at a checkpoint during `audit` (an `AuditContext`).
+    target: str = "implementation"
     # (knob, value) on `references.gemma.Precision` that switches the bug on; None: static.
     knob: tuple[str, object] | None = None
     # Other forms the same bug takes in real code, as extra knob settings tried with `knob`
@@ -71,6 +107,8 @@ class Check:
 
     @property
     def kind(self) -> str:
+        if self.target == "checkpoint":
+            return "audit"
         return "dynamic" if self.knob else "static"
 
     def variants(self) -> list[dict]:
@@ -84,7 +122,8 @@ class Check:
         return spec.family in self.families and (dtype is None or dtype in self.dtypes)
 
     def run(self, ctx: Context) -> Iterator[Finding]:
-        """Static evidence. Dynamic checks are confirmed by `llmdiff.diagnose` and yield nothing here."""
+        """Static evidence (an `AuditContext` for checkpoint checks, after the streaming pass).
+        Dynamic checks are confirmed by `llmdiff.diagnose` and yield nothing here."""
         return iter(())
 
     @classmethod
@@ -133,6 +172,10 @@ def problems_with(check: type, knobs: dict | None = None) -> list[str]:
             out.append(f"docstring lacks a '## {heading}' section with text")
     if not check.families or any(f not in ALL_FAMILIES for f in check.families):
         out.append(f"families {check.families!r} must be among {ALL_FAMILIES}")
+    if check.target not in ("implementation", "checkpoint"):
+        out.append(f"target {check.target!r} must be 'implementation' or 'checkpoint'")
+    elif check.target == "checkpoint" and check.knob:
+        out.append("a checkpoint check cannot have a knob (audit runs no forward pass)")
     if knobs is not None:
         for variant in check.variants(check):
             for knob in variant:

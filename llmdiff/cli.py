@@ -45,44 +45,46 @@ def models():
                    f"  heads {s.num_heads}/{s.num_kv_heads} kv  head_dim {s.head_dim}  mlp {s.mlp_dim}")
 
 
-@main.command()
-@click.argument("model")
-@click.option("--tiny", is_flag=True, help="A tiny model with every architectural feature kept.")
-@click.option("--impl", "impls", multiple=True, metavar="NAME[@PYTHON]",
-              help="Implementation to compare (repeatable): hf, oracle, NAME@/path/to/python, module:Class.")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16"]),
-              help="Compute dtype (repeatable); default float32 and bfloat16.")
-@click.option("--weights", type=click.Path(), help="A local HF checkpoint directory (safetensors).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights and prompts.")
-@click.option("--reference", default="oracle", show_default=True, help="Implementation the others are compared with.")
-@click.option("--attn", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
-              help="Attention implementation for hf.")
-@click.option("--json", "json_path", type=click.Path(), help="Write the JSON report here.")
-@click.option("--workdir", type=click.Path(), help="Keep weights, jobs and captures in this directory.")
-@click.option("--timeout", type=float, default=None, help="Seconds each worker may run.")
-@click.option("--select", "select", multiple=True, metavar="CODE|NAME|PREFIX", help="Run only these checks.")
-@click.option("--ignore", "ignore", multiple=True, metavar="CODE|NAME|PREFIX", help="Skip these checks.")
-@click.option("--no-diagnose", is_flag=True, help="Only compare; run no checks.")
-@click.option("--all-points", is_flag=True, help="Show every point, not only the summary ones.")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict lines.")
-@click.option("--no-color", is_flag=True)
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
-def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, json_path, workdir, timeout,
-            select, ignore, no_diagnose, all_points, quiet, no_color, debug):
-    """Compare MODEL across implementations, point by point, in float32 and bfloat16.
-
-    Exit codes: 0 parity, 1 divergence, 2 usage or runtime error.
-    """
-    from llmdiff import api
-    from llmdiff.report import render, write_json
-
-    console = _console(no_color)
+def _layers(text):
+    """'0,1,27' or '0-3,8' -> [0, 1, 27] / [0, 1, 2, 3, 8]; None stays None."""
+    if text is None:
+        return None
+    out = []
     try:
-        result = api.compare(model, impls or ("hf",), dtypes=dtypes or api.DTYPES, tiny=tiny, weights=weights,
-                             seed=seed, reference=reference, attn=attn, workdir=workdir, timeout=timeout,
-                             select=select, ignore=ignore, diagnose=not no_diagnose, progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
-    except LLMDiffError as e:
-        _fail(str(e), debug, json_path)
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise LLMDiffError(f"--layers {text!r}: expected numbers and ranges, e.g. '0,1,27' or '0-3'") from None
+    return out
+
+
+def _thresholds(floor_factor, threshold_opts, config):
+    from llmdiff import diff
+
+    per_point = dict(config.get("thresholds", {}))
+    for item in threshold_opts:
+        pattern, sep, value = item.partition("=")
+        try:
+            per_point = {pattern: float(value), **{k: v for k, v in per_point.items() if k != pattern}}
+            if not sep or not pattern or float(value) <= 0:
+                raise ValueError
+        except ValueError:
+            raise LLMDiffError(f"--threshold {item!r}: expected GLOB=FACTOR, e.g. 'L*.q=16'") from None
+    factor = floor_factor if floor_factor is not None else config.get("floor_factor", diff.FLOOR_FACTOR)
+    return diff.Thresholds(float(factor), per_point)
+
+
+def _finish(result, console, *, out, json_path, baseline, baseline_factor, quiet, all_points, config):
+    """Baseline gate, files, terminal; then exit with the report's code."""
+    from llmdiff import baseline as baseline_mod
+    from llmdiff.report import render, write_json, write_outputs
+
+    if baseline:
+        baseline_mod.apply(result.report, baseline,
+                           baseline_factor or config.get("baseline_factor", baseline_mod.DEFAULT_FACTOR))
+    if out:
+        write_outputs(result.report, out)
     if json_path:
         write_json(result.report, json_path)
     if quiet:
@@ -93,6 +95,192 @@ def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, json_pat
         if not impl["ok"]:
             click.echo(f"llmdiff: error: {impl['name']}: {impl['error']}", err=True)
     sys.exit(result.exit_code)
+
+
+_OUTPUT_OPTIONS = [
+    click.option("--json", "json_path", type=click.Path(), help="Write the JSON report here."),
+    click.option("--out", type=click.Path(file_okay=False),
+                 help="Write report.json, junit.xml, report.md and report.html into this directory."),
+    click.option("--floor-factor", type=float, default=None,
+                 help="A point diverges above this many times its noise floor (default 8)."),
+    click.option("--threshold", "thresholds", multiple=True, metavar="GLOB=FACTOR",
+                 help="Per-point factor, e.g. 'L*.q=16' (repeatable; first match wins)."),
+    click.option("--baseline", type=click.Path(dir_okay=False),
+                 help="A saved report.json: fail only on errors that grew or findings that are new."),
+    click.option("--baseline-factor", type=float, default=None, help="Growth that counts as a regression (default 2)."),
+    click.option("--all-points", is_flag=True, help="Show every point, not only the summary ones."),
+    click.option("-q", "--quiet", is_flag=True, help="Print only the verdict lines."),
+    click.option("--no-color", is_flag=True),
+    click.option("--debug", is_flag=True, help="Show tracebacks."),
+]
+
+
+def _output_options(f):
+    for option in reversed(_OUTPUT_OPTIONS):
+        f = option(f)
+    return f
+
+
+@main.command()
+@click.argument("model")
+@click.option("--tiny", is_flag=True, help="A tiny model with every architectural feature kept.")
+@click.option("--impl", "impls", multiple=True, metavar="NAME[@PYTHON]",
+              help="Implementation to compare (repeatable): hf, oracle, deepmind (Google DeepMind's gemma; install:"
+                   " python -m llmdiff.references.deepmind_gemma install), NAME@/path/to/python, module:Class.")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16"]),
+              help="Compute dtype (repeatable); default float32 and bfloat16.")
+@click.option("--weights", type=click.Path(), metavar="DIR|deepmind:DIR",
+              help="A local HF checkpoint directory (safetensors), or deepmind:DIR, an Orbax checkpoint.")
+@click.option("--seed", type=int, default=None, help="Seed of random weights and prompts (default 0).")
+@click.option("--reference", default=None, help="Implementation the others are compared with (default oracle).")
+@click.option("--attn", type=click.Choice(["eager", "sdpa"]), default=None, help="Attention implementation for hf.")
+@click.option("--workdir", type=click.Path(), help="Keep weights, jobs and captures in this directory.")
+@click.option("--save-captures", is_flag=True, help="Keep every worker's captures in OUT/captures for `llmdiff report`.")
+@click.option("--timeout", type=float, default=None, help="Seconds each worker may run.")
+@click.option("--select", "select", multiple=True, metavar="CODE|NAME|PREFIX", help="Run only these checks.")
+@click.option("--ignore", "ignore", multiple=True, metavar="CODE|NAME|PREFIX", help="Skip these checks.")
+@click.option("--no-diagnose", is_flag=True, help="Only compare; run no checks.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where workers run; auto is cuda when the framework sees a GPU.")
+@click.option("--points", "points", multiple=True, metavar="GLOB",
+              help="Capture only matching points, e.g. 'L*.out' (repeatable).")
+@click.option("--layers", default=None, metavar="LIST", help="Capture only these layers, e.g. '0,1,27' or '0-3'.")
+@_output_options
+def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, workdir, save_captures, timeout,
+            select, ignore, no_diagnose, device, points, layers, json_path, out, floor_factor, thresholds,
+            baseline, baseline_factor, all_points, quiet, no_color, debug):
+    """Compare MODEL across implementations, point by point, in float32 and bfloat16.
+
+    Defaults come from [tool.llmdiff] in pyproject.toml or llmdiff.toml; options override them.
+    Exit codes: 0 parity, 1 divergence or findings, 2 usage or runtime error.
+    """
+    from llmdiff import api
+    from llmdiff.config import find_config
+
+    console = _console(no_color)
+    try:
+        config, _ = find_config()
+        if save_captures and not out:
+            raise LLMDiffError("--save-captures needs --out DIR (captures go to DIR/captures)")
+        result = api.compare(
+            model, impls or config.get("implementations", ("hf",)), dtypes=dtypes or config.get("dtypes", api.DTYPES),
+            tiny=tiny, weights=weights, seed=seed if seed is not None else config.get("seed", 0),
+            reference=reference or config.get("reference", api.ORACLE), attn=attn or config.get("attn", "eager"),
+            workdir=(f"{out}/captures" if save_captures else workdir),
+            timeout=timeout if timeout is not None else config.get("timeout"),
+            select=select or config.get("select", ()), ignore=ignore or config.get("ignore", ()),
+            diagnose=not no_diagnose, thresholds=_thresholds(floor_factor, thresholds, config),
+            device=device, points=points or None, layers=_layers(layers),
+            progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
+        _finish(result, console, out=out, json_path=json_path, baseline=baseline, baseline_factor=baseline_factor,
+                quiet=quiet, all_points=all_points, config=config)
+    except LLMDiffError as e:
+        _fail(str(e), debug, json_path)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--reference", default=None, help="Compare against this implementation instead.")
+@_output_options
+def report(directory, reference, json_path, out, floor_factor, thresholds, baseline, baseline_factor,
+           all_points, quiet, no_color, debug):
+    """Re-render and re-compare a saved run (compare --out DIR --save-captures) without running any model."""
+    from llmdiff import api
+    from llmdiff.config import find_config
+
+    console = _console(no_color)
+    try:
+        config, _ = find_config()
+        changed = floor_factor is not None or thresholds
+        result = api.recompare(directory, reference=reference,
+                               thresholds=_thresholds(floor_factor, thresholds, config) if changed else None)
+        _finish(result, console, out=out, json_path=json_path, baseline=baseline, baseline_factor=baseline_factor,
+                quiet=quiet, all_points=all_points, config=config)
+    except LLMDiffError as e:
+        _fail(str(e), debug, json_path)
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--model", help="Compare the config with this model's spec (default: detected from config.json).")
+@click.option("--select", "select", multiple=True, metavar="CODE|NAME|PREFIX", help="Run only these checks.")
+@click.option("--ignore", "ignore", multiple=True, metavar="CODE|NAME|PREFIX", help="Skip these checks.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the JSON report here.")
+@click.option("--out", "out_dir", type=click.Path(), help="Write audit.json and audit.md into this directory.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the findings.")
+@click.option("--no-color", is_flag=True)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def audit(path, model, select, ignore, json_path, out_dir, quiet, no_color, debug):
+    """Static checks of the checkpoint directory PATH, streaming: no forward pass, nothing
+    executed, nothing unpickled.
+
+    Exit codes: 0 clean, 1 findings, 2 usage or runtime error.
+    """
+    from pathlib import Path
+
+    from llmdiff import audit as audit_mod
+    from llmdiff.report import write_json
+
+    console = _console(no_color)
+    show_bar = not quiet and console.is_terminal
+    try:
+        if show_bar:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            with Progress(TextColumn("auditing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                          TimeRemainingColumn(), console=console, transient=True) as bar:
+                task = bar.add_task("read", total=None)
+                result = audit_mod.audit(path, model, select=select, ignore=ignore,
+                                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+        else:
+            result = audit_mod.audit(path, model, select=select, ignore=ignore)
+    except LLMDiffError as e:
+        _fail(str(e), debug, json_path)
+    if json_path:
+        write_json(result.report, json_path)
+    if out_dir:
+        write_json(result.report, Path(out_dir) / "audit.json")
+        (Path(out_dir) / "audit.md").write_text(audit_mod.markdown(result.report))
+    if quiet:
+        if result.findings:
+            click.echo(result.summary())
+    else:
+        audit_mod.render(result.report, console)
+    for b in result.report["checks"]["broken"]:
+        click.echo(f"llmdiff: warning: {b}", err=True)
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--tiny", is_flag=True, help="The built-in tiny tokenizer (trained here, Gemma's conventions).")
+@click.option("--weights", type=click.Path(), help="A local HF checkpoint directory holding a tokenizer.")
+@click.option("--text", "text", type=click.Path(), help="A UTF-8 file of your own strings (the file and each line).")
+@click.option("--select", "select", multiple=True, metavar="CODE|NAME|PREFIX", help="Run only these checks.")
+@click.option("--ignore", "ignore", multiple=True, metavar="CODE|NAME|PREFIX", help="Skip these checks.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the JSON report here.")
+@click.option("--no-color", is_flag=True)
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def tokenize(model, tiny, weights, text, select, ignore, json_path, no_color, debug):
+    """Tokenizer and chat-template parity of MODEL, before any numerics.
+
+    Compares HF, sentencepiece (and DeepMind's tokenizer when importable) on a corpus of hard
+    strings, checks BOS/EOS and renders the chat template against the family's reference format.
+    Exit codes: 0 agreement, 1 findings, 2 usage or runtime error.
+    """
+    from llmdiff import api
+    from llmdiff.report import write_json
+    from llmdiff.tokenizer import render
+
+    try:
+        result = api.tokenize(model, tiny=tiny, weights=weights, text=text, select=select, ignore=ignore)
+    except LLMDiffError as e:
+        _fail(str(e), debug, json_path)
+    if json_path:
+        write_json(result, json_path)
+    render(result, _console(no_color))
+    sys.exit(result["exit_code"])
 
 
 @main.group()

@@ -1,19 +1,26 @@
 """Converters between the canonical weight set and each implementation's native layout.
 
 Canonical layout (numpy, one entry per tensor, shapes in spec letters):
-    embed                 (V, D)
+    embed                 (V, D)     V = DeepMind's rows (`spec.vocab_size`)
     L{i}.attn_norm        (D,)       norm scales are stored without the +1, as on both sides
     L{i}.q                (N, D, H)
     L{i}.k, L{i}.v        (K, D, H)
+    L{i}.q_norm, k_norm   (H,)       Gemma 3: RMSNorm of each head of q and k, before RoPE
     L{i}.o                (N, H, D)
+    L{i}.post_attn_norm   (D,)       Gemma 2/3: on the attention output, before the residual add
     L{i}.mlp_norm         (D,)
     L{i}.gate, L{i}.up    (D, F)     gate is the GELU branch
     L{i}.down             (F, D)
+    L{i}.post_mlp_norm    (D,)       Gemma 2/3: on the MLP output, before the residual add
     final_norm            (D,)
     lm_head               (V, D)     only in checkpoints that do not tie it to embed
 
 Every conversion asserts the key set and each shape and names the tensor that failed. They
 only transpose, reshape, stack and index, so a round trip is bit-exact. numpy only.
+
+Embedding rows: where HF's table and DeepMind's differ in size (`spec.hf_vocab_size`), the
+rows no text token reaches are dropped going to the smaller table and come back as zeros, so a
+round trip is bit-exact when those rows are zero (as `weights.random_weights` makes them).
 """
 
 from __future__ import annotations
@@ -34,9 +41,31 @@ def canonical_shapes(spec: ModelSpec, *, lm_head: bool = False) -> dict[str, tup
             f"L{i}.v": (K, D, H), f"L{i}.o": (N, H, D), f"L{i}.mlp_norm": (D,),
             f"L{i}.gate": (D, F), f"L{i}.up": (D, F), f"L{i}.down": (F, D),
         })
+        if spec.qk_norm:
+            shapes.update({f"L{i}.q_norm": (H,), f"L{i}.k_norm": (H,)})
+        if spec.post_attn_norm:
+            shapes[f"L{i}.post_attn_norm"] = (D,)
+        if spec.post_mlp_norm:
+            shapes[f"L{i}.post_mlp_norm"] = (D,)
     if lm_head:
         shapes["lm_head"] = (V, D)
     return shapes
+
+
+def resize_rows(table: np.ndarray, rows: int) -> np.ndarray:
+    """The first `rows` rows of `table`, or `table` followed by zero rows up to `rows`."""
+    if table.shape[0] >= rows:
+        return table[:rows]
+    pad = np.zeros((rows - table.shape[0], *table.shape[1:]), table.dtype)
+    return np.concatenate([table, pad])
+
+
+def _post_norms(spec: ModelSpec) -> bool:
+    """Gemma 2/3 layers have four norms; HF then names the pre-MLP one differently."""
+    if spec.post_attn_norm != spec.post_mlp_norm:
+        raise WeightsError(f"{spec.name}: a post-attention norm without a post-MLP norm (or the"
+                           " reverse) has no HF layout")
+    return spec.post_attn_norm
 
 
 def check_tensors(tensors: dict, shapes: dict, where: str, spec: ModelSpec) -> None:
@@ -64,10 +93,11 @@ def _hf_layer(i: int) -> str:
 
 def to_hf(spec: ModelSpec, canon: dict) -> dict[str, np.ndarray]:
     check_tensors(canon, canonical_shapes(spec, lm_head="lm_head" in canon), "canonical weights", spec)
-    D = spec.hidden_size
-    out = {"model.embed_tokens.weight": canon["embed"], "model.norm.weight": canon["final_norm"]}
+    D, V_hf = spec.hidden_size, spec.hf_vocab_size or spec.vocab_size
+    out = {"model.embed_tokens.weight": resize_rows(canon["embed"], V_hf),
+           "model.norm.weight": canon["final_norm"]}
     if "lm_head" in canon:
-        out["lm_head.weight"] = canon["lm_head"]
+        out["lm_head.weight"] = resize_rows(canon["lm_head"], V_hf)
     for i in range(spec.num_layers):
         p, c = _hf_layer(i), f"L{i}."
         out[f"{p}.input_layernorm.weight"] = canon[c + "attn_norm"]
@@ -76,8 +106,18 @@ def to_hf(spec: ModelSpec, canon: dict) -> dict[str, np.ndarray]:
             w = canon[c + name]
             out[f"{p}.self_attn.{name}_proj.weight"] = w.transpose(0, 2, 1).reshape(-1, D)
         out[f"{p}.self_attn.o_proj.weight"] = canon[c + "o"].reshape(-1, D).T  # (D, N*H)
-        # Gemma 1 calls the norm before the MLP `post_attention_layernorm` (a naming trap).
-        out[f"{p}.post_attention_layernorm.weight"] = canon[c + "mlp_norm"]
+        if spec.qk_norm:
+            out[f"{p}.self_attn.q_norm.weight"] = canon[c + "q_norm"]
+            out[f"{p}.self_attn.k_norm.weight"] = canon[c + "k_norm"]
+        if _post_norms(spec):
+            # Gemma 2/3: `post_attention_layernorm` really is after attention; the pre-MLP norm
+            # is `pre_feedforward_layernorm`.
+            out[f"{p}.post_attention_layernorm.weight"] = canon[c + "post_attn_norm"]
+            out[f"{p}.pre_feedforward_layernorm.weight"] = canon[c + "mlp_norm"]
+            out[f"{p}.post_feedforward_layernorm.weight"] = canon[c + "post_mlp_norm"]
+        else:
+            # Gemma 1 calls the norm before the MLP `post_attention_layernorm` (a naming trap).
+            out[f"{p}.post_attention_layernorm.weight"] = canon[c + "mlp_norm"]
         out[f"{p}.mlp.gate_proj.weight"] = canon[c + "gate"].T  # (F, D)
         out[f"{p}.mlp.up_proj.weight"] = canon[c + "up"].T
         out[f"{p}.mlp.down_proj.weight"] = canon[c + "down"].T  # (D, F)
@@ -87,6 +127,7 @@ def to_hf(spec: ModelSpec, canon: dict) -> dict[str, np.ndarray]:
 def hf_shapes(spec: ModelSpec, *, lm_head: bool = False) -> dict[str, tuple[int, ...]]:
     V, D, N, K, H, F = (spec.vocab_size, spec.hidden_size, spec.num_heads, spec.num_kv_heads,
                         spec.head_dim, spec.mlp_dim)
+    V = spec.hf_vocab_size or V
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
     if lm_head:
         shapes["lm_head.weight"] = (V, D)
@@ -99,15 +140,20 @@ def hf_shapes(spec: ModelSpec, *, lm_head: bool = False) -> dict[str, tuple[int,
             f"{p}.mlp.gate_proj.weight": (F, D), f"{p}.mlp.up_proj.weight": (F, D),
             f"{p}.mlp.down_proj.weight": (D, F),
         })
+        if spec.qk_norm:
+            shapes.update({f"{p}.self_attn.q_norm.weight": (H,), f"{p}.self_attn.k_norm.weight": (H,)})
+        if _post_norms(spec):
+            shapes.update({f"{p}.pre_feedforward_layernorm.weight": (D,),
+                           f"{p}.post_feedforward_layernorm.weight": (D,)})
     return shapes
 
 
 def from_hf(spec: ModelSpec, hf: dict, where: str = "HF checkpoint") -> dict[str, np.ndarray]:
     check_tensors(hf, hf_shapes(spec, lm_head="lm_head.weight" in hf), where, spec)
-    N, K, H, D = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
-    out = {"embed": hf["model.embed_tokens.weight"], "final_norm": hf["model.norm.weight"]}
+    N, K, H, D, V = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size, spec.vocab_size
+    out = {"embed": resize_rows(hf["model.embed_tokens.weight"], V), "final_norm": hf["model.norm.weight"]}
     if "lm_head.weight" in hf:
-        out["lm_head"] = hf["lm_head.weight"]
+        out["lm_head"] = resize_rows(hf["lm_head.weight"], V)
     for i in range(spec.num_layers):
         p, c = _hf_layer(i), f"L{i}."
         out[c + "attn_norm"] = hf[f"{p}.input_layernorm.weight"]
@@ -115,7 +161,15 @@ def from_hf(spec: ModelSpec, hf: dict, where: str = "HF checkpoint") -> dict[str
             w = hf[f"{p}.self_attn.{name}_proj.weight"]
             out[c + name] = w.reshape(heads, H, D).transpose(0, 2, 1)
         out[c + "o"] = hf[f"{p}.self_attn.o_proj.weight"].T.reshape(N, H, D)
-        out[c + "mlp_norm"] = hf[f"{p}.post_attention_layernorm.weight"]
+        if spec.qk_norm:
+            out[c + "q_norm"] = hf[f"{p}.self_attn.q_norm.weight"]
+            out[c + "k_norm"] = hf[f"{p}.self_attn.k_norm.weight"]
+        if _post_norms(spec):
+            out[c + "post_attn_norm"] = hf[f"{p}.post_attention_layernorm.weight"]
+            out[c + "mlp_norm"] = hf[f"{p}.pre_feedforward_layernorm.weight"]
+            out[c + "post_mlp_norm"] = hf[f"{p}.post_feedforward_layernorm.weight"]
+        else:
+            out[c + "mlp_norm"] = hf[f"{p}.post_attention_layernorm.weight"]
         out[c + "gate"] = hf[f"{p}.mlp.gate_proj.weight"].T
         out[c + "up"] = hf[f"{p}.mlp.up_proj.weight"].T
         out[c + "down"] = hf[f"{p}.mlp.down_proj.weight"].T
@@ -136,9 +190,18 @@ def to_deepmind(spec: ModelSpec, canon: dict) -> dict[str, np.ndarray]:
             out[f"{p}/attn/q_einsum/w"] = canon[c + "q"]  # (N, D, H)
             out[f"{p}/attn/kv_einsum/w"] = np.stack([canon[c + "k"], canon[c + "v"]])  # (2, K, D, H)
         out[f"{p}/attn/attn_vec_einsum/w"] = canon[c + "o"]  # (N, H, D)
+        if spec.qk_norm:
+            out[f"{p}/attn/_query_norm/scale"] = canon[c + "q_norm"]  # (H,)
+            out[f"{p}/attn/_key_norm/scale"] = canon[c + "k_norm"]
+        if spec.post_attn_norm:
+            out[f"{p}/post_attention_norm/scale"] = canon[c + "post_attn_norm"]
         out[f"{p}/pre_ffw_norm/scale"] = canon[c + "mlp_norm"]
-        out[f"{p}/mlp/gating_einsum"] = np.stack([canon[c + "gate"], canon[c + "up"]])  # (2, D, F)
+        gating = np.stack([canon[c + "gate"], canon[c + "up"]])  # (2, D, F)
+        # `transpose_gating_einsum` checkpoints (Gemma 2 9B/27B, Gemma 3) store (2, F, D).
+        out[f"{p}/mlp/gating_einsum"] = gating.transpose(0, 2, 1) if spec.transpose_gating else gating
         out[f"{p}/mlp/linear"] = canon[c + "down"]  # (F, D)
+        if spec.post_mlp_norm:
+            out[f"{p}/post_ffw_norm/scale"] = canon[c + "post_mlp_norm"]
     return out
 
 
@@ -155,9 +218,16 @@ def deepmind_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}/attn/kv_einsum/w"] = (2, K, D, H)
         shapes.update({
             f"{p}/pre_attention_norm/scale": (D,), f"{p}/attn/attn_vec_einsum/w": (N, H, D),
-            f"{p}/pre_ffw_norm/scale": (D,), f"{p}/mlp/gating_einsum": (2, D, F),
+            f"{p}/pre_ffw_norm/scale": (D,),
+            f"{p}/mlp/gating_einsum": (2, F, D) if spec.transpose_gating else (2, D, F),
             f"{p}/mlp/linear": (F, D),
         })
+        if spec.qk_norm:
+            shapes.update({f"{p}/attn/_query_norm/scale": (H,), f"{p}/attn/_key_norm/scale": (H,)})
+        if spec.post_attn_norm:
+            shapes[f"{p}/post_attention_norm/scale"] = (D,)
+        if spec.post_mlp_norm:
+            shapes[f"{p}/post_ffw_norm/scale"] = (D,)
     return shapes
 
 
@@ -173,9 +243,19 @@ def from_deepmind(spec: ModelSpec, dm: dict, where: str = "DeepMind checkpoint")
             out[c + "q"] = dm[f"{p}/attn/q_einsum/w"]
             out[c + "k"], out[c + "v"] = dm[f"{p}/attn/kv_einsum/w"]
         out[c + "o"] = dm[f"{p}/attn/attn_vec_einsum/w"]
+        if spec.qk_norm:
+            out[c + "q_norm"] = dm[f"{p}/attn/_query_norm/scale"]
+            out[c + "k_norm"] = dm[f"{p}/attn/_key_norm/scale"]
+        if spec.post_attn_norm:
+            out[c + "post_attn_norm"] = dm[f"{p}/post_attention_norm/scale"]
         out[c + "mlp_norm"] = dm[f"{p}/pre_ffw_norm/scale"]
-        out[c + "gate"], out[c + "up"] = dm[f"{p}/mlp/gating_einsum"]
+        gating = dm[f"{p}/mlp/gating_einsum"]
+        if spec.transpose_gating:
+            gating = gating.transpose(0, 2, 1)  # (2, F, D) -> (2, D, F)
+        out[c + "gate"], out[c + "up"] = gating
         out[c + "down"] = dm[f"{p}/mlp/linear"]
+        if spec.post_mlp_norm:
+            out[c + "post_mlp_norm"] = dm[f"{p}/post_ffw_norm/scale"]
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 

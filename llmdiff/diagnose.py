@@ -34,8 +34,8 @@ def excess(run: dict) -> float:
     for p in run["points"]:
         if not p.get("finite", True) or "floor_ratio" not in p:
             total += 1e3 if p["verdict"] == "divergence" else 0.0
-        elif p["floor_ratio"] > diff.FLOOR_FACTOR:
-            total += math.log(p["floor_ratio"] / diff.FLOOR_FACTOR)
+        elif p["floor_ratio"] > p["threshold"]:
+            total += math.log(p["floor_ratio"] / p["threshold"])
     return total
 
 
@@ -43,8 +43,8 @@ def _point(run: dict, name: str) -> dict:
     return next((p for p in run["points"] if p["name"] == name), {})
 
 
-def _policy_key(dtype: str, policy: dict, constants_dtype: str | None) -> str:
-    return json.dumps([dtype, constants_dtype, sorted(policy.items())])
+def _policy_key(dtype: str, policy: dict, constants_dtype: str | None, forced_from: str | None = None) -> str:
+    return json.dumps([dtype, constants_dtype, sorted(policy.items()), forced_from])
 
 
 class OracleLab:
@@ -53,49 +53,124 @@ class OracleLab:
     def __init__(self, job: dict, work: Path, timeout: float | None = None):
         self.job, self.work, self.timeout = job, Path(work), timeout
         self.cache: dict[str, dict | None] = {}
+        self.paths: dict[str, str] = {}
         self.errors: dict[str, str] = {}
         self.runs = 0
 
-    def captures(self, dtype: str, policies: list[dict], constants_dtype: str | None = None) -> list:
-        keys = [_policy_key(dtype, p, constants_dtype) for p in policies]
+    def run_many(self, wanted: list[tuple]) -> list:
+        """Captures for each (dtype, policy, constants_dtype, forced_from), all missing ones in one worker."""
+        keys = [_policy_key(*w) for w in wanted]
         todo = {}
-        for key, policy in zip(keys, policies):
+        for key, w in zip(keys, wanted):
             if key not in self.cache and key not in todo:
-                todo[key] = policy
+                todo[key] = w
         if todo:
             requests = []
-            for key, policy in todo.items():
-                out = self.work / f"counterfactual-{len(self.cache) + len(requests):04d}"
-                requests.append(RunRequest(dtype, str(out), constants_dtype, {"precision": policy}))
+            for key, (dtype, policy, constants_dtype, forced_from) in todo.items():
+                out = self.work / f"oracle-variant-{len(self.cache) + len(requests):04d}"
+                options = {"precision": policy, **({"forced_from": forced_from} if forced_from else {})}
+                requests.append(RunRequest(dtype, str(out), constants_dtype, options))
             for key, result in zip(todo, run_worker(Implementation.parse("oracle"), self.job, requests,
                                                      self.work, timeout=self.timeout)):
                 self.runs += 1
                 if result.ok:
                     self.cache[key] = {k: np.asarray(v) for k, v in safetensors_file.load(result.captures_path).items()}
+                    self.paths[key] = result.captures_path
                 else:
                     self.cache[key] = None
                     self.errors[key] = result.error
         return [self.cache[k] for k in keys]
 
+    def captures(self, dtype: str, policies: list[dict], constants_dtype: str | None = None,
+                 forced_from: str | None = None) -> list:
+        return self.run_many([(dtype, p, constants_dtype, forced_from) for p in policies])
 
-def diagnose_run(lab: OracleLab, checks: list[Check], spec, candidate: str, cand_caps: dict,
-                 run: dict, floors: dict, points: list[str]) -> list[Finding]:
-    """Greedy counterfactual explanation of one divergent run (candidate vs the clean oracle)."""
+    def path(self, dtype: str, policy: dict, constants_dtype: str | None = None, forced_from: str | None = None):
+        return self.paths.get(_policy_key(dtype, policy, constants_dtype, forced_from))
+
+
+def teacher_forced(lab: OracleLab, cand_caps: dict, cand_path: str, dtype: str, points: list[str],
+                   thresholds: diff.Thresholds = diff.DEFAULT_THRESHOLDS) -> tuple[dict, dict] | None:
+    """The candidate against the oracle fed the candidate's own block inputs, and the floors
+    of that comparison: each point's error since the last forced input (its local error)."""
+    forced, truth = lab.run_many([(dtype, {}, None, cand_path), ("float64", {}, dtype, cand_path)])
+    if forced is None or truth is None:
+        return None
+    floors = diff.noise_floors(forced, truth, dtype)
+    return diff.compare_captures(cand_caps, forced, floors, dtype, points, thresholds), floors
+
+
+def explain(lab: OracleLab, checks: list[Check], spec, candidate: str, cand_caps: dict, cand_path: str,
+            run: dict, floors: dict, points: list[str],
+            thresholds: diff.Thresholds = diff.DEFAULT_THRESHOLDS) -> list[Finding]:
+    """The findings that explain one run of a candidate against the clean oracle.
+
+    First the free-running comparison (`run["points"]`, `floors`) is explained greedily. Then,
+    with the knobs found so far switched on, the teacher-forced comparison: a bug whose effect
+    is below the accumulated noise (bfloat16 rounding differences) still shows in the one op it
+    is in. Whatever neither explains is an unexplained divergence, where it starts.
+    """
     dtype = run["dtype"]
     remaining = [c for c in checks if c.knob and c.applies(spec, dtype)]
+    findings: list[Finding] = []
     policy: dict = {}
+    free = _as_run(run["points"], dtype)
+    current = free
+    if free["verdict"] == "divergence":
+        policy, current = _greedy(lab, remaining, spec, candidate, cand_caps, free, floors, points, thresholds,
+                                  None, policy, findings)
+    if current["verdict"] != "divergence" and cand_path:
+        done = teacher_forced(lab, cand_caps, cand_path, dtype, points, thresholds)
+        if done is not None:
+            _, forced_floors = done
+            caps, = lab.captures(dtype, [policy], forced_from=cand_path)
+            if caps is not None:
+                forced = dict(diff.compare_captures(cand_caps, caps, forced_floors, dtype, points, thresholds),
+                              dtype=dtype)
+                if forced["verdict"] == "divergence":
+                    policy, current = _greedy(lab, remaining, spec, candidate, cand_caps, forced, forced_floors,
+                                              points, thresholds, cand_path, policy, findings)
+    # A divergence seen only teacher-forced is below the accumulated noise: it is a finding when
+    # a known bug confirms it, and otherwise stays a note on the run, not an unexplained failure.
+    if current["verdict"] == "divergence" and (free["verdict"] == "divergence"):
+        first = current["first_divergence"]
+        p = _point(current, first)
+        explained = f" after explaining {', '.join(f.code for f in findings)}" if findings else ""
+        findings.append(Finding(
+            *UNEXPLAINED, candidate, dtype, first,
+            f"unexplained divergence starting at {first}{explained}: no known bug's counterfactual brings it"
+            f" back to the noise floor (rel L2 {p.get('rel_l2', float('nan')):.3g},"
+            f" {p.get('floor_ratio', float('nan')):.3g}x the floor)",
+            {"point": first, "rel_l2": p.get("rel_l2"), "floor_ratio": p.get("floor_ratio"),
+             "policy_tried": policy, "divergent_points": _count(current),
+             "teacher_forced": current is not free and current.get("teacher_forced", False)},
+            False, "Read the code that computes this point in the candidate against references/gemma.py."))
+    return findings
+
+
+def _as_run(points_rows: list[dict], dtype: str) -> dict:
+    first = next((p["name"] for p in points_rows if p["verdict"] == "divergence"), None)
+    return {"dtype": dtype, "points": points_rows, "first_divergence": first,
+            "verdict": "divergence" if first else "parity"}
+
+
+def _greedy(lab, remaining, spec, candidate, cand_caps, run, floors, points, thresholds, forced_from,
+            policy, findings):
+    """Keep the knob that best explains where `run` diverges first; repeat. Returns the policy
+    and the comparison under it; appends confirmed findings and removes their checks."""
+    dtype = run["dtype"]
     current = run
-    findings = []
     for _ in range(MAX_ROUNDS):
         if current["verdict"] != "divergence" or not remaining:
             break
         first = current["first_divergence"]
         tries = [(check, {**policy, **variant}) for check in remaining for variant in check.variants()]
         scored = []
-        for (check, trial_policy), caps in zip(tries, lab.captures(dtype, [t[1] for t in tries])):
+        for (check, trial_policy), caps in zip(tries, lab.captures(dtype, [t[1] for t in tries],
+                                                                   forced_from=forced_from)):
             if caps is None:
                 continue
-            trial = diff.compare_captures(cand_caps, caps, floors, dtype, points)
+            trial = diff.compare_captures(cand_caps, caps, floors, dtype, points, thresholds)
             if _point(trial, first).get("verdict") == "parity" and excess(trial) < excess(current):
                 scored.append((excess(trial), check.code, check, trial, trial_policy))
         if not scored:
@@ -109,29 +184,19 @@ def diagnose_run(lab: OracleLab, checks: list[Check], spec, candidate: str, cand
             "after": {"rel_l2": after.get("rel_l2"), "floor_ratio": after.get("floor_ratio")},
             "noise_floor": before.get("noise_floor"),
             "divergent_points": {"before": _count(current), "after": _count(trial)},
+            "teacher_forced": forced_from is not None,
         }
         ctx = Context(spec, candidate, {}, dtype, run)
-        message = (f"{best.summary()} At {first}: rel L2 {before.get('rel_l2'):.3g} "
+        forced_note = " (teacher-forced: each op fed the candidate's own inputs)" if forced_from else ""
+        message = (f"{best.summary()} At {first}{forced_note}: rel L2 {before.get('rel_l2'):.3g} "
                    f"({before.get('floor_ratio'):.3g}x the noise floor) falls to {after.get('rel_l2'):.3g} "
                    f"({after.get('floor_ratio'):.3g}x) with the oracle's "
                    f"{', '.join(f'{k}={v!r}' for k, v in knob.items())}.")
         findings.append(best.finding(ctx, first, message, evidence, confirmed=True))
         policy = best_policy
         remaining.remove(best)
-        current = trial
-    if current["verdict"] == "divergence":
-        first = current["first_divergence"]
-        p = _point(current, first)
-        explained = f" after explaining {', '.join(f.code for f in findings)}" if findings else ""
-        findings.append(Finding(
-            *UNEXPLAINED, candidate, dtype, first,
-            f"unexplained divergence starting at {first}{explained}: no known bug's counterfactual brings it"
-            f" back to the noise floor (rel L2 {p.get('rel_l2', float('nan')):.3g},"
-            f" {p.get('floor_ratio', float('nan')):.3g}x the floor)",
-            {"point": first, "rel_l2": p.get("rel_l2"), "floor_ratio": p.get("floor_ratio"),
-             "policy_tried": policy, "divergent_points": _count(current)},
-            False, "Read the code that computes this point in the candidate against references/gemma.py."))
-    return findings
+        current = dict(trial, dtype=dtype, teacher_forced=forced_from is not None)
+    return policy, current
 
 
 def _count(run: dict) -> int:

@@ -13,6 +13,9 @@ A candidate point diverges when its relative L2 distance to the reference exceed
 
 from __future__ import annotations
 
+import fnmatch
+from dataclasses import dataclass, field
+
 import numpy as np
 
 FLOOR_FACTOR = 8.0
@@ -21,6 +24,26 @@ FLOOR_FACTOR = 8.0
 MIN_FLOOR = 0.02
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 TOPK = 5
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """How many times its noise floor a point may be off before it diverges."""
+
+    floor_factor: float = FLOOR_FACTOR
+    per_point: dict = field(default_factory=dict)  # glob ("L*.q", "logits") -> factor; first match wins
+
+    def factor(self, point: str) -> float:
+        for pattern, factor in self.per_point.items():
+            if fnmatch.fnmatchcase(point, pattern):
+                return float(factor)
+        return self.floor_factor
+
+    def to_dict(self) -> dict:
+        return {"floor_factor": self.floor_factor, "per_point": dict(self.per_point)}
+
+
+DEFAULT_THRESHOLDS = Thresholds()
 
 
 def round_to(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -83,7 +106,7 @@ def noise_floors(ref_caps: dict, truth_caps: dict, dtype: str) -> dict[str, floa
 
 
 def compare_captures(cand_caps: dict, ref_caps: dict, floors: dict, dtype: str,
-                     points: list[str]) -> dict:
+                     points: list[str], thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict:
     """The run's points (in forward order), first divergence, verdict and logits metrics."""
     min_floor = MIN_FLOOR * UNIT_ROUNDOFF[dtype]
     rows, missing = [], []
@@ -99,13 +122,23 @@ def compare_captures(cand_caps: dict, ref_caps: dict, floors: dict, dtype: str,
         m = point_metrics(cand, ref)
         floor = max(floors.get(name, 0.0), min_floor)
         ratio = m["rel_l2"] / floor
-        diverges = (not m["finite"]) or ratio > FLOOR_FACTOR
-        rows.append({"name": name, **m, "noise_floor": floor, "floor_ratio": ratio,
+        factor = thresholds.factor(name)
+        diverges = (not m["finite"]) or ratio > factor
+        rows.append({"name": name, **m, "noise_floor": floor, "floor_ratio": ratio, "threshold": factor,
                      "verdict": "divergence" if diverges else "parity"})
     first = next((r["name"] for r in rows if r["verdict"] == "divergence"), None)
     run = {"dtype": dtype, "verdict": "divergence" if first else "parity",
            "first_divergence": first, "points": rows, "missing_points": missing,
-           "threshold": {"floor_factor": FLOOR_FACTOR, "min_floor": min_floor}}
+           "threshold": {**thresholds.to_dict(), "min_floor": min_floor}}
     if "logits" in cand_caps and "logits" in ref_caps and cand_caps["logits"].shape == ref_caps["logits"].shape:
         run["logits"] = logits_metrics(cand_caps["logits"], ref_caps["logits"])
     return run
+
+
+def attach_forced(run: dict, forced: dict) -> None:
+    """Attach the teacher-forced comparison to a run. The run's verdict stays the free-running
+    one: a local difference below the accumulated noise fails a run only when a known bug's
+    counterfactual confirms it (a finding); otherwise it is shown, not judged."""
+    run["forced"] = forced
+    if run["verdict"] == "parity" and forced.get("verdict") == "divergence":
+        run["local_divergence"] = forced["first_divergence"]

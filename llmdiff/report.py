@@ -8,6 +8,8 @@ import os
 import re
 from pathlib import Path
 
+from llmdiff.plots import layer_sparkline
+
 _SUMMARY_POINT = re.compile(r"^(embed|L\d+\.out|final_norm|logits)$")
 
 
@@ -30,6 +32,138 @@ def write_json(report: dict, path) -> None:
     os.replace(tmp, path)
 
 
+def write_outputs(report: dict, out_dir) -> list[Path]:
+    """report.json, junit.xml, report.md and report.html in `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(report, out_dir / "report.json")
+    (out_dir / "junit.xml").write_text(junit_xml(report))
+    (out_dir / "report.md").write_text(markdown(report))
+    (out_dir / "report.html").write_text(html(report))
+    return [out_dir / n for n in ("report.json", "junit.xml", "report.md", "report.html")]
+
+
+def _run_title(run: dict) -> str:
+    return f"{run['candidate']} vs {run['reference']} [{run['dtype']}]"
+
+
+def junit_xml(report: dict) -> str:
+    """One test case per run and per finding; failures exactly for divergent runs and findings."""
+    import xml.etree.ElementTree as ET
+
+    suite = ET.Element("testsuite", name=f"llmdiff {report['model']}")
+    failures = errors = 0
+    for run in report["runs"]:
+        case = ET.SubElement(suite, "testcase", classname=f"llmdiff.compare.{report['model']}", name=_run_title(run))
+        if run["verdict"] == "divergence":
+            failures += 1
+            p = next((p for p in run["points"] if p["name"] == run["first_divergence"]), {})
+            ET.SubElement(case, "failure", message=f"first divergence at {run['first_divergence']}",
+                          type="divergence").text = (
+                f"rel L2 {p.get('rel_l2')} is {p.get('floor_ratio')}x its noise floor {p.get('noise_floor')}")
+        elif run["verdict"] == "error":
+            errors += 1
+            ET.SubElement(case, "error", message=str(run.get("error")), type="error")
+    for f in report.get("findings", []):
+        case = ET.SubElement(suite, "testcase", classname=f"llmdiff.findings.{report['model']}",
+                             name=f"{f['code']} {f['name']} {f['implementation']} [{f['dtype']}] at {f['where']}")
+        failures += 1
+        ET.SubElement(case, "failure", message=f["message"], type=f["code"]).text = f"fix: {f.get('fix', '')}"
+    for r in (report.get("baseline") or {}).get("regressions", []):
+        case = ET.SubElement(suite, "testcase", classname=f"llmdiff.baseline.{report['model']}", name=r["message"])
+        failures += 1
+        ET.SubElement(case, "failure", message=r["message"], type="regression")
+    suite.set("tests", str(len(suite)))
+    suite.set("failures", str(failures))
+    suite.set("errors", str(errors))
+    root = ET.Element("testsuites")
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+_VERDICT_MARK = {"parity": "✅ parity", "divergence": "❌ divergence", "error": "⚠️ error"}
+
+
+def markdown(report: dict) -> str:
+    """A short summary for a pull-request comment."""
+    code = report["exit_code"]
+    lines = [f"### llmdiff: {report['model']}{' (tiny)' if report['spec'].get('tiny') else ''} — "
+             f"{ {0: 'parity', 1: 'divergence', 2: 'error'}[code] }", ""]
+    lines += ["| candidate | reference | dtype | verdict | first divergence | logits KL | top-1 |",
+              "|---|---|---|---|---|---|---|"]
+    for run in report["runs"]:
+        lg = run.get("logits") or {}
+        kl = f"{lg['kl_mean']:.2e}" if lg.get("kl_mean") is not None else "-"
+        top1 = f"{lg['top1_agreement']:.3f}" if lg.get("top1_agreement") is not None else "-"
+        lines.append(f"| {run['candidate']} | {run['reference']} | {run['dtype']} | {_VERDICT_MARK[run['verdict']]} "
+                     f"| {run['first_divergence'] or '-'} | {kl} | {top1} |")
+    findings = report.get("findings", [])
+    if findings:
+        lines += ["", f"**Findings ({len(findings)})**", ""]
+        for f in findings[:10]:
+            lines.append(f"- `{f['code']}` **{f['name']}** — {f['implementation']} [{f['dtype']}] at `{f['where']}`"
+                         f"{' (confirmed)' if f['confirmed'] else ''}. Fix: {f.get('fix') or '-'}")
+        if len(findings) > 10:
+            lines.append(f"- … and {len(findings) - 10} more in report.json")
+    regressions = (report.get("baseline") or {}).get("regressions")
+    if regressions is not None:
+        lines += ["", f"**Baseline**: {len(regressions)} regression(s)"]
+        lines += [f"- {r['message']}" for r in regressions[:10]]
+    broken = [i for i in report["implementations"] if not i["ok"]]
+    for i in broken:
+        lines.append(f"- ⚠️ {i['name']}: {i['error']}")
+    lines += ["", f"<sub>llmdiff {report['llmdiff_version']} · weights {report['weights']['source']}"
+              f" · exit code {code}</sub>"]
+    return "\n".join(lines) + "\n"
+
+
+def html(report: dict) -> str:
+    """One self-contained page: summary, findings, a log-scale plot and the table of every run."""
+    import base64
+    from html import escape
+
+    from llmdiff.plots import run_plot_png
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>llmdiff {escape(report['model'])}</title>",
+             "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
+             "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;"
+             "text-align:right}td:first-child,th:first-child{text-align:left}.divergence{background:#fdd}"
+             ".first{font-weight:bold}.parity{color:#060}.error{color:#a60}</style></head><body>",
+             f"<h1>llmdiff: {escape(report['model'])}</h1>",
+             f"<p>weights {escape(report['weights']['source'])}, tokens {escape(str(report['tokens'].get('lengths')))}, "
+             f"exit code {report['exit_code']}</p>"]
+    findings = report.get("findings", [])
+    if findings:
+        parts.append("<h2>Findings</h2><ul>")
+        for f in findings:
+            parts.append(f"<li><b>{escape(f['code'])} {escape(f['name'])}</b> {escape(f['implementation'])} "
+                         f"[{escape(str(f['dtype']))}] at <code>{escape(f['where'])}</code>: {escape(f['message'])}"
+                         f"<br><i>fix:</i> {escape(f.get('fix') or '')}</li>")
+        parts.append("</ul>")
+    for run in report["runs"]:
+        title = _run_title(run)
+        parts.append(f"<h2>{escape(title)}: <span class='{run['verdict']}'>{run['verdict']}</span>"
+                     f"{' at ' + escape(run['first_divergence']) if run['first_divergence'] else ''}</h2>")
+        if run["verdict"] == "error":
+            parts.append(f"<p class='error'>{escape(str(run.get('error')))}</p>")
+            continue
+        png = base64.b64encode(run_plot_png(run, title)).decode()
+        parts.append(f"<img alt='per-layer error, {escape(title)}' src='data:image/png;base64,{png}'>")
+        parts.append("<table><tr><th>point</th><th>max abs</th><th>rel L2</th><th>cosine</th>"
+                     "<th>noise floor</th><th>x floor</th><th>verdict</th></tr>")
+        for p in run["points"]:
+            cls = ("divergence" if p["verdict"] == "divergence" else "") + (
+                " first" if p["name"] == run["first_divergence"] else "")
+            parts.append(f"<tr class='{cls}'><td>{escape(p['name'])}</td><td>{_fmt(p.get('max_abs'))}</td>"
+                         f"<td>{_fmt(p.get('rel_l2'))}</td><td>{_fmt(p.get('cosine'))}</td>"
+                         f"<td>{_fmt(p.get('noise_floor'))}</td><td>{_fmt(p.get('floor_ratio'))}</td>"
+                         f"<td>{p['verdict']}</td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
 def _fmt(x) -> str:
     if x is None:
         return "-"
@@ -46,6 +180,10 @@ def render(report: dict, console, *, all_points: bool = False) -> None:
     console.print(f"[bold]llmdiff {report['llmdiff_version']}[/bold]  model [bold]{report['model']}[/bold]"
                   f"{' (tiny)' if report['spec'].get('tiny') else ''}  weights {report['weights']['source']}"
                   f"  tokens {report['tokens']['lengths']}")
+    from llmdiff.tokenizer import summary_lines  # tokens first: numbers mean nothing if inputs differ
+
+    for line in summary_lines(report.get("tokenizer")):
+        console.print(line)
     for impl in report["implementations"]:
         versions = ", ".join(f"{k} {v}" for k, v in impl["versions"].items())
         state = "[green]ok[/green]" if impl["ok"] else f"[red]error[/red]: {impl['error']}"
@@ -76,10 +214,16 @@ def render(report: dict, console, *, all_points: bool = False) -> None:
         if logits:
             console.print(f"  logits: KL {_fmt(logits['kl_mean'])}  top-1 agreement {logits['top1_agreement']:.3f}"
                           f"  top-{logits['k']} overlap {logits['topk_overlap']:.3f}")
+        spark = layer_sparkline(run)
+        if spark:
+            console.print(f"  per-layer rel L2: {spark}")
         if run["missing_points"]:
             console.print(f"  not captured: {', '.join(run['missing_points'])}")
         if not all_points:
             console.print("  (embeddings, block outputs, final norm, logits and divergent points shown; --all-points for all)")
+        if run.get("local_divergence"):
+            console.print(f"  teacher-forced: a local difference starts at {run['local_divergence']} (below the"
+                          " accumulated noise, and no known bug's counterfactual confirms it)")
         verdict = run["verdict"]
         color = "green" if verdict == "parity" else "red"
         where = f", first divergence at [bold]{run['first_divergence']}[/bold]" if run["first_divergence"] else ""

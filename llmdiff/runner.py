@@ -82,6 +82,7 @@ class RunResult:
     error: str | None
     captures_path: str | None
     meta: dict = field(default_factory=dict)
+    out: str | None = None       # the path prefix the worker was told to write to
 
 
 def _tail(text: str) -> str:
@@ -132,9 +133,9 @@ def run_worker(impl: Implementation, job: dict, requests: list[RunRequest], work
             meta.setdefault("timings", {})["worker_wall_s"] = round(wall, 3)
             ok = bool(meta.get("ok"))
             results.append(RunResult(impl.name, r.dtype, r.constants_dtype, ok, meta.get("error"),
-                                     r.out + ".safetensors" if ok else None, meta))
+                                     r.out + ".safetensors" if ok else None, meta, r.out))
         else:
             error = failure or f"worker for {impl.name!r} ended before finishing {r.dtype}: {_tail(stderr)}"
             results.append(RunResult(impl.name, r.dtype, r.constants_dtype, False, error, None,
-                                     {"python": impl.python}))
+                                     {"python": impl.python}, r.out))
     return results

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: str                      # "gemma" (Gemma 1); later "gemma2", "gemma3"
-    vocab_size: int
+    family: str                      # "gemma" (Gemma 1), "gemma2", "gemma3"
+    vocab_size: int                  # V, rows of the embedding table (DeepMind's, padded or not)
     hidden_size: int                 # D, the residual width
     num_layers: int
     num_heads: int                   # N, query heads
@@ -42,6 +42,7 @@ class ModelSpec:
     rope_scale: float = 1.0                # linear RoPE scaling factor on global layers
     rope_scale_local: float = 1.0          # ... and on local layers
     transpose_gating: bool = False         # DeepMind stores gating_einsum as (2, F, D), not (2, D, F)
+    hf_vocab_size: int | None = None       # HF's embedding rows where they differ from DeepMind's
     max_positions: int = 8192
     pad_id: int = 0
     eos_id: int = 1
@@ -52,6 +53,21 @@ class ModelSpec:
     def query_scale(self) -> float:
         """The factor q is multiplied by before q.k (DeepMind's `query_pre_attn_scalar()`)."""
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def text_vocab_size(self) -> int:
+        """Ids a text token can take: rows both DeepMind's and HF's tables have.
+
+        DeepMind pads Gemma 2's table to 256128 rows (HF keeps the tokenizer's 256000); HF's
+        Gemma 3 4B/12B/27B tables have 262208 rows (DeepMind's 262144). Logits are compared
+        over these columns only.
+        """
+        return min(self.vocab_size, self.hf_vocab_size or self.vocab_size)
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        """Each layer's attention: "local" (sliding window) or "global"."""
+        return self.attention_types or ("global",) * self.num_layers
 
     @property
     def kv_groups(self) -> int:
@@ -79,7 +95,92 @@ _SPECS = {
     ),
 }
 
+
+def _pattern(unit: tuple[str, ...], num_layers: int) -> tuple[str, ...]:
+    """`unit` repeated over `num_layers` layers, cut where the layers end (DeepMind's
+    `make_attention_layers_types`)."""
+    return tuple(unit[i % len(unit)] for i in range(num_layers))
+
+
+_GEMMA2 = ("local", "global")                                    # alternating, local first
+_GEMMA3 = ("local",) * 5 + ("global",)                           # five local, then one global
+
+# Gemma 2 and 3: Google DeepMind's gemma library (`gemma/gm/nn/_gemma.py`, the reference for
+# every number here), cross-checked with the HF configs (google/gemma-2-*, google/gemma-3-*
+# config.json) and the Gemma 2 (arXiv:2408.00118) and Gemma 3 (arXiv:2503.19786) reports.
+# Where DeepMind and HF disagree, DeepMind's value is the spec's, and the comment says so.
+_SPECS.update({
+    # Embeddings: DeepMind's table has 256128 rows (padded to a multiple of 128); HF's
+    # config.json and checkpoints have the tokenizer's 256000. No text id reaches the padding.
+    "gemma-2-2b": ModelSpec(
+        name="gemma-2-2b", family="gemma2", vocab_size=256_128, hf_vocab_size=256_000,
+        hidden_size=2304, num_layers=26, num_heads=8, num_kv_heads=4, head_dim=256, mlp_dim=9216,
+        attention_types=_pattern(_GEMMA2, 26), sliding_window=4096, attn_softcap=50.0,
+        final_softcap=30.0, post_attn_norm=True, post_mlp_norm=True,
+        # DeepMind's Gemma2_2B leaves `transpose_gating_einsum` False; the 9B and 27B set it.
+        transpose_gating=False,
+    ),
+    "gemma-2-9b": ModelSpec(
+        name="gemma-2-9b", family="gemma2", vocab_size=256_128, hf_vocab_size=256_000,
+        hidden_size=3584, num_layers=42, num_heads=16, num_kv_heads=8, head_dim=256, mlp_dim=14_336,
+        attention_types=_pattern(_GEMMA2, 42), sliding_window=4096, attn_softcap=50.0,
+        final_softcap=30.0, post_attn_norm=True, post_mlp_norm=True, transpose_gating=True,
+    ),
+    "gemma-2-27b": ModelSpec(
+        name="gemma-2-27b", family="gemma2", vocab_size=256_128, hf_vocab_size=256_000,
+        hidden_size=4608, num_layers=46, num_heads=32, num_kv_heads=16, head_dim=128, mlp_dim=36_864,
+        # DeepMind: BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS, q * (4608 // 32) ** -0.5 = 144 ** -0.5,
+        # not head_dim 128 (HF: query_pre_attn_scalar=144).
+        query_pre_attn_scalar=144,
+        attention_types=_pattern(_GEMMA2, 46), sliding_window=4096, attn_softcap=50.0,
+        final_softcap=30.0, post_attn_norm=True, post_mlp_norm=True, transpose_gating=True,
+    ),
+    # Gemma 3: q/k RMSNorm, no softcaps, RoPE base 10k local / 1M global. The 270M and 1B have
+    # no RoPE scaling (DeepMind leaves `global_scale_factor` at 1.0; HF rope_scaling null).
+    "gemma-3-270m": ModelSpec(
+        name="gemma-3-270m", family="gemma3", vocab_size=262_144, hidden_size=640, num_layers=18,
+        num_heads=4, num_kv_heads=1, head_dim=256, mlp_dim=2048,
+        attention_types=_pattern(_GEMMA3, 18), sliding_window=512, post_attn_norm=True,
+        post_mlp_norm=True, qk_norm=True, rope_base=1_000_000.0, rope_base_local=10_000.0,
+        transpose_gating=True, max_positions=32_768,
+    ),
+    "gemma-3-1b": ModelSpec(
+        name="gemma-3-1b", family="gemma3", vocab_size=262_144, hidden_size=1152, num_layers=26,
+        num_heads=4, num_kv_heads=1, head_dim=256, mlp_dim=6912,
+        attention_types=_pattern(_GEMMA3, 26), sliding_window=512, post_attn_norm=True,
+        post_mlp_norm=True, qk_norm=True, rope_base=1_000_000.0, rope_base_local=10_000.0,
+        transpose_gating=True, max_positions=32_768,
+    ),
+    # 4B, 12B, 27B: linear RoPE scaling by 8 on global layers only. Embeddings: DeepMind's
+    # table has 262144 rows; HF's text config says 262208 (64 more rows, for image tokens).
+    "gemma-3-4b": ModelSpec(
+        name="gemma-3-4b", family="gemma3", vocab_size=262_144, hf_vocab_size=262_208,
+        hidden_size=2560, num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256, mlp_dim=10_240,
+        attention_types=_pattern(_GEMMA3, 34), sliding_window=1024, post_attn_norm=True,
+        post_mlp_norm=True, qk_norm=True, rope_base=1_000_000.0, rope_base_local=10_000.0,
+        rope_scale=8.0, transpose_gating=True, max_positions=131_072,
+    ),
+    "gemma-3-12b": ModelSpec(
+        name="gemma-3-12b", family="gemma3", vocab_size=262_144, hf_vocab_size=262_208,
+        hidden_size=3840, num_layers=48, num_heads=16, num_kv_heads=8, head_dim=256, mlp_dim=15_360,
+        attention_types=_pattern(_GEMMA3, 48), sliding_window=1024, post_attn_norm=True,
+        post_mlp_norm=True, qk_norm=True, rope_base=1_000_000.0, rope_base_local=10_000.0,
+        rope_scale=8.0, transpose_gating=True, max_positions=131_072,
+    ),
+    "gemma-3-27b": ModelSpec(
+        name="gemma-3-27b", family="gemma3", vocab_size=262_144, hf_vocab_size=262_208,
+        hidden_size=5376, num_layers=62, num_heads=32, num_kv_heads=16, head_dim=128, mlp_dim=21_504,
+        # DeepMind: q * (5376 // 32) ** -0.5 = 168 ** -0.5, not head_dim 128 (HF: 168).
+        query_pre_attn_scalar=168,
+        attention_types=_pattern(_GEMMA3, 62), sliding_window=1024, post_attn_norm=True,
+        post_mlp_norm=True, qk_norm=True, rope_base=1_000_000.0, rope_base_local=10_000.0,
+        rope_scale=8.0, transpose_gating=True, max_positions=131_072,
+    ),
+})
+
 TINY_VOCAB = 512
+# Smaller than the long default prompt (llmdiff/inputs.py), so local layers really slide.
+TINY_SLIDING_WINDOW = 32
 TINY_HEAD_DIMS = (32, 48, 24, 40, 56)
 
 
@@ -129,22 +230,51 @@ def shrink(spec: ModelSpec) -> ModelSpec:
     else:  # pragma: no cover - the candidates above always contain a good one
         raise AssertionError(f"no tiny shape for {spec.name}")
     mlp = hidden * spec.mlp_dim // spec.hidden_size
+    if spec.query_pre_attn_scalar:  # keep it as far from head_dim as in the full model
+        query_pre_attn_scalar = round(spec.query_pre_attn_scalar * head_dim / spec.head_dim)
+        assert query_pre_attn_scalar != head_dim, spec.name
+    else:
+        query_pre_attn_scalar = head_dim
+    # The layer pattern: one whole period (Gemma 2: local, global; Gemma 3: five local, one
+    # global), at least two layers.
+    period = pattern_period(spec.attention_types)
+    num_layers = max(2, period)
+    attention_types = _pattern(spec.attention_types[:period], num_layers) if spec.attention_types else ()
+    # DeepMind/HF embedding rows differing: keep the difference (and its sign) on top of a
+    # text vocabulary of TINY_VOCAB ids (a tiny tokenizer needs that many).
+    extra = (spec.hf_vocab_size or spec.vocab_size) - spec.vocab_size
+    vocab = TINY_VOCAB + max(0, -extra)
+    hf_vocab = vocab + extra if spec.hf_vocab_size else None
+    window = min(spec.sliding_window, TINY_SLIDING_WINDOW) if spec.sliding_window else None
     return dataclasses.replace(
-        spec, name=spec.name, vocab_size=TINY_VOCAB, hidden_size=hidden, num_layers=2,
-        num_heads=heads, num_kv_heads=kv, head_dim=head_dim, mlp_dim=mlp,
-        query_pre_attn_scalar=(head_dim if not spec.query_pre_attn_scalar else
-                               spec.query_pre_attn_scalar * head_dim / spec.head_dim),
-        max_positions=1024, tiny=True,
+        spec, name=spec.name, vocab_size=vocab, hf_vocab_size=hf_vocab, hidden_size=hidden,
+        num_layers=num_layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, mlp_dim=mlp,
+        query_pre_attn_scalar=query_pre_attn_scalar, attention_types=attention_types,
+        sliding_window=window, max_positions=1024, tiny=True,
     )
 
 
-LAYER_POINTS = ("attn_norm", "q", "k", "v", "attn_out", "resid_mid", "mlp_norm",
-                "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "out")
+def pattern_period(types: tuple[str, ...]) -> int:
+    """The shortest p with types[i] == types[i % p] for every layer (1 for no pattern)."""
+    for p in range(1, len(types) + 1):
+        if all(t == types[i % p] for i, t in enumerate(types)):
+            return p
+    return 1
+
+
+LAYER_POINTS = ("attn_norm", "q", "k", "v", "attn_out", "post_attn_norm", "resid_mid", "mlp_norm",
+                "mlp_gate", "mlp_up", "mlp_act", "mlp_out", "post_mlp_norm", "out")
+
+
+def layer_points(spec: ModelSpec) -> tuple[str, ...]:
+    """The per-layer points `spec` has, in forward order (post norms only where they exist)."""
+    absent = {"post_attn_norm": not spec.post_attn_norm, "post_mlp_norm": not spec.post_mlp_norm}
+    return tuple(p for p in LAYER_POINTS if not absent.get(p, False))
 
 
 def capture_points(spec: ModelSpec) -> list[str]:
     """Canonical activation names in the order the forward pass computes them."""
     points = ["embed"]
     for i in range(spec.num_layers):
-        points += [f"L{i}.{p}" for p in LAYER_POINTS]
+        points += [f"L{i}.{p}" for p in layer_points(spec)]
     return points + ["final_norm", "logits"]

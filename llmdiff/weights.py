@@ -56,6 +56,10 @@ def random_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
             w = rng.normal(0.0, gain * F ** -0.5, shape)
         else:                                            # q, k, v, gate, up: fan-in D
             w = rng.normal(0.0, D ** -0.5, shape)
+        if kind == "embed" and spec.text_vocab_size < shape[0]:
+            # Rows no text id reaches (DeepMind's padding of Gemma 2's table) are zero, so that
+            # the HF table, which lacks them, holds the same model.
+            w[spec.text_vocab_size:] = 0.0
         out[name] = to_bf16_values(w)
     return out
 
@@ -63,15 +67,18 @@ def random_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
 # --- Hugging Face checkpoints -------------------------------------------------------------
 
 def hf_config(spec: ModelSpec, dtype: str = "bfloat16") -> dict:
-    """A config.json for GemmaForCausalLM that loads in transformers 4.38 and later.
+    """A config.json for GemmaForCausalLM (transformers 4.38 and later), Gemma2ForCausalLM
+    (4.42 and later) or Gemma3ForCausalLM, the text-only Gemma 3 (4.50 and later).
 
     Both `hidden_act` and `hidden_activation` say tanh GELU: 4.38.0 read `hidden_act`
     (exact GELU by default, the original bug), later releases prefer `hidden_activation`.
+    Every Gemma 2/3 number is written out: HF's defaults silently differ from most models
+    (Gemma 2 `sliding_window=4096`, softcaps 50/30, `query_pre_attn_scalar=256`, no RoPE scaling).
     """
-    return {
+    config = {
         "architectures": ["GemmaForCausalLM"],
         "model_type": "gemma",
-        "vocab_size": spec.vocab_size,
+        "vocab_size": spec.hf_vocab_size or spec.vocab_size,
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.mlp_dim,
         "num_hidden_layers": spec.num_layers,
@@ -93,6 +100,55 @@ def hf_config(spec: ModelSpec, dtype: str = "bfloat16") -> dict:
         "torch_dtype": dtype,
         "use_cache": True,
     }
+    if spec.family == "gemma":
+        return config
+    if spec.family not in ("gemma2", "gemma3"):
+        raise WeightsError(f"{spec.name}: no HF config for family {spec.family!r}")
+    hf_types = [{"local": "sliding_attention", "global": "full_attention"}[t] for t in spec.layer_types]
+    config.update({
+        "query_pre_attn_scalar": int(spec.query_pre_attn_scalar or spec.head_dim),
+        "sliding_window": spec.sliding_window,
+        # Which layers slide. Releases before `layer_types` (Gemma 2 up to 4.52) hard-code
+        # "even layers slide", Gemma 3 up to 4.52 `sliding_window_pattern`; checked below.
+        "layer_types": hf_types,
+        "attn_logit_softcapping": spec.attn_softcap,
+        "final_logit_softcapping": spec.final_softcap,
+    })
+    if spec.family == "gemma2":
+        if spec.rope_base_local != spec.rope_base or spec.rope_scale != 1 or spec.rope_scale_local != 1:
+            raise WeightsError(f"{spec.name}: HF Gemma 2 has one RoPE for every layer")
+        if spec.attention_types and list(spec.attention_types) != [
+                ("local", "global")[i % 2] for i in range(spec.num_layers)]:
+            raise WeightsError(f"{spec.name}: HF Gemma 2 before 4.53 only knows alternating layers")
+        config.update({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+                       "cache_implementation": "hybrid"})
+        return config
+    # Gemma 3 text-only. `rope_theta` is the global base, `rope_local_base_freq` the local one,
+    # `rope_scaling` applies to global layers only: the 4.50 names, which 5.x still reads into
+    # `rope_parameters = {"full_attention": ..., "sliding_attention": ...}`.
+    if spec.rope_scale_local != 1:
+        raise WeightsError(f"{spec.name}: HF Gemma 3 cannot scale RoPE on local layers")
+    period = spec_period(spec)
+    config.update({
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "rope_local_base_freq": spec.rope_base_local,
+        "rope_scaling": ({"rope_type": "linear", "factor": spec.rope_scale}
+                         if spec.rope_scale != 1 else None),
+        "sliding_window_pattern": period,
+        "cache_implementation": "hybrid",
+    })
+    return config
+
+
+def spec_period(spec: ModelSpec) -> int:
+    """Gemma 3's `sliding_window_pattern`: the pattern's length, whose last layer is global."""
+    from llmdiff.spec import pattern_period
+
+    period = pattern_period(spec.layer_types)
+    types = spec.layer_types[:period]
+    if types != ("local",) * (period - 1) + ("global",) and period > 1:
+        raise WeightsError(f"{spec.name}: HF Gemma 3 before 4.53 needs (local,)*n + (global,) layers")
+    return period
 
 
 def write_hf_checkpoint(path, spec: ModelSpec, canon: dict, dtype: str = "bfloat16") -> Path:
@@ -114,6 +170,13 @@ _CONFIG_FIELDS = {  # config.json key -> spec field, checked when present
     "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
     "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
 }
+
+
+def _config_value(spec: ModelSpec, field: str):
+    """The config.json value of a spec field: HF's vocabulary size where it differs."""
+    if field == "vocab_size":
+        return spec.hf_vocab_size or spec.vocab_size
+    return getattr(spec, field)
 
 
 def read_hf_checkpoint(path, spec: ModelSpec) -> dict[str, np.ndarray]:
@@ -138,7 +201,7 @@ def read_hf_checkpoint(path, spec: ModelSpec) -> dict[str, np.ndarray]:
         except json.JSONDecodeError as e:
             raise WeightsError(f"{config_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         for key, field in _CONFIG_FIELDS.items():
-            want = getattr(spec, field)
+            want = _config_value(spec, field)
             if key in config and config[key] != want:
                 tiny = "" if spec.tiny else " (a tiny checkpoint needs --tiny)"
                 raise WeightsError(

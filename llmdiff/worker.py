@@ -97,7 +97,7 @@ def main(job_path: str) -> int:
             t = time.perf_counter()
             per_prompt = [adapter.run(tokens) for tokens in job["tokens"]]
             meta["timings"]["run_s"] = round(time.perf_counter() - t, 3)
-            names = sorted(per_prompt[0])
+            names = sorted(n for n in per_prompt[0] if adapter.wants(n))
             captures = {n: np.concatenate([p[n] for p in per_prompt], axis=1) for n in names}
             safetensors_file.save(run["out"] + ".safetensors", captures)
             describe = getattr(adapter, "describe", None)

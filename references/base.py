@@ -24,6 +24,12 @@ class Reference:
     def __init__(self, job: dict):
         self.job = job
         self.options = job.get("options", {})
+        selected = job.get("points")  # None: every point
+        self._wanted = None if selected is None else frozenset(selected)
+
+    def wants(self, point: str) -> bool:
+        """Whether the run asked for `point` (`--points`, `--layers`): skip the copy when not."""
+        return self._wanted is None or point in self._wanted
 
     def versions(self) -> dict[str, str]:
         return {}

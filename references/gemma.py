@@ -1,4 +1,9 @@
-"""Gemma 1 in pure JAX: llmdiff's oracle. Read it top to bottom like a textbook.
+"""Gemma 1, 2 and 3 (text) in pure JAX: llmdiff's oracle. Read it top to bottom like a textbook.
+
+Gemma 2 adds a norm after attention and after the MLP, tanh soft-capping of the attention
+logits and of the output logits, and sliding-window ("local") attention on every other layer.
+Gemma 3 drops the soft-caps, adds an RMSNorm on each head of q and k before RoPE, slides on
+five layers of six, and gives global layers their own RoPE base (and linear scaling).
 
 It runs in float64, float32 or bfloat16 (the dtype of the params it is given), takes Google
 DeepMind's parameter layout (`gemma.gm.nn.Transformer` params) directly, and returns every
@@ -37,8 +42,10 @@ class Precision:
     # DeepMind's `jnp.sqrt(embed_dim).astype(x.dtype)` (sqrt(3072)=55.4256 is 55.5 in bf16);
     # "python_float" = x * sqrt(D) with sqrt(D) a float, rounded once after the product.
     embed_scale: str = "rounded"
-    # RoPE angles position/timescale in "fp32" (DeepMind, HF's `from_pretrained`) or in the
-    # "compute" dtype (HF after `model.to(bfloat16)` cast `inv_freq`).
+    # RoPE angles position/timescale in "fp32" (DeepMind, HF's `from_pretrained`), all in the
+    # "compute" dtype (positions, table and product), or "table_compute": only the frequency
+    # table rounded to the compute dtype, the product in float32 (HF after `model.to(bfloat16)`
+    # cast the `inv_freq` buffer, which the forward then upcasts).
     rope_dtype: str = "fp32"
     # "div": position / base**(2i/H) (DeepMind); "mul_reciprocal": position * (1 / base**(2i/H))
     # (HF's `inv_freq`). Equal in exact arithmetic, an ulp apart in float32.
@@ -47,6 +54,41 @@ class Precision:
     # compute dtype. The float64 reference run of a bfloat16 comparison sets "bfloat16", so
     # it computes exactly what a bfloat16 model means, without bfloat16 rounding.
     constants_dtype: str | None = None
+    # Attention-logit soft-cap (Gemma 2: cap * tanh(logits / cap), before the mask). "off"
+    # skips it: HF Gemma 2 under SDPA or flash-attention releases without softcap support.
+    attn_softcap: str = "on"
+    # The same on the output logits (Gemma 2: 30). "off" skips it (servers that drop it).
+    final_softcap: str = "on"
+    # Local layers let a query at position t see keys at s with t - s < window + offset.
+    # 0 is DeepMind's `create_sliding_mask` and HF's `kv_idx > q_idx - window`; +1 lets one
+    # more key in (a window counted as `t - s <= window`), -1 one fewer.
+    sliding_window_offset: int = 0
+    # "off": no layer slides, every one attends globally (SDPA paths that lost the window).
+    sliding_window: str = "on"
+    # Layer i takes the attention type the spec gives layer i + shift of its pattern: 1 on
+    # Gemma 2 puts the window on odd layers instead of even ones (the wrong parity); on Gemma 3
+    # a global layer every 6th layer counted from 0 instead of from 1 is shift 1 too.
+    layer_pattern_shift: int = 0
+    # q is multiplied by "spec": `query_pre_attn_scalar ** -0.5` (144 on Gemma 2 27B, 168 on
+    # Gemma 3 27B) or "head_dim": head_dim ** -0.5 (ports that assume the usual scaling), or
+    # "hidden_over_heads": (hidden / heads) ** -0.5 (ports that derive head_dim; 192 on 7B).
+    query_scale: str = "spec"
+    # Linear RoPE scaling of global layers (Gemma 3 4B/12B/27B: angles / 8): "on", or "off"
+    # (configs that drop `rope_scaling`).
+    rope_scaling: str = "on"
+    # RMSNorm scale: (1 + w) as Gemma stores it, or w alone (a Llama-style port of Gemma weights).
+    norm_plus_one: bool = True
+    # RoPE pairs: "half" rotates (x[i], x[i + H/2]) (Gemma, HF `rotate_half`); "interleaved"
+    # rotates (x[2i], x[2i+1]) (GPT-J, Meta's original Llama code, complex-number RoPE).
+    rope_layout: str = "half"
+    # False drops the causal mask: every position sees the future (a missing or broken mask).
+    causal: bool = True
+    # Grouped-query attention: query head n reads kv head n // G ("grouped", as DeepMind's
+    # reshape to (K, G) and HF's `repeat_kv`), or n % K ("tiled", `kv.repeat(1, G, 1, 1)`).
+    kv_repeat: str = "grouped"
+    # Multiplies the attention output. Not a known bug: the selftest's stand-in for a bug no
+    # check knows, which must be reported as unexplained.
+    attn_out_scale: float = 1.0
 
     @classmethod
     def knobs(cls) -> dict[str, object]:
@@ -67,10 +109,11 @@ def rms_norm(x, w, eps: float, p: Precision):
     xw = x.astype(_wide(x.dtype))
     # lax.rsqrt like DeepMind's RMSNorm (it differs from 1/sqrt in the last bit).
     normed = xw * jax.lax.rsqrt(jnp.mean(xw * xw, axis=-1, keepdims=True) + eps)
+    one = 1.0 if p.norm_plus_one else 0.0
     if p.norm_scale == "fp32":
-        return (normed * (1.0 + w.astype(xw.dtype))).astype(x.dtype)
+        return (normed * (one + w.astype(xw.dtype))).astype(x.dtype)
     if p.norm_scale == "compute":
-        return normed.astype(x.dtype) * (1.0 + w.astype(x.dtype))
+        return normed.astype(x.dtype) * (one + w.astype(x.dtype))
     raise ValueError(f"norm_scale={p.norm_scale!r}")
 
 
@@ -82,25 +125,52 @@ def gelu(x, p: Precision):
     raise ValueError(f"gelu={p.gelu!r}")
 
 
-def rope_angles(T: int, H: int, base: float, p: Precision, dtype) -> np.ndarray:
-    """position / base**(2i/H) for positions 0..T-1: a (T, H/2) table, computed on the host.
+def rope_angles(T: int, H: int, base: float, p: Precision, dtype, scale: float = 1.0) -> np.ndarray:
+    """position / base**(2i/H) / scale for positions 0..T-1: a (T, H/2) table, on the host.
 
     numpy, not XLA, because XLA on CPU divides float32 by multiplying with a reciprocal
     (measured: 610 of 2304 angles of a 96-token, H=48 table differ from IEEE division), so
     in XLA the "div" and "mul_reciprocal" forms would be the same bits.
+    `scale` is linear RoPE scaling ("position interpolation"): DeepMind divides the angles,
+    HF divides `inv_freq`; a scale of 1 changes no bit.
     """
+    if p.rope_dtype not in ("fp32", "compute", "table_compute"):
+        raise ValueError(f"rope_dtype={p.rope_dtype!r}")
     adt = np.dtype(dtype) if p.rope_dtype == "compute" else np.dtype(_wide(dtype))
+    # The table's dtype: rounded to the compute dtype with "table_compute".
+    tdt = np.dtype(dtype) if p.rope_dtype == "table_compute" else adt
     # The timescales, correctly rounded to the angle dtype.
     timescale = (float(base) ** (2 * np.arange(H // 2, dtype=np.float64) / H)).astype(adt)
     pos = np.arange(T, dtype=np.float64).astype(adt)[:, None]                      # (T, 1)
+    scale = np.asarray(scale, adt)
     if p.rope_form == "div":
-        return pos / timescale
-    if p.rope_form == "mul_reciprocal":
-        return pos * (np.asarray(1, adt) / timescale)
+        return pos / (timescale * scale).astype(tdt).astype(adt)            # DeepMind's `apply_rope`
+    if p.rope_form == "mul_reciprocal":  # HF: inv_freq = 1 / base**(2i/H), then inv_freq /= factor
+        inv_freq = (np.asarray(1, adt) / timescale / scale).astype(tdt).astype(adt)
+        return pos * inv_freq
     raise ValueError(f"rope_form={p.rope_form!r}")
 
 
-def rope(x, angles):
+def softcap(x, cap: float):
+    """cap * tanh(x / cap), in the dtype of x (DeepMind and HF round after each step)."""
+    c = jnp.asarray(cap, x.dtype)
+    return jnp.tanh(x / c) * c
+
+
+def layer_types(spec: ModelSpec, p: Precision) -> tuple[str, ...]:
+    """Each layer's attention, "local" or "global", after the knobs that get it wrong."""
+    from llmdiff.spec import pattern_period
+
+    types = spec.layer_types
+    if p.sliding_window == "off":
+        return ("global",) * spec.num_layers
+    if p.sliding_window != "on":
+        raise ValueError(f"sliding_window={p.sliding_window!r}")
+    period = pattern_period(types)
+    return tuple(types[(i + p.layer_pattern_shift) % period] for i in range(spec.num_layers))
+
+
+def rope(x, angles, p: Precision):
     """Rotary embedding, half-rotated layout: x = [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin].
 
     x: (B, T, heads, H); angles: (T, H/2) from `rope_angles`.
@@ -108,9 +178,18 @@ def rope(x, angles):
     angles = jnp.asarray(angles)
     sin = jnp.sin(angles)[None, :, None, :]                                         # (1, T, 1, H/2)
     cos = jnp.cos(angles)[None, :, None, :]
-    x1, x2 = jnp.split(x, 2, axis=-1)
+    if p.rope_layout == "half":
+        x1, x2 = jnp.split(x, 2, axis=-1)
+    elif p.rope_layout == "interleaved":
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        raise ValueError(f"rope_layout={p.rope_layout!r}")
     # The rotation is applied in the angle dtype (x promotes), then rounded once, as DeepMind.
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    if p.rope_layout == "half":
+        out = jnp.concatenate([r1, r2], axis=-1)
+    else:
+        out = jnp.stack([r1, r2], axis=-1).reshape(x.shape)
     return out.astype(x.dtype)
 
 
@@ -130,69 +209,137 @@ def embed(table, tokens, hidden: int, p: Precision):
 # The model
 
 
-def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: dict, i: int):
-    N, K, G = spec.num_heads, spec.num_kv_heads, spec.kv_groups
+def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", i: int, kind: str):
+    N, K, G, H = spec.num_heads, spec.num_kv_heads, spec.kv_groups, spec.head_dim
     attn = params["attn"]
     if N == K:  # DeepMind fuses the three projections when there is one kv head per query head
         q, k, v = jnp.einsum("BTD,SNDH->SBTNH", x, attn["qkv_einsum"]["w"])
     else:
         q = jnp.einsum("BTD,NDH->BTNH", x, attn["q_einsum"]["w"])
         k, v = jnp.einsum("BSD,CKDH->CBSKH", x, attn["kv_einsum"]["w"])
-    angles = rope_angles(x.shape[1], q.shape[-1], spec.rope_base, p, q.dtype)
-    q = rope(q, angles)                                                            # (B, T, N, H)
-    k = rope(k, angles)                                                            # (B, S, K, H)
-    cap[f"L{i}.q"], cap[f"L{i}.k"], cap[f"L{i}.v"] = q, k, v
+    if spec.qk_norm:  # Gemma 3: RMSNorm over each head's H features, before RoPE
+        q = rms_norm(q, attn["_query_norm"]["scale"], spec.norm_eps, p)
+        k = rms_norm(k, attn["_key_norm"]["scale"], spec.norm_eps, p)
+    local = kind == "local"
+    base = spec.rope_base_local if local else spec.rope_base
+    scale = spec.rope_scale_local if local else spec.rope_scale
+    if p.rope_scaling == "off":
+        scale = 1.0
+    elif p.rope_scaling != "on":
+        raise ValueError(f"rope_scaling={p.rope_scaling!r}")
+    angles = rope_angles(x.shape[1], H, base, p, q.dtype, scale)
+    q = rope(q, angles, p)                                                         # (B, T, N, H)
+    k = rope(k, angles, p)                                                         # (B, S, K, H)
+    q, k, v = cap(f"L{i}.q", q), cap(f"L{i}.k", k), cap(f"L{i}.v", v)
 
     B, T = q.shape[:2]
-    q = q * jnp.asarray(spec.query_scale, q.dtype)  # scaled in the compute dtype, as DeepMind
-    q = q.reshape(B, T, K, G, -1)                                                  # (B, T, K, G, H)
+    if p.query_scale == "spec":
+        query_scale = spec.query_scale
+    elif p.query_scale == "head_dim":
+        query_scale = H ** -0.5
+    elif p.query_scale == "hidden_over_heads":
+        query_scale = (spec.hidden_size // N) ** -0.5
+    else:
+        raise ValueError(f"query_scale={p.query_scale!r}")
+    q = q * jnp.asarray(query_scale, q.dtype)  # scaled in the compute dtype, as DeepMind
+    if p.kv_repeat == "grouped":  # query head n = k * G + g reads kv head k
+        q = q.reshape(B, T, K, G, -1)                                              # (B, T, K, G, H)
+    elif p.kv_repeat == "tiled":  # query head n = g * K + k reads kv head k
+        q = q.reshape(B, T, G, K, -1).swapaxes(2, 3)
+    else:
+        raise ValueError(f"kv_repeat={p.kv_repeat!r}")
     logits = jnp.einsum("BTKGH,BSKH->BTKGS", q, k)
-    causal = positions[:, :, None] >= positions[:, None, :]                        # (B, T, S)
-    logits = jnp.where(causal[:, :, None, None, :], logits, jnp.finfo(logits.dtype).min)
+    if spec.attn_softcap and p.attn_softcap == "on":  # Gemma 2: before the mask
+        logits = softcap(logits, spec.attn_softcap)
+    elif p.attn_softcap not in ("on", "off"):
+        raise ValueError(f"attn_softcap={p.attn_softcap!r}")
+    # Positions, not sequence indices (DeepMind); equal here: one unpadded prompt from 0.
+    distance = positions[:, :, None] - positions[:, None, :]                       # (B, T, S): t - s
+    visible = distance >= 0 if p.causal else jnp.ones_like(distance, bool)        # causal
+    if local:  # a key is visible when it is less than `window` positions before the query
+        visible &= distance < spec.sliding_window + p.sliding_window_offset
+    logits = jnp.where(visible[:, :, None, None, :], logits, jnp.finfo(logits.dtype).min)
     # Softmax in at least float32, probabilities back in the compute dtype (DeepMind and HF).
     probs = jax.nn.softmax(logits.astype(_wide(logits.dtype)), axis=-1).astype(v.dtype)
-    encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, v).reshape(B, T, N, -1)      # (B, T, N, H)
-    return jnp.einsum("BTNH,NHD->BTD", encoded, attn["attn_vec_einsum"]["w"])
-
-
-def mlp(x, params, p: Precision, cap: dict, i: int):
-    gate, up = jnp.einsum("BTD,CDF->CBTF", x, params["gating_einsum"])            # 2 x (B, T, F)
-    act = gelu(gate, p) * up
-    out = jnp.einsum("BTF,FD->BTD", act, params["linear"])
-    cap[f"L{i}.mlp_gate"], cap[f"L{i}.mlp_up"], cap[f"L{i}.mlp_act"] = gate, up, act
+    encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, v)                           # (B, T, K, G, H)
+    if p.kv_repeat == "tiled":
+        encoded = encoded.swapaxes(2, 3)                                           # back to head order
+    encoded = encoded.reshape(B, T, N, -1)                                         # (B, T, N, H)
+    out = jnp.einsum("BTNH,NHD->BTD", encoded, attn["attn_vec_einsum"]["w"])
+    if p.attn_out_scale != 1.0:
+        out = out * jnp.asarray(p.attn_out_scale, out.dtype)
     return out
 
 
-def block(x, params, positions, spec: ModelSpec, p: Precision, cap: dict, i: int):
-    h = rms_norm(x, params["pre_attention_norm"]["scale"], spec.norm_eps, p)
-    cap[f"L{i}.attn_norm"] = h
-    a = attention(h, params, positions, spec, p, cap, i)
-    cap[f"L{i}.attn_out"] = a
-    x = x + a
-    cap[f"L{i}.resid_mid"] = x
-    h = rms_norm(x, params["pre_ffw_norm"]["scale"], spec.norm_eps, p)
-    cap[f"L{i}.mlp_norm"] = h
-    m = mlp(h, params["mlp"], p, cap, i)
-    cap[f"L{i}.mlp_out"] = m
-    x = x + m
-    cap[f"L{i}.out"] = x
-    return x
+def mlp(x, params, spec: ModelSpec, p: Precision, cap: "Tape", i: int):
+    if spec.transpose_gating:  # the (2, F, D) layout of Gemma 2 9B/27B and Gemma 3
+        gate, up = jnp.einsum("BTD,CFD->CBTF", x, params["gating_einsum"])        # 2 x (B, T, F)
+    else:
+        gate, up = jnp.einsum("BTD,CDF->CBTF", x, params["gating_einsum"])        # 2 x (B, T, F)
+    gate, up = cap(f"L{i}.mlp_gate", gate), cap(f"L{i}.mlp_up", up)
+    act = cap(f"L{i}.mlp_act", gelu(gate, p) * up)
+    return jnp.einsum("BTF,FD->BTD", act, params["linear"])
 
 
-def forward(params, tokens, spec: ModelSpec, p: Precision) -> dict:
-    """All canonical activations for `tokens` (B, T); the compute dtype is the params' dtype."""
-    cap = {}
+def block(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", i: int, kind: str):
+    h = cap(f"L{i}.attn_norm", rms_norm(x, params["pre_attention_norm"]["scale"], spec.norm_eps, p))
+    a = cap(f"L{i}.attn_out", attention(h, params, positions, spec, p, cap, i, kind))
+    if spec.post_attn_norm:  # Gemma 2/3
+        a = cap(f"L{i}.post_attn_norm", rms_norm(a, params["post_attention_norm"]["scale"], spec.norm_eps, p))
+    x = cap(f"L{i}.resid_mid", x + a)
+    h = cap(f"L{i}.mlp_norm", rms_norm(x, params["pre_ffw_norm"]["scale"], spec.norm_eps, p))
+    m = cap(f"L{i}.mlp_out", mlp(h, params["mlp"], spec, p, cap, i))
+    if spec.post_mlp_norm:  # Gemma 2/3
+        m = cap(f"L{i}.post_mlp_norm", rms_norm(m, params["post_ffw_norm"]["scale"], spec.norm_eps, p))
+    return cap(f"L{i}.out", x + m)
+
+
+class Tape(dict):
+    """The captured points, by canonical name.
+
+    Teacher forcing: with `forced` (another implementation's values of the same points), the
+    computation goes on from the forced value of each point it records, so every point shows
+    only the error of the one op that made it from forced inputs, not the error accumulated
+    before it. Without `forced` it only records.
+    """
+
+    def __init__(self, forced: dict | None = None):
+        super().__init__()
+        self.forced = forced
+
+    def __call__(self, name: str, value):
+        # Every canonical point is materialised, rounded to the compute dtype, as an
+        # implementation that computes it as a tensor does: XLA may not fuse its computation
+        # into the next op's (see also the XLA flags set in references/oracle.py).
+        value = jax.lax.optimization_barrier(value)
+        self[name] = value
+        if self.forced is not None and name in self.forced:
+            return self.forced[name].astype(value.dtype)
+        return value
+
+
+def forward(params, tokens, spec: ModelSpec, p: Precision, forced: dict | None = None) -> dict:
+    """All canonical activations for `tokens` (B, T); the compute dtype is the params' dtype.
+
+    forced: another implementation's captures, for teacher forcing (see `Tape`).
+    """
+    cap = Tape(forced)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    x = embed(params["embedder"]["input_embedding"], tokens, spec.hidden_size, p)
-    cap["embed"] = x
-    for i in range(spec.num_layers):
-        x = block(x, params[f"layer_{i}"], positions, spec, p, cap, i)
-    x = rms_norm(x, params["final_norm"]["scale"], spec.norm_eps, p)
-    cap["final_norm"] = x
-    # Tied embeddings: the output projection is the input table, transposed.
-    cap["logits"] = jnp.einsum("BTD,VD->BTV", x, params["embedder"]["input_embedding"])
-    return cap
+    x = cap("embed", embed(params["embedder"]["input_embedding"], tokens, spec.hidden_size, p))
+    for i, kind in enumerate(layer_types(spec, p)):
+        x = block(x, params[f"layer_{i}"], positions, spec, p, cap, i, kind)
+    x = cap("final_norm", rms_norm(x, params["final_norm"]["scale"], spec.norm_eps, p))
+    # Tied embeddings: the output projection is the input table, transposed. Only the columns
+    # of ids a text token can take (not DeepMind's padding rows), as in every implementation.
+    table = params["embedder"]["input_embedding"][: spec.text_vocab_size]          # (V, D)
+    logits = jnp.einsum("BTD,VD->BTV", x, table)
+    if spec.final_softcap and p.final_softcap == "on":  # Gemma 2, in the compute dtype
+        logits = softcap(logits, spec.final_softcap)
+    elif p.final_softcap not in ("on", "off"):
+        raise ValueError(f"final_softcap={p.final_softcap!r}")
+    cap("logits", logits)
+    return dict(cap)
 
 
 forward_jit = jax.jit(forward, static_argnames=("spec", "p"))

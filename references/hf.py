@@ -1,4 +1,5 @@
-"""Adapter for Hugging Face transformers (`GemmaForCausalLM`), loaded the way users load it.
+"""Adapter for Hugging Face transformers (`GemmaForCausalLM`, `Gemma2ForCausalLM`, the
+text-only `Gemma3ForCausalLM`), loaded the way users load it.
 
 Capture works on transformers 4.38 to today: the attention code changed a lot between them
 (per-class eager/SDPA attention in 4.38; one attention module and an attention-function
@@ -7,7 +8,12 @@ registry since 4.48), so points are taken only where every release agrees:
 - `embed` as the input of layer 0 (4.38 scales embeddings inline in `GemmaModel.forward`,
   later releases inside a scaled-embedding module);
 - q and k after RoPE by wrapping the modeling module's `apply_rotary_pos_emb`, which every
-  release calls by its global name from the attention forward.
+  release calls by its global name from the attention forward (Gemma 3's q/k norms come
+  before it, so they are included).
+Gemma 2/3 layers have four norms: `post_attention_layernorm` is then the norm *after*
+attention and `pre_feedforward_layernorm` the one before the MLP (in Gemma 1 the former is the
+pre-MLP norm). Logits are kept over the ids a text token can take (`text_vocab_size`): Gemma 3
+4B-27B checkpoints have 64 more rows than DeepMind's table.
 """
 
 from __future__ import annotations
@@ -99,11 +105,20 @@ class HFReference(Reference):
                 layer.input_layernorm.register_forward_hook(on_output(f"L{i}.attn_norm")),
                 attn.v_proj.register_forward_hook(on_output(f"L{i}.v", heads)),
                 attn.o_proj.register_forward_hook(on_output(f"L{i}.attn_out")),
+            ]
+            pre_mlp_norm = getattr(layer, "pre_feedforward_layernorm", None)
+            if pre_mlp_norm is not None:  # Gemma 2/3: four norms per layer
+                handles += [
+                    layer.post_attention_layernorm.register_forward_hook(on_output(f"L{i}.post_attn_norm")),
+                    layer.post_feedforward_layernorm.register_forward_hook(on_output(f"L{i}.post_mlp_norm")),
+                ]
+            else:
                 # Gemma 1's `post_attention_layernorm` is the norm *before* the MLP: its input is
                 # the residual after attention, its output the MLP's input.
-                layer.post_attention_layernorm.register_forward_pre_hook(
-                    on_input(f"L{i}.resid_mid"), with_kwargs=True),
-                layer.post_attention_layernorm.register_forward_hook(on_output(f"L{i}.mlp_norm")),
+                pre_mlp_norm = layer.post_attention_layernorm
+            handles += [
+                pre_mlp_norm.register_forward_pre_hook(on_input(f"L{i}.resid_mid"), with_kwargs=True),
+                pre_mlp_norm.register_forward_hook(on_output(f"L{i}.mlp_norm")),
                 mlp.gate_proj.register_forward_hook(on_output(f"L{i}.mlp_gate")),
                 mlp.up_proj.register_forward_hook(on_output(f"L{i}.mlp_up")),
                 mlp.down_proj.register_forward_pre_hook(on_input(f"L{i}.mlp_act"), with_kwargs=True),
@@ -127,7 +142,10 @@ class HFReference(Reference):
             with torch.no_grad():
                 ids = torch.tensor([tokens], dtype=torch.long)
                 out = model(input_ids=ids, use_cache=False)
-            save("logits", out.logits)
+            spec = self.job.get("spec", {})
+            text_vocab = min(spec.get("vocab_size") or out.logits.shape[-1],
+                             spec.get("hf_vocab_size") or out.logits.shape[-1])
+            save("logits", out.logits[..., :text_vocab])
         finally:
             modeling.apply_rotary_pos_emb = original_rope
             for h in handles:

@@ -45,3 +45,58 @@ def test_errors_name_the_tensor():
     hf["model.layers.1.mlp.up_proj.weight"] = np.zeros((3, 3), np.float32)
     with pytest.raises(WeightsError, match=r"shape mismatch: model.layers.1.mlp.up_proj.weight has shape \(3, 3\)"):
         convert.from_hf(spec, hf)
+
+
+# --- Gemma 2 / 3 ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gemma-2-2b", "gemma-2-9b", "gemma-3-1b", "gemma-3-4b", "gemma-3-27b"])
+def test_gemma2_gemma3_round_trips_are_bit_exact(name):
+    """(2, D, F) and transposed (2, F, D) gating, q/k norms, post norms, both vocab mismatches."""
+    spec = get_spec(name, tiny=True)
+    canon = weights.random_weights(spec, seed=1)
+    assert {"L0.post_attn_norm", "L0.post_mlp_norm"} <= set(canon)
+    assert ("L0.q_norm" in canon) == spec.qk_norm
+    for to, back in ((convert.to_hf, convert.from_hf), (convert.to_deepmind, convert.from_deepmind)):
+        native = to(spec, canon)
+        again = back(spec, native)
+        assert set(again) == set(canon)
+        for k in canon:
+            assert again[k].tobytes() == canon[k].tobytes(), k
+        # and native -> canonical -> native
+        native_again = to(spec, again)
+        assert all(native_again[k].tobytes() == native[k].tobytes() for k in native)
+
+
+def test_gemma2_hf_names_post_attention_layernorm_is_after_attention():
+    spec = get_spec("gemma-2-9b", tiny=True)
+    canon = weights.random_weights(spec, seed=2)
+    hf = convert.to_hf(spec, canon)
+    p = "model.layers.1."
+    assert np.array_equal(hf[p + "post_attention_layernorm.weight"], canon["L1.post_attn_norm"])
+    assert np.array_equal(hf[p + "pre_feedforward_layernorm.weight"], canon["L1.mlp_norm"])
+    assert np.array_equal(hf[p + "post_feedforward_layernorm.weight"], canon["L1.post_mlp_norm"])
+
+
+def test_deepmind_gating_orientation():
+    """DeepMind's `transpose_gating_einsum`: (2, F, D) for Gemma 2 9B/27B and Gemma 3, else (2, D, F)."""
+    for name, transposed in (("gemma-2-2b", False), ("gemma-2-9b", True), ("gemma-3-4b", True)):
+        spec = get_spec(name, tiny=True)
+        canon = weights.random_weights(spec, seed=3)
+        g = convert.to_deepmind(spec, canon)["layer_0/mlp/gating_einsum"]
+        D, F = spec.hidden_size, spec.mlp_dim
+        assert g.shape == ((2, F, D) if transposed else (2, D, F))
+        assert np.array_equal(g[0].T if transposed else g[0], canon["L0.gate"])
+
+
+def test_embedding_rows_follow_each_layout():
+    """Gemma 2: DeepMind pads its table beyond HF's; Gemma 3 4B: HF's table is the longer one."""
+    for name in ("gemma-2-2b", "gemma-3-4b"):
+        spec = get_spec(name, tiny=True)
+        canon = weights.random_weights(spec, seed=4)
+        hf, dm = convert.to_hf(spec, canon), convert.to_deepmind(spec, canon)
+        assert hf["model.embed_tokens.weight"].shape[0] == spec.hf_vocab_size
+        assert dm["embedder/input_embedding"].shape[0] == spec.vocab_size
+        V = spec.text_vocab_size
+        assert np.array_equal(hf["model.embed_tokens.weight"][:V], dm["embedder/input_embedding"][:V])
+        # the rows only one layout has are zero: no text id reaches them
+        assert not hf["model.embed_tokens.weight"][V:].any() and not dm["embedder/input_embedding"][V:].any()

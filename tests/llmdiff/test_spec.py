@@ -1,9 +1,14 @@
 import math
+import os
 
 import pytest
 
+from llmdiff import inputs
 from llmdiff.errors import UsageError
-from llmdiff.spec import capture_points, get_spec, model_names, sqrt_rounds_differently_in_bf16
+from llmdiff.spec import (capture_points, get_spec, model_names, pattern_period,
+                          sqrt_rounds_differently_in_bf16)
+
+GEMMA23 = [n for n in model_names() if get_spec(n).family in ("gemma2", "gemma3")]
 
 
 def test_published_numbers():
@@ -15,9 +20,118 @@ def test_published_numbers():
         2048, 18, 8, 1, 256, 16384)
     for name in model_names():
         s = get_spec(name)
-        assert (s.activation, s.norm_eps, s.rope_base, s.tie_embeddings) == ("gelu_tanh", 1e-6, 10000.0, True)
+        assert (s.activation, s.norm_eps, s.tie_embeddings) == ("gelu_tanh", 1e-6, True)
         assert (s.pad_id, s.eos_id, s.bos_id) == (0, 1, 2)
-        assert s.query_scale == 256 ** -0.5
+        if s.family == "gemma":
+            assert s.rope_base == 10000.0 and s.query_scale == 256 ** -0.5
+            assert not (s.attention_types or s.attn_softcap or s.final_softcap or s.post_attn_norm
+                        or s.post_mlp_norm or s.qk_norm or s.transpose_gating or s.hf_vocab_size)
+
+
+# (V DeepMind, V HF, D, layers, N, K, H, F, window, query_pre_attn_scalar, RoPE scale on global layers)
+# from the published HF config.json files and DeepMind's gemma/gm/nn/_gemma.py.
+PUBLISHED = {
+    "gemma-2-2b": (256128, 256000, 2304, 26, 8, 4, 256, 9216, 4096, 256, 1.0),
+    "gemma-2-9b": (256128, 256000, 3584, 42, 16, 8, 256, 14336, 4096, 256, 1.0),
+    "gemma-2-27b": (256128, 256000, 4608, 46, 32, 16, 128, 36864, 4096, 144, 1.0),
+    "gemma-3-270m": (262144, 262144, 640, 18, 4, 1, 256, 2048, 512, 256, 1.0),
+    "gemma-3-1b": (262144, 262144, 1152, 26, 4, 1, 256, 6912, 512, 256, 1.0),
+    "gemma-3-4b": (262144, 262208, 2560, 34, 8, 4, 256, 10240, 1024, 256, 8.0),
+    "gemma-3-12b": (262144, 262208, 3840, 48, 16, 8, 256, 15360, 1024, 256, 8.0),
+    "gemma-3-27b": (262144, 262208, 5376, 62, 32, 16, 128, 21504, 1024, 168, 8.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_gemma2_gemma3_published_numbers(name):
+    s = get_spec(name)
+    assert (s.vocab_size, s.hf_vocab_size or s.vocab_size, s.hidden_size, s.num_layers, s.num_heads,
+            s.num_kv_heads, s.head_dim, s.mlp_dim, s.sliding_window) == PUBLISHED[name][:9]
+    assert s.query_scale == PUBLISHED[name][9] ** -0.5
+    assert s.rope_scale == PUBLISHED[name][10] and s.rope_scale_local == 1.0
+    assert s.post_attn_norm and s.post_mlp_norm
+    if s.family == "gemma2":
+        assert (s.attn_softcap, s.final_softcap, s.qk_norm) == (50.0, 30.0, False)
+        assert s.rope_base == s.rope_base_local == 10_000.0
+        assert s.attention_types == ("local", "global") * (s.num_layers // 2)  # local first
+        assert s.transpose_gating == (name != "gemma-2-2b")
+    else:
+        assert (s.attn_softcap, s.final_softcap, s.qk_norm, s.transpose_gating) == (None, None, True, True)
+        assert (s.rope_base, s.rope_base_local) == (1_000_000.0, 10_000.0)
+        pattern = ("local",) * 5 + ("global",)
+        assert s.attention_types == tuple(pattern[i % 6] for i in range(s.num_layers))
+
+
+# DeepMind config field -> how to read ours. The attention types are compared by name.
+_DEEPMIND_FIELDS = {
+    "num_embed": "vocab_size", "embed_dim": "hidden_size", "hidden_dim": "mlp_dim",
+    "num_heads": "num_heads", "head_dim": "head_dim", "num_kv_heads": "num_kv_heads",
+    "final_logit_softcap": "final_softcap", "use_post_attn_norm": "post_attn_norm",
+    "use_post_ffw_norm": "post_mlp_norm", "attn_logits_soft_cap": "attn_softcap",
+    "sliding_window_size": "sliding_window", "transpose_gating_einsum": "transpose_gating",
+    "use_qk_norm": "qk_norm", "local_base_frequency": "rope_base_local",
+    "global_base_frequency": "rope_base", "local_scale_factor": "rope_scale_local",
+    "global_scale_factor": "rope_scale",
+}
+_DEEPMIND_CLASSES = {
+    "gemma-2-2b": "Gemma2_2B", "gemma-2-9b": "Gemma2_9B", "gemma-2-27b": "Gemma2_27B",
+    "gemma-3-270m": "Gemma3_270M", "gemma-3-1b": "Gemma3_1B", "gemma-3-4b": "Gemma3_4B",
+    "gemma-3-12b": "Gemma3_12B", "gemma-3-27b": "Gemma3_27B",
+}
+
+
+_READ_DEEPMIND_CONFIGS = """
+import json, sys, types
+# gemma.gm.ckpts fails to import with current kauldron releases (AbstractPartialLoader is
+# gone) and _gemma.py imports it only for checkpoint paths: stand in an empty module for it.
+class Anything:
+    def __getattr__(self, name):
+        return self
+paths = types.ModuleType("gemma.gm.ckpts._paths")
+paths.__getattr__ = lambda name: Anything()
+ckpts = types.ModuleType("gemma.gm.ckpts")
+ckpts._paths = paths
+sys.modules.update({"gemma.gm.ckpts": ckpts, "gemma.gm.ckpts._paths": paths})
+from gemma.gm.nn import _gemma
+out = {}
+for ours, cls in json.loads(sys.argv[1]).items():
+    c = getattr(_gemma, cls).config
+    row = {f: getattr(c, f) for f in json.loads(sys.argv[2])}
+    row["attention_types"] = ["local" if t.name == "LOCAL_SLIDING" else "global" for t in c.attention_types]
+    row["query_pre_attn_scalar"] = c.query_pre_attn_scalar()
+    out[ours] = row
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def deepmind_configs():
+    """DeepMind's configs, read by the deepmind virtualenv's interpreter (the extra lives there)."""
+    import json
+    import subprocess
+
+    from llmdiff.runner import venv_python
+
+    python = venv_python("deepmind")
+    if python is None:
+        pytest.skip("Google DeepMind's `gemma` is not installed "
+                    "(python -m llmdiff.references.deepmind_gemma install)")
+    proc = subprocess.run([python, "-c", _READ_DEEPMIND_CONFIGS, json.dumps(_DEEPMIND_CLASSES),
+                           json.dumps(sorted(_DEEPMIND_FIELDS))], capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", sorted(_DEEPMIND_CLASSES))
+def test_specs_equal_deepmind_configs(name, deepmind_configs):
+    """Field by field against Google DeepMind's gemma library, the reference for the numbers."""
+    config = deepmind_configs[name]
+    spec = get_spec(name)
+    for dm_field, ours in _DEEPMIND_FIELDS.items():
+        assert getattr(spec, ours) == config[dm_field], f"{name}: {ours} vs DeepMind {dm_field}"
+    assert list(spec.layer_types) == config["attention_types"] and spec.num_layers == len(config["attention_types"])
+    assert spec.query_scale == pytest.approx(config["query_pre_attn_scalar"], rel=1e-15)
 
 
 @pytest.mark.parametrize("name", model_names())
@@ -29,7 +143,27 @@ def test_tiny_keeps_every_feature(name):
     assert (tiny.hidden_size == tiny.num_heads * tiny.head_dim) == (full.hidden_size == full.num_heads * full.head_dim)
     assert tiny.mlp_dim / tiny.hidden_size == full.mlp_dim / full.hidden_size
     assert sqrt_rounds_differently_in_bf16(tiny.hidden_size)
-    assert sqrt_rounds_differently_in_bf16(full.hidden_size)  # 3072: 55.4256 vs 55.5
+    # Gemma 2/3 features: the same ones, kept where they act.
+    assert (tiny.family, tiny.attn_softcap, tiny.final_softcap, tiny.post_attn_norm, tiny.post_mlp_norm,
+            tiny.qk_norm, tiny.rope_base, tiny.rope_base_local, tiny.rope_scale, tiny.rope_scale_local,
+            tiny.transpose_gating) == (
+        full.family, full.attn_softcap, full.final_softcap, full.post_attn_norm, full.post_mlp_norm,
+        full.qk_norm, full.rope_base, full.rope_base_local, full.rope_scale, full.rope_scale_local,
+        full.transpose_gating)
+    assert (tiny.query_scale == tiny.head_dim ** -0.5) == (full.query_scale == full.head_dim ** -0.5)
+    assert (tiny.hf_vocab_size or tiny.vocab_size) - tiny.vocab_size == (
+        (full.hf_vocab_size or full.vocab_size) - full.vocab_size)
+    if full.attention_types:  # one whole period of the layer pattern, in order
+        period = pattern_period(full.attention_types)
+        assert tiny.attention_types == full.attention_types[:period] == full.attention_types[:tiny.num_layers]
+        assert "local" in tiny.attention_types and "global" in tiny.attention_types
+        # a window the long default prompt goes past, so local layers really slide
+        assert tiny.sliding_window < max(len(t) for t in inputs.synthetic_prompts(tiny))
+
+
+def test_full_size_embedding_scale_rounds_in_bf16():
+    assert sqrt_rounds_differently_in_bf16(get_spec("gemma-7b").hidden_size)  # 3072: 55.4256 vs 55.5
+    assert not sqrt_rounds_differently_in_bf16(get_spec("gemma-2-2b").hidden_size)  # 2304 = 48^2
 
 
 def test_sqrt_rounding_examples():
@@ -41,6 +175,15 @@ def test_sqrt_rounding_examples():
 def test_unknown_model_suggests():
     with pytest.raises(UsageError, match=r"unknown model 'gema-2b'; did you mean gemma-2b"):
         get_spec("gema-2b")
+
+
+def test_capture_points_post_norms_where_they_exist():
+    points = capture_points(get_spec("gemma-2-2b", tiny=True))
+    layer0 = [p for p in points if p.startswith("L0.")]
+    assert layer0 == ["L0.attn_norm", "L0.q", "L0.k", "L0.v", "L0.attn_out", "L0.post_attn_norm",
+                      "L0.resid_mid", "L0.mlp_norm", "L0.mlp_gate", "L0.mlp_up", "L0.mlp_act",
+                      "L0.mlp_out", "L0.post_mlp_norm", "L0.out"]
+    assert not any("post_" in p for p in capture_points(get_spec("gemma-7b", tiny=True)))
 
 
 def test_capture_points_order():

@@ -52,3 +52,33 @@ def test_hf_config_loads_in_transformers(tmp_path):
     assert json.loads((path / "config.json").read_text())["hidden_activation"] == "gelu_pytorch_tanh"
     back = weights.read_hf_checkpoint(path, spec)
     assert weights.weights_fingerprint(back) == weights.weights_fingerprint(weights.random_weights(spec))
+
+
+@pytest.mark.parametrize("name", ["gemma-2-27b", "gemma-3-1b", "gemma-3-4b"])
+def test_gemma2_gemma3_hf_config_loads_with_every_number(name, tmp_path):
+    """HF's defaults differ from most models (window 4096, softcaps, scalar 256, no RoPE scaling):
+    what transformers reads back must be the spec, not a default."""
+    transformers = pytest.importorskip("transformers")
+    spec = get_spec(name, tiny=True)
+    path = weights.write_hf_checkpoint(tmp_path / "ckpt", spec, weights.random_weights(spec), "float32")
+    config = transformers.AutoConfig.from_pretrained(path)
+    assert type(config).__name__ == {"gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig"}[spec.family]
+    assert config.sliding_window == spec.sliding_window
+    assert config.layer_types == [{"local": "sliding_attention", "global": "full_attention"}[t]
+                                  for t in spec.layer_types]
+    assert config.query_pre_attn_scalar ** -0.5 == spec.query_scale
+    assert (config.attn_logit_softcapping, config.final_logit_softcapping) == (spec.attn_softcap, spec.final_softcap)
+    assert config.vocab_size == (spec.hf_vocab_size or spec.vocab_size)
+    assert config.hidden_activation == "gelu_pytorch_tanh"
+    rope = getattr(config, "rope_parameters", None)
+    if rope is not None and spec.family == "gemma3":  # transformers 5.x: RoPE per layer type
+        assert rope["full_attention"]["rope_theta"] == spec.rope_base
+        assert rope["sliding_attention"]["rope_theta"] == spec.rope_base_local
+        assert rope["sliding_attention"]["rope_type"] == "default"
+        if spec.rope_scale != 1:
+            assert (rope["full_attention"]["rope_type"], rope["full_attention"]["factor"]) == ("linear", spec.rope_scale)
+        else:
+            assert rope["full_attention"]["rope_type"] == "default"
+    # and the checkpoint reads back to the same canonical weights
+    again = weights.read_hf_checkpoint(path, spec)
+    assert weights.weights_fingerprint(again) == weights.weights_fingerprint(weights.random_weights(spec))

@@ -59,3 +59,56 @@ class NaNLogits(HFReference):
         last.register_forward_hook(lambda m, a, out: (out[0] * float("nan"),) + tuple(out[1:])
                                    if isinstance(out, tuple) else out * float("nan"))
         return model
+
+
+# --- Gemma 2 / 3 (patched on the transformers release installed here, 5.x) ------------------
+
+class NoAttnSoftcap(HFReference):
+    """Gemma 2 without the attention-logit soft-cap (SDPA/flash paths that cannot apply it)."""
+
+    def patch_model(self, model):
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        return model
+
+
+class SlidingWindowOnWrongLayers(HFReference):
+    """Local and global layers swapped: the window on odd layers (Gemma 2 slides on even ones)."""
+
+    def patch_model(self, model):
+        flip = {"sliding_attention": "full_attention", "full_attention": "sliding_attention"}
+        config = model.config
+        config.layer_types = [flip[t] for t in config.layer_types]  # masks are picked by type
+        for layer, kind in zip(model.model.layers, config.layer_types):
+            layer.self_attn.layer_type = kind
+            layer.self_attn.sliding_window = config.sliding_window if kind == "sliding_attention" else None
+        return model
+
+
+class SlidingWindowOffByOne(HFReference):
+    """A window one key too wide: a key at distance `window` stays visible (`t - s <= window`)."""
+
+    def patch_model(self, model):
+        model.config.sliding_window += 1  # read by the sliding mask on every forward
+        return model
+
+
+class HeadDimQueryScale(HFReference):
+    """q scaled by head_dim ** -0.5 instead of query_pre_attn_scalar ** -0.5 (Gemma 2/3 27B)."""
+
+    def patch_model(self, model):
+        for layer in model.model.layers:
+            layer.self_attn.scaling = model.config.head_dim ** -0.5
+        return model
+
+
+class NoGlobalRopeScaling(HFReference):
+    """Gemma 3 global layers without the linear RoPE scaling (a config that lost rope_scaling)."""
+
+    def patch_model(self, model):
+        rotary = model.model.rotary_emb
+        factor = model.config.rope_parameters["full_attention"]["factor"]
+        # HF's linear scaling divides inv_freq by the factor; multiplying back is exact (a power of 2).
+        rotary.full_attention_inv_freq = rotary.full_attention_inv_freq * factor
+        rotary.full_attention_original_inv_freq = rotary.full_attention_inv_freq.clone()
+        return model

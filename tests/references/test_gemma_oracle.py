@@ -81,3 +81,125 @@ def test_causal(run):
     b = gemma.forward(params, jnp.asarray(t2), SPEC, gemma.Precision())["logits"]
     assert np.array_equal(np.asarray(a)[0, :-1], np.asarray(b)[0, :-1])
     assert not np.array_equal(np.asarray(a)[0, -1], np.asarray(b)[0, -1])
+
+
+# --- Gemma 2 / 3 ---------------------------------------------------------------------------
+
+def _runner(spec):
+    flat = convert.to_deepmind(spec, weights.random_weights(spec))
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, "float32"), convert.unflatten(flat))
+    cache = {}
+
+    def forward(tokens=None, **knobs):
+        tokens = inputs.synthetic_prompts(spec)[1] if tokens is None else tokens
+        key = (tuple(tokens), tuple(sorted(knobs.items())))
+        if key not in cache:
+            out = gemma.forward_jit(params, jnp.asarray([tokens]), spec, gemma.Precision(**knobs))
+            cache[key] = {k: np.asarray(v, np.float64)[0] for k, v in out.items()}
+        return cache[key]
+
+    return forward
+
+
+@pytest.fixture(scope="module")
+def gemma2():
+    return get_spec("gemma-2-2b", tiny=True), _runner(get_spec("gemma-2-2b", tiny=True))
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return get_spec("gemma-3-4b", tiny=True), _runner(get_spec("gemma-3-4b", tiny=True))
+
+
+def test_sliding_window_hides_keys_outside_it(gemma2):
+    """Layer 0 slides: a token more than `window` positions back changes nothing at the query,
+    unless the window is switched off (the knob setting where every layer attends globally)."""
+    spec, run = gemma2
+    tokens = inputs.synthetic_prompts(spec)[1]
+    W, T, j = spec.sliding_window, len(tokens), 3
+    assert spec.layer_types[:2] == ("local", "global") and T > W + j + 1  # the long prompt slides
+    changed = list(tokens)
+    changed[j] = 5 if tokens[j] != 5 else 6
+    for knobs, hidden in (({}, True), ({"sliding_window": "off"}, False)):
+        a, b = run(tokens, **knobs)["L0.out"], run(changed, **knobs)["L0.out"]
+        inside = slice(j, j + W)          # queries that see position j: t - j < W
+        outside = slice(j + W, T)         # queries for which j is outside the window
+        assert not np.array_equal(a[inside], b[inside])
+        assert np.array_equal(a[outside], b[outside]) == hidden, knobs
+    # the global layer 1 always sees it
+    assert not np.array_equal(run(tokens)["L1.out"][-1], run(changed)["L1.out"][-1])
+
+
+def test_sliding_window_offset_moves_the_edge_by_one_key(gemma2):
+    spec, run = gemma2
+    base = run()["L0.attn_out"]
+    W = spec.sliding_window
+    for offset in (1, -1):
+        moved = run(sliding_window_offset=offset)["L0.attn_out"]
+        first = W if offset == 1 else W - 1  # first query whose visible keys change
+        assert np.array_equal(moved[:first], base[:first])
+        assert not np.array_equal(moved[first], base[first])
+
+
+def test_layer_pattern_shift_swaps_local_and_global(gemma2):
+    spec, run = gemma2
+    assert gemma.layer_types(spec, gemma.Precision(layer_pattern_shift=1)) == ("global", "local")
+    shifted = run(layer_pattern_shift=1)
+    assert np.array_equal(shifted["L0.v"], run()["L0.v"])
+    assert rel(shifted["L0.attn_out"], run()["L0.attn_out"]) > 1e-2
+    g3 = get_spec("gemma-3-1b", tiny=True)
+    assert gemma.layer_types(g3, gemma.Precision(layer_pattern_shift=1)) == ("local",) * 4 + ("global", "local")
+
+
+def test_softcap_knobs_act_where_they_should(gemma2):
+    spec, run = gemma2
+    base, no_attn = run(), run(attn_softcap="off")
+    assert np.array_equal(no_attn["L0.q"], base["L0.q"]) and np.array_equal(no_attn["L0.v"], base["L0.v"])
+    assert rel(no_attn["L0.attn_out"], base["L0.attn_out"]) > 1e-5
+    no_final = run(final_softcap="off")
+    assert np.array_equal(no_final["final_norm"], base["final_norm"])
+    assert rel(no_final["logits"], base["logits"]) > 1e-5
+    assert np.abs(base["logits"]).max() < spec.final_softcap  # capped
+    # cap * tanh(x / cap) of the uncapped logits, within float32 rounding
+    assert np.allclose(base["logits"], 30 * np.tanh(no_final["logits"] / 30), rtol=1e-5, atol=1e-5)
+
+
+def test_query_scale_knob():
+    spec = get_spec("gemma-2-27b", tiny=True)
+    assert spec.query_scale != spec.head_dim ** -0.5
+    run = _runner(spec)
+    wrong = run(query_scale="head_dim")
+    assert np.array_equal(wrong["L0.q"], run()["L0.q"])  # q is captured before the scaling
+    assert rel(wrong["L0.attn_out"], run()["L0.attn_out"]) > 1e-3
+
+
+def test_gemma3_rope_bases_and_scaling_per_layer_type(gemma3):
+    spec, run = gemma3
+    assert spec.layer_types == ("local",) * 5 + ("global",) and spec.rope_scale == 8
+    base, off = run(), run(rope_scaling="off")
+    for i in range(5):  # local layers: base 10k, never scaled
+        assert np.array_equal(off[f"L{i}.q"], base[f"L{i}.q"])
+    assert rel(off["L5.q"], base["L5.q"]) > 1e-2
+    # the global layer's angles: position / 1e6**(2i/H) / 8
+    angles = gemma.rope_angles(4, spec.head_dim, spec.rope_base, gemma.Precision(), np.float32, spec.rope_scale)
+    assert angles[3, 0] == np.float32(3 / 8)
+    assert np.isclose(angles[3, 1], 3 / 1e6 ** (2 / spec.head_dim) / 8, rtol=1e-6)
+
+
+def test_gemma3_qk_norm_before_rope(gemma3):
+    """Position 0 has angle 0, so q there is exactly the RMS-normed head: rms_norm(q) * (1 + w)."""
+    spec, run = gemma3
+    canon = weights.random_weights(spec)
+    x = run()["L0.attn_norm"][0].astype(np.float32)
+    q = np.einsum("D,NDH->NH", x, canon["L0.q"]).astype(np.float32)
+    normed = q / np.sqrt(np.mean(q * q, -1, keepdims=True) + 1e-6) * (1 + canon["L0.q_norm"])
+    assert np.allclose(run()["L0.q"][0], normed, rtol=1e-4, atol=1e-5)
+
+
+def test_new_knobs_change_nothing_on_gemma1(run):
+    """Gemma 1 has no softcaps, windows, query scalar or RoPE scaling: its knobs are inert."""
+    base = run("float32")
+    for knobs in ({"attn_softcap": "off"}, {"final_softcap": "off"}, {"sliding_window_offset": 1},
+                  {"layer_pattern_shift": 1}, {"query_scale": "head_dim"}, {"rope_scaling": "off"}):
+        other = run("float32", **knobs)
+        assert all(np.array_equal(other[k], base[k]) for k in base), knobs

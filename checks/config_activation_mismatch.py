@@ -1,0 +1,64 @@
+from llmdiff.check import Check
+
+TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_tanh")
+
+
+class ConfigActivationMismatch(Check):
+    """## What it finds
+    config.json's activation is not the one the family uses, or is set in the field the
+    family's transformers class does not read: Gemma 2 and 3 read `hidden_activation` only, so
+    a config with only `hidden_act` is silently ignored; Gemma 1 with `hidden_act="gelu"` and
+    no `hidden_activation` builds exact GELU in transformers 4.38.0. Also: the two fields
+    disagree.
+
+    ## Why it matters
+    Gemma's MLP is GeGLU with the tanh approximation of GELU. Exact GELU differs by up to 1e-3
+    per element and moves the logits with no error; a field nobody reads makes a config edit
+    (or another tool's reading of it) disagree with what runs.
+
+    ## How it is confirmed
+    Static: config.json's `hidden_act` and `hidden_activation` against the spec's activation
+    and the family's reading rule (absent fields take transformers' defaults).
+
+    ## Fix
+    Set `"hidden_activation": "gelu_pytorch_tanh"` (and `hidden_act` to the same value for
+    tools that read that one).
+
+    ## References
+    huggingface/transformers PR #29402 and 4.38.2 (`hidden_activation`); `Gemma2Config`,
+    `Gemma3TextConfig`; google-deepmind/gemma (`nn.gelu`, approximate).
+    """
+
+    code = "LD705"
+    name = "config-activation-mismatch"
+    target = "checkpoint"
+
+    def run(self, ctx):
+        from llmdiff.audit import HF_DEFAULTS, text_config
+
+        if ctx.family is None:
+            return
+        cfg = text_config(ctx.config)
+        act, activation = cfg.get("hidden_act"), cfg.get("hidden_activation")
+        if ctx.family == "gemma":
+            used, field = (activation, "hidden_activation") if activation is not None else (act, "hidden_act")
+            if used is None:
+                used, field = HF_DEFAULTS["gemma"]["hidden_act"], "hidden_act (absent)"
+        else:
+            if "hidden_activation" not in cfg and act is not None:
+                default = HF_DEFAULTS[ctx.family]["hidden_activation"]
+                yield self.finding(ctx, "config.json:hidden_act",
+                                   f"only hidden_act={act!r} is set; {ctx.family} reads hidden_activation,"
+                                   f" so it is ignored and {default!r} runs", {"hidden_act": act, "used": default})
+                return
+            used, field = (activation if "hidden_activation" in cfg else HF_DEFAULTS[ctx.family]["hidden_activation"],
+                           "hidden_activation")
+        spec_tanh = ctx.spec is None or ctx.spec.activation == "gelu_tanh"
+        if spec_tanh and used not in TANH_GELU:
+            yield self.finding(ctx, f"config.json:{field.split()[0]}",
+                               f"{field}={used!r} but {ctx.spec.name if ctx.spec else ctx.family} uses"
+                               " tanh-approximated GELU (gelu_pytorch_tanh)", {"field": field, "value": used})
+        elif act is not None and activation is not None and (act in TANH_GELU) != (activation in TANH_GELU):
+            yield self.finding(ctx, "config.json:hidden_act", f"hidden_act={act!r} and hidden_activation="
+                               f"{activation!r} disagree; tools reading hidden_act run another activation",
+                               {"hidden_act": act, "hidden_activation": activation})

@@ -1,0 +1,44 @@
+from llmdiff.check import Check
+
+
+class ConfigSizeMismatch(Check):
+    """## What it finds
+    config.json's sizes (hidden size, MLP width, layers, heads, kv heads, head_dim) differ
+    from the model named with `--model`.
+
+    ## Why it matters
+    A checkpoint published under a model's name whose config describes another model (a
+    copied config, a pruned or merged model) will load into the wrong architecture in tools
+    that go by the name, and every size-dependent constant (the embedding normaliser
+    sqrt(hidden), the query scale) is then wrong.
+
+    ## How it is confirmed
+    Static: config.json against the spec of `--model` (full size, or tiny when the config has
+    the tiny sizes). Without `--model` the spec is the one whose sizes match, so this check
+    only speaks when a model is named.
+
+    ## Fix
+    Audit with the right `--model`, or fix config.json.
+
+    ## References
+    `llmdiff models` lists the specs; the published config.json of each model.
+    """
+
+    code = "LD711"
+    name = "config-size-mismatch"
+    target = "checkpoint"
+
+    def run(self, ctx):
+        from llmdiff.audit import _SIZE_FIELDS, text_config
+
+        spec = ctx.spec
+        if spec is None:
+            return
+        cfg = text_config(ctx.config)
+        wrong = {k: {"config": cfg.get(k), "spec": getattr(spec, f)} for k, f in _SIZE_FIELDS.items()
+                 if cfg.get(k) != getattr(spec, f)}
+        if wrong:
+            first = next(iter(wrong))
+            yield self.finding(ctx, f"config.json:{first}", f"{len(wrong)} sizes differ from {spec.name}: "
+                               + ", ".join(f"{k} {v['config']} (spec {v['spec']})" for k, v in wrong.items()),
+                               wrong)

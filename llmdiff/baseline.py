@@ -1,0 +1,65 @@
+"""Regression gating against a saved report: a port known to be imperfect fails CI only when a
+point's error grows beyond a stated factor or a finding appears that the baseline did not have."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmdiff.errors import UsageError
+
+DEFAULT_FACTOR = 2.0
+
+
+def load(path) -> dict:
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"baseline {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"baseline {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if "runs" not in report:
+        raise UsageError(f"baseline {path} is not an llmdiff compare report (no 'runs')")
+    return report
+
+
+def _finding_key(f: dict) -> tuple:
+    return f["code"], f["implementation"], f["dtype"], f["where"]
+
+
+def regressions(report: dict, baseline: dict, factor: float = DEFAULT_FACTOR) -> list[dict]:
+    """Points whose relative L2 grew more than `factor`x (and past their own threshold), new findings."""
+    old_runs = {(r["candidate"], r["dtype"]): r for r in baseline["runs"]}
+    out = []
+    for run in report["runs"]:
+        old = old_runs.get((run["candidate"], run["dtype"]))
+        if old is None:
+            continue
+        old_points = {p["name"]: p for p in old.get("points", [])}
+        for p in run.get("points", []):
+            before = old_points.get(p["name"])
+            if before is None or p["verdict"] != "divergence":
+                continue  # within the noise floor is never a regression
+            was = before.get("rel_l2") or 0.0
+            now = p.get("rel_l2")
+            if now is None or now > factor * was:
+                out.append({"kind": "point", "candidate": run["candidate"], "dtype": run["dtype"],
+                            "point": p["name"], "baseline_rel_l2": was, "rel_l2": now,
+                            "message": f"{run['candidate']} [{run['dtype']}] {p['name']}: rel L2 {was:.3g} -> "
+                                       f"{now if now is None else format(now, '.3g')} (more than {factor}x)"})
+    known = {_finding_key(f) for f in baseline.get("findings", [])}
+    for f in report.get("findings", []):
+        if _finding_key(f) not in known:
+            out.append({"kind": "finding", "code": f["code"], "candidate": f["implementation"],
+                        "dtype": f["dtype"], "point": f["where"],
+                        "message": f"new finding {f['code']} {f['name']} {f['implementation']} [{f['dtype']}] at {f['where']}"})
+    return out
+
+
+def apply(report: dict, baseline_path, factor: float = DEFAULT_FACTOR) -> None:
+    """Gate `report` on the baseline: exit code 1 only for regressions (2 stays 2)."""
+    found = regressions(report, load(baseline_path), factor)
+    report["baseline"] = {"path": str(baseline_path), "factor": factor, "regressions": found}
+    if report["exit_code"] != 2:
+        report["exit_code"] = 1 if found else 0

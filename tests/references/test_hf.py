@@ -1,0 +1,77 @@
+"""HF transformers against the oracle on every Gemma 2/3 model, and HF mutants of real bugs.
+
+Calls the Python API (`llmdiff compare MODEL --tiny` is a thin layer over it). To keep the
+suite fast, all eight models run in float32 and two representatives also in bfloat16, and the
+mutants of a model run in the same compare as `hf` (one oracle run per model).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+
+import llmdiff
+from conftest import MUTANTS_DIR, run_by_candidate
+from llmdiff.spec import capture_points, get_spec
+
+BOTH_DTYPES = {"gemma-2-2b", "gemma-3-4b"}  # one per family, bfloat16 too
+MODELS = ["gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-270m", "gemma-3-1b", "gemma-3-4b",
+          "gemma-3-12b", "gemma-3-27b"]
+
+
+@functools.lru_cache(maxsize=None)
+def compared(model: str) -> dict:
+    """The report of `hf` and this model's mutants against the oracle (computed once)."""
+    dtypes = ["float32", "bfloat16"] if model in BOTH_DTYPES else ["float32"]
+    impls = ["hf"] + [f"hf_mutants:{name}" for name, _ in MUTANTS.get(model, [])]
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(MUTANTS_DIR), saved or ""])  # workers import mutants
+    try:
+        # diagnose=False: these tests are about capture and first divergence, not the checks
+        return llmdiff.compare(model, impls=impls, tiny=True, dtypes=dtypes, diagnose=False).report
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_hf_matches_the_oracle(model):
+    report = compared(model)
+    dtypes = report["options"]["dtypes"]
+    assert all(i["ok"] for i in report["implementations"]), report["implementations"]
+    hf = next(i for i in report["implementations"] if i["name"] == "hf")
+    assert hf["details"]["attn_implementation"] == "eager"
+    for dtype in dtypes:
+        run = run_by_candidate(report, "hf", dtype)
+        assert run["verdict"] == "parity"
+        # every canonical point, post norms included, captured on both sides
+        assert [p["name"] for p in run["points"]] == capture_points(get_spec(model, tiny=True))
+        assert run["missing_points"] == []
+    logits = next(p for p in run_by_candidate(report, "hf", "float32")["points"] if p["name"] == "logits")
+    assert logits["rel_l2"] <= 1e-5
+
+
+# (model, mutant, first point where the bug acts)
+MUTANTS = {
+    "gemma-2-2b": [("NoAttnSoftcap", "L0.attn_out"),             # the scores, not q/k/v
+                   ("SlidingWindowOnWrongLayers", "L0.attn_out"),  # same RoPE on both types
+                   ("SlidingWindowOffByOne", "L0.attn_out")],
+    "gemma-2-27b": [("HeadDimQueryScale", "L0.attn_out")],        # q is captured before scaling
+    "gemma-3-4b": [("NoGlobalRopeScaling", "L5.q"),               # the first global layer
+                   ("SlidingWindowOnWrongLayers", "L0.q")],       # Gemma 3: wrong RoPE base too
+}
+
+
+@pytest.mark.parametrize("model", sorted(MUTANTS))
+def test_mutants_diverge_where_the_bug_acts(model):
+    report = compared(model)
+    assert report["exit_code"] == 1  # divergence, not an error
+    for name, where in MUTANTS[model]:
+        run = run_by_candidate(report, f"hf_mutants:{name}", "float32")
+        assert (run["verdict"], run["first_divergence"]) == ("divergence", where), name
+        point = next(p for p in run["points"] if p["name"] == where)
+        assert point["rel_l2"] > 100 * point["noise_floor"], name  # far above noise, not marginal
