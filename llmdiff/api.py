@@ -349,6 +349,10 @@ def _diagnose(report, checks_and_broken, spec, lab, results, reference, say,
                                        _load_caps(results.get((ORACLE, TRUTH_DTYPE, d))), d)
             findings += diagnose.explain(lab, checks, spec, run["candidate"], _load_caps(cand), cand.captures_path,
                                          run, floors, points, thresholds)
+    # A divergence that a static finding already explains where it starts is not unexplained.
+    explained = {(f.implementation, f.where) for f in findings if f.code != diagnose.UNEXPLAINED[0]}
+    findings = [f for f in findings if not (f.code == diagnose.UNEXPLAINED[0]
+                                            and (f.implementation, f.where) in explained)]
     report["findings"] = [f.to_dict() for f in findings]
     report["checks"] = {"selected": [c.code for c in checks if c.kind != "audit"], "broken": [str(b) for b in broken],
                         "counterfactual_runs": lab.runs}

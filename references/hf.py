@@ -153,4 +153,16 @@ class HFReference(Reference):
         return cap
 
     def describe(self):
-        return {"attn_implementation": self.attn_implementation}
+        """What this implementation resolved to: evidence for static checks, not its version."""
+        import torch
+
+        model = self.model
+        embed = model.get_input_embeddings().weight
+        head = model.get_output_embeddings().weight
+        tied = head is embed or (head.shape == embed.shape and bool(torch.equal(head, embed)))
+        details = {"attn_implementation": self.attn_implementation, "device": str(embed.device),
+                   "tied_lm_head": tied,
+                   "activation": type(model.model.layers[0].mlp.act_fn).__name__}
+        if not tied and head.shape == embed.shape:
+            details["lm_head_max_abs_diff"] = float((head.float() - embed.float()).abs().max())
+        return details

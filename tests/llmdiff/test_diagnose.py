@@ -48,3 +48,36 @@ def test_clean_hf_has_no_findings_and_ignore_works(llmdiff_cli, mutants_on_path)
     (f,) = report["findings"]
     assert f["code"] == "LD000" and f["where"] == "L0.mlp_act"  # without LD301 it is unexplained
     assert "unexplained divergence starting at L0.mlp_act" in f["message"]
+
+
+def test_norm_without_plus_one_and_untied_lm_head(llmdiff_cli, mutants_on_path):
+    """Two headline bugs in one run: a Llama RMSNorm on Gemma weights, an untied output projection."""
+    code, _, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--dtype", "float32",
+                                     "--impl", "hf_mutants:NormWithoutPlusOne", "--impl", "hf_mutants:UntiedLmHead")
+    assert code == 1
+    by_impl = {}
+    for f in report["findings"]:
+        by_impl.setdefault(f["implementation"], []).append(f)
+    (norm,) = by_impl["hf_mutants:NormWithoutPlusOne"]
+    assert (norm["code"], norm["where"], norm["confirmed"]) == ("LD202", "L0.attn_norm", True)
+    assert norm["evidence"]["after"]["floor_ratio"] < 8 < norm["evidence"]["before"]["floor_ratio"]
+    (head,) = by_impl["hf_mutants:UntiedLmHead"]  # static evidence; its logits divergence is not "unexplained"
+    assert (head["code"], head["where"]) == ("LD105", "logits")
+    assert head["evidence"]["tied_lm_head"] is False and head["evidence"]["max_abs_diff"] > 0
+    assert run_by_candidate(report, "hf_mutants:UntiedLmHead", "float32")["first_divergence"] == "logits"
+
+
+def test_selftest_matrix_is_diagonal(llmdiff_cli, tmp_path):
+    """Every dynamic check that applies to Gemma 1 names its own bug and no other, both dtypes."""
+    import json
+
+    code, out, _, _ = llmdiff_cli("selftest", "--model", "gemma-7b", "--json", str(tmp_path / "selftest.json"))
+    result = json.loads((tmp_path / "selftest.json").read_text())
+    assert code == 0 and result["diagonal"], out
+    rows = {(r["dtype"], r["mutant"]): r for r in result["rows"]}
+    assert rows[("float32", "clean")]["found"] == [] and rows[("bfloat16", "clean")]["found"] == []
+    assert rows[("bfloat16", "LD201")]["found"] == ["LD201"]  # bf16-only, seen teacher-forced
+    assert ("float32", "LD201") not in rows  # not a float32 bug
+    assert rows[("float32", "unknown")]["found"] == ["LD000"] and "L0.attn_out" in rows[("float32", "unknown")]["where"]
+    triples = [r for r in result["rows"] if r["mutant"].count("+") == 2]
+    assert len(triples) == 2 and all(len(r["found"]) == 3 for r in triples)

@@ -112,3 +112,45 @@ class NoGlobalRopeScaling(HFReference):
         rotary.full_attention_inv_freq = rotary.full_attention_inv_freq * factor
         rotary.full_attention_original_inv_freq = rotary.full_attention_inv_freq.clone()
         return model
+
+
+class NormWithoutPlusOne(HFReference):
+    """Llama's RMSNorm on Gemma weights: times w, not (1 + w)."""
+
+    def patch_model(self, model):
+        import torch
+
+        def forward(norm, x):
+            out = norm._norm(x.float()) * norm.weight.float()
+            return out.type_as(x)
+
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.forward = forward.__get__(module)
+        return model
+
+
+class BFloat16InvFreq(HFReference):
+    """`model.to(torch.bfloat16)` after loading: the RoPE `inv_freq` buffer becomes bfloat16."""
+
+    def patch_model(self, model):
+        import torch
+
+        rotary = model.model.rotary_emb
+        if next(model.parameters()).dtype == torch.bfloat16:
+            rotary.inv_freq = rotary.inv_freq.to(torch.bfloat16)
+        return model
+
+
+class UntiedLmHead(HFReference):
+    """An output projection that is a perturbed copy of the embedding, not the embedding."""
+
+    def patch_model(self, model):
+        import torch
+
+        embed = model.get_input_embeddings().weight
+        head = torch.nn.Linear(embed.shape[1], embed.shape[0], bias=False, dtype=embed.dtype)
+        with torch.no_grad():
+            head.weight.copy_(embed * 1.05)
+        model.lm_head = head
+        return model
