@@ -49,7 +49,7 @@ def test_models_lists_published_numbers(llmdiff_cli):
 def test_second_interpreter_runs_the_worker(llmdiff_cli):
     """--impl hf@PYTHON: the worker runs under that interpreter, found by file path."""
     code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--impl", f"hf@{sys.executable}",
-                                       "--dtype", "float32")
+                                       "--dtype", "float32", "--no-diagnose")
     assert code == 0, out
     impl = report["implementations"][0]
     assert impl["name"] == f"hf@{sys.executable}" and impl["ok"]
@@ -91,7 +91,7 @@ def tiny_checkpoint(tmp_path):
 
 
 def test_local_checkpoint_compares_at_parity(llmdiff_cli, tiny_checkpoint):
-    code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--weights", str(tiny_checkpoint),
+    code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--weights", str(tiny_checkpoint, "--no-diagnose"),
                                        "--dtype", "float32")
     assert code == 0, out
     assert report["weights"]["source"] == "hf"
@@ -154,7 +154,7 @@ def test_pickle_only_checkpoint_is_refused_unread(llmdiff_cli, tmp_path):
 
 def test_crashed_worker_keeps_other_results(llmdiff_cli, mutants_on_path):
     code, _, err, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--dtype", "float32",
-                                       "--impl", "hf", "--impl", "hf_mutants:CrashesInRun")
+                                       "--impl", "hf", "--impl", "hf_mutants:CrashesInRun", "--no-diagnose")
     assert code == 2
     assert "hf_mutants:CrashesInRun" in err and "exited with code 3" in err
     impls = {i["name"]: i for i in report["implementations"]}
@@ -165,7 +165,7 @@ def test_crashed_worker_keeps_other_results(llmdiff_cli, mutants_on_path):
 
 def test_implementation_failing_to_load_is_one_line(llmdiff_cli, mutants_on_path):
     code, _, err, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--dtype", "float32",
-                                       "--impl", "hf_mutants:FailsToLoad")
+                                       "--impl", "hf_mutants:FailsToLoad", "--no-diagnose")
     assert code == 2
     assert "RuntimeError: CUDA out of memory (simulated)" in _one_error_line(err)
     assert report["implementations"][1]["ok"]  # the oracle still ran
