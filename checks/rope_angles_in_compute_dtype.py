@@ -33,8 +33,10 @@ class RopeAnglesInComputeDtype(Check):
     dtypes = ("bfloat16",)
 
     def variants(self):
-        # Angles wholly in bfloat16; or a bfloat16 `inv_freq` (HF after `.to(bfloat16)`)
-        # multiplied in float32; or a bfloat16 timescale divided in float32.
+        # Angles wholly in bfloat16 (divided, or multiplied by `inv_freq` as HF writes it); or a
+        # bfloat16 `inv_freq` (HF after `.to(bfloat16)`) multiplied in float32; or a bfloat16
+        # timescale divided in float32.
         return [{"rope_dtype": "compute"},
+                {"rope_dtype": "compute", "rope_form": "mul_reciprocal"},
                 {"rope_dtype": "table_compute", "rope_form": "mul_reciprocal"},
                 {"rope_dtype": "table_compute"}]

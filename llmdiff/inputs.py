@@ -14,7 +14,7 @@ import numpy as np
 
 from llmdiff.spec import ModelSpec
 
-DEFAULT_LENGTHS = (24, 96)
+DEFAULT_LENGTHS = (24, 192)
 FIRST_ORDINARY_ID = 4  # 0 pad, 1 eos, 2 bos, 3 unk
 
 

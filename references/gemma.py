@@ -146,7 +146,8 @@ def rope_angles(T: int, H: int, base: float, p: Precision, dtype, scale: float =
     if p.rope_form == "div":
         return pos / (timescale * scale).astype(tdt).astype(adt)            # DeepMind's `apply_rope`
     if p.rope_form == "mul_reciprocal":  # HF: inv_freq = 1 / base**(2i/H), then inv_freq /= factor
-        inv_freq = (np.asarray(1, adt) / timescale / scale).astype(tdt).astype(adt)
+        exact = 1.0 / (float(base) ** (2 * np.arange(H // 2, dtype=np.float64) / H)) / float(scale)
+        inv_freq = exact.astype(np.float32).astype(tdt).astype(adt)  # computed in float32, as HF
         return pos * inv_freq
     raise ValueError(f"rope_form={p.rope_form!r}")
 

@@ -62,6 +62,13 @@ class HFReference(Reference):
             self.job["weights"]["hf_dir"], attn_implementation=self.attn_implementation,
             **{dtype_kw: torch_dtype})
         model.eval()
+        device = self.options.get("device", "auto")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: torch sees no GPU here")
+        model.to(device)  # buffers too: RoPE's inv_freq keeps its float32 dtype through .to(device)
+        self.device = device
         self.model = self.patch_model(model)
 
     def patch_model(self, model):
@@ -140,7 +147,7 @@ class HFReference(Reference):
         modeling.apply_rotary_pos_emb = rope_and_capture
         try:
             with torch.no_grad():
-                ids = torch.tensor([tokens], dtype=torch.long)
+                ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
                 out = model(input_ids=ids, use_cache=False)
             spec = self.job.get("spec", {})
             text_vocab = min(spec.get("vocab_size") or out.logits.shape[-1],

@@ -34,6 +34,12 @@ class OracleReference(Reference):
         import jax
 
         jax.config.update("jax_enable_x64", True)
+        device = self.options.get("device", "auto")
+        if device == "cpu" and jax.config.jax_platforms != "cpu":
+            jax.config.update("jax_platforms", "cpu")  # before the first computation of this worker
+        elif device == "cuda" and jax.default_backend() != "gpu":
+            raise RuntimeError("--device cuda: jax sees no GPU here (install jax with CUDA support)")
+        self.device = jax.default_backend()
         import jax.numpy as jnp
 
         from llmdiff import convert, safetensors_file
@@ -70,4 +76,4 @@ class OracleReference(Reference):
                 for k, v in cap.items()}
 
     def describe(self):
-        return dataclasses.asdict(self.precision)
+        return {**dataclasses.asdict(self.precision), "device": self.device}

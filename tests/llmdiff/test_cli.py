@@ -91,7 +91,7 @@ def tiny_checkpoint(tmp_path):
 
 
 def test_local_checkpoint_compares_at_parity(llmdiff_cli, tiny_checkpoint):
-    code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--weights", str(tiny_checkpoint, "--no-diagnose"),
+    code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--weights", str(tiny_checkpoint), "--no-diagnose",
                                        "--dtype", "float32")
     assert code == 0, out
     assert report["weights"]["source"] == "hf"

@@ -81,3 +81,15 @@ def test_selftest_matrix_is_diagonal(llmdiff_cli, tmp_path):
     assert rows[("float32", "unknown")]["found"] == ["LD000"] and "L0.attn_out" in rows[("float32", "unknown")]["where"]
     triples = [r for r in result["rows"] if r["mutant"].count("+") == 2]
     assert len(triples) == 2 and all(len(r["found"]) == 3 for r in triples)
+
+
+def test_rope_in_bfloat16_is_confirmed_teacher_forced(llmdiff_cli, mutants_on_path):
+    """Below the accumulated bfloat16 noise free-running, yet confirmed where it acts."""
+    code, _, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--dtype", "bfloat16",
+                                     "--impl", "hf_mutants:RopeInBFloat16")
+    assert code == 1
+    run = run_by_candidate(report, "hf_mutants:RopeInBFloat16", "bfloat16")
+    assert run["local_divergence"] == "L0.q"
+    (f,) = report["findings"]
+    assert (f["code"], f["where"], f["confirmed"]) == ("LD401", "L0.q", True)
+    assert f["evidence"]["teacher_forced"] and f["evidence"]["after"]["rel_l2"] < f["evidence"]["before"]["rel_l2"] / 10

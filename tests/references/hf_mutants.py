@@ -154,3 +154,23 @@ class UntiedLmHead(HFReference):
             head.weight.copy_(embed * 1.05)
         model.lm_head = head
         return model
+
+
+class RopeInBFloat16(HFReference):
+    """RoPE angles computed in bfloat16: positions and frequencies multiplied in the compute dtype
+    (the `inv_freq @ position_ids` of early Gemma ports, run under bfloat16 autocast)."""
+
+    def patch_model(self, model):
+        import torch
+
+        rotary = model.model.rotary_emb
+
+        def forward(x, position_ids, *args, **kwargs):
+            if x.dtype != torch.bfloat16:
+                return type(rotary).forward(rotary, x, position_ids, *args, **kwargs)
+            freqs = position_ids[..., None].to(torch.bfloat16) * rotary.inv_freq.to(torch.bfloat16)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+        rotary.forward = forward
+        return model
