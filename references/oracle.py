@@ -40,6 +40,10 @@ class OracleReference(Reference):
         elif device == "cuda" and jax.default_backend() != "gpu":
             raise RuntimeError("--device cuda: jax sees no GPU here (install jax with CUDA support)")
         self.device = jax.default_backend()
+        # On GPUs JAX multiplies float32 matrices in TF32 by default (10 mantissa bits): the
+        # float32 oracle would be a TF32 one (measured on an H200: fp32 logits 7.9e-4 from HF
+        # instead of ~1e-6 on CPU). The oracle computes what float32 means.
+        jax.config.update("jax_default_matmul_precision", "highest")
         import jax.numpy as jnp
 
         from llmdiff import convert, safetensors_file

@@ -177,3 +177,14 @@ def test_nan_is_a_divergence_where_it_starts(llmdiff_cli, mutants_on_path):
     assert code == 1
     run = run_by_candidate(report, "hf_mutants:NaNLogits", "float32")
     assert run["first_divergence"] == "L1.out"
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(llmdiff_cli):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the CUDA path runs for real (bench/RESULTS.md has a device run)")
+    code, _, err, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--device", "cuda", "--dtype", "float32",
+                                       "--no-diagnose")
+    assert code == 2
+    assert "--device cuda: torch sees no GPU here" in err and "--device cuda: jax sees no GPU here" in err
+    assert all(not i["ok"] for i in report["implementations"])
