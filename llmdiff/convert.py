@@ -99,29 +99,41 @@ def to_hf(spec: ModelSpec, canon: dict) -> dict[str, np.ndarray]:
     if "lm_head" in canon:
         out["lm_head.weight"] = resize_rows(canon["lm_head"], V_hf)
     for i in range(spec.num_layers):
-        p, c = _hf_layer(i), f"L{i}."
-        out[f"{p}.input_layernorm.weight"] = canon[c + "attn_norm"]
-        # (N, D, H) -> (N, H, D) -> (N*H, D): torch Linear stores (out, in)
-        for name in ("q", "k", "v"):
-            w = canon[c + name]
-            out[f"{p}.self_attn.{name}_proj.weight"] = w.transpose(0, 2, 1).reshape(-1, D)
-        out[f"{p}.self_attn.o_proj.weight"] = canon[c + "o"].reshape(-1, D).T  # (D, N*H)
-        if spec.qk_norm:
-            out[f"{p}.self_attn.q_norm.weight"] = canon[c + "q_norm"]
-            out[f"{p}.self_attn.k_norm.weight"] = canon[c + "k_norm"]
-        if _post_norms(spec):
-            # Gemma 2/3: `post_attention_layernorm` really is after attention; the pre-MLP norm
-            # is `pre_feedforward_layernorm`.
-            out[f"{p}.post_attention_layernorm.weight"] = canon[c + "post_attn_norm"]
-            out[f"{p}.pre_feedforward_layernorm.weight"] = canon[c + "mlp_norm"]
-            out[f"{p}.post_feedforward_layernorm.weight"] = canon[c + "post_mlp_norm"]
-        else:
-            # Gemma 1 calls the norm before the MLP `post_attention_layernorm` (a naming trap).
-            out[f"{p}.post_attention_layernorm.weight"] = canon[c + "mlp_norm"]
-        out[f"{p}.mlp.gate_proj.weight"] = canon[c + "gate"].T  # (F, D)
-        out[f"{p}.mlp.up_proj.weight"] = canon[c + "up"].T
-        out[f"{p}.mlp.down_proj.weight"] = canon[c + "down"].T  # (D, F)
+        out.update(to_hf_layer(spec, i, canon))
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def to_hf_layer(spec: ModelSpec, i: int, canon: dict) -> dict:
+    """Layer i's HF tensors from its canonical ones (`canon` needs only those). Only `.mT`,
+    `.T` and `.reshape`, so it converts numpy arrays and torch tensors alike."""
+    D = spec.hidden_size
+    p, c = _hf_layer(i), f"L{i}."
+    out = {f"{p}.input_layernorm.weight": canon[c + "attn_norm"]}
+    # (N, D, H) -> (N, H, D) -> (N*H, D): torch Linear stores (out, in)
+    for name in ("q", "k", "v"):
+        out[f"{p}.self_attn.{name}_proj.weight"] = canon[c + name].mT.reshape(-1, D)
+    out[f"{p}.self_attn.o_proj.weight"] = canon[c + "o"].reshape(-1, D).T  # (D, N*H)
+    if spec.qk_norm:
+        out[f"{p}.self_attn.q_norm.weight"] = canon[c + "q_norm"]
+        out[f"{p}.self_attn.k_norm.weight"] = canon[c + "k_norm"]
+    if _post_norms(spec):
+        # Gemma 2/3: `post_attention_layernorm` really is after attention; the pre-MLP norm
+        # is `pre_feedforward_layernorm`.
+        out[f"{p}.post_attention_layernorm.weight"] = canon[c + "post_attn_norm"]
+        out[f"{p}.pre_feedforward_layernorm.weight"] = canon[c + "mlp_norm"]
+        out[f"{p}.post_feedforward_layernorm.weight"] = canon[c + "post_mlp_norm"]
+    else:
+        # Gemma 1 calls the norm before the MLP `post_attention_layernorm` (a naming trap).
+        out[f"{p}.post_attention_layernorm.weight"] = canon[c + "mlp_norm"]
+    out[f"{p}.mlp.gate_proj.weight"] = canon[c + "gate"].T  # (F, D)
+    out[f"{p}.mlp.up_proj.weight"] = canon[c + "up"].T
+    out[f"{p}.mlp.down_proj.weight"] = canon[c + "down"].T  # (D, F)
+    return out
+
+
+def layer_names(spec: ModelSpec, i: int) -> list[str]:
+    """The canonical names of layer i's tensors."""
+    return [n for n in canonical_shapes(spec) if n.startswith(f"L{i}.")]
 
 
 def hf_shapes(spec: ModelSpec, *, lm_head: bool = False) -> dict[str, tuple[int, ...]]:
@@ -182,26 +194,33 @@ def to_deepmind(spec: ModelSpec, canon: dict) -> dict[str, np.ndarray]:
     check_tensors(canon, canonical_shapes(spec), "canonical weights", spec)
     out = {"embedder/input_embedding": canon["embed"], "final_norm/scale": canon["final_norm"]}
     for i in range(spec.num_layers):
-        p, c = f"layer_{i}", f"L{i}."
-        out[f"{p}/pre_attention_norm/scale"] = canon[c + "attn_norm"]
-        if spec.num_heads == spec.num_kv_heads:  # DeepMind fuses q, k, v when K == N
-            out[f"{p}/attn/qkv_einsum/w"] = np.stack([canon[c + "q"], canon[c + "k"], canon[c + "v"]])
-        else:
-            out[f"{p}/attn/q_einsum/w"] = canon[c + "q"]  # (N, D, H)
-            out[f"{p}/attn/kv_einsum/w"] = np.stack([canon[c + "k"], canon[c + "v"]])  # (2, K, D, H)
-        out[f"{p}/attn/attn_vec_einsum/w"] = canon[c + "o"]  # (N, H, D)
-        if spec.qk_norm:
-            out[f"{p}/attn/_query_norm/scale"] = canon[c + "q_norm"]  # (H,)
-            out[f"{p}/attn/_key_norm/scale"] = canon[c + "k_norm"]
-        if spec.post_attn_norm:
-            out[f"{p}/post_attention_norm/scale"] = canon[c + "post_attn_norm"]
-        out[f"{p}/pre_ffw_norm/scale"] = canon[c + "mlp_norm"]
-        gating = np.stack([canon[c + "gate"], canon[c + "up"]])  # (2, D, F)
-        # `transpose_gating_einsum` checkpoints (Gemma 2 9B/27B, Gemma 3) store (2, F, D).
-        out[f"{p}/mlp/gating_einsum"] = gating.transpose(0, 2, 1) if spec.transpose_gating else gating
-        out[f"{p}/mlp/linear"] = canon[c + "down"]  # (F, D)
-        if spec.post_mlp_norm:
-            out[f"{p}/post_ffw_norm/scale"] = canon[c + "post_mlp_norm"]
+        out.update({f"layer_{i}/{k}": v for k, v in to_deepmind_layer(spec, i, canon).items()})
+    return out
+
+
+def to_deepmind_layer(spec: ModelSpec, i: int, canon: dict, stack=np.stack) -> dict:
+    """Layer i's DeepMind tensors ('attn/q_einsum/w', ...) from its canonical ones. `stack`:
+    the array framework's stack (jnp.stack converts on the device)."""
+    c = f"L{i}."
+    out = {"pre_attention_norm/scale": canon[c + "attn_norm"]}
+    if spec.num_heads == spec.num_kv_heads:  # DeepMind fuses q, k, v when K == N
+        out["attn/qkv_einsum/w"] = stack([canon[c + "q"], canon[c + "k"], canon[c + "v"]])
+    else:
+        out["attn/q_einsum/w"] = canon[c + "q"]  # (N, D, H)
+        out["attn/kv_einsum/w"] = stack([canon[c + "k"], canon[c + "v"]])  # (2, K, D, H)
+    out["attn/attn_vec_einsum/w"] = canon[c + "o"]  # (N, H, D)
+    if spec.qk_norm:
+        out["attn/_query_norm/scale"] = canon[c + "q_norm"]  # (H,)
+        out["attn/_key_norm/scale"] = canon[c + "k_norm"]
+    if spec.post_attn_norm:
+        out["post_attention_norm/scale"] = canon[c + "post_attn_norm"]
+    out["pre_ffw_norm/scale"] = canon[c + "mlp_norm"]
+    gating = stack([canon[c + "gate"], canon[c + "up"]])  # (2, D, F)
+    # `transpose_gating_einsum` checkpoints (Gemma 2 9B/27B, Gemma 3) store (2, F, D).
+    out["mlp/gating_einsum"] = gating.mT if spec.transpose_gating else gating
+    out["mlp/linear"] = canon[c + "down"]  # (F, D)
+    if spec.post_mlp_norm:
+        out["post_ffw_norm/scale"] = canon[c + "post_mlp_norm"]
     return out
 
 

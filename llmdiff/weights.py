@@ -27,9 +27,107 @@ from llmdiff.spec import ModelSpec
 _OUT_GAIN_PER_SQRT_D = 1 / 1.5
 
 
-def _rng(seed: int, name: str) -> np.random.Generator:
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+def tensor_std(spec: ModelSpec, name: str) -> float:
+    """The standard deviation of random tensor `name` (canonical name)."""
+    D, F, H, N = spec.hidden_size, spec.mlp_dim, spec.head_dim, spec.num_heads
+    gain = _OUT_GAIN_PER_SQRT_D * D ** 0.5
+    kind = name.split(".")[-1]
+    if kind.endswith("norm"):
+        return 0.25                                  # scale is (1 + w): around 1, never all 1
+    if kind == "o":
+        return gain * (N * H) ** -0.5
+    if kind == "down":
+        return gain * F ** -0.5
+    return D ** -0.5                                 # embed (times sqrt(D) at the input), q, k, v, gate, up
+
+
+# --- One generator, three frameworks ---------------------------------------------------------
+# Element j of tensor `name` is a function of (seed, name, j) alone: an integer hash of j, made a
+# uniform odd integer u in (-2**24, 2**24), times a float32 constant, rounded to bfloat16. Every
+# step is exact or correctly rounded in numpy, torch and XLA alike (integer ops on int64 that
+# never overflow, one float32 multiply, round-to-nearest-even), so a worker can make full-size
+# weights on its own device, with its own framework, and get the very bits numpy makes here.
+
+_MASK32 = 0xFFFFFFFF
+_MUL = 0x45D9F3B                                     # < 2**27: x * _MUL stays below 2**59
+CHUNK = 1 << 25                                      # elements per step: bounded temporaries
+
+
+def _hash32(x):
+    """A 32-bit integer hash of int64 values in [0, 2**32); operators only, so any array type."""
+    x = (((x >> 16) ^ x) * _MUL) & _MASK32
+    x = (((x >> 16) ^ x) * _MUL) & _MASK32
+    return (x >> 16) ^ x
+
+
+def _key(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:4], "little")
+
+
+def _unit(spec: ModelSpec, name: str) -> np.float32:
+    """float32 c with c * u uniform of the tensor's std (u odd in (-2**24, 2**24))."""
+    return np.float32(tensor_std(spec, name) * 3 ** 0.5 / 2 ** 24)
+
+
+def _odd_uniform(idx, key: int):
+    """Odd integers in (-2**24, 2**24) from element indices (int64 arrays of any framework)."""
+    h = _hash32(_hash32(idx) ^ key)
+    return (h >> 8) * 2 - (2 ** 24 - 1)
+
+
+def _zero_rows(spec: ModelSpec, name: str) -> int | None:
+    """Rows from which `embed` is zero: DeepMind's padding rows no text id reaches (Gemma 2),
+    so that the HF table, which lacks them, holds the same model."""
+    if name == "embed" and spec.text_vocab_size < spec.vocab_size:
+        return spec.text_vocab_size
+    return None
+
+
+def generate_numpy(spec: ModelSpec, name: str, shape, seed: int = 0) -> np.ndarray:
+    """Tensor `name` of the seeded random weights, float32 holding bfloat16 values."""
+    size = int(np.prod(shape, dtype=np.int64))
+    key, c = _key(seed, name), _unit(spec, name)
+    out = np.empty(size, np.float32)
+    for lo in range(0, size, CHUNK):
+        idx = np.arange(lo, min(size, lo + CHUNK), dtype=np.int64)
+        out[lo:lo + len(idx)] = _odd_uniform(idx, key).astype(np.float32) * c
+    out = to_bf16_values(out).reshape(shape)
+    if (row := _zero_rows(spec, name)) is not None:
+        out[row:] = 0.0
+    return out
+
+
+def generate_torch(spec: ModelSpec, name: str, shape, seed: int = 0, device="cpu", dtype=None):
+    """`generate_numpy` in torch, on `device`: the same bits, cast to `dtype` (exactly)."""
+    import torch
+
+    size = int(np.prod(shape, dtype=np.int64))
+    key = _key(seed, name)
+    c = torch.tensor(_unit(spec, name), dtype=torch.float32, device=device)
+    out = torch.empty(size, dtype=torch.bfloat16, device=device)
+    for lo in range(0, size, CHUNK):
+        idx = torch.arange(lo, min(size, lo + CHUNK), dtype=torch.int64, device=device)
+        out[lo:lo + len(idx)] = (_odd_uniform(idx, key).to(torch.float32) * c).to(torch.bfloat16)
+    out = out.reshape(tuple(shape)).to(dtype or torch.float32)
+    if (row := _zero_rows(spec, name)) is not None:
+        out[row:] = 0
+    return out
+
+
+def generate_jax(spec: ModelSpec, name: str, shape, seed: int = 0, dtype="float32"):
+    """`generate_numpy` in JAX (x64 enabled), on the default device, cast to `dtype` (exactly)."""
+    import jax.numpy as jnp
+
+    size = int(np.prod(shape, dtype=np.int64))
+    key, c = _key(seed, name), jnp.asarray(_unit(spec, name), jnp.float32)
+    parts = []
+    for lo in range(0, size, CHUNK):
+        idx = jnp.arange(lo, min(size, lo + CHUNK), dtype=jnp.int64)
+        parts.append((_odd_uniform(idx, key).astype(jnp.float32) * c).astype(jnp.bfloat16))
+    out = (jnp.concatenate(parts) if len(parts) > 1 else parts[0]).reshape(tuple(shape)).astype(dtype)
+    if (row := _zero_rows(spec, name)) is not None:
+        out = out.at[row:].set(0)
+    return out
 
 
 def to_bf16_values(a: np.ndarray) -> np.ndarray:
@@ -40,28 +138,8 @@ def to_bf16_values(a: np.ndarray) -> np.ndarray:
 
 
 def random_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
-    D, F, H, N = spec.hidden_size, spec.mlp_dim, spec.head_dim, spec.num_heads
-    gain = _OUT_GAIN_PER_SQRT_D * D ** 0.5
-    out = {}
-    for name, shape in convert.canonical_shapes(spec).items():
-        rng = _rng(seed, name)
-        kind = name.split(".")[-1]
-        if kind.endswith("norm"):
-            w = rng.normal(0.0, 0.25, shape)             # scale is (1 + w): around 1, never all 1
-        elif kind == "embed":
-            w = rng.normal(0.0, D ** -0.5, shape)        # times sqrt(D) at the input: O(1) entries
-        elif kind == "o":
-            w = rng.normal(0.0, gain * (N * H) ** -0.5, shape)
-        elif kind == "down":
-            w = rng.normal(0.0, gain * F ** -0.5, shape)
-        else:                                            # q, k, v, gate, up: fan-in D
-            w = rng.normal(0.0, D ** -0.5, shape)
-        if kind == "embed" and spec.text_vocab_size < shape[0]:
-            # Rows no text id reaches (DeepMind's padding of Gemma 2's table) are zero, so that
-            # the HF table, which lacks them, holds the same model.
-            w[spec.text_vocab_size:] = 0.0
-        out[name] = to_bf16_values(w)
-    return out
+    return {name: generate_numpy(spec, name, shape, seed)
+            for name, shape in convert.canonical_shapes(spec).items()}
 
 
 # --- Hugging Face checkpoints -------------------------------------------------------------
@@ -164,6 +242,14 @@ def write_hf_checkpoint(path, spec: ModelSpec, canon: dict, dtype: str = "bfloat
     return path
 
 
+def write_hf_config(path, spec: ModelSpec, dtype: str = "bfloat16") -> Path:
+    """A checkpoint directory with config.json alone: the HF worker makes its own weights."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_config(spec, dtype), indent=2) + "\n")
+    return path
+
+
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _CONFIG_FIELDS = {  # config.json key -> spec field, checked when present
     "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "mlp_dim",
@@ -224,6 +310,15 @@ def weights_fingerprint(canon: dict) -> str:
     for name in sorted(canon):
         h.update(name.encode())
         h.update(np.ascontiguousarray(canon[name], np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def generated_fingerprint(spec: ModelSpec, seed: int) -> str:
+    """`weights_fingerprint` of `random_weights(spec, seed)` without making them: the generator
+    is a function of (seed, name, index), so the name, shape and seed of each tensor fix it."""
+    h = hashlib.sha256(b"llmdiff-hash-uniform-1")
+    for name, shape in sorted(convert.canonical_shapes(spec).items()):
+        h.update(f"{seed}:{name}:{shape}:{tensor_std(spec, name)!r}".encode())
     return h.hexdigest()[:16]
 
 

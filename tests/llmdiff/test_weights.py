@@ -82,3 +82,36 @@ def test_gemma2_gemma3_hf_config_loads_with_every_number(name, tmp_path):
     # and the checkpoint reads back to the same canonical weights
     again = weights.read_hf_checkpoint(path, spec)
     assert weights.weights_fingerprint(again) == weights.weights_fingerprint(weights.random_weights(spec))
+
+
+def test_generator_gives_the_same_bits_in_numpy_torch_and_jax():
+    """Workers make full-size weights on their own device with their own framework."""
+    torch = pytest.importorskip("torch")
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    spec = get_spec("gemma-2-2b", tiny=True)  # zero padding rows in its embedding
+    shapes = convert.canonical_shapes(spec)
+    for name in ("embed", "L0.q", "L1.down", "L0.attn_norm", "final_norm"):
+        ref = weights.generate_numpy(spec, name, shapes[name])
+        assert np.array_equal(ref, weights.generate_torch(spec, name, shapes[name]).numpy()), name
+        assert np.array_equal(ref, np.asarray(weights.generate_jax(spec, name, shapes[name]))), name
+        assert np.array_equal(ref.astype(np.float64),
+                              weights.generate_torch(spec, name, shapes[name], dtype=torch.float64).numpy()), name
+
+
+def test_generator_across_chunks_and_its_distribution(monkeypatch):
+    spec = get_spec("gemma-7b", tiny=True)
+    shape = convert.canonical_shapes(spec)["embed"]
+    whole = weights.generate_numpy(spec, "embed", shape)
+    monkeypatch.setattr(weights, "CHUNK", 1000)  # the same bits whatever the step
+    assert np.array_equal(whole, weights.generate_numpy(spec, "embed", shape))
+    std = weights.tensor_std(spec, "embed")
+    assert abs(whole.std() / std - 1) < 0.02 and np.abs(whole).max() <= std * 3 ** 0.5 * 1.01
+    assert abs(np.corrcoef(whole.ravel()[:-1], whole.ravel()[1:])[0, 1]) < 0.01  # neighbours independent
+
+
+def test_generated_fingerprint_depends_on_seed_and_model():
+    a = get_spec("gemma-7b")
+    assert weights.generated_fingerprint(a, 0) == weights.generated_fingerprint(a, 0)
+    assert weights.generated_fingerprint(a, 0) != weights.generated_fingerprint(a, 1)
+    assert weights.generated_fingerprint(a, 0) != weights.generated_fingerprint(get_spec("gemma-2b"), 0)
