@@ -72,7 +72,8 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
             seed: int = 0, reference: str = ORACLE, workdir=None, attn: str = "eager",
             timeout: float | None = None, select=(), ignore=(), diagnose: bool = True,
             thresholds: diff.Thresholds = diff.DEFAULT_THRESHOLDS, points=None, layers=None,
-            device: str = "auto", progress=None) -> CompareResult:
+            device: str = "auto", capture: str = "auto", stream: bool | str = "auto", lengths=None,
+            bench: bool = False, generate: bool | None = None, progress=None) -> CompareResult:
     """Run `model` in each implementation and the oracle, and compare every canonical point.
 
     impls: implementation names (`hf`, `oracle`), `NAME@PYTHON`, or adapters `module:Class`.
@@ -82,6 +83,16 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     thresholds: how many times its noise floor a point may be off (`diff.Thresholds`).
     points, layers: capture only points matching these globs (`L*.out`) / in these layers.
     device: "cpu", "cuda" or "auto" (cuda when the worker's framework sees a GPU).
+    capture: "full" (every value leaves the device), "sketch" (norms and a random projection
+        per position, computed on the device: `llmdiff/sketch.py`) or "auto" (sketch when the
+        whole captures would exceed `SKETCH_ABOVE_BYTES` per run).
+    stream: run each implementation one decoder block at a time, that block's weights on the
+        device only while it runs (models larger than the device); "auto": a run streams when
+        its weights would take more than half of the device's memory (GPUs only).
+    generate: random weights made by each worker on its own device (None: for full-size
+        models), not by this process.
+    lengths: prompt lengths in tokens for synthetic prompts (models without a tokenizer).
+    bench: workers also time a bare forward and a capturing one (`bench/`).
     select, ignore: checks by code, name or prefix (`LD3`); diagnose=False skips the checks.
     progress: optional callable(str) told what is happening.
     """
@@ -101,22 +112,43 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     if reference not in names:
         raise UsageError(f"reference {reference!r} is not among the implementations ({', '.join(names)})")
 
+    if capture not in ("auto", "full", "sketch"):
+        raise UsageError(f"unknown capture mode {capture!r}; choose auto, full or sketch")
     checks = _checks(select, ignore) if diagnose else None
-    canon, weights_info = _load_weights(spec, weights, seed)
-    weights_info["fingerprint"] = weights_mod.weights_fingerprint(canon)
+    # Full-size random weights are made by each worker on its own device (the same bits in
+    # every framework: `weights.generate_*`), never written or held here.
+    makers = all(i.module in ("llmdiff.references.hf", "llmdiff.references.oracle") for i in chosen)
+    if generate is None:
+        generate = weights is None and not spec.tiny and makers
+    elif generate and (weights is not None or not makers):
+        raise UsageError("weights made on the device need random weights and the hf and oracle implementations")
     temporary = workdir is None
     work = Path(tempfile.mkdtemp(prefix="llmdiff-") if temporary else workdir)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        canonical_path = work / "canonical.safetensors"
-        weights_mod.save_canonical(canonical_path, canon)
-        hf_dir = (weights if weights_info["source"] == "hf"
-                  else weights_mod.write_hf_checkpoint(work / "hf-checkpoint", spec, canon))
-        tokens, tokens_info, prompts = _prompts(spec, hf_dir, weights_info, seed, work)
+        if generate:
+            weights_info = {"source": "random", "path": None, "seed": seed,
+                            "made": "on each worker's device", "fingerprint": weights_mod.generated_fingerprint(spec, seed)}
+            hf_dir = weights_mod.write_hf_config(work / "hf-config", spec)
+            job_weights = {"generate": {"seed": seed}, "hf_dir": str(hf_dir)}
+        else:
+            canon, weights_info = _load_weights(spec, weights, seed)
+            weights_info["fingerprint"] = weights_mod.weights_fingerprint(canon)
+            canonical_path = work / "canonical.safetensors"
+            weights_mod.save_canonical(canonical_path, canon)
+            hf_dir = (weights if weights_info["source"] == "hf"
+                      else weights_mod.write_hf_checkpoint(work / "hf-checkpoint", spec, canon))
+            job_weights = {"canonical": str(canonical_path), "hf_dir": str(hf_dir)}
+            del canon
+        tokens, tokens_info, prompts = _prompts(spec, hf_dir, weights_info, seed, work, lengths)
         selected = select_points(spec, points, layers)
-        job = {"spec": spec.to_dict(), "tokens": tokens, "options": {"attn": attn, "device": device},
+        if capture == "auto":
+            capture = "sketch" if _capture_bytes(spec, selected, tokens) > SKETCH_ABOVE_BYTES else "full"
+        job = {"spec": spec.to_dict(), "tokens": tokens,
+               "options": {"attn": attn, "device": device, "stream": stream,
+                           **({"bench": True} if bench else {})},
                "points": None if selected == capture_points(spec) else selected,
-               "weights": {"canonical": str(canonical_path), "hf_dir": str(hf_dir)}}
+               "capture": capture, "weights": job_weights}
 
         results = {}
         for impl in chosen:
@@ -127,14 +159,17 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
             say(f"running {impl.name} ({', '.join(r.dtype if not r.constants_dtype else f'float64 as {r.constants_dtype}' for r in requests)})")
             for r in run_worker(impl, job, requests, work, timeout=timeout):
                 results[(r.impl, r.dtype, r.constants_dtype)] = r
+        t_diff = time.perf_counter()
         report = _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, results, attn,
                                thresholds, selected)
+        report["timings"]["diff_s"] = round(time.perf_counter() - t_diff, 3)
+        report["options"].update(capture=capture, stream=stream)
         report["results"] = [{"impl": r.impl, "dtype": r.dtype, "constants_dtype": r.constants_dtype,
                               "file": Path(r.out).name} for r in results.values()]
         from llmdiff import diagnose
 
         lab = diagnose.OracleLab(job, work, timeout)
-        if reference == ORACLE and checks is not None:  # what it finds is for the diagnosis
+        if reference == ORACLE and checks is not None and capture == "full":  # what it finds is for the diagnosis
             say("teacher forcing: the oracle fed each candidate's own value of every point")
             _teacher_force(report, lab, results, thresholds)
         if checks is not None:
@@ -157,13 +192,27 @@ def tokenize(model: str, *, tiny: bool = False, weights=None, text=None, select=
     return tokenizer.check_tokenizer(model, tiny=tiny, weights=weights, text=text, select=select, ignore=ignore)
 
 
-def _prompts(spec, hf_dir, weights_info, seed, work):
+SKETCH_ABOVE_BYTES = 1 << 30
+
+
+def _capture_bytes(spec, points, tokens) -> int:
+    """float32 bytes of one run's whole captures."""
+    D, N, K, H, F = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.mlp_dim
+    width = {"q": N * H, "k": K * H, "v": K * H, "mlp_gate": F, "mlp_up": F, "mlp_act": F}
+    per_token = sum(spec.text_vocab_size if p == "logits" else width.get(p.split(".")[-1], D) for p in points)
+    return 4 * per_token * sum(len(t) for t in tokens)
+
+
+def _prompts(spec, hf_dir, weights_info, seed, work, lengths=None):
     """Token ids: real text through the checkpoint's tokenizer (tiny runs without one get the
     tiny tokenizer, never written into a user's directory), tokenizer parity started in the
     background; synthetic ids when there is no tokenizer."""
     from llmdiff import tokenizer
 
     tokenizer_dir, tiny_tokenizer = None, False
+    if lengths is not None:  # asked for: synthetic prompts of exactly these lengths
+        tokens = inputs.synthetic_prompts(spec, seed, lengths)
+        return tokens, {"source": "synthetic", "prompts": len(tokens), "lengths": list(lengths)}, None
     if weights_info["source"] == "hf" and tokenizer.has_tokenizer(hf_dir):
         tokenizer_dir = hf_dir
     elif spec.tiny:
@@ -208,7 +257,7 @@ def _safe(name: str) -> str:
 def _load_caps(result) -> dict[str, np.ndarray] | None:
     if result is None or not result.ok:
         return None
-    return {k: np.asarray(v) for k, v in safetensors_file.load(result.captures_path).items()}
+    return diff.load_captures(result.captures_path)
 
 
 def select_points(spec, points=None, layers=None) -> list[str]:
@@ -245,6 +294,10 @@ def _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, re
             "ok": not errors, "error": "; ".join(errors) if errors else None,
             "details": next((r.meta.get("details") for r in mine if r.meta.get("details")), {}),
         })
+        peaks = {(r.dtype if not r.constants_dtype else f"{r.dtype}-as-{r.constants_dtype}"): r.meta["peak_device_bytes"]
+                 for r in mine if r.meta.get("peak_device_bytes") is not None}
+        if peaks:  # the worker's peak device memory after each run (GPU workers)
+            implementations[-1]["peak_device_bytes"] = peaks
         for r in mine:
             label = r.dtype if not r.constants_dtype else f"{r.dtype}-as-{r.constants_dtype}"
             timings[f"{impl.name}/{label}"] = r.meta.get("timings", {})

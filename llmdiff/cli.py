@@ -145,9 +145,16 @@ def _output_options(f):
 @click.option("--points", "points", multiple=True, metavar="GLOB",
               help="Capture only matching points, e.g. 'L*.out' (repeatable).")
 @click.option("--layers", default=None, metavar="LIST", help="Capture only these layers, e.g. '0,1,27' or '0-3'.")
+@click.option("--capture", type=click.Choice(["auto", "full", "sketch"]), default="auto", show_default=True,
+              help="full: every value leaves the device; sketch: per-position norms and a random projection,"
+                   " computed on the device (estimated rel L2, no max abs); auto: sketch above 1 GiB per run.")
+@click.option("--stream", is_flag=True,
+              help="Run one decoder block at a time, only its weights on the device (models larger than it).")
+@click.option("--tokens", "lengths", default=None, metavar="N[,N...]",
+              help="Lengths of the synthetic prompts (models without a tokenizer), e.g. 512.")
 @_output_options
 def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, workdir, save_captures, timeout,
-            select, ignore, no_diagnose, device, points, layers, json_path, out, floor_factor, thresholds,
+            select, ignore, no_diagnose, device, points, layers, capture, stream, lengths, json_path, out, floor_factor, thresholds,
             baseline, baseline_factor, all_points, quiet, no_color, debug):
     """Compare MODEL across implementations, point by point, in float32 and bfloat16.
 
@@ -170,12 +177,25 @@ def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, workdir,
             timeout=timeout if timeout is not None else config.get("timeout"),
             select=select or config.get("select", ()), ignore=ignore or config.get("ignore", ()),
             diagnose=not no_diagnose, thresholds=_thresholds(floor_factor, thresholds, config),
-            device=device, points=points or None, layers=_layers(layers),
+            device=device, points=points or None, layers=_layers(layers), capture=capture, stream=stream,
+            lengths=_lengths(lengths),
             progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
         _finish(result, console, out=out, json_path=json_path, baseline=baseline, baseline_factor=baseline_factor,
                 quiet=quiet, all_points=all_points, config=config)
     except LLMDiffError as e:
         _fail(str(e), debug, json_path)
+
+
+def _lengths(text):
+    if text is None:
+        return None
+    try:
+        lengths = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise LLMDiffError(f"--tokens {text!r}: expected lengths, e.g. '512' or '24,192'") from None
+    if any(n < 2 for n in lengths):
+        raise LLMDiffError(f"--tokens {text!r}: a prompt needs at least 2 tokens (BOS and one more)")
+    return lengths
 
 
 @main.command()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmdiff import diff, safetensors_file
+from llmdiff import diff
 from llmdiff.check import Check, Context, Finding
 from llmdiff.runner import Implementation, RunRequest, run_worker
 
@@ -74,7 +74,7 @@ class OracleLab:
                                                      self.work, timeout=self.timeout)):
                 self.runs += 1
                 if result.ok:
-                    self.cache[key] = {k: np.asarray(v) for k, v in safetensors_file.load(result.captures_path).items()}
+                    self.cache[key] = diff.load_captures(result.captures_path)
                     self.paths[key] = result.captures_path
                 else:
                     self.cache[key] = None

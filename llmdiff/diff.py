@@ -14,9 +14,14 @@ A candidate point diverges when its relative L2 distance to the reference exceed
 from __future__ import annotations
 
 import fnmatch
+import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from llmdiff import sketch
+from llmdiff.sketch import Sketch
 
 FLOOR_FACTOR = 8.0
 # The smallest floor, as a fraction of the dtype's unit roundoff: a point the oracle computes
@@ -55,24 +60,54 @@ def round_to(a: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(a, np.float64).astype(dtype).astype(np.float64)
 
 
+_CHUNK_ELEMENTS = 1 << 21  # per thread step: float64 temporaries of a few MB stay in cache
+
+
+def _by_rows(fn, *arrays) -> list:
+    """fn over row blocks of same-shaped arrays (last axis kept), in threads: numpy releases
+    the GIL in its loops, so full-size captures (512 x 256k logits) use every core."""
+    flat = [np.asarray(a).reshape(-1, a.shape[-1] if a.ndim else 1) for a in arrays]
+    rows = flat[0].shape[0]
+    step = max(1, _CHUNK_ELEMENTS // max(1, flat[0].shape[1]))
+    blocks = [slice(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
+    if len(blocks) <= 1:
+        return [fn(*(a[b] for a in flat)) for b in blocks]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(blocks), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda b: fn(*(a[b] for a in flat)), blocks))
+
+
+def _pair_sums(c, r):
+    c, r = c.astype(np.float64), r.astype(np.float64)
+    d = (c - r).ravel()
+    a = np.abs(d)
+    c, r = c.ravel(), r.ravel()
+    return (float(d @ d), float(r @ r), float(c @ c), float(c @ r), float(a.max()) if a.size else 0.0,
+            float(a.sum()), bool(np.isfinite(c).all()))
+
+
 def point_metrics(cand: np.ndarray, ref: np.ndarray) -> dict:
-    c = np.asarray(cand, np.float64).ravel()
-    r = np.asarray(ref, np.float64).ravel()
-    d = c - r
-    ref_norm = float(np.linalg.norm(r))
-    cand_norm = float(np.linalg.norm(c))
-    diff_norm = float(np.linalg.norm(d))
+    if isinstance(cand, Sketch) or isinstance(ref, Sketch):
+        if not (isinstance(cand, Sketch) and isinstance(ref, Sketch)):
+            raise ValueError("cannot compare a sketched capture with a whole one")
+        return sketch.metrics(cand, ref)
+    size = int(np.size(cand))
+    parts = _by_rows(_pair_sums, cand, ref) if size else []
+    d2, r2, c2, cr = (sum(p[j] for p in parts) for j in range(4))
+    diff_norm, ref_norm, cand_norm = math.sqrt(d2), math.sqrt(r2), math.sqrt(c2)
+    finite = all(p[6] for p in parts)
     if ref_norm > 0:
         rel_l2 = diff_norm / ref_norm
     else:
         rel_l2 = 0.0 if diff_norm == 0 else float("inf")
     if ref_norm > 0 and cand_norm > 0:
-        cosine = float(np.dot(c, r) / (cand_norm * ref_norm))
+        cosine = float(cr / (cand_norm * ref_norm))
     else:
         cosine = 1.0 if diff_norm == 0 else 0.0
-    return {"max_abs": float(np.max(np.abs(d))) if d.size else 0.0,
-            "mean_abs": float(np.mean(np.abs(d))) if d.size else 0.0,
-            "rel_l2": rel_l2, "cosine": cosine, "finite": bool(np.isfinite(c).all())}
+    return {"max_abs": max((p[4] for p in parts), default=0.0),
+            "mean_abs": sum(p[5] for p in parts) / size if size else 0.0,
+            "rel_l2": rel_l2, "cosine": cosine, "finite": finite}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -80,20 +115,28 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def _logits_sums(c, r, k):
+    c, r = c.astype(np.float64), r.astype(np.float64)
+    lr, lc = _log_softmax(r), _log_softmax(c)
+    kl = float((np.exp(lr) * (lr - lc)).sum())
+    top1 = int(np.sum(c.argmax(-1) == r.argmax(-1)))
+    # The k largest of each row, unordered (a full sort of a 256k vocabulary per position is slow).
+    tc = np.argpartition(-c, k - 1, axis=-1)[:, :k]
+    tr = np.argpartition(-r, k - 1, axis=-1)[:, :k]
+    overlap = sum(len(set(a) & set(b)) / k for a, b in zip(tc, tr))
+    return kl, top1, overlap
+
+
 def logits_metrics(cand: np.ndarray, ref: np.ndarray, k: int = TOPK) -> dict:
     """KL(ref || cand) per position (mean), top-1 agreement, mean top-k overlap."""
-    c = np.asarray(cand, np.float64).reshape(-1, cand.shape[-1])
-    r = np.asarray(ref, np.float64).reshape(-1, ref.shape[-1])
-    if not (np.isfinite(c).all() and np.isfinite(r).all()):
+    rows = int(np.prod(ref.shape[:-1]))
+    k = min(k, ref.shape[-1])
+    finite = all(_by_rows(lambda c, r: bool(np.isfinite(c).all() and np.isfinite(r).all()), cand, ref))
+    if not finite:
         return {"kl_mean": float("nan"), "top1_agreement": 0.0, "topk_overlap": 0.0, "k": k}
-    lr, lc = _log_softmax(r), _log_softmax(c)
-    kl = (np.exp(lr) * (lr - lc)).sum(axis=-1)
-    top1 = float(np.mean(c.argmax(-1) == r.argmax(-1)))
-    k = min(k, r.shape[-1])
-    tc = np.argsort(-c, axis=-1)[:, :k]
-    tr = np.argsort(-r, axis=-1)[:, :k]
-    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(tc, tr)])
-    return {"kl_mean": float(kl.mean()), "top1_agreement": top1, "topk_overlap": float(overlap), "k": k}
+    parts = _by_rows(lambda c, r: _logits_sums(c, r, k), cand, ref)
+    return {"kl_mean": sum(p[0] for p in parts) / rows, "top1_agreement": sum(p[1] for p in parts) / rows,
+            "topk_overlap": float(sum(p[2] for p in parts) / rows), "k": k}
 
 
 def noise_floors(ref_caps: dict, truth_caps: dict, dtype: str) -> dict[str, float]:
@@ -101,8 +144,17 @@ def noise_floors(ref_caps: dict, truth_caps: dict, dtype: str) -> dict[str, floa
     floors = {}
     for name, truth in truth_caps.items():
         if name in ref_caps:
-            floors[name] = point_metrics(ref_caps[name], round_to(truth, dtype))["rel_l2"]
+            # A sketched float64 capture was rounded to the dtype before it was sketched.
+            rounded = truth if isinstance(truth, Sketch) else round_to(truth, dtype)
+            floors[name] = point_metrics(ref_caps[name], rounded)["rel_l2"]
     return floors
+
+
+def load_captures(path) -> dict:
+    """A worker's captures file: whole arrays, and sketched points as `Sketch`."""
+    from llmdiff import safetensors_file
+
+    return sketch.load(safetensors_file.load(path))
 
 
 def compare_captures(cand_caps: dict, ref_caps: dict, floors: dict, dtype: str,
@@ -131,7 +183,10 @@ def compare_captures(cand_caps: dict, ref_caps: dict, floors: dict, dtype: str,
            "first_divergence": first, "points": rows, "missing_points": missing,
            "threshold": {**thresholds.to_dict(), "min_floor": min_floor}}
     if "logits" in cand_caps and "logits" in ref_caps and cand_caps["logits"].shape == ref_caps["logits"].shape:
-        run["logits"] = logits_metrics(cand_caps["logits"], ref_caps["logits"])
+        if not isinstance(cand_caps["logits"], Sketch):
+            run["logits"] = logits_metrics(cand_caps["logits"], ref_caps["logits"])
+        elif "logits:top_ids" in cand_caps and "logits:top_ids" in ref_caps:
+            run["logits"] = sketch.top_metrics(cand_caps, ref_caps, TOPK)
     return run
 
 

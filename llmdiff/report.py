@@ -221,6 +221,9 @@ def render(report: dict, console, *, all_points: bool = False) -> None:
             console.print(f"  not captured: {', '.join(run['missing_points'])}")
         if not all_points:
             console.print("  (embeddings, block outputs, final norm, logits and divergent points shown; --all-points for all)")
+        if any(p.get("estimated") for p in run["points"]):
+            console.print("  (sketched capture: rel L2 and cosine estimated from a 64-value random projection per"
+                          " position, about 1% over a prompt; absolute errors and KL need --capture full)")
         if run.get("local_divergence"):
             console.print(f"  teacher-forced: a local difference starts at {run['local_divergence']} (below the"
                           " accumulated noise, and no known bug's counterfactual confirms it)")

@@ -58,6 +58,49 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _sketch_on_host(caps: dict, round_to) -> dict:
+    """Sketch what an adapter returned whole (one that cannot sketch on its device), so that
+    every implementation of a run is compared the same way (`llmdiff/sketch.py`)."""
+    import numpy as np
+
+    from llmdiff import diff, sketch
+
+    out = {}
+    for name, a in caps.items():
+        if ":" in name:  # sketched already
+            out[name] = a
+            continue
+        x = np.asarray(a).reshape(*a.shape[:2], -1)
+        if round_to:
+            x = diff.round_to(x, round_to)
+        x = x.astype(np.float64)
+        if name == "logits":
+            ids = np.argpartition(-x, sketch.TOP - 1, axis=-1)[..., :sketch.TOP]  # ordered later
+            out["logits:top_values"] = np.take_along_axis(x, ids, -1).astype(np.float32)
+            out["logits:top_ids"] = ids
+        out[name + sketch.SUFFIX] = np.concatenate(
+            [x @ sketch.projection(x.shape[-1]), (x * x).sum(-1, keepdims=True)], axis=-1)
+    return out
+
+
+def _bench(adapter, prompts, timings) -> None:
+    """For `bench/`: a warm-up (compilation, kernels), then the bare forward (no capture) and
+    the capturing one, each timed on its own; the run that follows is then warm too."""
+    for tokens in prompts:
+        adapter.run(tokens)
+    if hasattr(adapter, "run_bare"):
+        for tokens in prompts:
+            adapter.run_bare(tokens)
+        t = time.perf_counter()
+        for tokens in prompts:
+            adapter.run_bare(tokens)
+        timings["bare_forward_s"] = round(time.perf_counter() - t, 4)
+    t = time.perf_counter()
+    for tokens in prompts:
+        adapter.run(tokens)
+    timings["capture_forward_s"] = round(time.perf_counter() - t, 4)
+
+
 def main(job_path: str) -> int:
     with open(job_path) as f:
         job = json.load(f)
@@ -91,17 +134,28 @@ def main(job_path: str) -> int:
         try:
             # A run may carry its own options (the oracle's counterfactual knobs, say).
             adapter.options = {**job.get("options", {}), **run.get("options", {})}
+            adapter.round_to = run.get("constants_dtype") if run["dtype"] == "float64" else None
             t = time.perf_counter()
             adapter.load(run["dtype"], run.get("constants_dtype"))
             meta["timings"]["load_s"] = round(time.perf_counter() - t, 3)
+            if adapter.options.get("bench"):
+                _bench(adapter, job["tokens"], meta["timings"])
             t = time.perf_counter()
             per_prompt = [adapter.run(tokens) for tokens in job["tokens"]]
+            if job.get("capture") == "sketch":
+                per_prompt = [_sketch_on_host(p, adapter.round_to) for p in per_prompt]
             meta["timings"]["run_s"] = round(time.perf_counter() - t, 3)
-            names = sorted(n for n in per_prompt[0] if adapter.wants(n))
+            names = sorted(n for n in per_prompt[0] if adapter.wants(n.split(":")[0]))
             captures = {n: np.concatenate([p[n] for p in per_prompt], axis=1) for n in names}
+            peak = getattr(adapter, "peak_device_bytes", lambda: None)()
+            if peak is not None:
+                meta["peak_device_bytes"] = int(peak)
+            t = time.perf_counter()
             safetensors_file.save(run["out"] + ".safetensors", captures)
+            meta["timings"]["save_s"] = round(time.perf_counter() - t, 3)
             describe = getattr(adapter, "describe", None)
-            meta.update(ok=True, points=names, details=describe() if describe else {})
+            meta.update(ok=True, points=sorted({n.split(":")[0] for n in names}), details=describe() if describe else {},
+                        capture=job.get("capture", "full"))
         except BaseException as exc:  # noqa: BLE001
             meta.update(error=_one_line(exc), traceback=traceback.format_exc())
             status = 1

@@ -25,7 +25,39 @@ class Reference:
         self.job = job
         self.options = job.get("options", {})
         selected = job.get("points")  # None: every point
+        # float64 runs that measure a noise floor at another dtype: sketched values are rounded
+        # to it first (set by the worker; `diff.noise_floors` rounds whole captures itself).
+        self.round_to: str | None = None
         self._wanted = None if selected is None else frozenset(selected)
+
+    @property
+    def sketching(self) -> bool:
+        """Whether points leave the device sketched (`llmdiff/sketch.py`), not whole."""
+        return self.job.get("capture") == "sketch"
+
+    def projection(self, n: int) -> np.ndarray:
+        """The sketch's projection for vectors of n values (numpy, cached)."""
+        from llmdiff import sketch
+
+        cache = self.__dict__.setdefault("_projections", {})
+        if n not in cache:
+            cache[n] = sketch.projection(n)
+        return cache[n]
+
+    def streams(self, dtype: str, device_bytes: int | None) -> bool:
+        """Whether this run goes one block at a time: asked for, or ("auto") when the weights at
+        `dtype` would take more than half of the device (`device_bytes`, None on the host)."""
+        stream = self.options.get("stream", "auto")
+        if stream != "auto":
+            return bool(stream)
+        if not device_bytes:
+            return False
+        from llmdiff.convert import canonical_shapes
+        from llmdiff.spec import ModelSpec
+
+        spec = ModelSpec.from_dict(self.job["spec"])
+        count = sum(int(np.prod(s)) for s in canonical_shapes(spec).values())
+        return count * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize > device_bytes / 2
 
     def wants(self, point: str) -> bool:
         """Whether the run asked for `point` (`--points`, `--layers`): skip the copy when not."""
@@ -39,3 +71,6 @@ class Reference:
 
     def run(self, tokens: list[int]) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    # Optional, for `bench/`: run_bare(tokens) runs the forward with no capture at all and
+    # returns when the device is done; peak_device_bytes() is the worker's peak device memory.

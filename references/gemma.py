@@ -16,6 +16,7 @@ G = N // K query heads per kv head, H head dim, F MLP width, V vocab.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -210,7 +211,7 @@ def embed(table, tokens, hidden: int, p: Precision):
 # The model
 
 
-def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", i: int, kind: str):
+def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", pre: str, kind: str):
     N, K, G, H = spec.num_heads, spec.num_kv_heads, spec.kv_groups, spec.head_dim
     attn = params["attn"]
     if N == K:  # DeepMind fuses the three projections when there is one kv head per query head
@@ -231,7 +232,7 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
     angles = rope_angles(x.shape[1], H, base, p, q.dtype, scale)
     q = rope(q, angles, p)                                                         # (B, T, N, H)
     k = rope(k, angles, p)                                                         # (B, S, K, H)
-    q, k, v = cap(f"L{i}.q", q), cap(f"L{i}.k", k), cap(f"L{i}.v", v)
+    q, k, v = cap(f"{pre}q", q), cap(f"{pre}k", k), cap(f"{pre}v", v)
 
     B, T = q.shape[:2]
     if p.query_scale == "spec":
@@ -272,27 +273,28 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
     return out
 
 
-def mlp(x, params, spec: ModelSpec, p: Precision, cap: "Tape", i: int):
+def mlp(x, params, spec: ModelSpec, p: Precision, cap: "Tape", pre: str):
     if spec.transpose_gating:  # the (2, F, D) layout of Gemma 2 9B/27B and Gemma 3
         gate, up = jnp.einsum("BTD,CFD->CBTF", x, params["gating_einsum"])        # 2 x (B, T, F)
     else:
         gate, up = jnp.einsum("BTD,CDF->CBTF", x, params["gating_einsum"])        # 2 x (B, T, F)
-    gate, up = cap(f"L{i}.mlp_gate", gate), cap(f"L{i}.mlp_up", up)
-    act = cap(f"L{i}.mlp_act", gelu(gate, p) * up)
+    gate, up = cap(f"{pre}mlp_gate", gate), cap(f"{pre}mlp_up", up)
+    act = cap(f"{pre}mlp_act", gelu(gate, p) * up)
     return jnp.einsum("BTF,FD->BTD", act, params["linear"])
 
 
-def block(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", i: int, kind: str):
-    h = cap(f"L{i}.attn_norm", rms_norm(x, params["pre_attention_norm"]["scale"], spec.norm_eps, p))
-    a = cap(f"L{i}.attn_out", attention(h, params, positions, spec, p, cap, i, kind))
+def block(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", pre: str, kind: str):
+    """One decoder layer; its points are recorded as `pre` + name ("L3." + "q")."""
+    h = cap(f"{pre}attn_norm", rms_norm(x, params["pre_attention_norm"]["scale"], spec.norm_eps, p))
+    a = cap(f"{pre}attn_out", attention(h, params, positions, spec, p, cap, pre, kind))
     if spec.post_attn_norm:  # Gemma 2/3
-        a = cap(f"L{i}.post_attn_norm", rms_norm(a, params["post_attention_norm"]["scale"], spec.norm_eps, p))
-    x = cap(f"L{i}.resid_mid", x + a)
-    h = cap(f"L{i}.mlp_norm", rms_norm(x, params["pre_ffw_norm"]["scale"], spec.norm_eps, p))
-    m = cap(f"L{i}.mlp_out", mlp(h, params["mlp"], spec, p, cap, i))
+        a = cap(f"{pre}post_attn_norm", rms_norm(a, params["post_attention_norm"]["scale"], spec.norm_eps, p))
+    x = cap(f"{pre}resid_mid", x + a)
+    h = cap(f"{pre}mlp_norm", rms_norm(x, params["pre_ffw_norm"]["scale"], spec.norm_eps, p))
+    m = cap(f"{pre}mlp_out", mlp(h, params["mlp"], spec, p, cap, pre))
     if spec.post_mlp_norm:  # Gemma 2/3
-        m = cap(f"L{i}.post_mlp_norm", rms_norm(m, params["post_ffw_norm"]["scale"], spec.norm_eps, p))
-    return cap(f"L{i}.out", x + m)
+        m = cap(f"{pre}post_mlp_norm", rms_norm(m, params["post_ffw_norm"]["scale"], spec.norm_eps, p))
+    return cap(f"{pre}out", x + m)
 
 
 class Tape(dict):
@@ -319,6 +321,20 @@ class Tape(dict):
         return value
 
 
+def head(x, final_scale, table, spec: ModelSpec, p: Precision, cap: "Tape"):
+    """Final norm and logits, recorded on `cap`."""
+    x = cap("final_norm", rms_norm(x, final_scale, spec.norm_eps, p))
+    # Tied embeddings: the output projection is the input table, transposed. Only the columns
+    # of ids a text token can take (not DeepMind's padding rows), as in every implementation.
+    table = table[: spec.text_vocab_size]                                          # (V, D)
+    logits = jnp.einsum("BTD,VD->BTV", x, table)
+    if spec.final_softcap and p.final_softcap == "on":  # Gemma 2, in the compute dtype
+        logits = softcap(logits, spec.final_softcap)
+    elif p.final_softcap not in ("on", "off"):
+        raise ValueError(f"final_softcap={p.final_softcap!r}")
+    cap("logits", logits)
+
+
 def forward(params, tokens, spec: ModelSpec, p: Precision, forced: dict | None = None) -> dict:
     """All canonical activations for `tokens` (B, T); the compute dtype is the params' dtype.
 
@@ -329,18 +345,67 @@ def forward(params, tokens, spec: ModelSpec, p: Precision, forced: dict | None =
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     x = cap("embed", embed(params["embedder"]["input_embedding"], tokens, spec.hidden_size, p))
     for i, kind in enumerate(layer_types(spec, p)):
-        x = block(x, params[f"layer_{i}"], positions, spec, p, cap, i, kind)
-    x = cap("final_norm", rms_norm(x, params["final_norm"]["scale"], spec.norm_eps, p))
-    # Tied embeddings: the output projection is the input table, transposed. Only the columns
-    # of ids a text token can take (not DeepMind's padding rows), as in every implementation.
-    table = params["embedder"]["input_embedding"][: spec.text_vocab_size]          # (V, D)
-    logits = jnp.einsum("BTD,VD->BTV", x, table)
-    if spec.final_softcap and p.final_softcap == "on":  # Gemma 2, in the compute dtype
-        logits = softcap(logits, spec.final_softcap)
-    elif p.final_softcap not in ("on", "off"):
-        raise ValueError(f"final_softcap={p.final_softcap!r}")
-    cap("logits", logits)
+        x = block(x, params[f"layer_{i}"], positions, spec, p, cap, f"L{i}.", kind)
+    head(x, params["final_norm"]["scale"], params["embedder"]["input_embedding"], spec, p, cap)
     return dict(cap)
 
 
 forward_jit = jax.jit(forward, static_argnames=("spec", "p"))
+
+
+# ---------------------------------------------------------------------------------------
+# The same model one block at a time
+
+
+def _whole(caps, aux):
+    return caps
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "p", "reduce"))
+def _embed_step(table, tokens, forced, aux, spec, p, reduce):
+    cap = Tape(forced)
+    return cap("embed", embed(table, tokens, spec.hidden_size, p)), reduce(dict(cap), aux)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "p", "kind", "reduce"))
+def _block_step(x, params, forced, aux, spec, p, kind, reduce):
+    cap = Tape(forced)
+    B, T = x.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    return block(x, params, positions, spec, p, cap, "", kind), reduce(dict(cap), aux)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "p", "reduce"))
+def _head_step(x, final_scale, table, forced, aux, spec, p, reduce):
+    cap = Tape(forced)
+    head(x, final_scale, table, spec, p, cap)
+    return reduce(dict(cap), aux)
+
+
+def forward_blocks(layer, top, tokens, spec: ModelSpec, p: Precision, forced: dict | None = None,
+                   reduce=_whole, aux=None) -> dict:
+    """`forward`, one jitted decoder block at a time, for models whose weights do not fit.
+
+    layer(i): layer i's params, asked for only when block i runs (made or read then, and
+    dropped after); top: {"embedder": ..., "final_norm": ...}. reduce(caps, aux): what each
+    step keeps of its captures (names without the "L3." prefix), traced into the step itself
+    (a hashable function; `aux` its arrays), so memory holds one block's weights and
+    activations. A block compiles once per attention kind, not once per layer.
+    """
+    def part(prefix):
+        if forced is None:
+            return None
+        return {k[len(prefix):]: v for k, v in forced.items() if k.startswith(prefix)}
+
+    table = top["embedder"]["input_embedding"]
+    x, out = _embed_step(table, tokens, None if forced is None else {k: v for k, v in forced.items() if k == "embed"},
+                         aux, spec, p, reduce)
+    out = dict(out)
+    for i, kind in enumerate(layer_types(spec, p)):
+        x, caps = _block_step(x, layer(i), part(f"L{i}."), aux, spec, p, kind, reduce)
+        out.update({f"L{i}.{k}": v for k, v in caps.items()})
+    names = ("final_norm", "logits")
+    out.update(_head_step(x, top["final_norm"]["scale"], table,
+                          None if forced is None else {k: v for k, v in forced.items() if k in names},
+                          aux, spec, p, reduce))
+    return out

@@ -18,12 +18,14 @@ pre-MLP norm). Logits are kept over the ids a text token can take (`text_vocab_s
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
 
 from llmdiff.references.base import Reference
 
+TOP_LOGITS = 8  # llmdiff.sketch.TOP
 _TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float64": "float64"}
 
 
@@ -53,23 +55,61 @@ class HFReference(Reference):
         import transformers
         from transformers import AutoModelForCausalLM
 
-        torch.manual_seed(0)
-        torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
-        # `dtype=` replaced `torch_dtype=` in transformers 4.56; older releases only know the latter.
-        dtype_kw = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
-        self.attn_implementation = self.options.get("attn", "eager")
-        model = AutoModelForCausalLM.from_pretrained(
-            self.job["weights"]["hf_dir"], attn_implementation=self.attn_implementation,
-            **{dtype_kw: torch_dtype})
-        model.eval()
+        self.model = self._weights = None  # the last run's model leaves the device first
         device = self.options.get("device", "auto")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda: torch sees no GPU here")
-        model.to(device)  # buffers too: RoPE's inv_freq keeps its float32 dtype through .to(device)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         self.device = device
+        torch.manual_seed(0)
+        self.torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
+        # `dtype=` replaced `torch_dtype=` in transformers 4.56; older releases only know the latter.
+        dtype_kw = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
+        self.attn_implementation = self.options.get("attn", "eager")
+        source = self.job["weights"]
+        self.stream = self.streams(dtype, torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None)
+        if "generate" in source or self.stream:
+            model = self._skeleton(source["hf_dir"], dtype_kw)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source["hf_dir"], attn_implementation=self.attn_implementation,
+                **{dtype_kw: self.torch_dtype})
+            model.to(device)  # buffers too: RoPE's inv_freq keeps its float32 dtype through .to(device)
+        model.eval()
         self.model = self.patch_model(model)
+
+    # --- Full-size weights: made on the device, or streamed block by block --------------------
+
+    def _skeleton(self, hf_dir, dtype_kw):
+        """The model with its parameters on the meta device (no memory) and its buffers (RoPE
+        tables) computed as `from_pretrained` computes them; then the parameters outside the
+        decoder layers are filled, and each layer's too unless they are streamed."""
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(hf_dir)
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(
+                config, attn_implementation=self.attn_implementation, **{dtype_kw: self.torch_dtype})
+        for module in model.modules():
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = b.to(self.device)
+        self._weights = _WeightSource(self, model)
+        self._weights.fill(self._weights.top_names())
+        layers = model.model.layers
+        if self.stream:
+            for i, layer in enumerate(layers):
+                layer.register_forward_pre_hook(lambda m, a, i=i: self._weights.fill(self._weights.layer_names(i)))
+                layer.register_forward_hook(lambda m, a, o, i=i: self._weights.drop(self._weights.layer_names(i)))
+        else:
+            for i in range(len(layers)):
+                self._weights.fill(self._weights.layer_names(i))
+        return model
 
     def patch_model(self, model):
         """Return the model to run. Subclasses (tests' mutants, porters' variants) change it here."""
@@ -80,12 +120,31 @@ class HFReference(Reference):
 
         model = self.model
         layers = model.model.layers
-        cap: dict[str, np.ndarray] = {}
+        cap: dict = {}
+        sketches: dict = {}
         current = {"layer": None}
         handles = []
 
         def save(name, t):
-            cap[name] = t.detach().to(torch.float64 if t.dtype == torch.float64 else torch.float32).cpu().numpy()
+            # Kept on the device until the forward is done: then one copy to the host, not one
+            # synchronising copy per point in the middle of the forward.
+            if not self.wants(name):
+                return
+            t = t.detach()
+            if self.sketching and name == "logits":  # the largest logits, values and ids
+                top = torch.topk(t.float(), TOP_LOGITS, dim=-1)
+                cap["logits:top_values"], cap["logits:top_ids"] = top.values, top.indices
+            if self.sketching:  # see llmdiff/sketch.py
+                x = t.reshape(t.shape[0], t.shape[1], -1)
+                if self.round_to:
+                    x = x.to(getattr(torch, self.round_to))
+                x = x.to(torch.float64)
+                R = self._projection_on_device(x.shape[-1])
+                sketches[name + ":sketch"] = torch.cat([x @ R, (x * x).sum(-1, keepdim=True)], -1)
+                return
+            # A copy: the model may still change its own tensor in place after this hook.
+            cap[name] = t if name == "logits" else t.to(torch.float64 if t.dtype == torch.float64 else torch.float32,
+                                                       copy=True)
 
         def on_output(name, transform=None):
             def hook(module, args, output):
@@ -157,7 +216,37 @@ class HFReference(Reference):
             modeling.apply_rotary_pos_emb = original_rope
             for h in handles:
                 h.remove()
-        return cap
+        host = {}
+        if sketches:
+            names = list(sketches)
+            stacked = torch.stack([sketches[n] for n in names]).cpu().numpy()
+            host.update(zip(names, stacked))
+        for name, t in cap.items():  # logits in their own dtype (half the bytes in bfloat16), then float32
+            t = t.cpu()
+            host[name] = (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+        return host
+
+    def _projection_on_device(self, n):
+        import torch
+
+        cache = self.__dict__.setdefault("_device_projections", {})
+        if n not in cache:
+            cache[n] = torch.from_numpy(self.projection(n)).to(self.device)
+        return cache[n]
+
+    def run_bare(self, tokens):
+        import torch
+
+        with torch.no_grad():
+            ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+            self.model(input_ids=ids, use_cache=False)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def peak_device_bytes(self):
+        import torch
+
+        return torch.cuda.max_memory_allocated() if self.device == "cuda" else None
 
     def describe(self):
         """What this implementation resolved to: evidence for static checks, not its version."""
@@ -167,9 +256,134 @@ class HFReference(Reference):
         embed = model.get_input_embeddings().weight
         head = model.get_output_embeddings().weight
         tied = head is embed or (head.shape == embed.shape and bool(torch.equal(head, embed)))
-        details = {"attn_implementation": self.attn_implementation, "device": str(embed.device),
+        details = {"attn_implementation": self.attn_implementation, "device": str(self.device),
+                   "streamed": self.stream,
                    "tied_lm_head": tied,
                    "activation": type(model.model.layers[0].mlp.act_fn).__name__}
         if not tied and head.shape == embed.shape:
             details["lm_head_max_abs_diff"] = float((head.float() - embed.float()).abs().max())
         return details
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build a model whose parameters live on the meta device (no memory, no init) and whose
+    buffers are computed as usual, as accelerate's `init_empty_weights(include_buffers=False)`:
+    every parameter is moved to meta as it is registered, before its module initialises it."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+class _WeightSource:
+    """The HF tensors of a skeleton model, by parameter name: made by llmdiff's seeded generator
+    on the device (`llmdiff.weights.generate_torch`: the very bits every other implementation
+    gets), or read from the checkpoint's safetensors files (memory-mapped, one tensor at a time)."""
+
+    def __init__(self, adapter, model):
+        from llmdiff.spec import ModelSpec
+
+        self.adapter, self.model = adapter, model
+        self.spec = ModelSpec.from_dict(adapter.job["spec"])
+        self.source = adapter.job["weights"]
+        self.files = {}
+        if "generate" not in self.source:
+            from pathlib import Path
+
+            from llmdiff import safetensors_file
+
+            for f in sorted(Path(self.source["hf_dir"]).glob("*.safetensors")):
+                for name in safetensors_file.read_header(f)[0]:
+                    self.files[name] = f
+
+    def top_names(self):
+        return [n for n, _ in self.model.named_parameters(remove_duplicate=False) if ".layers." not in n]
+
+    def layer_names(self, i):
+        prefix = f"model.layers.{i}."
+        return [n for n, _ in self.model.named_parameters() if n.startswith(prefix)]
+
+    def _set(self, name, tensor):
+        import torch
+
+        module_name, _, attr = name.rpartition(".")
+        module = self.model.get_submodule(module_name)
+        module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+
+    def drop(self, names):
+        import torch
+
+        for name in names:
+            p = self.model.get_parameter(name)
+            self._set(name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+    def fill(self, names):
+        import torch
+
+        adapter, spec = self.adapter, self.spec
+        dtype, device = adapter.torch_dtype, adapter.device
+        tied = "lm_head.weight" in names and "lm_head.weight" not in self.files  # made weights: always
+        names = [n for n in names if not (n == "lm_head.weight" and tied)]
+        if "generate" in self.source:
+            values = self._generated(names, dtype, device)
+        else:
+            values = {n: _to_torch(self._read(n)).to(device=device, dtype=dtype) for n in names}
+        for name, value in values.items():
+            self._set(name, value.contiguous())
+        if tied:  # lm_head is the embedding table itself
+            self.model.lm_head._parameters["weight"] = self.model.get_input_embeddings().weight
+
+    def _read(self, name):
+        from llmdiff import safetensors_file
+
+        if name not in self.files:
+            raise RuntimeError(f"{self.source['hf_dir']}: no tensor {name!r} in the checkpoint")
+        return safetensors_file.load(self.files[name], [name])[name]
+
+    def _generated(self, names, dtype, device):
+        import torch
+
+        from llmdiff import convert, weights
+
+        seed = self.source["generate"]["seed"]
+        shapes = convert.canonical_shapes(self.spec)
+
+        def make(canon_name):
+            return weights.generate_torch(self.spec, canon_name, shapes[canon_name], seed, device, dtype)
+
+        out = {}
+        layers = sorted({int(n.split(".")[2]) for n in names if n.startswith("model.layers.")})
+        for i in layers:
+            canon = {c: make(c) for c in convert.layer_names(self.spec, i)}
+            out.update({k: v for k, v in convert.to_hf_layer(self.spec, i, canon).items() if k in names})
+        if "model.norm.weight" in names:
+            out["model.norm.weight"] = make("final_norm")
+        if "model.embed_tokens.weight" in names:
+            table = make("embed")
+            rows = self.spec.hf_vocab_size or self.spec.vocab_size
+            if rows <= table.shape[0]:
+                table = table[:rows]
+            else:
+                table = torch.cat([table, table.new_zeros(rows - table.shape[0], table.shape[1])])
+            out["model.embed_tokens.weight"] = table
+        return out
+
+
+def _to_torch(a):
+    """A numpy array (bfloat16 through ml_dtypes too) as a CPU torch tensor."""
+    import torch
+
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))

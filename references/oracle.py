@@ -33,7 +33,18 @@ class OracleReference(Reference):
     def load(self, dtype, constants_dtype=None):
         import jax
 
+        self.top, self._layers = None, None  # the last run's weights leave the device first
+
         jax.config.update("jax_enable_x64", True)
+        # Compiled steps are kept across runs (a full-size model's first compile takes tens of
+        # seconds on a GPU); LLMDIFF_JAX_CACHE=off turns it off.
+        cache = os.environ.get("LLMDIFF_JAX_CACHE") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llmdiff", "jax")
+        if cache != "off" and not jax.config.jax_compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", cache)
+            # Every step, however quick to compile: the counterfactual runs of a diagnosis and a
+            # CI job's repeated runs compile the same small steps again and again otherwise.
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
         device = self.options.get("device", "auto")
         if device == "cpu" and jax.config.jax_platforms != "cpu":
             jax.config.update("jax_platforms", "cpu")  # before the first computation of this worker
@@ -44,9 +55,7 @@ class OracleReference(Reference):
         # float32 oracle would be a TF32 one (measured on an H200: fp32 logits 7.9e-4 from HF
         # instead of ~1e-6 on CPU). The oracle computes what float32 means.
         jax.config.update("jax_default_matmul_precision", "highest")
-        import jax.numpy as jnp
-
-        from llmdiff import convert, safetensors_file
+        from llmdiff import safetensors_file
         from llmdiff.references import gemma
         from llmdiff.spec import ModelSpec
 
@@ -55,29 +64,126 @@ class OracleReference(Reference):
         if constants_dtype:
             knobs["constants_dtype"] = constants_dtype
         self.precision = gemma.Precision(**knobs)
-        canon = safetensors_file.load(self.job["weights"]["canonical"])
-        flat = convert.to_deepmind(self.spec, canon)
-        self.params = jax.tree_util.tree_map(
-            lambda a: jnp.asarray(np.asarray(a), dtype=dtype), convert.unflatten(flat))
-        self._forward = gemma.forward_jit
+        self.dtype = dtype
+        self.top = {"embedder": {"input_embedding": self._tensors(["embed"])["embed"]},
+                    "final_norm": {"scale": self._tensors(["final_norm"])["final_norm"]}}
+        # Block streaming: each layer's weights are made (or read) when its block runs and
+        # dropped after; otherwise all of them are on the device from the start.
+        stats = jax.devices()[0].memory_stats() if self.device == "gpu" else None
+        self.stream = self.streams(dtype, (stats or {}).get("bytes_limit"))
+        if not self.stream:
+            self._layers = [self._layer(i) for i in range(self.spec.num_layers)]
         # Teacher forcing: another implementation's captures feed every op (see gemma.Tape).
         forced_from = self.options.get("forced_from")
         self._forced = None
         if forced_from:
             self._forced = {n: np.asarray(a) for n, a in safetensors_file.load(forced_from).items()}
+            if any(n.endswith(":sketch") for n in self._forced):
+                raise ValueError("teacher forcing needs whole captures, not sketches (--capture full)")
         self._offset = 0  # where the next prompt starts in the forced captures (prompts are concatenated)
 
-    def run(self, tokens):
+    def _tensors(self, names):
+        """Canonical tensors on the device: made by the seeded generator, or read from the file."""
         import jax.numpy as jnp
+
+        from llmdiff import convert, safetensors_file, weights
+
+        source = self.job["weights"]
+        if "generate" in source:
+            shapes = convert.canonical_shapes(self.spec)
+            return {n: weights.generate_jax(self.spec, n, shapes[n], source["generate"]["seed"], self.dtype)
+                    for n in names}
+        return {n: jnp.asarray(np.asarray(a), self.dtype)
+                for n, a in safetensors_file.load(source["canonical"], names).items()}
+
+    def _layer(self, i):
+        import jax.numpy as jnp
+
+        from llmdiff import convert
+
+        if self._layers is not None:
+            return self._layers[i]
+        canon = self._tensors(convert.layer_names(self.spec, i))
+        return convert.unflatten(convert.to_deepmind_layer(self.spec, i, canon, stack=jnp.stack))
+
+    def _reducer(self):
+        """What each step keeps on the device of its captures, and the projections it needs."""
+        import jax.numpy as jnp
+
+        reduce = _Reduce(self.sketching, self.round_to)
+        if not self.sketching:
+            return reduce, None
+        if getattr(self, "_aux", None) is None:  # on the device once per worker
+            s = self.spec
+            widths = {s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.mlp_dim,
+                      s.text_vocab_size}
+            self._aux = {n: jnp.asarray(self.projection(n)) for n in sorted(widths)}
+        return reduce, self._aux
+
+    def run(self, tokens):
+        import jax
+        import jax.numpy as jnp
+
+        from llmdiff.references import gemma
 
         forced = None
         if self._forced is not None:
             lo, hi = self._offset, self._offset + len(tokens)
             forced = {n: jnp.asarray(a[:, lo:hi]) for n, a in self._forced.items()}
             self._offset = hi
-        cap = self._forward(self.params, jnp.asarray([tokens], jnp.int32), self.spec, self.precision, forced)
-        return {k: np.asarray(v.astype(jnp.float64 if v.dtype == jnp.float64 else jnp.float32))
-                for k, v in cap.items()}
+        reduce, aux = self._reducer()
+        caps = gemma.forward_blocks(self._layer, self.top, jnp.asarray([tokens], jnp.int32), self.spec,
+                                    self.precision, forced, reduce=reduce, aux=aux)
+        wanted = {k: v for k, v in caps.items() if self.wants(k.split(":")[0])}
+        return {k: np.asarray(v) for k, v in jax.device_get(wanted).items()}  # one transfer
+
+    def run_bare(self, tokens):
+        import jax.numpy as jnp
+
+        from llmdiff.references import gemma
+
+        caps = gemma.forward_blocks(self._layer, self.top, jnp.asarray([tokens], jnp.int32), self.spec,
+                                    self.precision, reduce=_logits_only)
+        caps["logits"].block_until_ready()
+
+    def peak_device_bytes(self):
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use")
 
     def describe(self):
-        return {**dataclasses.asdict(self.precision), "device": self.device}
+        return {**dataclasses.asdict(self.precision), "device": self.device, "streamed": self.stream}
+
+
+def _logits_only(caps, aux):
+    return {k: v for k, v in caps.items() if k == "logits"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reduce:
+    """Traced into each jitted step (`gemma.forward_blocks`): every point whole (float32, or
+    float64 in a float64 run), or sketched (`llmdiff/sketch.py`); a float64 run that measures a
+    floor at another dtype rounds to it first. Hashable: it is a static argument."""
+
+    sketching: bool
+    round_to: str | None
+
+    def __call__(self, caps, projections):
+        import jax
+        import jax.numpy as jnp
+
+        out = {}
+        for name, v in caps.items():
+            if self.sketching:
+                x = v.reshape(*v.shape[:2], -1)
+                if self.round_to:
+                    x = x.astype(self.round_to)
+                if name == "logits":  # the largest logits, values and ids
+                    out["logits:top_values"], out["logits:top_ids"] = jax.lax.top_k(x.astype(jnp.float32), 8)
+                x = x.astype(jnp.float64)
+                out[name + ":sketch"] = jnp.concatenate(
+                    [x @ projections[x.shape[-1]], jnp.sum(x * x, axis=-1, keepdims=True)], axis=-1)
+            else:
+                out[name] = v.astype(jnp.float64 if v.dtype == jnp.float64 else jnp.float32)
+        return out

@@ -188,3 +188,24 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(llmdiff_cli):
     assert code == 2
     assert "--device cuda: torch sees no GPU here" in err and "--device cuda: jax sees no GPU here" in err
     assert all(not i["ok"] for i in report["implementations"])
+
+
+def test_sketched_streamed_compare_of_synthetic_prompts(llmdiff_cli):
+    """What a full-size GPU run does (sketches, block streaming, --tokens), on a tiny model."""
+    code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--dtype", "float32", "--tokens", "40,9",
+                                       "--capture", "sketch", "--stream")
+    assert code == 0, out
+    assert report["tokens"]["lengths"] == [40, 9] and report["tokens"]["source"] == "synthetic"
+    assert report["options"]["capture"] == "sketch" and report["options"]["stream"] is True
+    assert all(i["details"]["streamed"] for i in report["implementations"])
+    run = report["runs"][0]
+    assert run["logits"]["kl_mean"] is None and run["logits"]["top1_agreement"] == 1.0
+    assert all(p["max_abs"] is None and p["estimated"] for p in run["points"])
+    assert "estimated" in out
+
+
+@pytest.mark.parametrize("bad", ["abc", "512,1"])
+def test_bad_prompt_lengths_are_one_line_errors(llmdiff_cli, bad):
+    code, _, err, _ = llmdiff_cli("compare", "gemma-7b", "--tiny", "--tokens", bad)
+    assert code == 2 and err.count("\n") == 1 and "--tokens" in err
+

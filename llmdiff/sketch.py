@@ -1,0 +1,89 @@
+"""Sketched captures: what a full-size diff needs, computed where the activations are.
+
+A full-size capture does not leave the device whole (gemma-7b at 512 tokens: 6 GB per float32
+run, 12 GB per float64 one). Instead each position's vector x (n values) becomes n2 = |x|^2,
+exact, and a random projection s = x R (R: n x K, entries +-1/sqrt(K), the same for every
+implementation), in float64 on the device. Then for a candidate c and a reference r
+
+    |s_c - s_r|^2 = |(c - r) R|^2,  whose expectation is |c - r|^2
+
+(Johnson-Lindenstrauss): relative L2 distances are estimated with a relative standard error
+of about sqrt(2 / (K * positions that differ)), under 1% over a whole prompt, 18% if a single
+position differs; the reference norm is exact. Max/mean absolute differences need every
+value and are not reported. float64 keeps the projection's own rounding (~1e-16) far below the
+smallest floor llmdiff judges (~1e-9). The logits are sketched too, and each position's
+`TOP` largest logits (values and ids) come along: top-1 and top-k agreement stay exact; the KL
+divergence needs both implementations' every logit and is not reported.
+
+Arrays here are numpy; workers apply `project` with their framework's ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+K = 64
+SUFFIX = ":sketch"   # key of a sketched point in a captures file: "L3.q:sketch", shape (B, T, K + 1)
+TOP = 8              # "logits:top_values" (B, T, TOP) float32 and "logits:top_ids" (B, T, TOP) int
+_SEED = 0x5EED
+
+
+def projection(n: int, k: int = K) -> np.ndarray:
+    """R (n, k), float64 entries +-1/sqrt(k) from an integer hash: identical everywhere."""
+    from llmdiff.weights import _hash32
+
+    bits = _hash32(_hash32(np.arange(n * k, dtype=np.int64)) ^ _SEED) & 1
+    return ((bits * 2 - 1) / math.sqrt(k)).astype(np.float64).reshape(n, k)
+
+
+class Sketch:
+    """A sketched point: data (B, T, K + 1) float64, columns [s_1..s_K, |x|^2] per position."""
+
+    def __init__(self, data: np.ndarray):
+        self.data = np.asarray(data, np.float64)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+
+def load(tensors: dict) -> dict:
+    """Captures as read from a file: sketched points wrapped in `Sketch`, under their own name."""
+    return {k[: -len(SUFFIX)] if k.endswith(SUFFIX) else k: Sketch(v) if k.endswith(SUFFIX) else v
+            for k, v in tensors.items()}
+
+
+def top_ids(values: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """The k largest per position, ties to the lower id (numpy's argmax rule), whatever order
+    the framework's top-k gave them in."""
+    order = np.lexsort((ids, -values.astype(np.float64)), axis=-1)
+    return np.take_along_axis(ids, order, axis=-1)[..., :k]
+
+
+def top_metrics(cand: dict, ref: dict, k: int) -> dict:
+    """Top-1 agreement and mean top-k overlap from each side's `TOP` largest logits."""
+    c = top_ids(cand["logits:top_values"], cand["logits:top_ids"], k).reshape(-1, k)
+    r = top_ids(ref["logits:top_values"], ref["logits:top_ids"], k).reshape(-1, k)
+    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(c, r)]))
+    return {"kl_mean": None, "top1_agreement": float(np.mean(c[:, 0] == r[:, 0])), "topk_overlap": overlap, "k": k}
+
+
+def metrics(cand: Sketch, ref: Sketch) -> dict:
+    """`diff.point_metrics` from sketches: rel_l2 and cosine estimated, no absolute errors."""
+    sc, sr = cand.data[..., :-1], ref.data[..., :-1]
+    c2, r2 = float(cand.data[..., -1].sum()), float(ref.data[..., -1].sum())
+    finite = bool(np.isfinite(cand.data).all())
+    d2 = float(np.sum((sc - sr) ** 2))
+    ref_norm, cand_norm = math.sqrt(max(r2, 0.0)), math.sqrt(max(c2, 0.0))
+    if ref_norm > 0:
+        rel_l2 = math.sqrt(d2) / ref_norm
+    else:
+        rel_l2 = 0.0 if d2 == 0 else float("inf")
+    if ref_norm > 0 and cand_norm > 0:  # |c|^2 + |r|^2 - |c - r|^2 = 2 c.r, norms exact
+        cosine = max(-1.0, min(1.0, (c2 + r2 - d2) / (2 * cand_norm * ref_norm)))
+    else:
+        cosine = 1.0 if d2 == 0 else 0.0
+    return {"max_abs": None, "mean_abs": None, "rel_l2": rel_l2 if finite else float("nan"),
+            "cosine": cosine, "finite": finite, "estimated": True}

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from llmdiff import diff, sketch
+
+
+def _sketch(x, R):
+    x = x.reshape(*x.shape[:2], -1).astype(np.float64)
+    return sketch.Sketch(np.concatenate([x @ R, (x * x).sum(-1, keepdims=True)], -1))
+
+
+def test_projection_is_fixed_and_scaled():
+    R = sketch.projection(300)
+    assert np.array_equal(R, sketch.projection(300))
+    assert set(np.unique(R)) == {-1 / 8, 1 / 8}
+    G = R.T @ R
+    assert np.allclose(np.diag(G), 300 / 64)
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1e-3, 1e-1])
+def test_sketched_rel_l2_estimates_the_exact_one(scale):
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((1, 200, 4, 24)).astype(np.float32)
+    cand = ref + (scale * rng.standard_normal(ref.shape)).astype(np.float32)
+    R = sketch.projection(96)
+    exact = diff.point_metrics(cand, ref)
+    est = diff.point_metrics(_sketch(cand, R), _sketch(ref, R))
+    assert est["rel_l2"] == pytest.approx(exact["rel_l2"], rel=0.05)
+    assert est["cosine"] == pytest.approx(exact["cosine"], abs=1e-9 + 0.05 * (1 - exact["cosine"]))
+    assert est["max_abs"] is None and est["estimated"]
+
+
+def test_sketch_of_identical_and_of_nonfinite_values():
+    x = np.ones((1, 3, 8), np.float32)
+    R = sketch.projection(8)
+    assert diff.point_metrics(_sketch(x, R), _sketch(x, R))["rel_l2"] == 0.0
+    bad = x.copy()
+    bad[0, 1, 2] = np.nan
+    m = diff.point_metrics(_sketch(bad, R), _sketch(x, R))
+    assert not m["finite"]
+    with pytest.raises(ValueError, match="sketched"):
+        diff.point_metrics(_sketch(x, R), x)
+
+
+def test_top_metrics_break_ties_like_argmax():
+    values = np.array([[[3.0, 5.0, 5.0, 1.0]]], np.float32)
+    cand = {"logits:top_values": values, "logits:top_ids": np.array([[[7, 9, 2, 4]]])}
+    ref = {"logits:top_values": values, "logits:top_ids": np.array([[[7, 2, 9, 4]]])}
+    m = sketch.top_metrics(cand, ref, 2)
+    assert m == {"kl_mean": None, "top1_agreement": 1.0, "topk_overlap": 1.0, "k": 2}
+    assert sketch.top_ids(values, cand["logits:top_ids"], 2).tolist() == [[[2, 9]]]
+
+
+def test_worker_sketches_what_an_adapter_returned_whole():
+    """An adapter that cannot sketch on its device (a third-party one) is sketched by its worker
+    exactly as hf and the oracle sketch on theirs."""
+    from llmdiff import worker
+
+    rng = np.random.default_rng(1)
+    caps = {"L0.q": rng.standard_normal((1, 5, 2, 4)).astype(np.float32),
+            "logits": rng.standard_normal((1, 5, 40)).astype(np.float32)}
+    out = worker._sketch_on_host(caps, None)
+    R = sketch.projection(8)
+    assert np.array_equal(out["L0.q:sketch"], _sketch(caps["L0.q"], R).data)
+    assert out["logits:sketch"].shape == (1, 5, sketch.K + 1)
+    ids = sketch.top_ids(out["logits:top_values"], out["logits:top_ids"], 3)
+    assert np.array_equal(ids, np.argsort(-caps["logits"], axis=-1)[..., :3])
+    rounded = worker._sketch_on_host({"L0.q": caps["L0.q"].astype(np.float64)}, "bfloat16")["L0.q:sketch"]
+    assert np.array_equal(rounded, _sketch(diff.round_to(caps["L0.q"], "bfloat16"), R).data)

@@ -1,0 +1,89 @@
+"""Block-streamed and whole-model runs give identical captures; so do weights made on the
+device and weights read from files. CPU, tiny models."""
+
+import numpy as np
+import pytest
+
+from llmdiff import inputs, safetensors_file, weights
+from llmdiff.runner import Implementation, RunRequest, run_worker
+from llmdiff.spec import get_spec
+
+pytest.importorskip("torch")
+pytest.importorskip("jax")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    work = tmp_path_factory.mktemp("stream")
+    spec = get_spec("gemma-2-2b", tiny=True)  # local and global layers, four norms, softcaps
+    canon = weights.random_weights(spec)
+    weights.save_canonical(work / "canonical.safetensors", canon)
+    hf_dir = weights.write_hf_checkpoint(work / "hf", spec, canon)
+    return spec, work, {"canonical": str(work / "canonical.safetensors"), "hf_dir": str(hf_dir)}
+
+
+def _job(spec, source, capture="full"):
+    return {"spec": spec.to_dict(), "tokens": inputs.synthetic_prompts(spec, 0, (20, 150)), "points": None,
+            "options": {"device": "cpu"}, "weights": source, "capture": capture}
+
+
+def _run(impl, job, work, runs):
+    requests = [RunRequest(d, str(work / f"{impl}-{label}-{d}"), options={"stream": s}) for label, d, s in runs]
+    out = {}
+    for (label, d, _), r in zip(runs, run_worker(Implementation.parse(impl), job, requests, work)):
+        assert r.ok, r.error
+        out[label, d] = {k: np.asarray(v) for k, v in safetensors_file.load(r.captures_path).items()}
+    return out
+
+
+_WHOLE: dict = {}  # float32 whole-model captures, reused by the sketch test
+
+
+@pytest.mark.parametrize("impl", ["hf", "oracle"])
+def test_streamed_and_made_weights_give_identical_captures(setup, impl):
+    spec, work, files = setup
+    runs = [("whole", "float32", False), ("stream", "float32", True),
+            ("whole", "bfloat16", False), ("stream", "bfloat16", True)]
+    got = _run(impl, _job(spec, files), work, runs)
+    made = _run(impl, _job(spec, {"generate": {"seed": 0}, "hf_dir": files["hf_dir"]}), work,
+                [("made", "float32", False), ("made-stream", "bfloat16", True)])
+    got.update(made)
+    _WHOLE[impl] = got["whole", "float32"]
+    for (label, d), caps in got.items():
+        whole = got["whole", d]
+        assert sorted(caps) == sorted(whole) and len(whole) == 31
+        differ = [k for k in whole if not np.array_equal(whole[k], caps[k])]
+        assert not differ, f"{impl} {label} {d}: {differ[:3]}"
+
+
+def test_sketched_captures_agree_across_implementations(setup):
+    """hf and the oracle sketch with the same projection: the sketched distance estimates the
+    exact one point by point, and top-1/top-k agreement is exact."""
+    from llmdiff import diff
+
+    spec, work, files = setup
+    caps = {}
+    for impl in ("hf", "oracle"):
+        whole = _WHOLE.get(impl) or _run(impl, _job(spec, files), work, [("whole", "float32", False)])["whole", "float32"]
+        caps[impl, "full"] = diff.sketch.load(whole)
+        r, = run_worker(Implementation.parse(impl), _job(spec, files, "sketch"), [
+            RunRequest("float32", str(work / f"{impl}-sketch"))], work)
+        assert r.ok, r.error
+        caps[impl, "sketch"] = diff.load_captures(r.captures_path)
+    for name in ("embed", "L0.q", "L1.mlp_act", "final_norm", "logits"):
+        exact = diff.point_metrics(caps["hf", "full"][name], caps["oracle", "full"][name])["rel_l2"]
+        est = diff.point_metrics(caps["hf", "sketch"][name], caps["oracle", "sketch"][name])["rel_l2"]
+        assert est == pytest.approx(exact, rel=0.3, abs=1e-12), name
+    top = diff.sketch.top_metrics(caps["hf", "sketch"], caps["oracle", "sketch"], 5)
+    full = diff.logits_metrics(caps["hf", "full"]["logits"], caps["oracle", "full"]["logits"])
+    assert top["top1_agreement"] == full["top1_agreement"] and top["topk_overlap"] == full["topk_overlap"]
+
+
+def test_gpu_streamed_compare_or_skip():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU: the GPU paths run in bench/gpu_compare.py on a device")
+    import llmdiff
+
+    result = llmdiff.compare("gemma-2-2b", tiny=True, device="cuda", generate=True, stream=True, capture="sketch")
+    assert result, result.summary()
