@@ -1,0 +1,194 @@
+"""GPU benchmark (issue: GPU and scale): a full-size model, random weights, one long prompt.
+
+    python bench/gpu_compare.py --out DIR                      # gemma-7b, 512 tokens, fp32 + bf16
+    python bench/gpu_compare.py --out DIR --model gemma-2-27b --dtype bfloat16 --only e2e
+
+One call measures, for hf and the oracle:
+  e2e       `python -m llmdiff compare MODEL --tokens N --device cuda` in a fresh process: the
+            wall time a user waits, process starts, weight making and JIT included;
+  bench     the same comparison through the API with `bench=True`: each worker, after a warm-up
+            run, times a bare forward (no hooks, no capture) and a capturing one, and records its
+            peak GPU memory; the parent times the diff;
+  debugger  the peer a porter uses today on the same model and prompt: HF's
+            `model_addition_debugger_context`, and plain hooks copying every module output to the
+            host (the naive capture).
+It writes DIR/results.json and DIR/results.md (the table that goes into bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("torch", "transformers", "jax", "numpy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    try:
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        out["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    return out
+
+
+def e2e(model, tokens, dtypes, out: Path, extra=()) -> dict:
+    json_path = out / f"e2e-{model}.json"
+    cmd = [sys.executable, "-m", "llmdiff", "compare", model, "--tokens", str(tokens), "--device", "cuda",
+           "--impl", "hf", "--json", str(json_path), "-q", *sum((["--dtype", d] for d in dtypes), []), *extra]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    result = {"command": " ".join(cmd[1:]), "wall_s": round(wall, 2), "exit_code": proc.returncode,
+              "stderr_tail": proc.stderr[-2000:]}
+    if json_path.exists():
+        report = json.loads(json_path.read_text())
+        result["runs"] = [{k: r.get(k) for k in ("candidate", "dtype", "verdict", "first_divergence")}
+                          | {"logits_rel_l2": next((p["rel_l2"] for p in r["points"] if p["name"] == "logits"), None),
+                             "worst_floor_ratio": max((p.get("floor_ratio") or 0) for p in r["points"]) if r["points"] else None}
+                          for r in report["runs"]]
+        result["findings"] = [f"{f['code']} {f['implementation']} [{f['dtype']}] at {f['where']}" for f in report["findings"]]
+        result["timings"] = report["timings"]
+        result["capture"] = report["options"].get("capture")
+        result["details"] = {i["name"]: i.get("details") for i in report["implementations"]}
+    return result
+
+
+def bench(model, tokens, dtypes) -> dict:
+    from llmdiff import api
+    from llmdiff.convert import canonical_shapes
+    from llmdiff.spec import get_spec
+
+    spec = get_spec(model)
+    params = sum(int(__import__("numpy").prod(s)) for s in canonical_shapes(spec).values())
+    t = time.perf_counter()
+    result = api.compare(model, impls=["hf"], dtypes=dtypes, device="cuda", lengths=(tokens,), bench=True,
+                         diagnose=False)
+    wall = time.perf_counter() - t
+    report = result.report
+    rows = []
+    for key, timings in report["timings"]["workers"].items():
+        impl, label = key.split("/", 1)
+        rows.append({"worker_run": key, **{k: timings.get(k) for k in (
+            "load_s", "bare_forward_s", "capture_forward_s", "run_s", "save_s")}})
+    meta_peaks = {i["name"]: i.get("peak_device_bytes") for i in report["implementations"]}
+    return {"wall_s": round(wall, 2), "exit_code": report["exit_code"], "diff_s": report["timings"].get("diff_s"),
+            "params": params, "rows": rows, "peaks": meta_peaks,
+            "runs": [{k: r.get(k) for k in ("candidate", "dtype", "verdict", "first_divergence")} for r in report["runs"]]}
+
+
+def debugger(model, tokens, dtypes, out: Path) -> dict:
+    """HF's model_addition_debugger_context and naive host-copy hooks, on the model llmdiff's HF
+    worker builds (the same made weights), the same synthetic prompt."""
+    import torch
+    from transformers.model_debugging_utils import model_addition_debugger_context
+
+    from llmdiff import inputs, weights
+    from llmdiff.references.hf import HFReference
+    from llmdiff.spec import get_spec
+
+    spec = get_spec(model)
+    work = Path(tempfile.mkdtemp(prefix="llmdiff-bench-"))
+    hf_dir = weights.write_hf_config(work / "hf-config", spec)
+    ids = inputs.synthetic_prompts(spec, 0, (tokens,))[0]
+    job = {"spec": spec.to_dict(), "tokens": [ids], "options": {"device": "cuda", "stream": False},
+           "weights": {"generate": {"seed": 0}, "hf_dir": str(hf_dir)}, "capture": "full"}
+    out_rows = []
+    for dtype in dtypes:
+        adapter = HFReference(job)
+        adapter.load(dtype)
+        m = adapter.model
+        x = torch.tensor([ids], device="cuda")
+
+        def forward():
+            with torch.no_grad():
+                m(input_ids=x, use_cache=False)
+            torch.cuda.synchronize()
+
+        forward()
+        t = time.perf_counter()
+        forward()
+        bare = time.perf_counter() - t
+        row = {"dtype": dtype, "bare_forward_s": round(bare, 4)}
+        # naive: every module's output copied to the host
+        store, handles = [], []
+
+        def hook(module, args, output):
+            o = output[0] if isinstance(output, tuple) else output
+            if torch.is_tensor(o):
+                store.append(o.detach().float().cpu())
+        for mod in m.modules():
+            handles.append(mod.register_forward_hook(hook))
+        forward()
+        store.clear()
+        t = time.perf_counter()
+        forward()
+        row["naive_hooks_s"] = round(time.perf_counter() - t, 4)
+        store.clear()
+        for h in handles:
+            h.remove()
+        for use_repr in (True, False):
+            path = work / f"debug-{dtype}-{use_repr}"
+            path.mkdir()
+            t = time.perf_counter()
+            with model_addition_debugger_context(m, debug_path=str(path), use_repr=use_repr):
+                forward()
+            row[f"hf_debugger_{'repr' if use_repr else 'tensors'}_s"] = round(time.perf_counter() - t, 3)
+        out_rows.append(row)
+        adapter.model = m = None
+        torch.cuda.empty_cache()
+    return {"rows": out_rows}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="gemma-7b")
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--dtype", dest="dtypes", action="append")
+    ap.add_argument("--only", action="append", choices=["e2e", "bench", "debugger"])
+    ap.add_argument("--e2e-arg", dest="e2e_args", action="append", default=[])
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtypes = args.dtypes or ["float32", "bfloat16"]
+    parts = args.only or ["e2e", "bench", "debugger"]
+    results = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "tokens": args.tokens, "dtypes": dtypes,
+               "versions": versions()}
+    path = out / f"results-{args.model}.json"
+    for part in parts:
+        print(f"--- {part}", flush=True)
+        try:
+            if part == "e2e":
+                results["e2e"] = e2e(args.model, args.tokens, dtypes, out, args.e2e_args)
+            elif part == "bench":
+                results["bench"] = bench(args.model, args.tokens, dtypes)
+            else:
+                results["debugger"] = debugger(args.model, args.tokens, dtypes, out)
+        except Exception as e:  # noqa: BLE001 - keep what the other parts measured
+            import traceback
+
+            results[part] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+        path.write_text(json.dumps(results, indent=1))
+        print(json.dumps(results[part], indent=1)[:4000], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
