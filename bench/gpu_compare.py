@@ -51,12 +51,14 @@ def versions() -> dict:
 def e2e(model, tokens, dtypes, out: Path, extra=()) -> dict:
     json_path = out / f"e2e-{model}.json"
     cmd = [sys.executable, "-m", "llmdiff", "compare", model, "--tokens", str(tokens), "--device", "cuda",
-           "--impl", "hf", "--json", str(json_path), "-q", *sum((["--dtype", d] for d in dtypes), []), *extra]
+           "--impl", "hf", "--json", str(json_path), *sum((["--dtype", d] for d in dtypes), []), *extra]
+    log = out / f"e2e-{model}.log"  # written as it goes: a run cut short still says where it was
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - t
     result = {"command": " ".join(cmd[1:]), "wall_s": round(wall, 2), "exit_code": proc.returncode,
-              "stderr_tail": proc.stderr[-2000:]}
+              "log_tail": log.read_text()[-2000:]}
     if json_path.exists():
         report = json.loads(json_path.read_text())
         result["runs"] = [{k: r.get(k) for k in ("candidate", "dtype", "verdict", "first_divergence")}

@@ -73,7 +73,8 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
             timeout: float | None = None, select=(), ignore=(), diagnose: bool = True,
             thresholds: diff.Thresholds = diff.DEFAULT_THRESHOLDS, points=None, layers=None,
             device: str = "auto", capture: str = "auto", stream: bool | str = "auto", lengths=None,
-            bench: bool = False, generate: bool | None = None, progress=None) -> CompareResult:
+            bench: bool = False, generate: bool | None = None, devices: int | None = None,
+            progress=None) -> CompareResult:
     """Run `model` in each implementation and the oracle, and compare every canonical point.
 
     impls: implementation names (`hf`, `oracle`), `NAME@PYTHON`, or adapters `module:Class`.
@@ -91,6 +92,8 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
         its weights would take more than half of the device's memory (GPUs only).
     generate: random weights made by each worker on its own device (None: for full-size
         models), not by this process.
+    devices: spread each run over this many devices, whole decoder layers to a device (the
+        oracle; hf needs accelerate's device maps, not built yet). None: one.
     lengths: prompt lengths in tokens for synthetic prompts (models without a tokenizer).
     bench: workers also time a bare forward and a capturing one (`bench/`).
     select, ignore: checks by code, name or prefix (`LD3`); diagnose=False skips the checks.
@@ -146,6 +149,7 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
             capture = "sketch" if _capture_bytes(spec, selected, tokens) > SKETCH_ABOVE_BYTES else "full"
         job = {"spec": spec.to_dict(), "tokens": tokens,
                "options": {"attn": attn, "device": device, "stream": stream,
+                           **({"devices": devices} if devices and devices > 1 else {}),
                            **({"bench": True} if bench else {})},
                "points": None if selected == capture_points(spec) else selected,
                "capture": capture, "weights": job_weights}

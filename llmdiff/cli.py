@@ -148,13 +148,16 @@ def _output_options(f):
 @click.option("--capture", type=click.Choice(["auto", "full", "sketch"]), default="auto", show_default=True,
               help="full: every value leaves the device; sketch: per-position norms and a random projection,"
                    " computed on the device (estimated rel L2, no max abs); auto: sketch above 1 GiB per run.")
-@click.option("--stream", is_flag=True,
-              help="Run one decoder block at a time, only its weights on the device (models larger than it).")
+@click.option("--stream/--no-stream", default=None,
+              help="Run one decoder block at a time, only its weights on the device (models larger than it);"
+                   " default: when a run's weights would take over half of the GPU.")
+@click.option("--devices", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Spread each run over N devices, whole decoder layers to a device (oracle only for now).")
 @click.option("--tokens", "lengths", default=None, metavar="N[,N...]",
               help="Lengths of the synthetic prompts (models without a tokenizer), e.g. 512.")
 @_output_options
 def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, workdir, save_captures, timeout,
-            select, ignore, no_diagnose, device, points, layers, capture, stream, lengths, json_path, out, floor_factor, thresholds,
+            select, ignore, no_diagnose, device, points, layers, capture, stream, devices, lengths, json_path, out, floor_factor, thresholds,
             baseline, baseline_factor, all_points, quiet, no_color, debug):
     """Compare MODEL across implementations, point by point, in float32 and bfloat16.
 
@@ -177,8 +180,9 @@ def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, workdir,
             timeout=timeout if timeout is not None else config.get("timeout"),
             select=select or config.get("select", ()), ignore=ignore or config.get("ignore", ()),
             diagnose=not no_diagnose, thresholds=_thresholds(floor_factor, thresholds, config),
-            device=device, points=points or None, layers=_layers(layers), capture=capture, stream=stream,
-            lengths=_lengths(lengths),
+            device=device, points=points or None, layers=_layers(layers), capture=capture,
+            stream="auto" if stream is None else stream,
+            lengths=_lengths(lengths), devices=devices,
             progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
         _finish(result, console, out=out, json_path=json_path, baseline=baseline, baseline_factor=baseline_factor,
                 quiet=quiet, all_points=all_points, config=config)

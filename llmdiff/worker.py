@@ -148,8 +148,8 @@ def main(job_path: str) -> int:
             names = sorted(n for n in per_prompt[0] if adapter.wants(n.split(":")[0]))
             captures = {n: np.concatenate([p[n] for p in per_prompt], axis=1) for n in names}
             peak = getattr(adapter, "peak_device_bytes", lambda: None)()
-            if peak is not None:
-                meta["peak_device_bytes"] = int(peak)
+            if peak is not None:  # one number, or {device: bytes} for a run over several devices
+                meta["peak_device_bytes"] = {k: int(v) for k, v in peak.items()} if isinstance(peak, dict) else int(peak)
             t = time.perf_counter()
             safetensors_file.save(run["out"] + ".safetensors", captures)
             meta["timings"]["save_s"] = round(time.perf_counter() - t, 3)

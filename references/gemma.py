@@ -383,7 +383,7 @@ def _head_step(x, final_scale, table, forced, aux, spec, p, reduce):
 
 
 def forward_blocks(layer, top, tokens, spec: ModelSpec, p: Precision, forced: dict | None = None,
-                   reduce=_whole, aux=None) -> dict:
+                   reduce=_whole, aux=None, devices=None) -> dict:
     """`forward`, one jitted decoder block at a time, for models whose weights do not fit.
 
     layer(i): layer i's params, asked for only when block i runs (made or read then, and
@@ -391,20 +391,30 @@ def forward_blocks(layer, top, tokens, spec: ModelSpec, p: Precision, forced: di
     step keeps of its captures (names without the "L3." prefix), traced into the step itself
     (a hashable function; `aux` its arrays), so memory holds one block's weights and
     activations. A block compiles once per attention kind, not once per layer.
+    devices: the device of each layer's params (layers placed over several devices, embedding
+    and head on the first): each step runs where its weights are, with the very kernels of one
+    device, so the captures are those of one device.
     """
     def part(prefix):
         if forced is None:
             return None
         return {k[len(prefix):]: v for k, v in forced.items() if k.startswith(prefix)}
 
+    def on(i, *trees):
+        if devices is None:
+            return trees
+        return jax.device_put(trees, devices[i])
+
     table = top["embedder"]["input_embedding"]
     x, out = _embed_step(table, tokens, None if forced is None else {k: v for k, v in forced.items() if k == "embed"},
                          aux, spec, p, reduce)
     out = dict(out)
     for i, kind in enumerate(layer_types(spec, p)):
-        x, caps = _block_step(x, layer(i), part(f"L{i}."), aux, spec, p, kind, reduce)
+        x_i, forced_i, aux_i = on(i, x, part(f"L{i}."), aux)
+        x, caps = _block_step(x_i, layer(i), forced_i, aux_i, spec, p, kind, reduce)
         out.update({f"L{i}.{k}": v for k, v in caps.items()})
     names = ("final_norm", "logits")
+    x, = on(0, x)
     out.update(_head_step(x, top["final_norm"]["scale"], table,
                           None if forced is None else {k: v for k, v in forced.items() if k in names},
                           aux, spec, p, reduce))

@@ -56,6 +56,9 @@ class HFReference(Reference):
         from transformers import AutoModelForCausalLM
 
         self.model = self._weights = None  # the last run's model leaves the device first
+        if int(self.options.get("devices") or 1) > 1:
+            raise RuntimeError("--devices: the hf worker needs accelerate's device maps, not built yet"
+                               " (docs/multi-gpu.md)")
         device = self.options.get("device", "auto")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -65,6 +65,14 @@ class OracleReference(Reference):
             knobs["constants_dtype"] = constants_dtype
         self.precision = gemma.Precision(**knobs)
         self.dtype = dtype
+        # Several devices: whole decoder layers placed over them, in order (what accelerate's
+        # device maps do for torch), so each op runs as on one device and the captures are its.
+        count = int(self.options.get("devices") or 1)
+        if count > len(jax.devices()):
+            raise RuntimeError(f"--devices {count}: jax sees {len(jax.devices())} {self.device} device(s)")
+        used = jax.devices()[:count]
+        L = self.spec.num_layers
+        self.layer_devices = [used[i * count // L] for i in range(L)] if count > 1 else None
         self.top = {"embedder": {"input_embedding": self._tensors(["embed"])["embed"]},
                     "final_norm": {"scale": self._tensors(["final_norm"])["final_norm"]}}
         # Block streaming: each layer's weights are made (or read) when its block runs and
@@ -97,14 +105,18 @@ class OracleReference(Reference):
                 for n, a in safetensors_file.load(source["canonical"], names).items()}
 
     def _layer(self, i):
+        import jax
         import jax.numpy as jnp
 
         from llmdiff import convert
 
         if self._layers is not None:
             return self._layers[i]
-        canon = self._tensors(convert.layer_names(self.spec, i))
-        return convert.unflatten(convert.to_deepmind_layer(self.spec, i, canon, stack=jnp.stack))
+        device = self.layer_devices[i] if self.layer_devices else jax.devices()[0]
+        with jax.default_device(device):
+            canon = self._tensors(convert.layer_names(self.spec, i))
+            params = convert.unflatten(convert.to_deepmind_layer(self.spec, i, canon, stack=jnp.stack))
+        return jax.device_put(params, device) if self.layer_devices else params
 
     def _reducer(self):
         """What each step keeps on the device of its captures, and the projections it needs."""
@@ -133,7 +145,7 @@ class OracleReference(Reference):
             self._offset = hi
         reduce, aux = self._reducer()
         caps = gemma.forward_blocks(self._layer, self.top, jnp.asarray([tokens], jnp.int32), self.spec,
-                                    self.precision, forced, reduce=reduce, aux=aux)
+                                    self.precision, forced, reduce=reduce, aux=aux, devices=self.layer_devices)
         wanted = {k: v for k, v in caps.items() if self.wants(k.split(":")[0])}
         return {k: np.asarray(v) for k, v in jax.device_get(wanted).items()}  # one transfer
 
@@ -143,17 +155,22 @@ class OracleReference(Reference):
         from llmdiff.references import gemma
 
         caps = gemma.forward_blocks(self._layer, self.top, jnp.asarray([tokens], jnp.int32), self.spec,
-                                    self.precision, reduce=_logits_only)
+                                    self.precision, reduce=_logits_only, devices=self.layer_devices)
         caps["logits"].block_until_ready()
 
     def peak_device_bytes(self):
+        """The worker's peak so far (JAX cannot reset it): one number, or one per device used."""
         import jax
 
-        stats = jax.devices()[0].memory_stats() or {}
-        return stats.get("peak_bytes_in_use")
+        used = sorted(set(self.layer_devices), key=lambda d: d.id) if self.layer_devices else jax.devices()[:1]
+        peaks = {str(d): (d.memory_stats() or {}).get("peak_bytes_in_use") for d in used}
+        if any(v is None for v in peaks.values()):
+            return None
+        return peaks if len(peaks) > 1 else next(iter(peaks.values()))
 
     def describe(self):
-        return {**dataclasses.asdict(self.precision), "device": self.device, "streamed": self.stream}
+        return {**dataclasses.asdict(self.precision), "device": self.device, "streamed": self.stream,
+                "devices": len(set(self.layer_devices)) if self.layer_devices else 1}
 
 
 def _logits_only(caps, aux):

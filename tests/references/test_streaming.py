@@ -87,3 +87,21 @@ def test_gpu_streamed_compare_or_skip():
 
     result = llmdiff.compare("gemma-2-2b", tiny=True, device="cuda", generate=True, stream=True, capture="sketch")
     assert result, result.summary()
+
+
+def test_layers_placed_over_two_devices_give_one_device_captures(setup, monkeypatch):
+    """`--devices 2` for the oracle: whole layers to a device, each step where its weights are.
+    Two host devices stand in for two GPUs."""
+    spec, work, files = setup
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    job = _job(spec, files)
+    one = _run("oracle", job, work, [("one", "float32", False)])["one", "float32"]
+    job["options"]["devices"] = 2
+    r, = run_worker(Implementation.parse("oracle"), job, [RunRequest("float32", str(work / "two"))], work)
+    assert r.ok, r.error
+    assert r.meta["details"]["devices"] == 2  # (host devices report no memory; GPUs do, per device)
+    two = {k: np.asarray(v) for k, v in safetensors_file.load(r.captures_path).items()}
+    assert [k for k in one if not np.array_equal(one[k], two[k])] == []
+    job["options"]["devices"] = 3
+    r, = run_worker(Implementation.parse("oracle"), job, [RunRequest("float32", str(work / "three"))], work)
+    assert not r.ok and "--devices 3: jax sees 2 cpu device(s)" in r.error
