@@ -226,7 +226,7 @@ class HFReference(Reference):
             host.update(zip(names, stacked))
         for name, t in cap.items():  # logits in their own dtype (half the bytes in bfloat16), then float32
             t = t.cpu()
-            host[name] = (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
+            host[name] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
         return host
 
     def _projection_on_device(self, n):
