@@ -404,7 +404,9 @@ def _diagnose(report, checks_and_broken, spec, lab, results, reference, say,
             cand = results.get((run["candidate"], d, None))
             floors = diff.noise_floors(_load_caps(results.get((ORACLE, d, None))),
                                        _load_caps(results.get((ORACLE, TRUTH_DTYPE, d))), d)
-            findings += diagnose.explain(lab, checks, spec, run["candidate"], _load_caps(cand), cand.captures_path,
+            # Teacher forcing feeds the oracle the candidate's own values: whole captures only.
+            forcible = cand.captures_path if report["options"].get("capture", "full") == "full" else None
+            findings += diagnose.explain(lab, checks, spec, run["candidate"], _load_caps(cand), forcible,
                                          run, floors, points, thresholds)
     # A divergence that a static finding already explains where it starts is not unexplained.
     explained = {(f.implementation, f.where) for f in findings if f.code != diagnose.UNEXPLAINED[0]}
