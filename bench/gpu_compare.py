@@ -165,7 +165,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--dtype", dest="dtypes", action="append")
     ap.add_argument("--only", action="append", choices=["e2e", "bench", "debugger"])
-    ap.add_argument("--e2e-arg", dest="e2e_args", action="append", default=[])
+    ap.add_argument("--e2e-arg", dest="e2e_args", action="append", default=[],
+                    help="extra argument for the end-to-end compare, e.g. --e2e-arg=--timeout --e2e-arg=400"
+                         " (each worker is then killed after 400 s, and the compare still writes its JSON)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

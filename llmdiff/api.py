@@ -161,7 +161,7 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
                 requests += [RunRequest(TRUTH_DTYPE, str(work / f"oracle-float64-as-{d}"), constants_dtype=d)
                              for d in dtypes]
             say(f"running {impl.name} ({', '.join(r.dtype if not r.constants_dtype else f'float64 as {r.constants_dtype}' for r in requests)})")
-            for r in run_worker(impl, job, requests, work, timeout=timeout):
+            for r in run_worker(impl, job, requests, work, timeout=timeout, progress=lambda m: say(f"  {m}")):
                 results[(r.impl, r.dtype, r.constants_dtype)] = r
         t_diff = time.perf_counter()
         report = _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, results, attn,

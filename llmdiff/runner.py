@@ -85,13 +85,20 @@ class RunResult:
     out: str | None = None       # the path prefix the worker was told to write to
 
 
+PROGRESS = "llmdiff-worker: "  # a worker's stderr lines that say how far it got
+
+
 def _tail(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
+    lines = [line for line in text.strip().splitlines() if line.strip() and not line.startswith(PROGRESS)]
     return lines[-1].strip() if lines else ""
 
 
 def run_worker(impl: Implementation, job: dict, requests: list[RunRequest], workdir: Path,
-               timeout: float | None = None) -> list[RunResult]:
+               timeout: float | None = None, progress=None) -> list[RunResult]:
+    """Run one worker process for `requests`; its output goes to workdir/worker-NAME.log as it
+    comes, and its progress lines to `progress` (a callable taking a str), if given."""
+    import threading
+
     import llmdiff.references
 
     job = dict(job, options={**job.get("options", {}), **impl.options}, impl=impl.name, module=impl.module, **{"class": impl.cls},
@@ -105,24 +112,38 @@ def run_worker(impl: Implementation, job: dict, requests: list[RunRequest], work
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
     # A foreign interpreter finds adapters given as module:Class on the caller's path.
     env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
+    log_path = workdir / f"worker-{safe}.log"
     t = time.perf_counter()
     failure = None
+    timed_out = threading.Event()
     try:
-        proc = subprocess.run([impl.python, str(worker), str(job_path)], capture_output=True,
-                              text=True, env=env, timeout=timeout)
-        if proc.returncode < 0:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen([impl.python, str(worker), str(job_path)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, env=env, errors="replace")
+            timer = None
+            if timeout:
+                timer = threading.Timer(timeout, lambda: (timed_out.set(), proc.kill()))
+                timer.start()
+            try:
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    if progress and line.startswith(PROGRESS):
+                        progress(line[len(PROGRESS):].strip())
+                proc.wait()
+            finally:
+                if timer:
+                    timer.cancel()
+        if timed_out.is_set():
+            failure = f"worker for {impl.name!r} timed out after {timeout:.0f} s"
+        elif proc.returncode < 0:
             failure = f"worker for {impl.name!r} was killed by signal {-proc.returncode}" + (
                 " (out of memory?)" if proc.returncode == -9 else "")
         elif proc.returncode not in (0, 1):
-            failure = f"worker for {impl.name!r} exited with code {proc.returncode}: {_tail(proc.stderr)}"
-        stderr = proc.stderr
-    except subprocess.TimeoutExpired as e:
-        failure = f"worker for {impl.name!r} timed out after {timeout:.0f} s"
-        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            failure = f"worker for {impl.name!r} exited with code {proc.returncode}: {_tail(log_path.read_text())}"
     except OSError as e:
         failure = f"cannot start worker for {impl.name!r} with {impl.python}: {e.strerror}"
-        stderr = ""
-    (workdir / f"worker-{safe}.log").write_text(stderr or "")
+    stderr = log_path.read_text() if log_path.exists() else ""
     wall = time.perf_counter() - t
 
     results = []

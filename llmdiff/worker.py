@@ -58,6 +58,11 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _say(message: str) -> None:
+    """A progress line for the parent (`runner.PROGRESS`), on stderr."""
+    print(f"llmdiff-worker: {message}", file=sys.stderr, flush=True)
+
+
 def _sketch_on_host(caps: dict, round_to) -> dict:
     """Sketch what an adapter returned whole (one that cannot sketch on its device), so that
     every implementation of a run is compared the same way (`llmdiff/sketch.py`)."""
@@ -135,6 +140,8 @@ def main(job_path: str) -> int:
             # A run may carry its own options (the oracle's counterfactual knobs, say).
             adapter.options = {**job.get("options", {}), **run.get("options", {})}
             adapter.round_to = run.get("constants_dtype") if run["dtype"] == "float64" else None
+            label = run["dtype"] + (f" as {run['constants_dtype']}" if run.get("constants_dtype") else "")
+            _say(f"{job['impl']} {label}: loading")
             t = time.perf_counter()
             adapter.load(run["dtype"], run.get("constants_dtype"))
             meta["timings"]["load_s"] = round(time.perf_counter() - t, 3)
@@ -145,6 +152,8 @@ def main(job_path: str) -> int:
             if job.get("capture") == "sketch":
                 per_prompt = [_sketch_on_host(p, adapter.round_to) for p in per_prompt]
             meta["timings"]["run_s"] = round(time.perf_counter() - t, 3)
+            _say(f"{job['impl']} {label}: loaded in {meta['timings']['load_s']:.1f} s,"
+                 f" ran {len(job['tokens'])} prompt(s) in {meta['timings']['run_s']:.2f} s")
             names = sorted(n for n in per_prompt[0] if adapter.wants(n.split(":")[0]))
             captures = {n: np.concatenate([p[n] for p in per_prompt], axis=1) for n in names}
             peak = getattr(adapter, "peak_device_bytes", lambda: None)()

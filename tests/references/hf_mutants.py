@@ -174,3 +174,12 @@ class RopeInBFloat16(HFReference):
 
         rotary.forward = forward
         return model
+
+
+class Hangs(HFReference):
+    """A worker that never finishes loading (a deadlock, a stuck download)."""
+
+    def load(self, dtype, constants_dtype=None):
+        import time
+
+        time.sleep(600)
