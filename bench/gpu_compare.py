@@ -73,12 +73,14 @@ def e2e(model, tokens, dtypes, out: Path, extra=()) -> dict:
 
 
 def bench(model, tokens, dtypes) -> dict:
+    import numpy as np
+
     from llmdiff import api
     from llmdiff.convert import canonical_shapes
     from llmdiff.spec import get_spec
 
     spec = get_spec(model)
-    params = sum(int(__import__("numpy").prod(s)) for s in canonical_shapes(spec).values())
+    params = sum(int(np.prod(s)) for s in canonical_shapes(spec).values())
     t = time.perf_counter()
     result = api.compare(model, impls=["hf"], dtypes=dtypes, device="cuda", lengths=(tokens,), bench=True,
                          diagnose=False)
@@ -86,7 +88,6 @@ def bench(model, tokens, dtypes) -> dict:
     report = result.report
     rows = []
     for key, timings in report["timings"]["workers"].items():
-        impl, label = key.split("/", 1)
         rows.append({"worker_run": key, **{k: timings.get(k) for k in (
             "load_s", "bare_forward_s", "capture_forward_s", "run_s", "save_s")}})
     meta_peaks = {i["name"]: i.get("peak_device_bytes") for i in report["implementations"]}
