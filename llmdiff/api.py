@@ -310,7 +310,7 @@ def _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, re
     for d in dtypes:
         ref_caps = _load_caps(results.get((reference, d, None)))
         truth_caps = _load_caps(results.get((ORACLE, TRUTH_DTYPE, d)))
-        oracle_caps = _load_caps(results.get((ORACLE, d, None)))
+        oracle_caps = ref_caps if reference == ORACLE else _load_caps(results.get((ORACLE, d, None)))
         floors = diff.noise_floors(oracle_caps, truth_caps, d) if oracle_caps and truth_caps else {}
         for impl in chosen:
             if impl.name == reference:

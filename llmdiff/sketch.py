@@ -72,10 +72,14 @@ def top_metrics(cand: dict, ref: dict, k: int) -> dict:
 
 def metrics(cand: Sketch, ref: Sketch) -> dict:
     """`diff.point_metrics` from sketches: rel_l2 and cosine estimated, no absolute errors."""
-    sc, sr = cand.data[..., :-1], ref.data[..., :-1]
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite values are reported below
+        d = cand.data - ref.data
+        d[..., -1] = 0  # the norms' column
+        d = d.ravel()
+        d2 = float(d @ d)
     c2, r2 = float(cand.data[..., -1].sum()), float(ref.data[..., -1].sum())
-    finite = bool(np.isfinite(cand.data).all())
-    d2 = float(np.sum((sc - sr) ** 2))
+    # A non-finite candidate value makes d2 or c2 non-finite (inf - inf is nan too).
+    finite = (math.isfinite(d2) and math.isfinite(c2)) or bool(np.isfinite(cand.data).all())
     ref_norm, cand_norm = math.sqrt(max(r2, 0.0)), math.sqrt(max(c2, 0.0))
     if ref_norm > 0:
         rel_l2 = math.sqrt(d2) / ref_norm

@@ -38,6 +38,11 @@ def test_sketch_of_identical_and_of_nonfinite_values():
     bad[0, 1, 2] = np.nan
     m = diff.point_metrics(_sketch(bad, R), _sketch(x, R))
     assert not m["finite"]
+    # inf where the reference has the same inf: the difference is nan, still not finite
+    inf = sketch.Sketch(np.where(np.arange(9) == 4, np.inf, 1.0).reshape(1, 1, 9))
+    assert not diff.point_metrics(inf, sketch.Sketch(inf.data.copy()))["finite"]
+    # a bad reference does not make the candidate non-finite
+    assert diff.point_metrics(_sketch(x, R), _sketch(bad, R))["finite"]
     with pytest.raises(ValueError, match="sketched"):
         diff.point_metrics(_sketch(x, R), x)
 
