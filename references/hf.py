@@ -143,7 +143,8 @@ class HFReference(Reference):
                     x = x.to(getattr(torch, self.round_to))
                 x = x.to(torch.float64)
                 R = self._projection_on_device(x.shape[-1])
-                sketches[name + ":sketch"] = torch.cat([x @ R, (x * x).sum(-1, keepdim=True)], -1)
+                norm2 = torch.linalg.vector_norm(x, dim=-1, keepdim=True) ** 2  # one kernel, not two
+                sketches[name + ":sketch"] = torch.cat([x @ R, norm2], -1)
                 return
             # A copy: the model may still change its own tensor in place after this hook.
             cap[name] = t if name == "logits" else t.to(torch.float64 if t.dtype == torch.float64 else torch.float32,
@@ -222,8 +223,11 @@ class HFReference(Reference):
         host = {}
         if sketches:
             names = list(sketches)
-            stacked = torch.stack([sketches[n] for n in names]).cpu().numpy()
-            host.update(zip(names, stacked))
+            stacked = torch.stack([sketches[n] for n in names])
+            # Into page-locked memory: a copy from the GPU to ordinary (pageable) host memory
+            # ran at 1.7 GB/s on an H200 machine, half the capture's time in bfloat16.
+            out = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=self.device == "cuda")
+            host.update(zip(names, out.copy_(stacked).numpy()))
         for name, t in cap.items():  # logits in their own dtype (half the bytes in bfloat16), then float32
             t = t.cpu()
             host[name] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
