@@ -9,6 +9,7 @@ One call measures, for hf and the oracle:
   bench     the same comparison through the API with `bench=True`: each worker, after a warm-up
             run, times a bare forward (no hooks, no capture) and a capturing one, and records its
             peak GPU memory; the parent times the diff;
+  profile   torch.profiler over the HF worker's sketched capture (DIR/profile-hf-DTYPE.txt);
   debugger  the peer a porter uses today on the same model and prompt: HF's
             `model_addition_debugger_context`, and plain hooks copying every module output to the
             host (the naive capture).
@@ -48,11 +49,11 @@ def versions() -> dict:
     return out
 
 
-def e2e(model, tokens, dtypes, out: Path, extra=()) -> dict:
-    json_path = out / f"e2e-{model}.json"
+def e2e(model, tokens, dtypes, out: Path, extra=(), key="e2e") -> dict:
+    json_path = out / f"{key}-{model}.json"
     cmd = [sys.executable, "-m", "llmdiff", "compare", model, "--tokens", str(tokens), "--device", "cuda",
            "--impl", "hf", "--json", str(json_path), *sum((["--dtype", d] for d in dtypes), []), *extra]
-    log = out / f"e2e-{model}.log"  # written as it goes: a run cut short still says where it was
+    log = out / f"{key}-{model}.log"  # written as it goes: a run cut short still says where it was
     t = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
@@ -96,14 +97,9 @@ def bench(model, tokens, dtypes) -> dict:
             "runs": [{k: r.get(k) for k in ("candidate", "dtype", "verdict", "first_divergence")} for r in report["runs"]]}
 
 
-def debugger(model, tokens, dtypes, out: Path) -> dict:
-    """HF's model_addition_debugger_context and naive host-copy hooks, on the model llmdiff's HF
-    worker builds (the same made weights), the same synthetic prompt."""
-    import torch
-    from transformers.model_debugging_utils import model_addition_debugger_context
-
+def _hf_job(model, tokens, capture):
+    """The job llmdiff's HF worker gets for MODEL with weights made on the GPU, one prompt."""
     from llmdiff import inputs, weights
-    from llmdiff.references.hf import HFReference
     from llmdiff.spec import get_spec
 
     spec = get_spec(model)
@@ -111,7 +107,50 @@ def debugger(model, tokens, dtypes, out: Path) -> dict:
     hf_dir = weights.write_hf_config(work / "hf-config", spec)
     ids = inputs.synthetic_prompts(spec, 0, (tokens,))[0]
     job = {"spec": spec.to_dict(), "tokens": [ids], "options": {"device": "cuda", "stream": False},
-           "weights": {"generate": {"seed": 0}, "hf_dir": str(hf_dir)}, "capture": "full"}
+           "weights": {"generate": {"seed": 0}, "hf_dir": str(hf_dir)}, "capture": capture}
+    return job, ids, work
+
+
+def profile(model, tokens, dtypes, out: Path) -> dict:
+    """Where llmdiff's HF capture spends its time: torch.profiler over one warm sketched run;
+    the tables go to DIR/profile-hf-DTYPE.txt."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from llmdiff.references.hf import HFReference
+
+    job, ids, _ = _hf_job(model, tokens, "sketch")
+    rows = []
+    for dtype in dtypes:
+        adapter = HFReference(job)
+        adapter.options, adapter.round_to = job["options"], None
+        adapter.load(dtype)
+        adapter.run(ids)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            adapter.run(ids)
+            torch.cuda.synchronize()
+        averages = prof.key_averages()
+        text = "\n\n".join(averages.table(sort_by=key, row_limit=25)
+                            for key in ("self_cuda_time_total", "self_cpu_time_total"))
+        (out / f"profile-hf-{dtype}.txt").write_text(text)
+        rows.append({"dtype": dtype, "cuda_ms": round(sum(e.self_device_time_total for e in averages) / 1e3, 2),
+                     "cpu_ms": round(sum(e.self_cpu_time_total for e in averages) / 1e3, 2)})
+        adapter.model = None
+        torch.cuda.empty_cache()
+    return {"rows": rows}
+
+
+def debugger(model, tokens, dtypes, out: Path) -> dict:
+    """HF's model_addition_debugger_context and naive host-copy hooks, on the model llmdiff's HF
+    worker builds (the same made weights), the same synthetic prompt."""
+    import torch
+    from transformers.model_debugging_utils import model_addition_debugger_context
+
+    from llmdiff.references.hf import HFReference
+
+    job, ids, work = _hf_job(model, tokens, "full")
     out_rows = []
     for dtype in dtypes:
         adapter = HFReference(job)
@@ -165,7 +204,8 @@ def main() -> int:
     ap.add_argument("--model", default="gemma-7b")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--dtype", dest="dtypes", action="append")
-    ap.add_argument("--only", action="append", choices=["e2e", "bench", "debugger"])
+    ap.add_argument("--only", action="append", choices=["e2e", "bench", "debugger", "profile"],
+                    help="parts to run, in this order (repeatable; e2e twice measures a cold and a warm start)")
     ap.add_argument("--e2e-arg", dest="e2e_args", action="append", default=[],
                     help="extra argument for the end-to-end compare, e.g. --e2e-arg=--timeout --e2e-arg=400"
                          " (each worker is then killed after 400 s, and the compare still writes its JSON)")
@@ -177,21 +217,24 @@ def main() -> int:
     results = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "tokens": args.tokens, "dtypes": dtypes,
                "versions": versions()}
     path = out / f"results-{args.model}.json"
-    for part in parts:
-        print(f"--- {part}", flush=True)
+    for n, part in enumerate(parts):
+        key = part if part not in results else f"{part}-{n}"
+        print(f"--- {key}", flush=True)
         try:
             if part == "e2e":
-                results["e2e"] = e2e(args.model, args.tokens, dtypes, out, args.e2e_args)
+                results[key] = e2e(args.model, args.tokens, dtypes, out, args.e2e_args, key)
             elif part == "bench":
-                results["bench"] = bench(args.model, args.tokens, dtypes)
+                results[key] = bench(args.model, args.tokens, dtypes)
+            elif part == "profile":
+                results[key] = profile(args.model, args.tokens, dtypes, out)
             else:
-                results["debugger"] = debugger(args.model, args.tokens, dtypes, out)
+                results[key] = debugger(args.model, args.tokens, dtypes, out)
         except Exception as e:  # noqa: BLE001 - keep what the other parts measured
             import traceback
 
-            results[part] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+            results[key] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
         path.write_text(json.dumps(results, indent=1))
-        print(json.dumps(results[part], indent=1)[:4000], flush=True)
+        print(json.dumps(results[key], indent=1)[:4000], flush=True)
     return 0
 
 

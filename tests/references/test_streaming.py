@@ -105,3 +105,14 @@ def test_layers_placed_over_two_devices_give_one_device_captures(setup, monkeypa
     job["options"]["devices"] = 3
     r, = run_worker(Implementation.parse("oracle"), job, [RunRequest("float32", str(work / "three"))], work)
     assert not r.ok and "--devices 3: jax sees 2 cpu device(s)" in r.error
+
+
+@pytest.mark.parametrize("impl", ["hf", "oracle"])
+def test_bench_times_a_bare_and_a_capturing_forward(setup, impl):
+    spec, work, source = setup
+    job = {**_job(spec, source, "sketch"), "tokens": inputs.synthetic_prompts(spec, 0, (20,))}
+    request = RunRequest("float32", str(work / f"{impl}-bench"), options={"bench": True})
+    result, = run_worker(Implementation.parse(impl), job, [request], work)
+    assert result.ok, result.error
+    timings = result.meta["timings"]
+    assert 0 < timings["bare_forward_s"] < 60 and 0 < timings["capture_forward_s"] < 60
