@@ -124,7 +124,6 @@ def profile(model, tokens, dtypes, out: Path) -> dict:
     rows = []
     for dtype in dtypes:
         adapter = HFReference(job)
-        adapter.options, adapter.round_to = job["options"], None
         adapter.load(dtype)
         adapter.run(ids)
         torch.cuda.synchronize()
