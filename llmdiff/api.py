@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -17,10 +18,12 @@ import numpy as np
 
 from llmdiff import __version__, diff, inputs, safetensors_file, weights as weights_mod
 from llmdiff.errors import UsageError
+from llmdiff.report import VERDICTS
 from llmdiff.runner import Implementation, RunRequest, run_worker
 from llmdiff.spec import ModelSpec, capture_points, get_spec
 
 DTYPES = ("float32", "bfloat16")
+INTERRUPTED = 130  # a run stopped by Ctrl-C or SIGTERM: what it finished is kept, marked incomplete
 ORACLE = "oracle"
 TRUTH_DTYPE = "float64"
 
@@ -40,11 +43,12 @@ class CompareResult:
 
     def __repr__(self) -> str:
         # What pytest prints for a failing `assert llmdiff.compare(...)`.
-        verdict = {0: "parity", 1: "divergence", 2: "error"}[self.exit_code]
+        verdict = VERDICTS.get(self.exit_code, "error")
         return f"<llmdiff {self.report['model']}: {verdict}>\n{self.summary()}"
 
     def summary(self) -> str:
-        lines = []
+        lines = [f"incomplete: {self.report['incomplete']}"] if self.report.get("incomplete") else []
+        lines += [f"{e['stage']}: error: {e['error']}" for e in self.report.get("errors", [])]
         for impl in self.report["implementations"]:
             if not impl["ok"]:
                 lines.append(f"{impl['name']}: error: {impl['error']}")
@@ -65,7 +69,8 @@ def _load_weights(spec: ModelSpec, weights, seed: int):
         path = str(weights)[len("deepmind:"):]
         canon, info = deepmind_checkpoint.read_deepmind_checkpoint(path, spec)
         return canon, {"source": "deepmind", "path": path, "seed": None, **info}
-    return weights_mod.read_hf_checkpoint(weights, spec), {"source": "hf", "path": str(weights), "seed": None}
+    canon = weights_mod.read_hf_checkpoint(weights, spec)
+    return canon, {"source": "hf", "path": str(weights), "seed": None, **weights_mod.checkpoint_notes(weights)}
 
 
 def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, weights=None,
@@ -74,7 +79,7 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
             thresholds: diff.Thresholds = diff.DEFAULT_THRESHOLDS, points=None, layers=None,
             device: str = "auto", capture: str = "auto", stream: bool | str = "auto", lengths=None,
             bench: bool = False, generate: bool | None = None, devices: int | None = None,
-            progress=None) -> CompareResult:
+            tokenizer_parity: bool = True, progress=None) -> CompareResult:
     """Run `model` in each implementation and the oracle, and compare every canonical point.
 
     impls: implementation names (`hf`, `oracle`), `NAME@PYTHON`, or adapters `module:Class`.
@@ -97,18 +102,29 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     lengths: prompt lengths in tokens for synthetic prompts (models without a tokenizer).
     bench: workers also time a bare forward and a capturing one (`bench/`).
     select, ignore: checks by code, name or prefix (`LD3`); diagnose=False skips the checks.
+    tokenizer_parity: compare the checkpoint's tokenizers on hard strings (when it has one).
+    A stage that cannot run makes the run an error (exit code 2, listed under "errors");
+    Ctrl-C keeps what finished, marked "incomplete" (exit code 130).
     progress: optional callable(str) told what is happening.
     """
     t_start = time.perf_counter()
     say = progress or (lambda msg: None)
     spec = get_spec(model, tiny=tiny)
     dtypes = list(dict.fromkeys(dtypes))
+    if not dtypes:
+        raise UsageError(f"no dtype to compare; choose from {', '.join(DTYPES)}")
     for d in dtypes:
         if d not in DTYPES:
             raise UsageError(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
     if attn not in ("eager", "sdpa"):
         raise UsageError(f"unknown attention implementation {attn!r}; choose eager or sdpa")
+    if timeout is not None and not timeout > 0:
+        raise UsageError(f"timeout {timeout} s: give a positive number of seconds per worker")
+    if not list(impls):
+        raise UsageError("no implementation to compare; give one, e.g. hf")
     chosen = [Implementation.parse(i) for i in dict.fromkeys(impls)]
+    if not any(i.name != ORACLE for i in chosen) and reference == ORACLE:
+        raise UsageError("nothing to compare: the oracle is the reference; add an implementation, e.g. hf")
     if not any(i.name == ORACLE for i in chosen):
         chosen.append(Implementation.parse(ORACLE))  # always run: it measures the noise floor
     names = [i.name for i in chosen]
@@ -126,8 +142,11 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     elif generate and (weights is not None or not makers):
         raise UsageError("weights made on the device need random weights and the hf and oracle implementations")
     temporary = workdir is None
+    if not temporary and Path(workdir).exists() and not Path(workdir).is_dir():
+        raise UsageError(f"--workdir {workdir} is a file, not a directory")
     work = Path(tempfile.mkdtemp(prefix="llmdiff-") if temporary else workdir)
     work.mkdir(parents=True, exist_ok=True)
+    results, report = {}, None
     try:
         if generate:
             weights_info = {"source": "random", "path": None, "seed": seed,
@@ -136,6 +155,7 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
             job_weights = {"generate": {"seed": seed}, "hf_dir": str(hf_dir)}
         else:
             canon, weights_info = _load_weights(spec, weights, seed)
+            weights_mod.refuse_non_finite(canon, weights_info.get("path"))
             weights_info["fingerprint"] = weights_mod.weights_fingerprint(canon)
             canonical_path = work / "canonical.safetensors"
             weights_mod.save_canonical(canonical_path, canon)
@@ -143,7 +163,7 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
                       else weights_mod.write_hf_checkpoint(work / "hf-checkpoint", spec, canon))
             job_weights = {"canonical": str(canonical_path), "hf_dir": str(hf_dir)}
             del canon
-        tokens, tokens_info, prompts = _prompts(spec, hf_dir, weights_info, seed, work, lengths)
+        tokens, tokens_info, prompts = _prompts(spec, hf_dir, weights_info, seed, work, lengths, tokenizer_parity)
         selected = select_points(spec, points, layers)
         if capture == "auto":
             capture = "sketch" if _capture_bytes(spec, selected, tokens) > SKETCH_ABOVE_BYTES else "full"
@@ -154,38 +174,68 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
                "points": None if selected == capture_points(spec) else selected,
                "capture": capture, "weights": job_weights}
 
-        results = {}
-        for impl in chosen:
-            requests = [RunRequest(d, str(work / f"{_safe(impl.name)}-{d}")) for d in dtypes]
-            if impl.name == ORACLE:  # the float64 answer each dtype is measured against
-                requests += [RunRequest(TRUTH_DTYPE, str(work / f"oracle-float64-as-{d}"), constants_dtype=d)
-                             for d in dtypes]
-            say(f"running {impl.name} ({', '.join(r.dtype if not r.constants_dtype else f'float64 as {r.constants_dtype}' for r in requests)})")
-            for r in run_worker(impl, job, requests, work, timeout=timeout, progress=lambda m: say(f"  {m}")):
-                results[(r.impl, r.dtype, r.constants_dtype)] = r
-        t_diff = time.perf_counter()
-        report = _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, results, attn,
-                               thresholds, selected)
-        report["timings"]["diff_s"] = round(time.perf_counter() - t_diff, 3)
-        report["options"].update(capture=capture, stream=stream)
-        report["results"] = [{"impl": r.impl, "dtype": r.dtype, "constants_dtype": r.constants_dtype,
-                              "file": Path(r.out).name} for r in results.values()]
-        from llmdiff import diagnose
+        def build():
+            built = _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, results, attn,
+                                  thresholds, selected)
+            built["options"].update(capture=capture, stream=stream)
+            built["results"] = [{"impl": r.impl, "dtype": r.dtype, "constants_dtype": r.constants_dtype,
+                                 "file": Path(r.out).name} for r in results.values()]
+            built["workdir"] = None if temporary else str(work)
+            return built
 
-        lab = diagnose.OracleLab(job, work, timeout)
-        if reference == ORACLE and checks is not None and capture == "full":  # what it finds is for the diagnosis
-            say("teacher forcing: the oracle fed each candidate's own value of every point")
-            _teacher_force(report, lab, results, thresholds)
-        if checks is not None:
-            _diagnose(report, checks, spec, lab, results, reference, say, thresholds)
-        if prompts is not None:
-            _tokenizer_parity(report, prompts, checks, spec)
+        try:
+            for impl in chosen:
+                requests = [RunRequest(d, str(work / f"{_safe(impl.name)}-{d}")) for d in dtypes]
+                if impl.name == ORACLE:  # the float64 answer each dtype is measured against
+                    requests += [RunRequest(TRUTH_DTYPE, str(work / f"oracle-float64-as-{d}"), constants_dtype=d)
+                                 for d in dtypes]
+                say(f"running {impl.name} ({', '.join(r.dtype if not r.constants_dtype else f'float64 as {r.constants_dtype}' for r in requests)})")
+                for r in run_worker(impl, job, requests, work, timeout=timeout, progress=lambda m: say(f"  {m}")):
+                    results[(r.impl, r.dtype, r.constants_dtype)] = r
+            t_diff = time.perf_counter()
+            report = build()
+            report["timings"]["diff_s"] = round(time.perf_counter() - t_diff, 3)
+            from llmdiff import diagnose
+
+            lab = diagnose.OracleLab(job, work, timeout)
+            if reference == ORACLE and checks is not None and capture == "full":  # what it finds is for the diagnosis
+                say("teacher forcing: the oracle fed each candidate's own value of every point")
+                _stage(report, "teacher forcing", "--no-diagnose",
+                       lambda: _teacher_force(report, lab, results, thresholds))
+            if checks is not None:
+                _stage(report, "diagnosis", "--no-diagnose",
+                       lambda: _diagnose(report, checks, spec, lab, results, reference, say, thresholds))
+            if prompts is not None:
+                _stage(report, "tokenizer parity", "--no-tokenizer-parity",
+                       lambda: _tokenizer_parity(report, prompts, checks, spec))
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: the runs that finished are judged and kept; the rest is said.
+            report = report or build()
+            report["incomplete"] = "interrupted before every stage finished"
+            report["exit_code"] = INTERRUPTED
         report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-        report["workdir"] = None if temporary else str(work)
         return CompareResult(report)
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _stage(report: dict, stage: str, skip: str, run) -> None:
+    """Run one stage after the comparison. A stage that cannot run is an error of the run (exit
+    2, listed under "errors" with how to skip it), never a quiet note, and loses nothing
+    already judged."""
+    try:
+        error = run()
+    except (Exception, RecursionError) as e:  # noqa: BLE001 - the report keeps everything before it
+        error = f"{type(e).__name__}: {e}".splitlines()[0]
+    if error:
+        stage_error(report, stage, error, skip)
+
+
+def stage_error(report: dict, stage: str, error: str, skip: str | None = None) -> None:
+    report.setdefault("errors", []).append({"stage": stage, "error": error, "skip": skip})
+    if report["exit_code"] != INTERRUPTED:
+        report["exit_code"] = 2
 
 
 def tokenize(model: str, *, tiny: bool = False, weights=None, text=None, select=(), ignore=()) -> dict:
@@ -207,7 +257,7 @@ def _capture_bytes(spec, points, tokens) -> int:
     return 4 * per_token * sum(len(t) for t in tokens)
 
 
-def _prompts(spec, hf_dir, weights_info, seed, work, lengths=None):
+def _prompts(spec, hf_dir, weights_info, seed, work, lengths=None, parity: bool = True):
     """Token ids: real text through the checkpoint's tokenizer (tiny runs without one get the
     tiny tokenizer, never written into a user's directory), tokenizer parity started in the
     background; synthetic ids when there is no tokenizer."""
@@ -227,15 +277,19 @@ def _prompts(spec, hf_dir, weights_info, seed, work, lengths=None):
         prompts = tokenizer.Prompts(spec, tokenizer_dir, tiny_tokenizer=tiny_tokenizer)
         made = prompts.tokens(inputs.DEFAULT_LENGTHS)
         if made is not None:
-            prompts.start_parity()
             tokens, info = made
-            return tokens, {**info, "prompts": len(tokens), "lengths": [len(t) for t in tokens], "ids": tokens}, prompts
+            info = {**info, "prompts": len(tokens), "lengths": [len(t) for t in tokens], "ids": tokens}
+            if not parity:
+                return tokens, info, None
+            prompts.start_parity()
+            return tokens, info, prompts
     tokens = inputs.synthetic_prompts(spec, seed)
     return tokens, {"source": "synthetic", "prompts": len(tokens), "lengths": [len(t) for t in tokens]}, None
 
 
-def _tokenizer_parity(report, prompts, checks_and_broken, spec) -> None:
-    """The tokenizer section (JSON key "tokenizer") and its LD0xx findings, listed first."""
+def _tokenizer_parity(report, prompts, checks_and_broken, spec) -> str | None:
+    """The tokenizer section (JSON key "tokenizer") and its LD0xx findings, listed first; the
+    error when parity could not run."""
     from llmdiff import tokenizer
 
     parity = prompts.parity()
@@ -246,12 +300,15 @@ def _tokenizer_parity(report, prompts, checks_and_broken, spec) -> None:
         if prompts.tiny_tokenizer:
             parity["path"] = None
     report["tokenizer"] = parity
-    if not parity or "error" in parity or checks_and_broken is None:
-        return
+    if parity and "error" in parity:
+        return parity["error"]
+    if not parity or checks_and_broken is None:
+        return None
     found = [f.to_dict() for f in tokenizer.findings(parity, checks_and_broken[0], spec)]
     report["findings"] = found + report.get("findings", [])
     if found and report["exit_code"] == 0:
         report["exit_code"] = 1
+    return None
 
 
 def _safe(name: str) -> str:
@@ -352,7 +409,7 @@ def _checks(select, ignore):
     return registry.select(checks, select, ignore), broken
 
 
-def _teacher_force(report, lab, results, thresholds) -> None:
+def _teacher_force(report, lab, results, thresholds) -> str | None:
     """For every run: the candidate against the oracle fed the candidate's own block inputs.
 
     A bug smaller than the dtype's accumulated noise (a bfloat16 norm scale rounded twice)
@@ -367,8 +424,9 @@ def _teacher_force(report, lab, results, thresholds) -> None:
         if run["verdict"] != "error" and cand is not None and cand.ok:
             wanted += [(run["dtype"], {}, None, cand.captures_path), (TRUTH_DTYPE, {}, run["dtype"], cand.captures_path)]
     if not wanted:
-        return
+        return None
     lab.run_many(wanted)  # one worker for all of them
+    failed = []
     for run in report["runs"]:
         cand = results.get((run["candidate"], run["dtype"], None))
         if run["verdict"] == "error" or cand is None or not cand.ok:
@@ -377,19 +435,25 @@ def _teacher_force(report, lab, results, thresholds) -> None:
         done = diagnose.teacher_forced(lab, _load_caps(cand), cand.captures_path, d, points, thresholds)
         if done is None:
             run["forced"] = {"error": "the teacher-forced oracle run failed"}
+            failed.append(f"{run['candidate']} [{d}]")
             continue
         forced, _ = done
         forced["files"] = {"oracle": Path(lab.path(d, {}, None, cand.captures_path)).stem,
                            "truth": Path(lab.path(TRUTH_DTYPE, {}, d, cand.captures_path)).stem}
         diff.attach_forced(run, {k: forced[k] for k in ("verdict", "first_divergence", "points", "files")})
+    if failed:
+        first = next(iter(lab.errors.values()), "no captures")
+        return f"the oracle fed {', '.join(failed)} could not run: {first}"
+    return None
 
 
 def _diagnose(report, checks_and_broken, spec, lab, results, reference, say,
-              thresholds=diff.DEFAULT_THRESHOLDS) -> None:
+              thresholds=diff.DEFAULT_THRESHOLDS) -> str | None:
     """Add findings: static checks per implementation, counterfactuals per divergent run."""
     from llmdiff import diagnose
 
     checks, broken = checks_and_broken
+    errors_before = len(lab.errors)
     findings = []
     for impl in report["implementations"]:
         if impl["name"] != ORACLE:
@@ -417,28 +481,50 @@ def _diagnose(report, checks_and_broken, spec, lab, results, reference, say,
                         "counterfactual_runs": lab.runs}
     if findings and report["exit_code"] == 0:
         report["exit_code"] = 1
+    errors = list(lab.errors.values())[errors_before:]
+    if errors:  # a counterfactual that could not run: the diagnosis is not whole
+        return f"{len(errors)} oracle run(s) of the diagnosis failed: {errors[0]}"
+    return None
 
 
 def recompare(directory, *, thresholds: diff.Thresholds | None = None, reference: str | None = None) -> CompareResult:
     """Re-compare the captures saved by `compare(..., workdir=DIR/captures)` with other thresholds
     or another reference, without running any model. Findings are those of the original run
     (confirming them needs the models)."""
-    import json
-
-    from llmdiff.runner import RunResult
+    from llmdiff import checkpoint_files
+    from llmdiff.errors import WeightsError
 
     directory = Path(directory)
     report_path, captures = directory / "report.json", directory / "captures"
     if not report_path.exists():
         raise UsageError(f"{directory} holds no report.json (write one with compare --out {directory})")
-    old = json.loads(report_path.read_text())
+    try:
+        old = checkpoint_files.read_json(report_path, what="report")
+    except WeightsError as e:
+        raise UsageError(f"saved report {e}") from None
     if "results" not in old or not captures.is_dir():
         raise UsageError(f"{directory} holds no saved captures; run compare with --out {directory} --save-captures")
+    try:
+        return _recompare(old, report_path, captures, thresholds, reference)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UsageError(f"{report_path} is not a report llmdiff compare wrote ({type(e).__name__}: {e})") from None
+
+
+def _recompare(old, report_path, captures, thresholds, reference) -> CompareResult:
+    from llmdiff.errors import WeightsError
+    from llmdiff.runner import RunResult
+
     results = {}
     for e in old["results"]:
-        meta_path, caps_path = captures / f"{e['file']}.json", captures / f"{e['file']}.safetensors"
+        name = Path(str(e["file"])).name  # a file of the captures folder, never a path out of it
+        meta_path, caps_path = captures / f"{name}.json", captures / f"{name}.safetensors"
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"ok": False, "error": "no result saved"}
         ok = bool(meta.get("ok")) and caps_path.exists()
+        if ok:
+            try:
+                safetensors_file.read_header(caps_path)
+            except WeightsError as err:  # that run is an error; the others are still compared
+                ok, meta = False, {**meta, "ok": False, "error": f"saved captures unreadable: {err}"}
         results[(e["impl"], e["dtype"], e["constants_dtype"])] = RunResult(
             e["impl"], e["dtype"], e["constants_dtype"], ok, meta.get("error"), str(caps_path) if ok else None, meta)
     spec = ModelSpec.from_dict(old["spec"])

@@ -3,7 +3,6 @@ point's error grows beyond a stated factor or a finding appears that the baselin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from llmdiff.errors import UsageError
@@ -12,15 +11,31 @@ DEFAULT_FACTOR = 2.0
 
 
 def load(path) -> dict:
+    """A saved compare report, checked to be one (read before any model runs: a bad baseline
+    must not cost a whole comparison)."""
+    from llmdiff import checkpoint_files
+    from llmdiff.errors import WeightsError
+
     path = Path(path)
+    if not path.exists():
+        raise UsageError(f"baseline {path} does not exist")
     try:
-        report = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"baseline {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"baseline {path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if "runs" not in report:
-        raise UsageError(f"baseline {path} is not an llmdiff compare report (no 'runs')")
+        report = checkpoint_files.read_json(path, what="baseline report")
+    except WeightsError as e:
+        raise UsageError(f"baseline {e}") from None
+    runs, findings = report.get("runs"), report.get("findings", [])
+    if not isinstance(runs, list) or not isinstance(findings, list):
+        raise UsageError(f"baseline {path} is not an llmdiff compare report (no list of 'runs')")
+    for run in runs:
+        if not (isinstance(run, dict) and isinstance(run.get("candidate"), str) and isinstance(run.get("dtype"), str)
+                and isinstance(run.get("points", []), list)
+                and all(isinstance(p, dict) and isinstance(p.get("name"), str)
+                        and isinstance(p.get("rel_l2", 0.0), (int, float, type(None))) for p in run.get("points", []))):
+            raise UsageError(f"baseline {path}: a run is not of a compare report's shape"
+                             " (candidate, dtype, points with name and rel_l2)")
+    if not all(isinstance(f, dict) and all(k in f for k in ("code", "implementation", "dtype", "where"))
+               for f in findings):
+        raise UsageError(f"baseline {path}: a finding lacks code, implementation, dtype or where")
     return report
 
 
@@ -57,9 +72,10 @@ def regressions(report: dict, baseline: dict, factor: float = DEFAULT_FACTOR) ->
     return out
 
 
-def apply(report: dict, baseline_path, factor: float = DEFAULT_FACTOR) -> None:
-    """Gate `report` on the baseline: exit code 1 only for regressions (2 stays 2)."""
-    found = regressions(report, load(baseline_path), factor)
+def apply(report: dict, baseline: dict, baseline_path, factor: float = DEFAULT_FACTOR) -> None:
+    """Gate `report` on the baseline (`load`ed): exit code 1 only for regressions; an error
+    or an interrupted run keeps its code."""
+    found = regressions(report, baseline, factor)
     report["baseline"] = {"path": str(baseline_path), "factor": factor, "regressions": found}
-    if report["exit_code"] != 2:
+    if report["exit_code"] in (0, 1):
         report["exit_code"] = 1 if found else 0

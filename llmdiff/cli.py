@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 
 import click
@@ -18,14 +20,67 @@ def _console(no_color: bool = False):
 
 
 def _fail(message: str, debug: bool, json_path=None):
+    """One line and exit 2. The error goes into `json_path` only where nothing is on disk there
+    yet: an error never replaces a saved report."""
+    kept = ""
     if json_path:
         from llmdiff.report import write_json
 
-        write_json({"llmdiff_version": __version__, "error": message, "exit_code": 2}, json_path)
+        if os.path.lexists(json_path):
+            kept = f" ({json_path} left as it was)"
+        else:
+            try:
+                write_json({"llmdiff_version": __version__, "error": message, "exit_code": 2}, json_path)
+            except OSError:
+                pass
     if debug:
         raise
-    click.echo(f"llmdiff: error: {message}", err=True)
+    click.echo(f"llmdiff: error: {message}{kept}", err=True)
     sys.exit(2)
+
+
+def _check_outputs(json_path=None, out=None, workdir=None) -> None:
+    """Where results will be written, checked before anything runs (a run's results are never
+    lost to an output path that cannot be written)."""
+    from pathlib import Path
+
+    def writable_dir(path: Path, what: str):
+        if path.exists() and not path.is_dir():
+            raise LLMDiffError(f"{what} {path} is a file, not a directory")
+        parent = path
+        while not parent.exists():  # the first existing folder above it will hold what is made
+            parent = parent.parent
+        if not parent.is_dir():
+            raise LLMDiffError(f"{what} {path}: {parent} is a file, not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise LLMDiffError(f"{what} {path}: {parent} is not writable")
+
+    if json_path:
+        if Path(json_path).is_dir():
+            raise LLMDiffError(f"--json {json_path} is a directory; give a file name")
+        writable_dir(Path(json_path).parent, "--json")
+    if out:
+        writable_dir(Path(out), "--out")
+    if workdir:
+        writable_dir(Path(workdir), "--workdir")
+
+
+_signals = []
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM is handled as Ctrl-C is: workers end, temporary files go, finished runs are kept."""
+    _signals.append(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupt_code() -> int:
+    return 128 + (_signals[-1] if _signals else signal.SIGINT)
+
+
+def _interrupted_line() -> None:
+    click.echo("llmdiff: error: interrupted before any run finished; nothing to report", err=True)
+    sys.exit(_interrupt_code())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -72,16 +127,20 @@ def _thresholds(floor_factor, threshold_opts, config):
         except ValueError:
             raise LLMDiffError(f"--threshold {item!r}: expected GLOB=FACTOR, e.g. 'L*.q=16'") from None
     factor = floor_factor if floor_factor is not None else config.get("floor_factor", diff.FLOOR_FACTOR)
+    if not factor > 0:
+        raise LLMDiffError(f"--floor-factor {factor}: give a positive factor, e.g. 8")
     return diff.Thresholds(float(factor), per_point)
 
 
-def _finish(result, console, *, out, json_path, baseline, baseline_factor, quiet, all_points, config):
-    """Baseline gate, files, terminal; then exit with the report's code."""
+def _finish(result, console, *, out, json_path, baseline, baseline_factor, quiet, all_points, config,
+            interrupt_code=None):
+    """Baseline gate (the baseline `(path, report)` loaded before the run), files, terminal;
+    then exit with the report's code."""
     from llmdiff import baseline as baseline_mod
     from llmdiff.report import render, write_json, write_outputs
 
     if baseline:
-        baseline_mod.apply(result.report, baseline,
+        baseline_mod.apply(result.report, baseline[1], baseline[0],
                            baseline_factor or config.get("baseline_factor", baseline_mod.DEFAULT_FACTOR))
     if out:
         write_outputs(result.report, out)
@@ -94,7 +153,20 @@ def _finish(result, console, *, out, json_path, baseline, baseline_factor, quiet
     for impl in result.report["implementations"]:
         if not impl["ok"]:
             click.echo(f"llmdiff: error: {impl['name']}: {impl['error']}", err=True)
-    sys.exit(result.exit_code)
+    for e in result.report.get("errors", []):
+        skip = f"; skip it with {e['skip']}" if e.get("skip") else ""
+        click.echo(f"llmdiff: error: {e['stage']} could not run: {e['error']}{skip}", err=True)
+    if result.report.get("incomplete"):
+        click.echo(f"llmdiff: error: {result.report['incomplete']}; what finished is in the report", err=True)
+    sys.exit(interrupt_code if result.report.get("incomplete") and interrupt_code else result.exit_code)
+
+
+def _load_baseline(path, baseline_factor):
+    from llmdiff import baseline as baseline_mod
+
+    if baseline_factor is not None and not baseline_factor > 0:
+        raise LLMDiffError(f"--baseline-factor {baseline_factor}: give a positive factor, e.g. 2")
+    return (path, baseline_mod.load(path)) if path else None
 
 
 _OUTPUT_OPTIONS = [
@@ -155,10 +227,12 @@ def _output_options(f):
               help="Spread each run over N devices, whole decoder layers to a device (oracle only for now).")
 @click.option("--tokens", "lengths", default=None, metavar="N[,N...]",
               help="Lengths of the synthetic prompts (models without a tokenizer), e.g. 512.")
+@click.option("--no-tokenizer-parity", is_flag=True,
+              help="Do not compare the checkpoint's tokenizers (the prompts still go through one).")
 @_output_options
 def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, workdir, save_captures, timeout,
-            select, ignore, no_diagnose, device, points, layers, capture, stream, devices, lengths, json_path, out, floor_factor, thresholds,
-            baseline, baseline_factor, all_points, quiet, no_color, debug):
+            select, ignore, no_diagnose, device, points, layers, capture, stream, devices, lengths, no_tokenizer_parity,
+            json_path, out, floor_factor, thresholds, baseline, baseline_factor, all_points, quiet, no_color, debug):
     """Compare MODEL across implementations, point by point, in float32 and bfloat16.
 
     Defaults come from [tool.llmdiff] in pyproject.toml or llmdiff.toml; options override them.
@@ -168,10 +242,15 @@ def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, workdir,
     from llmdiff.config import find_config
 
     console = _console(no_color)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         config, _ = find_config()
         if save_captures and not out:
             raise LLMDiffError("--save-captures needs --out DIR (captures go to DIR/captures)")
+        # Everything a late stage needs is checked before any model runs.
+        _check_outputs(json_path, out, workdir)
+        thresholds = _thresholds(floor_factor, thresholds, config)
+        baseline = _load_baseline(baseline, baseline_factor)
         result = api.compare(
             model, impls or config.get("implementations", ("hf",)), dtypes=dtypes or config.get("dtypes", api.DTYPES),
             tiny=tiny, weights=weights, seed=seed if seed is not None else config.get("seed", 0),
@@ -179,15 +258,17 @@ def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, workdir,
             workdir=(f"{out}/captures" if save_captures else workdir),
             timeout=timeout if timeout is not None else config.get("timeout"),
             select=select or config.get("select", ()), ignore=ignore or config.get("ignore", ()),
-            diagnose=not no_diagnose, thresholds=_thresholds(floor_factor, thresholds, config),
+            diagnose=not no_diagnose, thresholds=thresholds,
             device=device, points=points or None, layers=_layers(layers), capture=capture,
             stream="auto" if stream is None else stream,
-            lengths=_lengths(lengths), devices=devices,
+            lengths=_lengths(lengths), devices=devices, tokenizer_parity=not no_tokenizer_parity,
             progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
         _finish(result, console, out=out, json_path=json_path, baseline=baseline, baseline_factor=baseline_factor,
-                quiet=quiet, all_points=all_points, config=config)
+                quiet=quiet, all_points=all_points, config=config, interrupt_code=_interrupt_code())
     except LLMDiffError as e:
         _fail(str(e), debug, json_path)
+    except KeyboardInterrupt:
+        _interrupted_line()
 
 
 def _lengths(text):
@@ -215,9 +296,11 @@ def report(directory, reference, json_path, out, floor_factor, thresholds, basel
     console = _console(no_color)
     try:
         config, _ = find_config()
+        _check_outputs(json_path, out)
         changed = floor_factor is not None or thresholds
-        result = api.recompare(directory, reference=reference,
-                               thresholds=_thresholds(floor_factor, thresholds, config) if changed else None)
+        thresholds = _thresholds(floor_factor, thresholds, config) if changed else None
+        baseline = _load_baseline(baseline, baseline_factor)
+        result = api.recompare(directory, reference=reference, thresholds=thresholds)
         _finish(result, console, out=out, json_path=json_path, baseline=baseline, baseline_factor=baseline_factor,
                 quiet=quiet, all_points=all_points, config=config)
     except LLMDiffError as e:
@@ -248,6 +331,7 @@ def audit(path, model, select, ignore, json_path, out_dir, quiet, no_color, debu
     console = _console(no_color)
     show_bar = not quiet and console.is_terminal
     try:
+        _check_outputs(json_path, out_dir)
         if show_bar:
             from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                        TransferSpeedColumn)
@@ -298,6 +382,7 @@ def tokenize(model, tiny, weights, text, select, ignore, json_path, no_color, de
     from llmdiff.tokenizer import render
 
     try:
+        _check_outputs(json_path)
         result = api.tokenize(model, tiny=tiny, weights=weights, text=text, select=select, ignore=ignore)
     except LLMDiffError as e:
         _fail(str(e), debug, json_path)

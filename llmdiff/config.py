@@ -43,10 +43,17 @@ def find_config(start: Path | None = None) -> tuple[dict, Path | None]:
 
 
 def _read(path: Path) -> dict:
+    from llmdiff import checkpoint_files
+    from llmdiff.errors import WeightsError
+
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(checkpoint_files.read_bytes(path, 1 << 20, "configuration").decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
+    except WeightsError as e:
+        raise UsageError(str(e)) from None
 
 
 def _validate(config: dict, path: Path, where: str = "") -> dict:
@@ -58,6 +65,12 @@ def _validate(config: dict, path: Path, where: str = "") -> dict:
             kinds = ALLOWED[key] if isinstance(ALLOWED[key], tuple) else (ALLOWED[key],)
             raise UsageError(f"{label}: {key} must be {' or '.join(k.__name__ for k in kinds)}, "
                              f"not {type(value).__name__}")
+    for key in ("implementations", "dtypes"):
+        if key in config and (not config[key] or not all(isinstance(v, str) and v for v in config[key])):
+            raise UsageError(f"{label}: {key} must be a non-empty list of names")
+    for key in ("timeout", "floor_factor", "baseline_factor"):
+        if key in config and not config[key] > 0:
+            raise UsageError(f"{label}: {key} must be a positive number, not {config[key]}")
     for pattern, factor in config.get("thresholds", {}).items():
         if not isinstance(factor, (int, float)) or factor <= 0:
             raise UsageError(f"{label}: thresholds.{pattern!r} must be a positive number")

@@ -116,6 +116,16 @@ def explain(lab: OracleLab, checks: list[Check], spec, candidate: str, cand_caps
     policy: dict = {}
     free = _as_run(run["points"], dtype)
     current = free
+    nonfinite = next((p for p in run["points"] if p.get("finite") is False), None)
+    if nonfinite is not None:
+        # NaN or Inf where the oracle is finite: no precision knob explains that; say where the
+        # candidate first produced them (the weights were checked finite before any run).
+        return [Finding(
+            *UNEXPLAINED, candidate, dtype, nonfinite["name"],
+            f"{candidate} produced NaN/Inf first at {nonfinite['name']}, where the oracle is finite",
+            {"point": nonfinite["name"], "non_finite": True, "divergent_points": _count(free)},
+            False, "Find the op that overflows or divides by zero at this point in the candidate"
+                   " (a float16/bfloat16 overflow, a mask of -inf over a whole row, a log or sqrt of 0).")]
     if free["verdict"] == "divergence":
         policy, current = _greedy(lab, remaining, spec, candidate, cand_caps, free, floors, points, thresholds,
                                   None, policy, findings)
@@ -139,13 +149,19 @@ def explain(lab: OracleLab, checks: list[Check], spec, candidate: str, cand_caps
         findings.append(Finding(
             *UNEXPLAINED, candidate, dtype, first,
             f"unexplained divergence starting at {first}{explained}: no known bug's counterfactual brings it"
-            f" back to the noise floor (rel L2 {p.get('rel_l2', float('nan')):.3g},"
-            f" {p.get('floor_ratio', float('nan')):.3g}x the floor)",
+            f" back to the noise floor ({_size(p)})",
             {"point": first, "rel_l2": p.get("rel_l2"), "floor_ratio": p.get("floor_ratio"),
              "policy_tried": policy, "divergent_points": _count(current),
              "teacher_forced": current is not free and current.get("teacher_forced", False)},
             False, "Read the code that computes this point in the candidate against references/gemma.py."))
     return findings
+
+
+def _size(p: dict) -> str:
+    """How far a point is off, in words, for a message."""
+    if p.get("rel_l2") is None or p.get("floor_ratio") is None:
+        return p.get("note") or "no error measured"
+    return f"rel L2 {p['rel_l2']:.3g}, {p['floor_ratio']:.3g} times the floor"
 
 
 def _as_run(points_rows: list[dict], dtype: str) -> dict:

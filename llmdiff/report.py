@@ -10,6 +10,7 @@ from pathlib import Path
 
 from llmdiff.plots import layer_sparkline
 
+VERDICTS = {0: "parity", 1: "divergence", 2: "error", 130: "interrupted"}  # by exit code
 _SUMMARY_POINT = re.compile(r"^(embed|L\d+\.out|final_norm|logits)$")
 
 
@@ -89,7 +90,7 @@ def markdown(report: dict) -> str:
     """A short summary for a pull-request comment."""
     code = report["exit_code"]
     lines = [f"### llmdiff: {report['model']}{' (tiny)' if report['spec'].get('tiny') else ''} — "
-             f"{ {0: 'parity', 1: 'divergence', 2: 'error'}[code] }", ""]
+             f"{VERDICTS.get(code, 'error')}", ""]
     lines += ["| candidate | reference | dtype | verdict | first divergence | logits KL | top-1 |",
               "|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
@@ -113,6 +114,10 @@ def markdown(report: dict) -> str:
     broken = [i for i in report["implementations"] if not i["ok"]]
     for i in broken:
         lines.append(f"- ⚠️ {i['name']}: {i['error']}")
+    for e in report.get("errors", []):
+        lines.append(f"- ⚠️ {e['stage']} could not run: {e['error']}")
+    if report.get("incomplete"):
+        lines.append(f"- ⚠️ incomplete: {report['incomplete']}")
     lines += ["", f"<sub>llmdiff {report['llmdiff_version']} · weights {report['weights']['source']}"
               f" · exit code {code}</sub>"]
     return "\n".join(lines) + "\n"
@@ -184,6 +189,10 @@ def render(report: dict, console, *, all_points: bool = False) -> None:
 
     for line in summary_lines(report.get("tokenizer")):
         console.print(line)
+    ignored = [n for k in ("ignored_safetensors", "ignored_pickles", "ignored_code") for n in report["weights"].get(k, [])]
+    if ignored:
+        console.print(f"  weights read from {', '.join(report['weights']['files'])};"
+                      f" [yellow]not read[/yellow]: {', '.join(ignored)}")
     for impl in report["implementations"]:
         versions = ", ".join(f"{k} {v}" for k, v in impl["versions"].items())
         state = "[green]ok[/green]" if impl["ok"] else f"[red]error[/red]: {impl['error']}"
@@ -243,5 +252,9 @@ def render(report: dict, console, *, all_points: bool = False) -> None:
                 console.print(f"      fix: {f['fix']}")
     for b in (report.get("checks") or {}).get("broken", []):
         console.print(f"[yellow]warning[/yellow]: {b}")
+    for e in report.get("errors", []):
+        console.print(f"[red]error[/red]: {e['stage']} could not run: {e['error']}")
+    if report.get("incomplete"):
+        console.print(f"[red]incomplete[/red]: {report['incomplete']}")
     code = report["exit_code"]
-    console.print(f"\nexit code {code} ({ {0: 'parity', 1: 'divergence', 2: 'error'}[code] })")
+    console.print(f"\nexit code {code} ({VERDICTS.get(code, 'error')})")

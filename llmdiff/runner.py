@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -93,12 +94,55 @@ def _tail(text: str) -> str:
     return lines[-1].strip() if lines else ""
 
 
+def _kill_group(proc) -> None:
+    """End the worker and every process it started (it leads its own process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _watch(proc, name: str, log_path: Path, timeout: float | None, progress) -> str | None:
+    """Copy the worker's output to its log (and progress lines to `progress`) until it exits,
+    killing its whole process group at `timeout` or when this process is interrupted; then end
+    whatever it left running. The failure, or None."""
+    import threading
+
+    def copy():
+        with open(log_path, "w") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if progress and line.startswith(PROGRESS):
+                    progress(line[len(PROGRESS):].strip())
+
+    reader = threading.Thread(target=copy, name=f"llmdiff-worker-{name}", daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    finally:  # a timeout, Ctrl-C or SIGTERM here: the worker's group goes too
+        _kill_group(proc)
+        proc.wait()
+        reader.join(5)
+        proc.stdout.close()
+    if timed_out:
+        return f"worker for {name!r} timed out after {timeout:.0f} s"
+    if proc.returncode < 0:
+        return f"worker for {name!r} was killed by signal {-proc.returncode}" + (
+            " (out of memory?)" if proc.returncode == -9 else "")
+    if proc.returncode not in (0, 1):
+        return f"worker for {name!r} exited with code {proc.returncode}: {_tail(log_path.read_text())}"
+    return None
+
+
 def run_worker(impl: Implementation, job: dict, requests: list[RunRequest], workdir: Path,
                timeout: float | None = None, progress=None) -> list[RunResult]:
     """Run one worker process for `requests`; its output goes to workdir/worker-NAME.log as it
     comes, and its progress lines to `progress` (a callable taking a str), if given."""
-    import threading
-
     import llmdiff.references
 
     job = dict(job, options={**job.get("options", {}), **impl.options}, impl=impl.name, module=impl.module, **{"class": impl.cls},
@@ -115,34 +159,14 @@ def run_worker(impl: Implementation, job: dict, requests: list[RunRequest], work
     log_path = workdir / f"worker-{safe}.log"
     t = time.perf_counter()
     failure = None
-    timed_out = threading.Event()
     try:
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen([impl.python, str(worker), str(job_path)], stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, env=env, errors="replace")
-            timer = None
-            if timeout:
-                timer = threading.Timer(timeout, lambda: (timed_out.set(), proc.kill()))
-                timer.start()
-            try:
-                for line in proc.stdout:
-                    log.write(line)
-                    log.flush()
-                    if progress and line.startswith(PROGRESS):
-                        progress(line[len(PROGRESS):].strip())
-                proc.wait()
-            finally:
-                if timer:
-                    timer.cancel()
-        if timed_out.is_set():
-            failure = f"worker for {impl.name!r} timed out after {timeout:.0f} s"
-        elif proc.returncode < 0:
-            failure = f"worker for {impl.name!r} was killed by signal {-proc.returncode}" + (
-                " (out of memory?)" if proc.returncode == -9 else "")
-        elif proc.returncode not in (0, 1):
-            failure = f"worker for {impl.name!r} exited with code {proc.returncode}: {_tail(log_path.read_text())}"
+        proc = subprocess.Popen([impl.python, str(worker), str(job_path)], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                errors="replace", start_new_session=True)
     except OSError as e:
         failure = f"cannot start worker for {impl.name!r} with {impl.python}: {e.strerror}"
+    else:
+        failure = _watch(proc, impl.name, log_path, timeout, progress)
     stderr = log_path.read_text() if log_path.exists() else ""
     wall = time.perf_counter() - t
 
@@ -156,7 +180,8 @@ def run_worker(impl: Implementation, job: dict, requests: list[RunRequest], work
             results.append(RunResult(impl.name, r.dtype, r.constants_dtype, ok, meta.get("error"),
                                      r.out + ".safetensors" if ok else None, meta, r.out))
         else:
-            error = failure or f"worker for {impl.name!r} ended before finishing {r.dtype}: {_tail(stderr)}"
+            error = failure or (f"worker for {impl.name!r} ended before finishing {r.dtype}"
+                                + (f": {_tail(stderr)}" if _tail(stderr) else " and said nothing"))
             results.append(RunResult(impl.name, r.dtype, r.constants_dtype, False, error, None,
                                      {"python": impl.python}, r.out))
     return results

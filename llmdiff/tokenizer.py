@@ -208,7 +208,7 @@ def write_tokenizer_files(path, spec: ModelSpec, *, sp_model: bytes | None = Non
     else:
         from transformers import AutoTokenizer
 
-        converted = AutoTokenizer.from_pretrained(str(path))  # converts tokenizer.model
+        converted = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # converts tokenizer.model
         converted.backend_tokenizer.save(str(path / "tokenizer.json"))
     if chat_template is not None:
         tok_config["chat_template"] = chat_template
@@ -304,7 +304,9 @@ class HFEncoder(Encoder):
         from transformers import AutoTokenizer
 
         self.version = transformers.__version__
-        self.tok = AutoTokenizer.from_pretrained(str(path), **({"use_fast": False} if slow else {}))
+        # Never the checkpoint's own code: transformers would otherwise ask on stdin (or run it).
+        self.tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False,
+                                                 **({"use_fast": False} if slow else {}))
         if slow and self.tok.is_fast:
             self.available = False
             self.reason = (f"transformers {transformers.__version__} has no SentencePiece-backed (slow) tokenizer"
@@ -754,6 +756,9 @@ def check_tokenizer(model: str, *, tiny: bool = False, weights=None, text=None, 
                 raise UsageError(f"weights path {path} is not a directory (expected an HF checkpoint dir)")
             if not has_tokenizer(path):
                 raise UsageError(f"{path} holds no tokenizer (tokenizer.model or tokenizer.json)")
+            from llmdiff import weights as weights_mod
+
+            weights_mod.checked_config(path, spec)  # never a checkpoint that needs its own code
             source = {"source": "hf", "path": str(path)}
         elif tiny:
             path = Path(tmp)

@@ -250,12 +250,12 @@ def write_hf_config(path, spec: ModelSpec, dtype: str = "bfloat16") -> Path:
     return path
 
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _CONFIG_FIELDS = {  # config.json key -> spec field, checked when present
     "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "mlp_dim",
     "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
     "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
 }
+_MODEL_TYPES = {"gemma": ("gemma",), "gemma2": ("gemma2",), "gemma3": ("gemma3_text", "gemma3")}
 
 
 def _config_value(spec: ModelSpec, field: str):
@@ -266,38 +266,76 @@ def _config_value(spec: ModelSpec, field: str):
 
 
 def read_hf_checkpoint(path, spec: ModelSpec) -> dict[str, np.ndarray]:
-    """The canonical set (float32) of a local HF checkpoint directory; safetensors only."""
+    """The canonical set (float32) of a local HF checkpoint directory: the files transformers
+    reads with `use_safetensors=True` (`checkpoint_files.weight_files`), never a pickle, never
+    a stray safetensors file, never a checkpoint that needs its own code to load."""
+    from llmdiff import checkpoint_files
+
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"weights path {path} does not exist")
     if not path.is_dir():
         raise WeightsError(f"weights path {path} is not a directory (expected an HF checkpoint dir)")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        pickles = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
-        if pickles:
-            raise WeightsError(
-                f"{path} holds only pickle weights ({pickles[0]}); llmdiff never unpickles:"
-                " convert it to safetensors first")
-        raise WeightsError(f"{path} holds no *.safetensors files")
     config_path = path / "config.json"
-    if config_path.exists():
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{config_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    config = checked_config(path, spec)
+    if config is not None:
         for key, field in _CONFIG_FIELDS.items():
             want = _config_value(spec, field)
             if key in config and config[key] != want:
                 tiny = "" if spec.tiny else " (a tiny checkpoint needs --tiny)"
                 raise WeightsError(
-                    f"{config_path}: {key}={config[key]} but {spec.name} has {want}{tiny}")
+                    f"{config_path}: {key}={config[key]!r} but {spec.name} has {want}{tiny}")
+    chosen = checkpoint_files.weight_files(path)
     tensors = {}
-    for f in files:
-        for name, value in safetensors_file.load(f).items():
-            tensors[name] = value
+    for name in chosen.files:
+        for tname, value in safetensors_file.load(path / name).items():
+            if tname in tensors:
+                raise WeightsError(f"{path}: tensor {tname!r} is in two weight files ({name} and another)")
+            tensors[tname] = value
     canon = convert.from_hf(spec, tensors, where=str(path))
     return {k: np.asarray(v, dtype=np.float32) for k, v in canon.items()}
+
+
+def checked_config(path, spec: ModelSpec) -> dict | None:
+    """The checkpoint's config.json (None without one), refused when its `model_type` is not
+    the spec's family: transformers would need the checkpoint's own code for it (`auto_map`),
+    which llmdiff never runs, or it is another model."""
+    from llmdiff import checkpoint_files
+
+    config_path = Path(path) / "config.json"
+    if not os.path.lexists(config_path):
+        return None
+    config = checkpoint_files.read_json(config_path, what="config")
+    model_type = config.get("model_type")
+    wanted = _MODEL_TYPES.get(spec.family, ())
+    if model_type not in wanted:
+        code = checkpoint_files.remote_code(path, config)
+        why = (f"; it needs the checkpoint's own code ({', '.join(code)}), which llmdiff never runs"
+               if code else "")
+        raise WeightsError(f"{config_path}: model_type {model_type!r}, but {spec.name} is"
+                           f" {' or '.join(map(repr, wanted))}{why}")
+    return config
+
+
+def checkpoint_notes(path) -> dict:
+    """What in a checkpoint directory llmdiff did not read, for the report: stray safetensors
+    files, pickles, code."""
+    from llmdiff import checkpoint_files
+
+    chosen = checkpoint_files.weight_files(path)
+    return {k: v for k, v in (("files", chosen.files), ("ignored_safetensors", chosen.stray),
+                              ("ignored_pickles", chosen.pickles), ("ignored_code", chosen.code)) if v}
+
+
+def refuse_non_finite(canon: dict, where) -> None:
+    """NaN or Inf in the weights is the checkpoint's defect, not an implementation's: say so
+    before any model runs instead of reporting a divergence."""
+    for name in sorted(canon):
+        bad = ~np.isfinite(canon[name])
+        if bad.any():
+            raise WeightsError(
+                f"{where or 'the weights'}: tensor {name} holds {int(bad.sum())} NaN/Inf values;"
+                f" every implementation would compute garbage (`llmdiff audit` lists them: LD701)")
 
 
 def save_canonical(path, canon: dict) -> None:

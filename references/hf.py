@@ -78,9 +78,11 @@ class HFReference(Reference):
         if "generate" in source or self.stream:
             model = self._skeleton(source["hf_dir"], dtype_kw)
         else:
+            # Safetensors only (a pickle beside them is never loaded) and never the checkpoint's
+            # own code: the files llmdiff's reader chose (`llmdiff/checkpoint_files.py`).
             model = AutoModelForCausalLM.from_pretrained(
-                source["hf_dir"], attn_implementation=self.attn_implementation,
-                **{dtype_kw: self.torch_dtype})
+                source["hf_dir"], attn_implementation=self.attn_implementation, use_safetensors=True,
+                trust_remote_code=False, **{dtype_kw: self.torch_dtype})
             model.to(device)  # buffers too: RoPE's inv_freq keeps its float32 dtype through .to(device)
         model.eval()
         self.model = self.patch_model(model)
@@ -94,7 +96,7 @@ class HFReference(Reference):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(hf_dir)
+        config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(
                 config, attn_implementation=self.attn_implementation, **{dtype_kw: self.torch_dtype})
@@ -308,9 +310,11 @@ class _WeightSource:
         if "generate" not in self.source:
             from pathlib import Path
 
-            from llmdiff import safetensors_file
+            from llmdiff import checkpoint_files, safetensors_file
 
-            for f in sorted(Path(self.source["hf_dir"]).glob("*.safetensors")):
+            hf_dir = Path(self.source["hf_dir"])
+            for f in checkpoint_files.weight_files(hf_dir).files:  # the files from_pretrained reads
+                f = hf_dir / f
                 for name in safetensors_file.read_header(f)[0]:
                     self.files[name] = f
 

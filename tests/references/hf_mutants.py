@@ -183,3 +183,23 @@ class Hangs(HFReference):
         import time
 
         time.sleep(600)
+
+
+class SpawnsChildThenHangs(HFReference):
+    """A worker that starts a child process (which inherits its output pipe), then hangs."""
+
+    def load(self, dtype, constants_dtype=None):
+        import subprocess
+        import time
+
+        child = subprocess.Popen(["sleep", "600"])
+        with open(os.environ["LLMDIFF_TEST_CHILD_PID"], "w") as f:
+            f.write(str(child.pid))
+        time.sleep(600)
+
+
+class ExitsEarly(HFReference):
+    """A worker that exits 0 before writing any result, saying nothing."""
+
+    def load(self, dtype, constants_dtype=None):
+        os._exit(0)
