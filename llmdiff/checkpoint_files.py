@@ -123,7 +123,7 @@ def weight_files(directory) -> WeightFiles:
 def no_weights(directory, tensors: list[str], pickles: list[str]) -> WeightsError:
     """The error for a directory with neither weights file transformers reads."""
     found = tensors or pickles
-    hint = (f" (found {', '.join(found[:3])}" + (": pickles are never loaded; convert to safetensors)"
+    hint = (f" (found {', '.join(found[:3])}" + (": llmdiff never unpickles; convert it to safetensors)"
                                                 if not tensors else ": rename it model.safetensors)")) if found else ""
     return WeightsError(f"{directory} has no {SINGLE} or {INDEX}{hint}")
 
