@@ -175,11 +175,16 @@ def train_tiny_sentencepiece(vocab_size: int, *, control_turn_markers: bool = Fa
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text.decode("utf-8").splitlines()),
                                    model_writer=model, **options)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, cache)
+    _write_cache(cache, model.getvalue())
     return model.getvalue()
+
+
+def _write_cache(path: Path, data: bytes) -> None:
+    """Into the temp-dir cache, atomically: concurrent runs never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def write_tokenizer_files(path, spec: ModelSpec, *, sp_model: bytes | None = None, config: dict | None = None,
@@ -215,6 +220,24 @@ def write_tokenizer_files(path, spec: ModelSpec, *, sp_model: bytes | None = Non
     tok_config.update(config or {})
     (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     return path
+
+
+def write_tiny_tokenizer_files(path, spec: ModelSpec, sp_model: bytes) -> Path:
+    """`write_tokenizer_files` for a tiny tokenizer.model, its tokenizer.json from the temp-dir
+    cache (transformers' conversion, the slow part, runs once per model and transformers release)."""
+    cached = _cached_tokenizer_json(sp_model)
+    if cached.exists():
+        return write_tokenizer_files(path, spec, sp_model=sp_model, tokenizer_json=cached)
+    path = write_tokenizer_files(path, spec, sp_model=sp_model)
+    _write_cache(cached, (path / "tokenizer.json").read_bytes())
+    return path
+
+
+def _cached_tokenizer_json(sp_model: bytes) -> Path:
+    import transformers
+
+    key = hashlib.sha256(sp_model + transformers.__version__.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "llmdiff-tokenizers" / f"tiny-{key}.tokenizer.json"
 
 
 def write_tiny_checkpoint(path, spec: ModelSpec, canon: dict, **tokenizer_options) -> Path:
@@ -632,13 +655,6 @@ def describe_chat(c: dict) -> str:
 
 # --- for `compare`: prompts from real text, parity in the background -----------------------
 
-def _cached_tokenizer_json(sp_model: bytes) -> Path:
-    import transformers
-
-    key = hashlib.sha256(sp_model + transformers.__version__.encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "llmdiff-tokenizers" / f"tiny-{key}.tokenizer.json"
-
-
 class Prompts:
     """Token ids for `compare`, from real text through the checkpoint's tokenizer, and the parity
     report computed while the numeric workers run."""
@@ -672,15 +688,7 @@ class Prompts:
     def _parity(self) -> dict:
         try:
             if self.tiny_tokenizer and not (self.hf_dir / "tokenizer.json").exists():
-                sp_model = (self.hf_dir / "tokenizer.model").read_bytes()
-                cached = _cached_tokenizer_json(sp_model)
-                if cached.exists():
-                    write_tokenizer_files(self.hf_dir, self.spec, sp_model=sp_model, tokenizer_json=cached)
-                else:
-                    write_tokenizer_files(self.hf_dir, self.spec, sp_model=sp_model)
-                    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
-                    tmp.write_bytes((self.hf_dir / "tokenizer.json").read_bytes())
-                    os.replace(tmp, cached)
+                write_tiny_tokenizer_files(self.hf_dir, self.spec, (self.hf_dir / "tokenizer.model").read_bytes())
             return tokenizer_parity(self.hf_dir, self.spec)
         except Exception as e:  # noqa: BLE001 - reported in the report, never a lost comparison
             return {"error": f"{type(e).__name__}: {e}"}
@@ -761,13 +769,7 @@ def check_tokenizer(model: str, *, tiny: bool = False, weights=None, text=None, 
             weights_mod.checked_config(path, spec)  # never a checkpoint that needs its own code
             source = {"source": "hf", "path": str(path)}
         elif tiny:
-            path = Path(tmp)
-            sp_model = train_tiny_sentencepiece(spec.text_vocab_size)
-            cached = _cached_tokenizer_json(sp_model)
-            write_tokenizer_files(path, spec, sp_model=sp_model, tokenizer_json=cached if cached.exists() else None)
-            if not cached.exists():
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                cached.write_bytes((path / "tokenizer.json").read_bytes())
+            path = write_tiny_tokenizer_files(Path(tmp), spec, train_tiny_sentencepiece(spec.text_vocab_size))
             source = {"source": "tiny", "path": None}
         else:
             raise UsageError(f"no tokenizer for {model}: pass --weights DIR (a checkpoint with tokenizer.model or"
