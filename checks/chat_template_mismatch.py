@@ -1,7 +1,7 @@
 from dataclasses import replace
 
 from llmdiff.check import Check
-from llmdiff.tokenizer import chat_differences, describe_chat
+from llmdiff.tokenizer_parity import chat_differences, describe_chat
 
 
 class ChatTemplateMismatch(Check):

@@ -1,7 +1,7 @@
 from dataclasses import replace
 
 from llmdiff.check import Check
-from llmdiff.tokenizer import describe_difference, differences_of_kind
+from llmdiff.tokenizer_parity import describe_difference, differences_of_kind
 
 
 class TextNormalizationMismatch(Check):

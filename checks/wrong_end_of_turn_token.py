@@ -1,7 +1,7 @@
 from dataclasses import replace
 
 from llmdiff.check import Check
-from llmdiff.tokenizer import END_OF_TURN, chat_differences, describe_chat
+from llmdiff.tokenizer_parity import END_OF_TURN, chat_differences, describe_chat
 
 
 class WrongEndOfTurnToken(Check):

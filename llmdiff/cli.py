@@ -379,7 +379,7 @@ def tokenize(model, tiny, weights, text, select, ignore, json_path, no_color, de
     """
     from llmdiff import api
     from llmdiff.report import write_json
-    from llmdiff.tokenizer import render
+    from llmdiff.tokenizer_render import render
 
     try:
         _check_outputs(json_path)

@@ -185,7 +185,7 @@ def render(report: dict, console, *, all_points: bool = False) -> None:
     console.print(f"[bold]llmdiff {report['llmdiff_version']}[/bold]  model [bold]{report['model']}[/bold]"
                   f"{' (tiny)' if report['spec'].get('tiny') else ''}  weights {report['weights']['source']}"
                   f"  tokens {report['tokens']['lengths']}")
-    from llmdiff.tokenizer import summary_lines  # tokens first: numbers mean nothing if inputs differ
+    from llmdiff.tokenizer_render import summary_lines  # tokens first: numbers mean nothing if inputs differ
 
     for line in summary_lines(report.get("tokenizer")):
         console.print(line)

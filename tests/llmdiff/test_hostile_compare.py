@@ -69,9 +69,9 @@ def test_remote_code_checkpoint_is_refused_and_never_run(llmdiff_cli, ckpt, tmp_
 
 
 def test_tokenize_refuses_remote_code_checkpoint(llmdiff_cli, ckpt, tmp_path):
-    from llmdiff import tokenizer
+    from llmdiff.tiny_tokenizer import train_tiny_sentencepiece, write_tokenizer_files
 
-    tokenizer.write_tokenizer_files(ckpt, SPEC, sp_model=tokenizer.train_tiny_sentencepiece(SPEC.text_vocab_size))
+    write_tokenizer_files(ckpt, SPEC, sp_model=train_tiny_sentencepiece(SPEC.text_vocab_size))
     marker = tmp_path / "remote-code-ran"
     _remote_code_checkpoint(ckpt, marker)
     code, _, err, _ = llmdiff_cli("tokenize", "gemma-7b", "--tiny", "--weights", str(ckpt))
@@ -263,9 +263,9 @@ def test_report_on_a_corrupt_report(saved_run, tmp_path, llmdiff_cli, content):
 # --- stages that cannot run are errors -----------------------------------------------------
 
 def test_tokenizer_parity_that_cannot_run_is_an_error_with_the_skip(llmdiff_cli, ckpt):
-    from llmdiff import tokenizer
+    from llmdiff.tiny_tokenizer import train_tiny_sentencepiece, write_tokenizer_files
 
-    tokenizer.write_tokenizer_files(ckpt, SPEC, sp_model=tokenizer.train_tiny_sentencepiece(SPEC.text_vocab_size))
+    write_tokenizer_files(ckpt, SPEC, sp_model=train_tiny_sentencepiece(SPEC.text_vocab_size))
     (ckpt / "tokenizer.json").write_text("{ this is not a tokenizer")
     code, out, err, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--weights", str(ckpt),
                                          "--dtype", "float32", "--no-diagnose")

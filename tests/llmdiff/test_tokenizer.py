@@ -9,14 +9,14 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from llmdiff import tokenizer, weights
+from llmdiff import tiny_tokenizer, tokenizer, tokenizer_parity, weights
 from llmdiff.cli import main
 from llmdiff.spec import get_spec
 
 SPEC = get_spec("gemma-7b", tiny=True)
-GEN_PROMPT_NO_NEWLINE = tokenizer.GEMMA_CHAT_TEMPLATE.replace("{{ '<start_of_turn>model\n' }}",
-                                                              "{{ '<start_of_turn>model' }}")
-EOS_FOR_END_OF_TURN = tokenizer.GEMMA_CHAT_TEMPLATE.replace("{{ '<end_of_turn>\n' }}", "{{ eos_token + '\n' }}")
+GEN_PROMPT_NO_NEWLINE = tiny_tokenizer.GEMMA_CHAT_TEMPLATE.replace("{{ '<start_of_turn>model\n' }}",
+                                                                   "{{ '<start_of_turn>model' }}")
+EOS_FOR_END_OF_TURN = tiny_tokenizer.GEMMA_CHAT_TEMPLATE.replace("{{ '<end_of_turn>\n' }}", "{{ eos_token + '\n' }}")
 
 
 def _cli(*args):
@@ -30,9 +30,9 @@ def _codes(report) -> set[str]:
 
 def test_tiny_sentencepiece_is_deterministic_fast_and_gemma_shaped(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_bytes(tokenizer.TRAINING_CORPUS.read_bytes() + f"\nunique {time.time_ns()}\n".encode())
+    corpus.write_bytes(tiny_tokenizer.TRAINING_CORPUS.read_bytes() + f"\nunique {time.time_ns()}\n".encode())
     t0 = time.perf_counter()
-    first = tokenizer.train_tiny_sentencepiece(SPEC.text_vocab_size, corpus=corpus)
+    first = tiny_tokenizer.train_tiny_sentencepiece(SPEC.text_vocab_size, corpus=corpus)
     elapsed = time.perf_counter() - t0  # a fresh corpus: a cache miss, a real training run
     import sentencepiece as spm
 
@@ -48,17 +48,17 @@ def test_tiny_sentencepiece_is_deterministic_fast_and_gemma_shaped(tmp_path):
 
 
 def test_training_gives_the_same_bytes_twice(tmp_path, monkeypatch):
-    monkeypatch.setattr(tokenizer.tempfile, "gettempdir", lambda: str(tmp_path / "a"))
-    a = tokenizer.train_tiny_sentencepiece(SPEC.text_vocab_size)
-    monkeypatch.setattr(tokenizer.tempfile, "gettempdir", lambda: str(tmp_path / "b"))
-    b = tokenizer.train_tiny_sentencepiece(SPEC.text_vocab_size)
+    monkeypatch.setattr(tiny_tokenizer.tempfile, "gettempdir", lambda: str(tmp_path / "a"))
+    a = tiny_tokenizer.train_tiny_sentencepiece(SPEC.text_vocab_size)
+    monkeypatch.setattr(tiny_tokenizer.tempfile, "gettempdir", lambda: str(tmp_path / "b"))
+    b = tiny_tokenizer.train_tiny_sentencepiece(SPEC.text_vocab_size)
     assert a == b and list((tmp_path / "b").rglob("*.model"))
 
 
 def test_reference_chat_format_folds_system_into_first_turn():
     messages = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"})
-    assert tokenizer.reference_chat(messages, True) == (
+    assert tokenizer_parity.reference_chat(messages, True) == (
         "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
         "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
 
@@ -145,7 +145,7 @@ def _eos_in_post_processor(path):
 
 MUTANTS = {
     "no-bos-by-default": ({"config": {"add_bos_token": False}}, None, "LD001"),
-    "bos-twice-template-and-tokenizer": ({"chat_template": "{{ bos_token }}" + tokenizer.GEMMA_CHAT_TEMPLATE},
+    "bos-twice-template-and-tokenizer": ({"chat_template": "{{ bos_token }}" + tiny_tokenizer.GEMMA_CHAT_TEMPLATE},
                                          None, "LD002"),
     "eos-added-by-default": ({}, _eos_in_post_processor, "LD003"),
     "add-eos-token-in-config": ({"config": {"add_eos_token": True}}, None, "LD003"),
@@ -159,8 +159,8 @@ MUTANTS = {
 def _mutant_dir(tmp_path, options, edit):
     options = dict(options)
     if options.get("sp_model") == "control":
-        options["sp_model"] = tokenizer.train_tiny_sentencepiece(SPEC.text_vocab_size, control_turn_markers=True)
-    path = tokenizer.write_tokenizer_files(tmp_path / "tok", SPEC, **options)
+        options["sp_model"] = tiny_tokenizer.train_tiny_sentencepiece(SPEC.text_vocab_size, control_turn_markers=True)
+    path = tiny_tokenizer.write_tokenizer_files(tmp_path / "tok", SPEC, **options)
     if edit:
         edit(path)
     return path
@@ -234,8 +234,8 @@ def test_compare_tiny_tokenizes_text_and_reports_parity_first(tmp_path):
 
 def test_compare_names_missing_bos_of_hf_tokenizer_config(tmp_path):
     """The HF mutant "tokenizer BOS": tokenizer_config.json with add_bos_token false."""
-    ckpt = tokenizer.write_tiny_checkpoint(tmp_path / "ckpt", SPEC, weights.random_weights(SPEC, seed=1),
-                                           config={"add_bos_token": False})
+    ckpt = tiny_tokenizer.write_tiny_checkpoint(tmp_path / "ckpt", SPEC, weights.random_weights(SPEC, seed=1),
+                                                config={"add_bos_token": False})
     code, out, err = _cli("compare", "gemma-7b", "--tiny", "--weights", str(ckpt), "--dtype", "float32",
                           "--json", str(tmp_path / "r.json"))
     assert code == 1, out + err

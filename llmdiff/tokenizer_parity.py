@@ -1,0 +1,326 @@
+"""Tokenizer and chat-template parity, before any numerics: the evidence checks read.
+
+The same strings go through every tokenizer implementation a user actually calls
+(`tokenizer_encoders`). Ids are compared with what each adds by default (BOS, EOS) taken off, and
+those additions are recorded on their own. Then the checkpoint's HF `chat_template` is rendered
+through transformers' own `apply_chat_template` for a few conversations and compared, as a string
+and as ids, with the family's reference format. Checks `LD001`-`LD049` (`checks/`) turn the
+evidence gathered here into findings, with the helpers at the end of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+from llmdiff.errors import UsageError
+from llmdiff.spec import ModelSpec
+from llmdiff.tokenizer_encoders import Encoder, HFEncoder, SentencePieceEncoder, load_encoders
+
+START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
+REFERENCE = "sentencepiece"
+
+# Hard strings: each a known way for two tokenizers of the same model to part company.
+CORPUS: tuple[tuple[str, str], ...] = (
+    ("plain", "The quick brown fox jumps over the lazy dog."),
+    ("leading-space", " Hello world"),
+    ("leading-spaces", "   three leading spaces"),
+    ("repeated-spaces", "a  b   c    d"),
+    ("trailing-spaces", "trailing spaces   "),
+    ("tabs", "col1\tcol2\t\tcol4"),
+    ("newlines", "line one\nline two\n\nline four\n"),
+    ("crlf", "windows\r\nline endings\r\n"),
+    ("only-whitespace", " \t\n "),
+    ("nfkc-fullwidth", "ＡＢＣ １２３"),
+    ("nfkc-ligature", "ﬁnal ﬂow"),
+    ("nfc-vs-nfd", "caf\u00e9 vs cafe\u0301"),
+    ("angstrom-sign", "\u212b is not \u00c5"),
+    ("non-breaking-space", "a\u00a0b\u2009c"),
+    ("zero-width", "zero\u200bwidth\u200djoiner"),
+    ("cjk", "東京は日本の首都です。今天天气很好。"),
+    ("korean", "한국어 문장"),
+    ("emoji", "Emoji 😀🎉👍 and a flag 🇫🇷 and a family 👨‍👩‍👧"),
+    ("byte-fallback", "rare: \u0d9e \U0001d11e \u2603"),
+    ("digits", "0123456789"),
+    ("long-number", "3.14159265358979323846 and 1,234,567,890"),
+    ("code", "def f(x):\n    return x ** 2  # square\n"),
+    ("json", '{"key": [1, 2, 3], "nested": {"a": null}}'),
+    ("long-word", "pneumonoultramicroscopicsilicovolcanoconiosis" * 3),
+    ("turn-markers-in-text", "Say <start_of_turn> and <end_of_turn> literally."),
+    ("bos-in-text", "a user wrote <bos> here"),
+    ("eos-in-text", "and </s> or <eos> there"),
+    ("empty", ""),
+)
+
+# Conversations rendered through the chat template (Gemma folds a system message into the first
+# user turn: its content, a blank line, then the user's).
+CONVERSATIONS: tuple[tuple[str, tuple[dict, ...], bool], ...] = (
+    ("one-turn", ({"role": "user", "content": "What is the capital of France?"},), False),
+    ("generation-prompt", ({"role": "user", "content": "Write a haiku about the sea."},), True),
+    ("multi-turn", (
+        {"role": "user", "content": "How many legs does a spider have?"},
+        {"role": "assistant", "content": "Eight."},
+        {"role": "user", "content": "And an ant?"},
+    ), True),
+    ("system-message", (
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Which colour is the sky?"},
+    ), True),
+)
+
+
+def reference_chat(messages, add_generation_prompt: bool, family: str = "gemma") -> str:
+    """The family's reference chat format, BOS not included (it is an id, not text).
+
+    Gemma: `<start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n…<end_of_turn>\\n`,
+    the generation prompt `<start_of_turn>model\\n`; a system message is folded into the first
+    user turn (google-deepmind/gemma `gm/text/_template.py`, the Gemma 3 model card).
+    """
+    if not family.startswith("gemma"):
+        raise UsageError(f"no reference chat format for family {family!r}")
+    messages = list(messages)
+    prefix = ""
+    if messages and messages[0]["role"] == "system":
+        prefix = messages[0]["content"] + "\n\n"
+        messages = messages[1:]
+    out = []
+    for i, m in enumerate(messages):
+        role = "model" if m["role"] == "assistant" else m["role"]
+        out.append(f"{START_OF_TURN}{role}\n{prefix if i == 0 else ''}{m['content'].strip()}{END_OF_TURN}\n")
+    if add_generation_prompt:
+        out.append(f"{START_OF_TURN}model\n")
+    return "".join(out)
+
+
+# --- comparison ----------------------------------------------------------------------------
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def _strip_added(ids: list[int], desc: dict) -> list[int]:
+    """The ids of the text itself: what the implementation adds by default taken off."""
+    p, s = desc.get("prefix") or [], desc.get("suffix") or []
+    if p and ids[:len(p)] == p:
+        ids = ids[len(p):]
+    if s and ids[len(ids) - len(s):] == s:
+        ids = ids[:len(ids) - len(s)]
+    return ids
+
+
+def classify(text: str, ids: list[int], ref_ids: list[int], decoded: str, ref_decoded: str, name: str,
+             control_ids: set, role_ids: dict, split_special_tokens: bool) -> str:
+    """What kind of difference two id sequences of the same text show.
+
+    `control-token`: the implementation made a control token (bos, eos, pad...) out of text the
+    reference encodes as text; `by-design` when that token is one of an HF tokenizer's named special
+    tokens and `split_special_tokens` is off (transformers' documented default: written in text,
+    `<bos>` is BOS, so that rendered chat templates work). `normalization`: one side no longer
+    round-trips the text, or the text is one NFKC or whitespace handling changes and the decoded
+    strings differ. `ids`: anything else (another segmentation of the same text).
+    """
+    extra = [i for i in set(ids) if i in control_ids and ids.count(i) > ref_ids.count(i)]
+    if extra:
+        parsed_by_hf = name.startswith("hf") and not split_special_tokens
+        return "by-design" if parsed_by_hf and set(extra) <= set(role_ids.values()) else "control-token"
+    if (decoded == text) != (ref_decoded == text) or (is_normalization_sensitive(text) and decoded != ref_decoded):
+        return "normalization"
+    return "ids"
+
+
+def compare_strings(encoders: list[Encoder], descriptions: dict, strings, spec: ModelSpec,
+                    control_ids=frozenset(), role_ids=None, split_special_tokens=False) -> list[dict]:
+    ref = encoders[0]
+    others = [e for e in encoders[1:] if e.available]
+    results = []
+    for name, text in strings:
+        ref_ids = ref.encode_text(text)
+        entry = {"name": name, "text": text, "ids": {ref.name: ref_ids},
+                 "decoded": {ref.name: ref.decode(ref_ids)}, "status": "agree", "differences": []}
+        for enc in others:
+            ids = _strip_added(enc.encode(text), descriptions[enc.name])
+            entry["ids"][enc.name] = ids
+            entry["decoded"][enc.name] = enc.decode(ids)
+            at = _first_difference(ids, ref_ids)
+            if at is None:
+                continue
+            kind = classify(text, ids, ref_ids, entry["decoded"][enc.name], entry["decoded"][ref.name], enc.name,
+                            set(control_ids), role_ids or {}, split_special_tokens)
+            if kind != "by-design" or entry["status"] == "agree":
+                entry["status"] = "by-design" if kind == "by-design" else "differ"
+            lo = max(0, at - 3)
+            entry["differences"].append({
+                "implementation": enc.name, "reference": ref.name, "kind": kind, "index": at,
+                "ids": ids[lo:at + 4], "reference_ids": ref_ids[lo:at + 4], "context_start": lo,
+                "pieces": [enc.piece(i) for i in ids[lo:at + 4]],
+                "reference_pieces": [ref.piece(i) for i in ref_ids[lo:at + 4]],
+                "round_trip": entry["decoded"][enc.name] == text,
+                "reference_round_trip": entry["decoded"][ref.name] == text,
+            })
+        results.append(entry)
+    return results
+
+
+def compare_chat(hf: HFEncoder | None, ref: Encoder | None, spec: ModelSpec) -> dict:
+    """Render the checkpoint's chat template for each conversation; compare with the reference."""
+    if hf is None or not getattr(hf.tok, "chat_template", None):
+        return {"present": False, "conversations": []}
+    out = []
+    for name, messages, gen in CONVERSATIONS:
+        want = reference_chat(messages, gen, spec.family)
+        entry = {"name": name, "add_generation_prompt": gen, "reference": want}
+        try:
+            rendered = hf.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=gen)
+            ids = list(hf.tok.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=gen,
+                                                  return_dict=True)["input_ids"])
+        except Exception as e:  # noqa: BLE001 - a template that raises is evidence, not a crash
+            entry.update({"status": "error", "error": f"{type(e).__name__}: {e}"})
+            out.append(entry)
+            continue
+        want_ids = [spec.bos_id] + (ref.encode_text(want) if ref is not None else hf.encode_text(want))
+        leading_bos = 0
+        while leading_bos < len(ids) and ids[leading_bos] == spec.bos_id:
+            leading_bos += 1
+        text = rendered
+        bos_text = hf.tok.bos_token or "<bos>"
+        while text.startswith(bos_text):
+            text = text[len(bos_text):]
+        at = next((i for i, (x, y) in enumerate(zip(text, want)) if x != y),
+                  None if len(text) == len(want) else min(len(text), len(want)))
+        entry.update({
+            "rendered": rendered, "ids": ids, "reference_ids": want_ids, "leading_bos": leading_bos,
+            "status": "agree" if at is None and ids == want_ids else "differ",
+            "string_difference": None if at is None else {
+                "index": at, "rendered": text[max(0, at - 20):at + 20], "reference": want[max(0, at - 20):at + 20]},
+            "ids_difference": _first_difference(ids, want_ids),
+        })
+        out.append(entry)
+    return {"present": True, "conversations": out,
+            "end_of_turn_ids": {"hf": hf.encode_text(END_OF_TURN),
+                                **({ref.name: ref.encode_text(END_OF_TURN)} if ref is not None else {})}}
+
+
+def tokenizer_parity(path, spec: ModelSpec, extra_strings=()) -> dict:
+    """Evidence for the LD0xx checks: implementations, per-string ids, chat template."""
+    import time
+
+    t0 = time.perf_counter()
+    encoders = load_encoders(path, spec)
+    descriptions = {e.name: e.describe(spec) for e in encoders}
+    strings = list(CORPUS) + list(extra_strings)
+    ref = encoders[0]
+    if ref.name != REFERENCE:  # no tokenizer.model: the HF tokenizer's text path is the reference
+        ref = next(e for e in encoders if e.available)
+    ordered = [ref] + [e for e in encoders if e is not ref]
+    hf = next((e for e in encoders if e.name == "hf"), None)
+    role_ids = hf.special_role_ids() if hf else {}
+    control_ids = (sorted(ref.control_ids()) if isinstance(ref, SentencePieceEncoder)
+                   else sorted({spec.bos_id, spec.eos_id, spec.pad_id}))
+    split = bool(getattr(hf.tok, "split_special_tokens", False)) if hf else False
+    report = {
+        "path": str(path), "reference": ref.name,
+        "implementations": [descriptions[e.name] for e in ordered],
+        "spec_ids": {"bos": spec.bos_id, "eos": spec.eos_id, "pad": spec.pad_id},
+        "control_ids": control_ids, "special_role_ids": role_ids, "split_special_tokens": split,
+        "config": _tokenizer_config(path),
+        "strings": compare_strings(ordered, descriptions, strings, spec, control_ids, role_ids, split),
+        "chat": compare_chat(hf, ref if isinstance(ref, SentencePieceEncoder) else None, spec),
+    }
+    report["agree"] = all(s["status"] != "differ" for s in report["strings"])
+    report["notes"] = notes(report)
+    report["timings"] = {"total_s": round(time.perf_counter() - t0, 3)}
+    return report
+
+
+def _tokenizer_config(path) -> dict:
+    """The keys of tokenizer_config.json that decide BOS/EOS (not every transformers release
+    reads them: 5.x keeps tokenizer.json's post-processor, 4.x rebuilds it from these)."""
+    f = Path(path) / "tokenizer_config.json"
+    try:
+        config = json.loads(f.read_text()) if f.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return {k: config[k] for k in ("add_bos_token", "add_eos_token", "bos_token", "eos_token") if k in config}
+
+
+def is_normalization_sensitive(text: str) -> bool:
+    """Text that NFKC or whitespace handling would change."""
+    return (unicodedata.normalize("NFKC", text) != text or "  " in text or "\t" in text or "\r" in text
+            or text != text.strip() or "\n" in text)
+
+
+def notes(report: dict) -> list[str]:
+    """What differs by design, not by bug: said once, not counted against parity."""
+    out = []
+    by_design = [s for s in report["strings"] if s["status"] == "by-design"]
+    if by_design:
+        d = next(d for d in by_design[0]["differences"] if d["kind"] == "by-design")
+        out.append(f"{d['implementation']} turns special tokens written in text into their ids"
+                   f" ({', '.join(s['name'] for s in by_design)}: e.g. {d['pieces']} vs {d['reference']}"
+                   f" {d['reference_pieces']}): transformers' default (split_special_tokens=False);"
+                   " pass split_special_tokens=True, or apply_chat_template(sanitize_control_tokens=True),"
+                   " for untrusted text")
+    for c in report["chat"].get("conversations", []):
+        if c.get("status") == "error" and c["name"] == "system-message":
+            out.append(f"the chat template refuses a system message ({c['error']}); Gemma's reference"
+                       " format folds it into the first user turn")
+    return out
+
+
+def differences_of_kind(report: dict, kind: str) -> dict[str, list[tuple[dict, dict]]]:
+    """{implementation: [(string entry, difference), ...]} for the differences of one kind."""
+    out: dict[str, list] = {}
+    for s in report["strings"]:
+        for d in s["differences"]:
+            if d["kind"] == kind:
+                out.setdefault(d["implementation"], []).append((s, d))
+    return out
+
+
+def describe_difference(s: dict, d: dict) -> str:
+    return (f"{s['name']!r} at token {d['index']}: {d['implementation']} {d['ids']} {d['pieces']}"
+            f" vs {d['reference']} {d['reference_ids']} {d['reference_pieces']}")
+
+
+GENERATION_PROMPT = f"{START_OF_TURN}model\n"
+
+
+def chat_difference_kind(c: dict) -> str | None:
+    """What is wrong with one rendered conversation, if anything (BOS is LD001/LD002's business).
+
+    `end-of-turn`: turns end with something other than `<end_of_turn>`; `generation-prompt`:
+    the first difference lies in the generation prompt `<start_of_turn>model\\n`; `template`:
+    any other difference in the string or its ids, or a template that raises on an ordinary
+    conversation (raising on a system message is a note: Gemma 1 and 2 templates do).
+    """
+    if c.get("status") == "error":
+        return None if c["name"] == "system-message" else "template"
+    if c.get("status") != "differ":
+        return None
+    sd = c.get("string_difference")
+    if sd is not None:
+        want, rendered = c["reference"], c["rendered"]
+        if rendered.count(END_OF_TURN) != want.count(END_OF_TURN):
+            return "end-of-turn"
+        if c["add_generation_prompt"] and sd["index"] >= len(want) - len(GENERATION_PROMPT):
+            return "generation-prompt"
+        return "template"
+    nb = c.get("leading_bos") or 0
+    return "template" if c["ids"][nb:] != c["reference_ids"][1:] else None
+
+
+def chat_differences(report: dict, kind: str) -> list[dict]:
+    return [c for c in (report.get("chat") or {}).get("conversations", []) if chat_difference_kind(c) == kind]
+
+
+def describe_chat(c: dict) -> str:
+    if c.get("status") == "error":
+        return f"{c['name']}: the template raises {c['error']}"
+    sd = c.get("string_difference")
+    if sd:
+        return f"{c['name']}: renders {sd['rendered']!r} where the reference has {sd['reference']!r}"
+    return f"{c['name']}: ids {c['ids'][:12]} vs reference {c['reference_ids'][:12]}"
