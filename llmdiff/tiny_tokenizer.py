@@ -142,12 +142,3 @@ def _cached_tokenizer_json(sp_model: bytes) -> Path:
 
     key = hashlib.sha256(sp_model + transformers.__version__.encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / "llmdiff-tokenizers" / f"tiny-{key}.tokenizer.json"
-
-
-def write_tiny_checkpoint(path, spec: ModelSpec, canon: dict, **tokenizer_options) -> Path:
-    """`weights.write_hf_checkpoint` plus the tiny tokenizer: a checkpoint that reads real text."""
-    from llmdiff import weights
-
-    path = weights.write_hf_checkpoint(path, spec, canon)
-    write_tokenizer_files(path, spec, **tokenizer_options)
-    return path

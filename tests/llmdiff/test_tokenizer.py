@@ -232,10 +232,16 @@ def test_compare_tiny_tokenizes_text_and_reports_parity_first(tmp_path):
     assert out.index("tokenizers sentencepiece, hf") < out.index("hf vs oracle")
 
 
+def _tiny_checkpoint(path, spec, canon, **tokenizer_options):
+    """`weights.write_hf_checkpoint` plus the tiny tokenizer: a checkpoint that reads real text."""
+    path = weights.write_hf_checkpoint(path, spec, canon)
+    return tiny_tokenizer.write_tokenizer_files(path, spec, **tokenizer_options)
+
+
 def test_compare_names_missing_bos_of_hf_tokenizer_config(tmp_path):
     """The HF mutant "tokenizer BOS": tokenizer_config.json with add_bos_token false."""
-    ckpt = tiny_tokenizer.write_tiny_checkpoint(tmp_path / "ckpt", SPEC, weights.random_weights(SPEC, seed=1),
-                                                config={"add_bos_token": False})
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt", SPEC, weights.random_weights(SPEC, seed=1),
+                            config={"add_bos_token": False})
     code, out, err = _cli("compare", "gemma-7b", "--tiny", "--weights", str(ckpt), "--dtype", "float32",
                           "--json", str(tmp_path / "r.json"))
     assert code == 1, out + err
