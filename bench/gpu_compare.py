@@ -100,14 +100,15 @@ def bench(model, tokens, dtypes) -> dict:
 def _hf_job(model, tokens, capture):
     """The job llmdiff's HF worker gets for MODEL with weights made on the GPU, one prompt."""
     from llmdiff import inputs, weights
+    from llmdiff.job import Job, Options, WeightsSource
     from llmdiff.spec import get_spec
 
     spec = get_spec(model)
     work = Path(tempfile.mkdtemp(prefix="llmdiff-bench-"))
     hf_dir = weights.write_hf_config(work / "hf-config", spec)
     ids = inputs.synthetic_prompts(spec, 0, (tokens,))[0]
-    job = {"spec": spec.to_dict(), "tokens": [ids], "options": {"device": "cuda", "stream": False},
-           "weights": {"generate": {"seed": 0}, "hf_dir": str(hf_dir)}, "capture": capture}
+    job = Job(spec=spec.to_dict(), tokens=[ids], options=Options(device="cuda", stream=False),
+              weights=WeightsSource(hf_dir=str(hf_dir), seed=0), capture=capture)
     return job, ids, work
 
 
@@ -118,13 +119,16 @@ def profile(model, tokens, dtypes, out: Path) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    from llmdiff.job import RunId, RunRequest
     from llmdiff.references.hf import HFReference
 
-    job, ids, _ = _hf_job(model, tokens, "sketch")
+    job, ids, work = _hf_job(model, tokens, "sketch")
     rows = []
     for dtype in dtypes:
         adapter = HFReference(job)
-        adapter.load(dtype)
+        request = RunRequest(RunId(dtype), str(work / dtype), job.options)
+        adapter.begin(request)
+        adapter.load(request)
         adapter.run(ids)
         torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -147,13 +151,16 @@ def debugger(model, tokens, dtypes, out: Path) -> dict:
     import torch
     from transformers.model_debugging_utils import model_addition_debugger_context
 
+    from llmdiff.job import RunId, RunRequest
     from llmdiff.references.hf import HFReference
 
     job, ids, work = _hf_job(model, tokens, "full")
     out_rows = []
     for dtype in dtypes:
         adapter = HFReference(job)
-        adapter.load(dtype)
+        request = RunRequest(RunId(dtype), str(work / dtype), job.options)
+        adapter.begin(request)
+        adapter.load(request)
         m = adapter.model
         x = torch.tensor([ids], device="cuda")
 

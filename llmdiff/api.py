@@ -12,20 +12,20 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from llmdiff import __version__, diff, inputs, safetensors_file, weights as weights_mod
+from llmdiff import __version__, diff, inputs, report as report_mod, safetensors_file, weights as weights_mod
 from llmdiff.errors import UsageError
+from llmdiff.job import TRUTH_DTYPE, Job, Options, RunId, RunRequest, WeightsSource
 from llmdiff.report import VERDICTS
-from llmdiff.runner import Implementation, RunRequest, run_worker
+from llmdiff.runner import Implementation, RunResult, run_worker
 from llmdiff.spec import ModelSpec, capture_points, get_spec
 
 DTYPES = ("float32", "bfloat16")
-INTERRUPTED = 130  # a run stopped by Ctrl-C or SIGTERM: what it finished is kept, marked incomplete
 ORACLE = "oracle"
-TRUTH_DTYPE = "float64"
 
 
 class CompareResult:
@@ -106,9 +106,76 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     A stage that cannot run makes the run an error (exit code 2, listed under "errors");
     Ctrl-C keeps what finished, marked "incomplete" (exit code 130).
     progress: optional callable(str) told what is happening.
+
+    The pipeline: `_plan` (inputs checked, weights and prompts ready, the job written) ->
+    `_run_workers` -> `_judge` (the report) -> `_diagnose_stages` -> the exit code (`report.settle`).
     """
     t_start = time.perf_counter()
     say = progress or (lambda msg: None)
+    temporary = workdir is None
+    if not temporary and Path(workdir).exists() and not Path(workdir).is_dir():
+        raise UsageError(f"--workdir {workdir} is a file, not a directory")
+    work = Path(tempfile.mkdtemp(prefix="llmdiff-") if temporary else workdir)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        plan = _plan(model, impls, dtypes=dtypes, tiny=tiny, weights=weights, seed=seed, reference=reference,
+                     work=work, temporary=temporary, attn=attn, timeout=timeout, select=select, ignore=ignore,
+                     diagnose=diagnose, thresholds=thresholds, points=points, layers=layers, device=device,
+                     capture=capture, stream=stream, lengths=lengths, bench=bench, generate=generate,
+                     devices=devices, tokenizer_parity=tokenizer_parity)
+        results: dict[tuple[str, RunId], RunResult] = {}
+        report = None
+        try:
+            _run_workers(plan, results, say)
+            t_diff = time.perf_counter()
+            report = _judge(plan, results)
+            report["timings"]["diff_s"] = round(time.perf_counter() - t_diff, 3)
+            _diagnose_stages(plan, report, results, say)
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: the runs that finished are judged and kept; the rest is said.
+            report = report or _judge(plan, results)
+            report["incomplete"] = "interrupted before every stage finished"
+        report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+        report_mod.settle(report)
+        return CompareResult(report)
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@dataclass
+class Plan:
+    """What one compare will do, decided before any worker starts."""
+
+    spec: ModelSpec
+    dtypes: list[str]
+    chosen: list[Implementation]
+    reference: str
+    checks: tuple | None             # (selected checks, broken plugins); None: no diagnosis
+    thresholds: diff.Thresholds
+    selected: list[str]              # the points compared
+    job: Job
+    work: Path
+    temporary: bool
+    timeout: float | None
+    weights_info: dict
+    tokens_info: dict
+    prompts: object | None           # tokenizer.Prompts whose parity runs in the background
+    attn: str
+
+    def requests(self, impl: Implementation) -> list[RunRequest]:
+        """Each dtype; and for the oracle the float64 answer each dtype is measured against."""
+        ids = [RunId(d) for d in self.dtypes]
+        if impl.name == ORACLE:
+            ids += [RunId(TRUTH_DTYPE, d) for d in self.dtypes]
+        return [RunRequest(i, str(self.work / (f"{_safe(impl.name)}-{i.dtype}" if not i.constants_dtype
+                                               else f"oracle-{i.label}")), self.job.options) for i in ids]
+
+
+def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, temporary, attn, timeout, select,
+          ignore, diagnose, thresholds, points, layers, device, capture, stream, lengths, bench, generate,
+          devices, tokenizer_parity) -> Plan:
+    """Every input checked, the weights and prompts made ready, the job decided."""
     spec = get_spec(model, tiny=tiny)
     dtypes = list(dict.fromkeys(dtypes))
     if not dtypes:
@@ -120,6 +187,8 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
         raise UsageError(f"unknown attention implementation {attn!r}; choose eager or sdpa")
     if timeout is not None and not timeout > 0:
         raise UsageError(f"timeout {timeout} s: give a positive number of seconds per worker")
+    if capture not in ("auto", "full", "sketch"):
+        raise UsageError(f"unknown capture mode {capture!r}; choose auto, full or sketch")
     if not list(impls):
         raise UsageError("no implementation to compare; give one, e.g. hf")
     chosen = [Implementation.parse(i) for i in dict.fromkeys(impls)]
@@ -130,94 +199,77 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     names = [i.name for i in chosen]
     if reference not in names:
         raise UsageError(f"reference {reference!r} is not among the implementations ({', '.join(names)})")
-
-    if capture not in ("auto", "full", "sketch"):
-        raise UsageError(f"unknown capture mode {capture!r}; choose auto, full or sketch")
     checks = _checks(select, ignore) if diagnose else None
     # Full-size random weights are made by each worker on its own device (the same bits in
     # every framework: `weights.generate_*`), never written or held here.
-    makers = all(i.module in ("llmdiff.references.hf", "llmdiff.references.oracle") for i in chosen)
     if generate is None:
-        generate = weights is None and not spec.tiny and makers
-    elif generate and (weights is not None or not makers):
-        raise UsageError("weights made on the device need random weights and the hf and oracle implementations")
-    temporary = workdir is None
-    if not temporary and Path(workdir).exists() and not Path(workdir).is_dir():
-        raise UsageError(f"--workdir {workdir} is a file, not a directory")
-    work = Path(tempfile.mkdtemp(prefix="llmdiff-") if temporary else workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    results, report = {}, None
-    try:
-        if generate:
-            weights_info = {"source": "random", "path": None, "seed": seed,
-                            "made": "on each worker's device", "fingerprint": weights_mod.generated_fingerprint(spec, seed)}
-            hf_dir = weights_mod.write_hf_config(work / "hf-config", spec)
-            job_weights = {"generate": {"seed": seed}, "hf_dir": str(hf_dir)}
-        else:
-            canon, weights_info = _load_weights(spec, weights, seed)
-            weights_mod.refuse_non_finite(canon, weights_info.get("path"))
-            weights_info["fingerprint"] = weights_mod.weights_fingerprint(canon)
-            canonical_path = work / "canonical.safetensors"
-            weights_mod.save_canonical(canonical_path, canon)
-            hf_dir = (weights if weights_info["source"] == "hf"
-                      else weights_mod.write_hf_checkpoint(work / "hf-checkpoint", spec, canon))
-            job_weights = {"canonical": str(canonical_path), "hf_dir": str(hf_dir)}
-            del canon
-        tokens, tokens_info, prompts = _prompts(spec, hf_dir, weights_info, seed, work, lengths, tokenizer_parity)
-        selected = select_points(spec, points, layers)
-        if capture == "auto":
-            capture = "sketch" if _capture_bytes(spec, selected, tokens) > SKETCH_ABOVE_BYTES else "full"
-        job = {"spec": spec.to_dict(), "tokens": tokens,
-               "options": {"attn": attn, "device": device, "stream": stream,
-                           **({"devices": devices} if devices and devices > 1 else {}),
-                           **({"bench": True} if bench else {})},
-               "points": None if selected == capture_points(spec) else selected,
-               "capture": capture, "weights": job_weights}
+        generate = weights is None and not spec.tiny and all(i.adapter_class().makes_weights for i in chosen)
+    elif generate and (weights is not None or not all(i.adapter_class().makes_weights for i in chosen)):
+        makers = [i.name for i in chosen if not i.adapter_class().makes_weights]
+        raise UsageError(f"weights made on the device need random weights and implementations that make them"
+                         f" ({', '.join(makers) or 'the weights given'} cannot)")
+    if generate:
+        weights_info = {"source": "random", "path": None, "seed": seed,
+                        "made": "on each worker's device", "fingerprint": weights_mod.generated_fingerprint(spec, seed)}
+        hf_dir = weights_mod.write_hf_config(work / "hf-config", spec)
+        source = WeightsSource(hf_dir=str(hf_dir), seed=seed)
+    else:
+        canon, weights_info = _load_weights(spec, weights, seed)
+        weights_mod.refuse_non_finite(canon, weights_info.get("path"))
+        weights_info["fingerprint"] = weights_mod.weights_fingerprint(canon)
+        canonical_path = work / "canonical.safetensors"
+        weights_mod.save_canonical(canonical_path, canon)
+        hf_dir = (weights if weights_info["source"] == "hf"
+                  else weights_mod.write_hf_checkpoint(work / "hf-checkpoint", spec, canon))
+        source = WeightsSource(canonical=str(canonical_path), hf_dir=str(hf_dir))
+        del canon
+    tokens, tokens_info, prompts = _prompts(spec, hf_dir, weights_info, seed, work, lengths, tokenizer_parity)
+    selected = select_points(spec, points, layers)
+    if capture == "auto":
+        capture = "sketch" if _capture_bytes(spec, selected, tokens) > SKETCH_ABOVE_BYTES else "full"
+    options = Options(attn=attn, device=device, stream=stream, devices=devices or 1, bench=bench)
+    job = Job(spec=spec.to_dict(), tokens=tokens, weights=source, options=options,
+              points=None if selected == capture_points(spec) else selected, capture=capture)
+    return Plan(spec, dtypes, chosen, reference, checks, thresholds, selected, job, work, temporary, timeout,
+                weights_info, tokens_info, prompts, attn)
 
-        def build():
-            built = _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, results, attn,
-                                  thresholds, selected)
-            built["options"].update(capture=capture, stream=stream)
-            built["results"] = [{"impl": r.impl, "dtype": r.dtype, "constants_dtype": r.constants_dtype,
-                                 "file": Path(r.out).name} for r in results.values()]
-            built["workdir"] = None if temporary else str(work)
-            return built
 
-        try:
-            for impl in chosen:
-                requests = [RunRequest(d, str(work / f"{_safe(impl.name)}-{d}")) for d in dtypes]
-                if impl.name == ORACLE:  # the float64 answer each dtype is measured against
-                    requests += [RunRequest(TRUTH_DTYPE, str(work / f"oracle-float64-as-{d}"), constants_dtype=d)
-                                 for d in dtypes]
-                say(f"running {impl.name} ({', '.join(r.dtype if not r.constants_dtype else f'float64 as {r.constants_dtype}' for r in requests)})")
-                for r in run_worker(impl, job, requests, work, timeout=timeout, progress=lambda m: say(f"  {m}")):
-                    results[(r.impl, r.dtype, r.constants_dtype)] = r
-            t_diff = time.perf_counter()
-            report = build()
-            report["timings"]["diff_s"] = round(time.perf_counter() - t_diff, 3)
-            from llmdiff import diagnose
+def _run_workers(plan: Plan, results: dict, say) -> None:
+    """One worker per implementation, one after another; `results` fills as they finish."""
+    for impl in plan.chosen:
+        requests = plan.requests(impl)
+        say(f"running {impl.name} ({', '.join(str(r.id) for r in requests)})")
+        for r in run_worker(impl, plan.job, requests, plan.work, timeout=plan.timeout,
+                            progress=lambda m: say(f"  {m}")):
+            results[(r.impl, r.id)] = r
 
-            lab = diagnose.OracleLab(job, work, timeout)
-            if reference == ORACLE and checks is not None and capture == "full":  # what it finds is for the diagnosis
-                say("teacher forcing: the oracle fed each candidate's own value of every point")
-                _stage(report, "teacher forcing", "--no-diagnose",
-                       lambda: _teacher_force(report, lab, results, thresholds))
-            if checks is not None:
-                _stage(report, "diagnosis", "--no-diagnose",
-                       lambda: _diagnose(report, checks, spec, lab, results, reference, say, thresholds))
-            if prompts is not None:
-                _stage(report, "tokenizer parity", "--no-tokenizer-parity",
-                       lambda: _tokenizer_parity(report, prompts, checks, spec))
-        except KeyboardInterrupt:
-            # Ctrl-C or SIGTERM: the runs that finished are judged and kept; the rest is said.
-            report = report or build()
-            report["incomplete"] = "interrupted before every stage finished"
-            report["exit_code"] = INTERRUPTED
-        report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
-        return CompareResult(report)
-    finally:
-        if temporary:
-            shutil.rmtree(work, ignore_errors=True)
+
+def _judge(plan: Plan, results: dict) -> dict:
+    """The report of the runs in `results`: every candidate point against the reference."""
+    report = _build_report(plan.spec, plan.weights_info, plan.tokens_info, plan.chosen, plan.dtypes,
+                           plan.reference, results, plan.attn, plan.thresholds, plan.selected)
+    report["options"].update(capture=plan.job.capture, stream=plan.job.options.stream)
+    report["results"] = [{"impl": r.impl, "dtype": r.id.dtype, "constants_dtype": r.id.constants_dtype,
+                          "file": Path(r.out).name} for r in results.values()]
+    report["workdir"] = None if plan.temporary else str(plan.work)
+    return report
+
+
+def _diagnose_stages(plan: Plan, report: dict, results: dict, say) -> None:
+    """Teacher forcing, diagnosis and tokenizer parity, each a stage (`_stage`)."""
+    from llmdiff import diagnose
+
+    lab = diagnose.OracleLab(plan.job, plan.work, plan.timeout)
+    if plan.reference == ORACLE and plan.checks is not None and plan.job.capture == "full":
+        say("teacher forcing: the oracle fed each candidate's own value of every point")
+        _stage(report, "teacher forcing", "--no-diagnose",
+               lambda: _teacher_force(report, lab, results, plan.thresholds))
+    if plan.checks is not None:
+        _stage(report, "diagnosis", "--no-diagnose",
+               lambda: _diagnose(report, plan.checks, plan.spec, lab, results, plan.reference, say, plan.thresholds))
+    if plan.prompts is not None:
+        _stage(report, "tokenizer parity", "--no-tokenizer-parity",
+               lambda: _tokenizer_parity(report, plan.prompts, plan.checks, plan.spec))
 
 
 def _stage(report: dict, stage: str, skip: str, run) -> None:
@@ -234,8 +286,6 @@ def _stage(report: dict, stage: str, skip: str, run) -> None:
 
 def stage_error(report: dict, stage: str, error: str, skip: str | None = None) -> None:
     report.setdefault("errors", []).append({"stage": stage, "error": error, "skip": skip})
-    if report["exit_code"] != INTERRUPTED:
-        report["exit_code"] = 2
 
 
 def tokenize(model: str, *, tiny: bool = False, weights=None, text=None, select=(), ignore=()) -> dict:
@@ -306,8 +356,6 @@ def _tokenizer_parity(report, prompts, checks_and_broken, spec) -> str | None:
         return None
     found = [f.to_dict() for f in tokenizer.findings(parity, checks_and_broken[0], spec)]
     report["findings"] = found + report.get("findings", [])
-    if found and report["exit_code"] == 0:
-        report["exit_code"] = 1
     return None
 
 
@@ -345,7 +393,7 @@ def _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, re
     selected = selected or capture_points(spec)
     implementations, timings = [], {}
     for impl in chosen:
-        mine = [r for (name, _, _), r in results.items() if name == impl.name]
+        mine = [r for (name, _), r in results.items() if name == impl.name]
         errors = [f"{r.dtype}: {r.error}" for r in mine if not r.ok]
         if len({r.error for r in mine if not r.ok}) == 1 and all(not r.ok for r in mine):
             errors = [mine[0].error]  # the same failure in every run (cannot start): say it once
@@ -355,27 +403,25 @@ def _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, re
             "ok": not errors, "error": "; ".join(errors) if errors else None,
             "details": next((r.meta.get("details") for r in mine if r.meta.get("details")), {}),
         })
-        peaks = {(r.dtype if not r.constants_dtype else f"{r.dtype}-as-{r.constants_dtype}"): r.meta["peak_device_bytes"]
-                 for r in mine if r.meta.get("peak_device_bytes") is not None}
+        peaks = {r.id.label: r.meta["peak_device_bytes"] for r in mine if r.meta.get("peak_device_bytes") is not None}
         if peaks:  # the worker's peak device memory after each run (GPU workers)
             implementations[-1]["peak_device_bytes"] = peaks
         for r in mine:
-            label = r.dtype if not r.constants_dtype else f"{r.dtype}-as-{r.constants_dtype}"
-            timings[f"{impl.name}/{label}"] = r.meta.get("timings", {})
+            timings[f"{impl.name}/{r.id.label}"] = r.meta.get("timings", {})
 
     runs = []
     for d in dtypes:
-        ref_caps = _load_caps(results.get((reference, d, None)))
-        truth_caps = _load_caps(results.get((ORACLE, TRUTH_DTYPE, d)))
-        oracle_caps = ref_caps if reference == ORACLE else _load_caps(results.get((ORACLE, d, None)))
+        ref_caps = _load_caps(results.get((reference, RunId(d))))
+        truth_caps = _load_caps(results.get((ORACLE, RunId(TRUTH_DTYPE, d))))
+        oracle_caps = ref_caps if reference == ORACLE else _load_caps(results.get((ORACLE, RunId(d))))
         floors = diff.noise_floors(oracle_caps, truth_caps, d) if oracle_caps and truth_caps else {}
         for impl in chosen:
             if impl.name == reference:
                 continue
-            cand = results.get((impl.name, d, None))
+            cand = results.get((impl.name, RunId(d)))
             cand_caps = _load_caps(cand)
             if cand_caps is None or ref_caps is None:
-                failed = cand if cand_caps is None else results.get((reference, d, None))
+                failed = cand if cand_caps is None else results.get((reference, RunId(d)))
                 runs.append({"dtype": d, "reference": reference, "candidate": impl.name, "verdict": "error",
                              "error": failed.error if failed else "no result", "first_divergence": None,
                              "points": [], "logits": None})
@@ -383,8 +429,6 @@ def _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, re
             run = diff.compare_captures(cand_caps, ref_caps, floors, d, selected, thresholds)
             runs.append({"dtype": d, "reference": reference, "candidate": impl.name, **run})
 
-    failed = any(not i["ok"] for i in implementations) or any(r["verdict"] == "error" for r in runs)
-    diverged = any(r["verdict"] == "divergence" for r in runs)
     return {
         "llmdiff_version": __version__,
         "model": spec.name,
@@ -397,7 +441,7 @@ def _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, re
         "runs": runs,
         "findings": [],
         "timings": {"workers": timings},
-        "exit_code": 2 if failed else 1 if diverged else 0,
+        "exit_code": None,  # `report.settle` decides it once everything is in
         "python": sys.version.split()[0],
     }
 
@@ -420,15 +464,16 @@ def _teacher_force(report, lab, results, thresholds) -> str | None:
     points = report["options"]["points"]
     wanted = []
     for run in report["runs"]:
-        cand = results.get((run["candidate"], run["dtype"], None))
+        cand = results.get((run["candidate"], RunId(run["dtype"])))
         if run["verdict"] != "error" and cand is not None and cand.ok:
-            wanted += [(run["dtype"], {}, None, cand.captures_path), (TRUTH_DTYPE, {}, run["dtype"], cand.captures_path)]
+            wanted += [diagnose.Variant(RunId(run["dtype"]), forced_from=cand.captures_path),
+                       diagnose.Variant(RunId(TRUTH_DTYPE, run["dtype"]), forced_from=cand.captures_path)]
     if not wanted:
         return None
     lab.run_many(wanted)  # one worker for all of them
     failed = []
     for run in report["runs"]:
-        cand = results.get((run["candidate"], run["dtype"], None))
+        cand = results.get((run["candidate"], RunId(run["dtype"])))
         if run["verdict"] == "error" or cand is None or not cand.ok:
             continue
         d = run["dtype"]
@@ -438,8 +483,9 @@ def _teacher_force(report, lab, results, thresholds) -> str | None:
             failed.append(f"{run['candidate']} [{d}]")
             continue
         forced, _ = done
-        forced["files"] = {"oracle": Path(lab.path(d, {}, None, cand.captures_path)).stem,
-                           "truth": Path(lab.path(TRUTH_DTYPE, {}, d, cand.captures_path)).stem}
+        forced["files"] = {"oracle": Path(lab.path(diagnose.Variant(RunId(d), forced_from=cand.captures_path))).stem,
+                           "truth": Path(lab.path(diagnose.Variant(RunId(TRUTH_DTYPE, d),
+                                                                   forced_from=cand.captures_path))).stem}
         diff.attach_forced(run, {k: forced[k] for k in ("verdict", "first_divergence", "points", "files")})
     if failed:
         first = next(iter(lab.errors.values()), "no captures")
@@ -465,13 +511,13 @@ def _diagnose(report, checks_and_broken, spec, lab, results, reference, say,
         for run in divergent:
             say(f"diagnosing {run['candidate']} ({run['dtype']})")
             d = run["dtype"]
-            cand = results.get((run["candidate"], d, None))
-            floors = diff.noise_floors(_load_caps(results.get((ORACLE, d, None))),
-                                       _load_caps(results.get((ORACLE, TRUTH_DTYPE, d))), d)
+            cand = results.get((run["candidate"], RunId(d)))
+            floors = diff.noise_floors(_load_caps(results.get((ORACLE, RunId(d)))),
+                                       _load_caps(results.get((ORACLE, RunId(TRUTH_DTYPE, d)))), d)
             # Teacher forcing feeds the oracle the candidate's own values: whole captures only.
             forcible = cand.captures_path if report["options"].get("capture", "full") == "full" else None
-            findings += diagnose.explain(lab, checks, spec, run["candidate"], _load_caps(cand), forcible,
-                                         run, floors, points, thresholds)
+            case = diagnose.Case(lab, spec, run["candidate"], _load_caps(cand), forcible, floors, points, thresholds)
+            findings += diagnose.explain(case, checks, run)
     # A divergence that a static finding already explains where it starts is not unexplained.
     explained = {(f.implementation, f.where) for f in findings if f.code != diagnose.UNEXPLAINED[0]}
     findings = [f for f in findings if not (f.code == diagnose.UNEXPLAINED[0]
@@ -479,8 +525,6 @@ def _diagnose(report, checks_and_broken, spec, lab, results, reference, say,
     report["findings"] = [f.to_dict() for f in findings]
     report["checks"] = {"selected": [c.code for c in checks if c.kind != "audit"], "broken": [str(b) for b in broken],
                         "counterfactual_runs": lab.runs}
-    if findings and report["exit_code"] == 0:
-        report["exit_code"] = 1
     errors = list(lab.errors.values())[errors_before:]
     if errors:  # a counterfactual that could not run: the diagnosis is not whole
         return f"{len(errors)} oracle run(s) of the diagnosis failed: {errors[0]}"
@@ -512,7 +556,6 @@ def recompare(directory, *, thresholds: diff.Thresholds | None = None, reference
 
 def _recompare(old, report_path, captures, thresholds, reference) -> CompareResult:
     from llmdiff.errors import WeightsError
-    from llmdiff.runner import RunResult
 
     results = {}
     for e in old["results"]:
@@ -525,8 +568,9 @@ def _recompare(old, report_path, captures, thresholds, reference) -> CompareResu
                 safetensors_file.read_header(caps_path)
             except WeightsError as err:  # that run is an error; the others are still compared
                 ok, meta = False, {**meta, "ok": False, "error": f"saved captures unreadable: {err}"}
-        results[(e["impl"], e["dtype"], e["constants_dtype"])] = RunResult(
-            e["impl"], e["dtype"], e["constants_dtype"], ok, meta.get("error"), str(caps_path) if ok else None, meta)
+        run_id = RunId(e["dtype"], e["constants_dtype"])
+        results[(e["impl"], run_id)] = RunResult(e["impl"], run_id, ok, meta.get("error"),
+                                                 str(caps_path) if ok else None, meta, str(captures / name))
     spec = ModelSpec.from_dict(old["spec"])
     chosen = [Implementation(name=i["name"], module="", cls="", python=i["python"]) for i in old["implementations"]]
     reference = reference or old["options"].get("reference", ORACLE)
@@ -541,6 +585,5 @@ def _recompare(old, report_path, captures, thresholds, reference) -> CompareResu
         if key in old:
             report[key] = old[key]
     report["recompared_from"] = str(report_path)
-    if report["findings"] and report["exit_code"] == 0:
-        report["exit_code"] = 1
+    report_mod.settle(report)
     return CompareResult(report)

@@ -75,7 +75,8 @@ def regressions(report: dict, baseline: dict, factor: float = DEFAULT_FACTOR) ->
 def apply(report: dict, baseline: dict, baseline_path, factor: float = DEFAULT_FACTOR) -> None:
     """Gate `report` on the baseline (`load`ed): exit code 1 only for regressions; an error
     or an interrupted run keeps its code."""
+    from llmdiff.report import settle
+
     found = regressions(report, baseline, factor)
     report["baseline"] = {"path": str(baseline_path), "factor": factor, "regressions": found}
-    if report["exit_code"] in (0, 1):
-        report["exit_code"] = 1 if found else 0
+    settle(report)

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from llmdiff import diff
 from llmdiff.check import Check, Context, Finding
-from llmdiff.runner import Implementation, RunRequest, run_worker
+from llmdiff.job import Job, RunId, RunRequest
+from llmdiff.runner import Implementation, run_worker
 
 UNEXPLAINED = ("LD000", "unexplained-divergence")
 MAX_ROUNDS = 6
@@ -43,66 +45,91 @@ def _point(run: dict, name: str) -> dict:
     return next((p for p in run["points"] if p["name"] == name), {})
 
 
-def _policy_key(dtype: str, policy: dict, constants_dtype: str | None, forced_from: str | None = None) -> str:
-    return json.dumps([dtype, constants_dtype, sorted(policy.items()), forced_from])
+@dataclass(frozen=True)
+class Variant:
+    """One oracle run of the lab: a run id, the precision knobs switched on, and for teacher
+    forcing the captures file whose values feed every op."""
+
+    run: RunId
+    policy: tuple = ()               # sorted (knob, value) pairs
+    forced_from: str | None = None
+
+    @classmethod
+    def of(cls, dtype: str, policy: dict | None = None, constants_dtype: str | None = None,
+           forced_from: str | None = None) -> "Variant":
+        return cls(RunId(dtype, constants_dtype), tuple(sorted((policy or {}).items())), forced_from)
+
+    @property
+    def key(self) -> str:
+        """A string naming the variant (the lab's `errors` are keyed by it)."""
+        return json.dumps([self.run.dtype, self.run.constants_dtype, [list(p) for p in self.policy], self.forced_from])
 
 
 class OracleLab:
     """Runs the oracle under precision policies, one worker per batch, caching the captures."""
 
-    def __init__(self, job: dict, work: Path, timeout: float | None = None):
+    def __init__(self, job: Job, work: Path, timeout: float | None = None):
         self.job, self.work, self.timeout = job, Path(work), timeout
-        self.cache: dict[str, dict | None] = {}
-        self.paths: dict[str, str] = {}
+        self.cache: dict[Variant, dict | None] = {}
+        self.paths: dict[Variant, str] = {}
         self.errors: dict[str, str] = {}
         self.runs = 0
 
-    def run_many(self, wanted: list[tuple]) -> list:
-        """Captures for each (dtype, policy, constants_dtype, forced_from), all missing ones in one worker."""
-        keys = [_policy_key(*w) for w in wanted]
-        todo = {}
-        for key, w in zip(keys, wanted):
-            if key not in self.cache and key not in todo:
-                todo[key] = w
+    def run_many(self, wanted: list[Variant]) -> list:
+        """Captures for each variant, all missing ones in one worker."""
+        todo = list(dict.fromkeys(v for v in wanted if v not in self.cache))
         if todo:
             requests = []
-            for key, (dtype, policy, constants_dtype, forced_from) in todo.items():
+            for v in todo:
                 out = self.work / f"oracle-variant-{len(self.cache) + len(requests):04d}"
-                options = {"precision": policy, **({"forced_from": forced_from} if forced_from else {})}
-                requests.append(RunRequest(dtype, str(out), constants_dtype, options))
-            for key, result in zip(todo, run_worker(Implementation.parse("oracle"), self.job, requests,
-                                                     self.work, timeout=self.timeout)):
+                options = self.job.options.with_(precision=dict(v.policy), forced_from=v.forced_from)
+                requests.append(RunRequest(v.run, str(out), options))
+            for v, result in zip(todo, run_worker(Implementation.parse("oracle"), self.job, requests,
+                                                  self.work, timeout=self.timeout)):
                 self.runs += 1
                 if result.ok:
-                    self.cache[key] = diff.load_captures(result.captures_path)
-                    self.paths[key] = result.captures_path
+                    self.cache[v] = diff.load_captures(result.captures_path)
+                    self.paths[v] = result.captures_path
                 else:
-                    self.cache[key] = None
-                    self.errors[key] = result.error
-        return [self.cache[k] for k in keys]
+                    self.cache[v] = None
+                    self.errors[v.key] = result.error
+        return [self.cache[v] for v in wanted]
 
     def captures(self, dtype: str, policies: list[dict], constants_dtype: str | None = None,
                  forced_from: str | None = None) -> list:
-        return self.run_many([(dtype, p, constants_dtype, forced_from) for p in policies])
+        return self.run_many([Variant.of(dtype, p, constants_dtype, forced_from) for p in policies])
 
-    def path(self, dtype: str, policy: dict, constants_dtype: str | None = None, forced_from: str | None = None):
-        return self.paths.get(_policy_key(dtype, policy, constants_dtype, forced_from))
+    def path(self, variant: Variant) -> str | None:
+        return self.paths.get(variant)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One candidate's run to explain: its captures, and what its comparison was judged with."""
+
+    lab: OracleLab
+    spec: object                     # ModelSpec
+    candidate: str
+    cand_caps: dict
+    cand_path: str | None            # its captures file, for teacher forcing (None: sketched)
+    floors: dict
+    points: list
+    thresholds: diff.Thresholds = diff.DEFAULT_THRESHOLDS
 
 
 def teacher_forced(lab: OracleLab, cand_caps: dict, cand_path: str, dtype: str, points: list[str],
                    thresholds: diff.Thresholds = diff.DEFAULT_THRESHOLDS) -> tuple[dict, dict] | None:
-    """The candidate against the oracle fed the candidate's own block inputs, and the floors
-    of that comparison: each point's error since the last forced input (its local error)."""
-    forced, truth = lab.run_many([(dtype, {}, None, cand_path), ("float64", {}, dtype, cand_path)])
+    """The candidate against the oracle fed the candidate's own value of every point, and the
+    floors of that comparison: each point's error since the last forced input (its local error)."""
+    forced, truth = lab.run_many([Variant.of(dtype, forced_from=cand_path),
+                                  Variant.of("float64", constants_dtype=dtype, forced_from=cand_path)])
     if forced is None or truth is None:
         return None
     floors = diff.noise_floors(forced, truth, dtype)
     return diff.compare_captures(cand_caps, forced, floors, dtype, points, thresholds), floors
 
 
-def explain(lab: OracleLab, checks: list[Check], spec, candidate: str, cand_caps: dict, cand_path: str,
-            run: dict, floors: dict, points: list[str],
-            thresholds: diff.Thresholds = diff.DEFAULT_THRESHOLDS) -> list[Finding]:
+def explain(case: Case, checks: list[Check], run: dict) -> list[Finding]:
     """The findings that explain one run of a candidate against the clean oracle.
 
     First the free-running comparison (`run["points"]`, `floors`) is explained greedily. Then,
@@ -110,8 +137,8 @@ def explain(lab: OracleLab, checks: list[Check], spec, candidate: str, cand_caps
     is below the accumulated noise (bfloat16 rounding differences) still shows in the one op it
     is in. Whatever neither explains is an unexplained divergence, where it starts.
     """
-    dtype = run["dtype"]
-    remaining = [c for c in checks if c.knob and c.applies(spec, dtype)]
+    dtype, candidate = run["dtype"], case.candidate
+    remaining = [c for c in checks if c.knob and c.applies(case.spec, dtype)]
     findings: list[Finding] = []
     policy: dict = {}
     free = _as_run(run["points"], dtype)
@@ -127,19 +154,18 @@ def explain(lab: OracleLab, checks: list[Check], spec, candidate: str, cand_caps
             False, "Find the op that overflows or divides by zero at this point in the candidate"
                    " (a float16/bfloat16 overflow, a mask of -inf over a whole row, a log or sqrt of 0).")]
     if free["verdict"] == "divergence":
-        policy, current = _greedy(lab, remaining, spec, candidate, cand_caps, free, floors, points, thresholds,
-                                  None, policy, findings)
-    if current["verdict"] != "divergence" and cand_path:
-        done = teacher_forced(lab, cand_caps, cand_path, dtype, points, thresholds)
+        policy, current = _greedy(case, remaining, free, case.floors, None, policy, findings)
+    if current["verdict"] != "divergence" and case.cand_path:
+        done = teacher_forced(case.lab, case.cand_caps, case.cand_path, dtype, case.points, case.thresholds)
         if done is not None:
             _, forced_floors = done
-            caps, = lab.captures(dtype, [policy], forced_from=cand_path)
+            caps, = case.lab.captures(dtype, [policy], forced_from=case.cand_path)
             if caps is not None:
-                forced = dict(diff.compare_captures(cand_caps, caps, forced_floors, dtype, points, thresholds),
-                              dtype=dtype)
+                forced = dict(diff.compare_captures(case.cand_caps, caps, forced_floors, dtype, case.points,
+                                                    case.thresholds), dtype=dtype)
                 if forced["verdict"] == "divergence":
-                    policy, current = _greedy(lab, remaining, spec, candidate, cand_caps, forced, forced_floors,
-                                              points, thresholds, cand_path, policy, findings)
+                    policy, current = _greedy(case, remaining, forced, forced_floors, case.cand_path, policy,
+                                              findings)
     # A divergence seen only teacher-forced is below the accumulated noise: it is a finding when
     # a known bug confirms it, and otherwise stays a note on the run, not an unexplained failure.
     if current["verdict"] == "divergence" and (free["verdict"] == "divergence"):
@@ -170,8 +196,7 @@ def _as_run(points_rows: list[dict], dtype: str) -> dict:
             "verdict": "divergence" if first else "parity"}
 
 
-def _greedy(lab, remaining, spec, candidate, cand_caps, run, floors, points, thresholds, forced_from,
-            policy, findings):
+def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
     """Keep the knob that best explains where `run` diverges first; repeat. Returns the policy
     and the comparison under it; appends confirmed findings and removes their checks."""
     dtype = run["dtype"]
@@ -182,11 +207,11 @@ def _greedy(lab, remaining, spec, candidate, cand_caps, run, floors, points, thr
         first = current["first_divergence"]
         tries = [(check, {**policy, **variant}) for check in remaining for variant in check.variants()]
         scored = []
-        for (check, trial_policy), caps in zip(tries, lab.captures(dtype, [t[1] for t in tries],
-                                                                   forced_from=forced_from)):
+        for (check, trial_policy), caps in zip(tries, case.lab.captures(dtype, [t[1] for t in tries],
+                                                                        forced_from=forced_from)):
             if caps is None:
                 continue
-            trial = diff.compare_captures(cand_caps, caps, floors, dtype, points, thresholds)
+            trial = diff.compare_captures(case.cand_caps, caps, floors, dtype, case.points, case.thresholds)
             if _point(trial, first).get("verdict") == "parity" and excess(trial) < excess(current):
                 scored.append((excess(trial), check.code, check, trial, trial_policy))
         if not scored:
@@ -202,7 +227,7 @@ def _greedy(lab, remaining, spec, candidate, cand_caps, run, floors, points, thr
             "divergent_points": {"before": _count(current), "after": _count(trial)},
             "teacher_forced": forced_from is not None,
         }
-        ctx = Context(spec, candidate, {}, dtype, run)
+        ctx = Context(case.spec, case.candidate, {}, dtype, run)
         forced_note = " (teacher-forced: each op fed the candidate's own inputs)" if forced_from else ""
         message = (f"{best.summary()} At {first}{forced_note}: rel L2 {before.get('rel_l2'):.3g} "
                    f"({before.get('floor_ratio'):.3g}x the noise floor) falls to {after.get('rel_l2'):.3g} "

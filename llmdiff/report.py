@@ -11,6 +11,30 @@ from pathlib import Path
 from llmdiff.plots import layer_sparkline
 
 VERDICTS = {0: "parity", 1: "divergence", 2: "error", 130: "interrupted"}  # by exit code
+INTERRUPTED = 130
+
+
+def exit_code(report: dict) -> int:
+    """The one place a compare report's exit code is decided, from what the report holds.
+
+    130: interrupted (`incomplete`). 2: an implementation or a run failed, or a stage could not
+    run (`errors`). With a `baseline`: 1 for regressions only, else 0. Otherwise 1 for a
+    divergent run or any finding, else 0."""
+    if report.get("incomplete"):
+        return INTERRUPTED
+    if (any(not i["ok"] for i in report["implementations"]) or report.get("errors")
+            or any(r["verdict"] == "error" for r in report["runs"])):
+        return 2
+    if "baseline" in report:
+        return 1 if report["baseline"]["regressions"] else 0
+    if any(r["verdict"] == "divergence" for r in report["runs"]) or report.get("findings"):
+        return 1
+    return 0
+
+
+def settle(report: dict) -> None:
+    report["exit_code"] = exit_code(report)
+
 _SUMMARY_POINT = re.compile(r"^(embed|L\d+\.out|final_norm|logits)$")
 
 

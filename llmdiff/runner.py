@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from llmdiff.errors import UsageError
+from llmdiff.job import Job, RunId, RunRequest
 
 ENTRY_POINT_GROUP = "llmdiff.references"
 
@@ -39,13 +40,12 @@ def available_implementations() -> dict[str, str]:
     return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Implementation:
-    name: str                    # "hf", or "module:Class" for an unregistered adapter
+    name: str                    # "hf", "hf@/other/python", or "module:Class" for an unregistered adapter
     module: str
     cls: str
     python: str = sys.executable
-    options: dict = field(default_factory=dict)  # merged over the job's options (selftest mutants)
 
     @classmethod
     def parse(cls, text: str) -> "Implementation":
@@ -65,25 +65,26 @@ class Implementation:
         # Without @PYTHON: the implementation's own virtualenv where it has one, else this Python.
         return cls(name=label, module=module, cls=attr, python=python or venv_python(name) or sys.executable)
 
+    def adapter_class(self):
+        """The adapter class, imported here (to read what it declares, e.g. `makes_weights`)."""
+        import importlib
 
-@dataclass
-class RunRequest:
-    dtype: str
-    out: str                     # path prefix: OUT.safetensors, OUT.json
-    constants_dtype: str | None = None
-    options: dict = field(default_factory=dict)  # merged over the job's options for this run
+        return getattr(importlib.import_module(self.module), self.cls)
 
 
 @dataclass
 class RunResult:
     impl: str
-    dtype: str
-    constants_dtype: str | None
+    id: RunId
     ok: bool
     error: str | None
     captures_path: str | None
     meta: dict = field(default_factory=dict)
     out: str | None = None       # the path prefix the worker was told to write to
+
+    @property
+    def dtype(self) -> str:
+        return self.id.dtype
 
 
 PROGRESS = "llmdiff-worker: "  # a worker's stderr lines that say how far it got
@@ -139,19 +140,17 @@ def _watch(proc, name: str, log_path: Path, timeout: float | None, progress) -> 
     return None
 
 
-def run_worker(impl: Implementation, job: dict, requests: list[RunRequest], workdir: Path,
+def run_worker(impl: Implementation, job: Job, requests: list[RunRequest], workdir: Path,
                timeout: float | None = None, progress=None) -> list[RunResult]:
     """Run one worker process for `requests`; its output goes to workdir/worker-NAME.log as it
     comes, and its progress lines to `progress` (a callable taking a str), if given."""
     import llmdiff.references
 
-    job = dict(job, options={**job.get("options", {}), **impl.options}, impl=impl.name, module=impl.module, **{"class": impl.cls},
-               references_dir=list(llmdiff.references.__path__)[0],
-               runs=[{"dtype": r.dtype, "out": r.out, "constants_dtype": r.constants_dtype, "options": r.options}
-                     for r in requests])
+    job = job.with_(impl=impl.name, module=impl.module, cls=impl.cls,
+                    references_dir=list(llmdiff.references.__path__)[0], runs=tuple(requests))
     safe = impl.name.replace("/", "_").replace(":", "_").replace("@", "_")
     job_path = workdir / f"job-{safe}.json"
-    job_path.write_text(json.dumps(job))
+    job_path.write_text(job.to_json())
     worker = Path(__file__).with_name("worker.py")
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
     # A foreign interpreter finds adapters given as module:Class on the caller's path.
@@ -177,11 +176,10 @@ def run_worker(impl: Implementation, job: dict, requests: list[RunRequest], work
             meta = json.loads(meta_path.read_text())
             meta.setdefault("timings", {})["worker_wall_s"] = round(wall, 3)
             ok = bool(meta.get("ok"))
-            results.append(RunResult(impl.name, r.dtype, r.constants_dtype, ok, meta.get("error"),
+            results.append(RunResult(impl.name, r.id, ok, meta.get("error"),
                                      r.out + ".safetensors" if ok else None, meta, r.out))
         else:
             error = failure or (f"worker for {impl.name!r} ended before finishing {r.dtype}"
                                 + (f": {_tail(stderr)}" if _tail(stderr) else " and said nothing"))
-            results.append(RunResult(impl.name, r.dtype, r.constants_dtype, False, error, None,
-                                     {"python": impl.python}, r.out))
+            results.append(RunResult(impl.name, r.id, False, error, None, {"python": impl.python}, r.out))
     return results

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from llmdiff import diagnose, diff, inputs, registry, weights
+from llmdiff.job import Job, WeightsSource
 from llmdiff.spec import capture_points, get_spec
 
 # A bug no check knows: the attention output scaled. 1% is far above float32 noise; bfloat16
@@ -58,8 +59,8 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
         canonical = work / "canonical.safetensors"
         weights.save_canonical(canonical, weights.random_weights(spec, seed))
         # A long prompt: RoPE precision bugs grow with position.
-        job = {"spec": spec.to_dict(), "tokens": inputs.synthetic_prompts(spec, seed, SELFTEST_LENGTHS),
-               "weights": {"canonical": str(canonical)}, "options": {}}
+        job = Job(spec=spec.to_dict(), tokens=inputs.synthetic_prompts(spec, seed, SELFTEST_LENGTHS),
+                  weights=WeightsSource(canonical=str(canonical)))
         lab = diagnose.OracleLab(job, work)
         points = capture_points(spec)
         rows = []
@@ -72,18 +73,20 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
             floors = diff.noise_floors(clean, truth, dtype)
             # Teacher-forced runs of the clean oracle on every mutant's block inputs, in one worker.
             lab.run_many([w for m in mutants for w in (
-                (dtype, {}, None, lab.path(dtype, m[1])), ("float64", {}, dtype, lab.path(dtype, m[1])))])
+                diagnose.Variant.of(dtype, forced_from=lab.path(diagnose.Variant.of(dtype, m[1]))),
+                diagnose.Variant.of("float64", constants_dtype=dtype,
+                                    forced_from=lab.path(diagnose.Variant.of(dtype, m[1]))))])
             for name, policy, expected, expected_point in mutants:
                 caps, = lab.captures(dtype, [policy])
                 if caps is None:
                     rows.append({"dtype": dtype, "mutant": name, "policy": policy, "expected": sorted(expected),
                                  "found": [], "where": [], "ok": False, "first_divergence": None,
-                                 "error": lab.errors.get(diagnose._policy_key(dtype, policy, None))})
+                                 "error": lab.errors.get(diagnose.Variant.of(dtype, policy).key)})
                     continue
                 run = dict(diff.compare_captures(caps, clean, floors, dtype, points), dtype=dtype)
-                path = lab.path(dtype, policy)
+                path = lab.path(diagnose.Variant.of(dtype, policy))
                 forced, _ = diagnose.teacher_forced(lab, caps, path, dtype, points)
-                found = diagnose.explain(lab, checks, spec, name, caps, path, run, floors, points)
+                found = diagnose.explain(diagnose.Case(lab, spec, name, caps, path, floors, points), checks, run)
                 diff.attach_forced(run, forced)
                 codes = sorted(f.code for f in found)
                 ok = codes == sorted(expected) and (

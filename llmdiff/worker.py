@@ -44,9 +44,10 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def _start_error(impl: str, exc: BaseException) -> str:
-    # An adapter whose framework is absent raises an ImportError that says how to install it
-    # (references/deepmind_gemma.py: MissingExtra); that message is the whole error.
-    if type(exc).__name__ == "MissingExtra":
+    from llmdiff.references.base import MissingExtra
+
+    # An adapter whose framework is absent says how to install it; that is the whole error.
+    if isinstance(exc, MissingExtra):
         return str(exc)
     return f"cannot start implementation {impl!r}: {_one_line(exc)}"
 
@@ -102,7 +103,7 @@ def _bench(adapter, prompts, timings, reps: int = 3) -> None:
 
     for tokens in prompts:
         adapter.run(tokens)
-    if hasattr(adapter, "run_bare"):
+    if adapter.has_bare_forward:
         for tokens in prompts:
             adapter.run_bare(tokens)
         timings["bare_forward_s"] = fastest(adapter.run_bare)
@@ -111,9 +112,9 @@ def _bench(adapter, prompts, timings, reps: int = 3) -> None:
 
 def main(job_path: str) -> int:
     with open(job_path) as f:
-        job = json.load(f)
+        raw = json.load(f)
     if __package__ in (None, ""):
-        _map_source_tree(job["references_dir"])
+        _map_source_tree(raw["references_dir"])
     # Quiet frameworks that print on import (TensorFlow, XLA) and keep JAX off the whole GPU.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -121,57 +122,55 @@ def main(job_path: str) -> int:
     import numpy as np
 
     from llmdiff import safetensors_file
+    from llmdiff.job import Job
 
+    job = Job.from_dict(raw)
     t0 = time.perf_counter()
     try:
-        module = importlib.import_module(job["module"])
-        adapter = getattr(module, job["class"])(job)
+        module = importlib.import_module(job.module)
+        adapter = getattr(module, job.cls)(job)
         versions = adapter.versions()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, never lost
-        for run in job["runs"]:
-            _write_json(run["out"] + ".json", {
-                "ok": False, "error": _start_error(job["impl"], exc),
+        for run in job.runs:
+            _write_json(run.out + ".json", {
+                "ok": False, "error": _start_error(job.impl, exc),
                 "traceback": traceback.format_exc(), "python": sys.executable})
         return 1
     import_s = time.perf_counter() - t0
 
     status = 0
-    for run in job["runs"]:
+    for run in job.runs:
         meta = {"ok": False, "error": None, "python": sys.executable, "versions": versions,
-                "dtype": run["dtype"], "timings": {"import_s": round(import_s, 3)}}
+                "dtype": run.dtype, "timings": {"import_s": round(import_s, 3)}}
         try:
-            # A run may carry its own options (the oracle's counterfactual knobs, say).
-            adapter.options = {**job.get("options", {}), **run.get("options", {})}
-            adapter.round_to = run.get("constants_dtype") if run["dtype"] == "float64" else None
-            label = run["dtype"] + (f" as {run['constants_dtype']}" if run.get("constants_dtype") else "")
-            _say(f"{job['impl']} {label}: loading")
+            adapter.begin(run)  # its options, and the run's knobs (the oracle's counterfactuals)
+            _say(f"{job.impl} {run.id}: loading")
             t = time.perf_counter()
-            adapter.load(run["dtype"], run.get("constants_dtype"))
+            adapter.load(run)
             meta["timings"]["load_s"] = round(time.perf_counter() - t, 3)
-            if adapter.options.get("bench"):
-                _bench(adapter, job["tokens"], meta["timings"])
+            if run.options.bench:
+                _bench(adapter, job.tokens, meta["timings"])
             t = time.perf_counter()
-            per_prompt = [adapter.run(tokens) for tokens in job["tokens"]]
-            if job.get("capture") == "sketch":
+            per_prompt = [adapter.run(tokens) for tokens in job.tokens]
+            if job.capture == "sketch":
                 per_prompt = [_sketch_on_host(p, adapter.round_to) for p in per_prompt]
             meta["timings"]["run_s"] = round(time.perf_counter() - t, 3)
-            _say(f"{job['impl']} {label}: loaded in {meta['timings']['load_s']:.1f} s,"
-                 f" ran {len(job['tokens'])} prompt(s) in {meta['timings']['run_s']:.2f} s")
+            _say(f"{job.impl} {run.id}: loaded in {meta['timings']['load_s']:.1f} s,"
+                 f" ran {len(job.tokens)} prompt(s) in {meta['timings']['run_s']:.2f} s")
             names = sorted(n for n in per_prompt[0] if adapter.wants(n.split(":")[0]))
             captures = {n: np.concatenate([p[n] for p in per_prompt], axis=1) for n in names}
-            peak = getattr(adapter, "peak_device_bytes", lambda: None)()
+            peak = adapter.peak_device_bytes()
             if peak is not None:  # one number, or {device: bytes} for a run over several devices
                 meta["peak_device_bytes"] = {k: int(v) for k, v in peak.items()} if isinstance(peak, dict) else int(peak)
             t = time.perf_counter()
-            safetensors_file.save(run["out"] + ".safetensors", captures)
+            safetensors_file.save(run.out + ".safetensors", captures)
             meta["timings"]["save_s"] = round(time.perf_counter() - t, 3)
-            describe = getattr(adapter, "describe", None)
-            meta.update(ok=True, points=sorted({n.split(":")[0] for n in names}), details=describe() if describe else {},
-                        capture=job.get("capture", "full"))
+            meta.update(ok=True, points=sorted({n.split(":")[0] for n in names}), details=adapter.describe(),
+                        capture=job.capture)
         except BaseException as exc:  # noqa: BLE001
             meta.update(error=_one_line(exc), traceback=traceback.format_exc())
             status = 1
-        _write_json(run["out"] + ".json", meta)
+        _write_json(run.out + ".json", meta)
     return status
 
 

@@ -1,15 +1,28 @@
 """What an implementation adapter provides. numpy and the standard library only.
 
-An adapter is run inside a worker process (`llmdiff/worker.py`). The base class does the
-bookkeeping; a subclass implements `versions`, `load` and `run`:
+An adapter runs inside a worker process (`llmdiff/worker.py`), one instance per worker, given
+the worker's `Job` (`llmdiff/job.py`). For each run the worker calls `load(request)` then
+`run(tokens)` once per prompt. A subclass implements:
 
-- `load(dtype)`: build the model from the run's weights at `dtype` ("float32", "bfloat16",
-  "float64" where supported), the way a user of that implementation would.
+- `versions()`: the versions of what it runs on (shown in the report).
+- `load(request)`: build the model from the job's weights (`self.job.weights`) at
+  `request.dtype` ("float32", "bfloat16"; "float64" where `dtypes` has it), the way a user of
+  that implementation would. `self.options` is the run's options when it is called.
 - `run(tokens)`: run one prompt (a list of ids, batch 1) and return every canonical point it
-  can capture as numpy arrays of layout (batch, seq, ...), in any float dtype.
+  can capture (`llmdiff.spec.capture_points`) as numpy arrays of layout (batch, seq, ...), in
+  any float dtype. Points the run did not ask for (`wants`) may be left out.
+
+Optional capabilities, each with a default here:
+- `describe()`: what the implementation resolved (a dict in the report; static checks read it).
+- `run_bare(tokens)`, with `has_bare_forward = True`: the forward with no capture, for `bench/`.
+- `peak_device_bytes()`: the peak device memory of the last run (GPU workers), or None.
+- `makes_weights = True`: it can make seeded random weights on its own device
+  (`llmdiff.weights.generate_*`, used for full-size models).
+- `MissingExtra`: raise it from `__init__` or `load` when the implementation's framework is not
+  installed; its message (how to install it) is the whole error the user sees.
 
 Third-party adapters register under the entry-point group `llmdiff.references`, or are
-named on the command line as `module:Class`.
+named on the command line as `module:Class`. docs/design.md has the whole contract.
 """
 
 from __future__ import annotations
@@ -17,23 +30,40 @@ from __future__ import annotations
 import numpy as np
 
 
+class MissingExtra(ImportError):
+    """The implementation's framework is not installed under the worker's interpreter."""
+
+
 class Reference:
     name = "reference"
     dtypes = ("float32", "bfloat16")
+    has_bare_forward = False
+    makes_weights = False
 
-    def __init__(self, job: dict):
-        self.job = job
-        self.options = job.get("options", {})
-        selected = job.get("points")  # None: every point
-        # float64 runs that measure a noise floor at another dtype: sketched values are rounded
-        # to it first (set by the worker; `diff.noise_floors` rounds whole captures itself).
-        self.round_to: str | None = None
-        self._wanted = None if selected is None else frozenset(selected)
+    def __init__(self, job):
+        from llmdiff.spec import ModelSpec
+
+        self.job = job                                   # llmdiff.job.Job
+        self.spec = ModelSpec.from_dict(job.spec)
+        self.options = job.options                       # the current run's, once `load` is called
+        self.request = None                              # the current RunRequest
+        self._wanted = None if job.points is None else frozenset(job.points)
+
+    def begin(self, request) -> None:
+        """Called by the worker before `load`: the run this adapter is about to do."""
+        self.request, self.options = request, request.options
+
+    @property
+    def round_to(self) -> str | None:
+        """float64 runs that measure a noise floor at another dtype: sketched values are rounded
+        to it first (`diff.noise_floors` rounds whole captures itself)."""
+        r = self.request
+        return r.constants_dtype if r is not None and r.dtype == "float64" else None
 
     @property
     def sketching(self) -> bool:
         """Whether points leave the device sketched (`llmdiff/sketch.py`), not whole."""
-        return self.job.get("capture") == "sketch"
+        return self.job.capture == "sketch"
 
     def projection(self, n: int) -> np.ndarray:
         """The sketch's projection for vectors of n values (numpy, cached)."""
@@ -47,16 +77,14 @@ class Reference:
     def streams(self, dtype: str, device_bytes: int | None) -> bool:
         """Whether this run goes one block at a time: asked for, or ("auto") when the weights at
         `dtype` would take more than half of the device (`device_bytes`, None on the host)."""
-        stream = self.options.get("stream", "auto")
+        stream = self.options.stream
         if stream != "auto":
             return bool(stream)
         if not device_bytes:
             return False
         from llmdiff.convert import canonical_shapes
-        from llmdiff.spec import ModelSpec
 
-        spec = ModelSpec.from_dict(self.job["spec"])
-        count = sum(int(np.prod(s)) for s in canonical_shapes(spec).values())
+        count = sum(int(np.prod(s)) for s in canonical_shapes(self.spec).values())
         return count * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize > device_bytes / 2
 
     def wants(self, point: str) -> bool:
@@ -66,11 +94,17 @@ class Reference:
     def versions(self) -> dict[str, str]:
         return {}
 
-    def load(self, dtype: str, constants_dtype: str | None = None) -> None:
+    def load(self, request) -> None:
         raise NotImplementedError
 
     def run(self, tokens: list[int]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    # Optional, for `bench/`: run_bare(tokens) runs the forward with no capture at all and
-    # returns when the device is done; peak_device_bytes() is the worker's peak device memory.
+    def run_bare(self, tokens: list[int]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no bare forward (has_bare_forward is False)")
+
+    def peak_device_bytes(self) -> int | dict | None:
+        return None
+
+    def describe(self) -> dict:
+        return {}

@@ -33,7 +33,7 @@ import sys
 
 import numpy as np
 
-from llmdiff.references.base import Reference
+from llmdiff.references.base import MissingExtra, Reference
 
 # The same reasoning as the oracle (references/oracle.py): without this XLA may keep a value in
 # float32 where the program rounds it to bfloat16, so a bfloat16 run would not round where the
@@ -44,10 +44,6 @@ if "--xla_allow_excess_precision" not in os.environ.get("XLA_FLAGS", ""):
 GEMMA_VERSION = "3.3.0"
 INSTALL = "pip install uv && python -m llmdiff.references.deepmind_gemma install"
 VENV_NAME = "deepmind"
-
-
-class MissingExtra(ImportError):
-    """The implementation's framework is not installed under the worker's interpreter."""
 
 
 @contextlib.contextmanager
@@ -127,23 +123,23 @@ class DeepMindReference(Reference):
 
         return {"gemma": gemma.__version__, "jax": jax.__version__, "flax": flax.__version__}
 
-    def load(self, dtype, constants_dtype=None):
+    def load(self, request):
         import jax
         import jax.numpy as jnp
 
         from llmdiff import convert, safetensors_file
-        from llmdiff.spec import ModelSpec
 
+        dtype = request.dtype
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"deepmind runs float32 and bfloat16, not {dtype}")
-        self.spec = spec = ModelSpec.from_dict(self.job["spec"])
+        spec = self.spec
         if spec.norm_eps != 1e-6:  # DeepMind's RMSNorm hard-codes it
             raise ValueError(f"DeepMind's RMSNorm uses eps 1e-6; {spec.name} has {spec.norm_eps}")
         if not spec.tie_embeddings:
             raise ValueError("DeepMind's gemma always ties the output projection to the embedding")
         self.config = transformer_config(spec, self._config, self._modules)
         self.model = self._transformer.Transformer(config=self.config, dtype=getattr(jnp, dtype))
-        canon = safetensors_file.load(self.job["weights"]["canonical"])
+        canon = safetensors_file.load(self.job.weights.canonical)
         flat = convert.to_deepmind(spec, canon)
         self.params = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), dtype=dtype),
                                              convert.unflatten(flat))

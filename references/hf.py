@@ -43,6 +43,8 @@ def _first_tensor(args, kwargs, key):
 
 class HFReference(Reference):
     name = "hf"
+    has_bare_forward = True
+    makes_weights = True
 
     def versions(self):
         import torch
@@ -50,16 +52,17 @@ class HFReference(Reference):
 
         return {"torch": torch.__version__, "transformers": transformers.__version__}
 
-    def load(self, dtype, constants_dtype=None):
+    def load(self, request):
         import torch
         import transformers
         from transformers import AutoModelForCausalLM
 
+        dtype = request.dtype
         self.model = self._weights = None  # the last run's model leaves the device first
-        if int(self.options.get("devices") or 1) > 1:
+        if self.options.devices > 1:
             raise RuntimeError("--devices: the hf worker needs accelerate's device maps, not built yet"
                                " (docs/multi-gpu.md)")
-        device = self.options.get("device", "auto")
+        device = self.options.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device == "cuda" and not torch.cuda.is_available():
@@ -72,16 +75,16 @@ class HFReference(Reference):
         self.torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
         # `dtype=` replaced `torch_dtype=` in transformers 4.56; older releases only know the latter.
         dtype_kw = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
-        self.attn_implementation = self.options.get("attn", "eager")
-        source = self.job["weights"]
+        self.attn_implementation = self.options.attn
+        source = self.job.weights
         self.stream = self.streams(dtype, torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None)
-        if "generate" in source or self.stream:
-            model = self._skeleton(source["hf_dir"], dtype_kw)
+        if source.generated or self.stream:
+            model = self._skeleton(source.hf_dir, dtype_kw)
         else:
             # Safetensors only (a pickle beside them is never loaded) and never the checkpoint's
             # own code: the files llmdiff's reader chose (`llmdiff/checkpoint_files.py`).
             model = AutoModelForCausalLM.from_pretrained(
-                source["hf_dir"], attn_implementation=self.attn_implementation, use_safetensors=True,
+                source.hf_dir, attn_implementation=self.attn_implementation, use_safetensors=True,
                 trust_remote_code=False, **{dtype_kw: self.torch_dtype})
             model.to(device)  # buffers too: RoPE's inv_freq keeps its float32 dtype through .to(device)
         model.eval()
@@ -214,9 +217,8 @@ class HFReference(Reference):
             with torch.no_grad():
                 ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
                 out = model(input_ids=ids, use_cache=False)
-            spec = self.job.get("spec", {})
-            text_vocab = min(spec.get("vocab_size") or out.logits.shape[-1],
-                             spec.get("hf_vocab_size") or out.logits.shape[-1])
+            text_vocab = min(self.spec.vocab_size or out.logits.shape[-1],
+                             self.spec.hf_vocab_size or out.logits.shape[-1])
             save("logits", out.logits[..., :text_vocab])
         finally:
             modeling.apply_rotary_pos_emb = original_rope
@@ -301,18 +303,16 @@ class _WeightSource:
     gets), or read from the checkpoint's safetensors files (memory-mapped, one tensor at a time)."""
 
     def __init__(self, adapter, model):
-        from llmdiff.spec import ModelSpec
-
         self.adapter, self.model = adapter, model
-        self.spec = ModelSpec.from_dict(adapter.job["spec"])
-        self.source = adapter.job["weights"]
+        self.spec = adapter.spec
+        self.source = adapter.job.weights
         self.files = {}
-        if "generate" not in self.source:
+        if not self.source.generated:
             from pathlib import Path
 
             from llmdiff import checkpoint_files, safetensors_file
 
-            hf_dir = Path(self.source["hf_dir"])
+            hf_dir = Path(self.source.hf_dir)
             for f in checkpoint_files.weight_files(hf_dir).files:  # the files from_pretrained reads
                 f = hf_dir / f
                 for name in safetensors_file.read_header(f)[0]:
@@ -346,7 +346,7 @@ class _WeightSource:
         dtype, device = adapter.torch_dtype, adapter.device
         tied = "lm_head.weight" in names and "lm_head.weight" not in self.files  # made weights: always
         names = [n for n in names if not (n == "lm_head.weight" and tied)]
-        if "generate" in self.source:
+        if self.source.generated:
             values = self._generated(names, dtype, device)
         else:
             values = {n: _to_torch(self._read(n)).to(device=device, dtype=dtype) for n in names}
@@ -359,7 +359,7 @@ class _WeightSource:
         from llmdiff import safetensors_file
 
         if name not in self.files:
-            raise RuntimeError(f"{self.source['hf_dir']}: no tensor {name!r} in the checkpoint")
+            raise RuntimeError(f"{self.source.hf_dir}: no tensor {name!r} in the checkpoint")
         return safetensors_file.load(self.files[name], [name])[name]
 
     def _generated(self, names, dtype, device):
@@ -367,7 +367,7 @@ class _WeightSource:
 
         from llmdiff import convert, weights
 
-        seed = self.source["generate"]["seed"]
+        seed = self.source.seed
         shapes = convert.canonical_shapes(self.spec)
 
         def make(canon_name):

@@ -24,15 +24,18 @@ from llmdiff.references.base import Reference
 class OracleReference(Reference):
     name = "oracle"
     dtypes = ("float32", "bfloat16", "float64")
+    has_bare_forward = True
+    makes_weights = True
 
     def versions(self):
         import jax
 
         return {"jax": jax.__version__}
 
-    def load(self, dtype, constants_dtype=None):
+    def load(self, request):
         import jax
 
+        dtype, constants_dtype = request.dtype, request.constants_dtype
         self.top, self._layers = None, None  # the last run's weights leave the device first
 
         jax.config.update("jax_enable_x64", True)
@@ -45,7 +48,7 @@ class OracleReference(Reference):
             # Every step, however quick to compile: the counterfactual runs of a diagnosis and a
             # CI job's repeated runs compile the same small steps again and again otherwise.
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        device = self.options.get("device", "auto")
+        device = self.options.device
         if device == "cpu" and jax.config.jax_platforms != "cpu":
             jax.config.update("jax_platforms", "cpu")  # before the first computation of this worker
         elif device == "cuda" and jax.default_backend() != "gpu":
@@ -57,17 +60,14 @@ class OracleReference(Reference):
         jax.config.update("jax_default_matmul_precision", "highest")
         from llmdiff import safetensors_file
         from llmdiff.references import gemma
-        from llmdiff.spec import ModelSpec
-
-        self.spec = ModelSpec.from_dict(self.job["spec"])
-        knobs = dict(self.options.get("precision", {}))
+        knobs = dict(self.options.precision)
         if constants_dtype:
             knobs["constants_dtype"] = constants_dtype
         self.precision = gemma.Precision(**knobs)
         self.dtype = dtype
         # Several devices: whole decoder layers placed over them, in order (what accelerate's
         # device maps do for torch), so each op runs as on one device and the captures are its.
-        count = int(self.options.get("devices") or 1)
+        count = self.options.devices
         if count > len(jax.devices()):
             raise RuntimeError(f"--devices {count}: jax sees {len(jax.devices())} {self.device} device(s)")
         used = jax.devices()[:count]
@@ -82,7 +82,7 @@ class OracleReference(Reference):
         if not self.stream:
             self._layers = [self._layer(i) for i in range(self.spec.num_layers)]
         # Teacher forcing: another implementation's captures feed every op (see gemma.Tape).
-        forced_from = self.options.get("forced_from")
+        forced_from = self.options.forced_from
         self._forced = None
         if forced_from:
             self._forced = {n: np.asarray(a) for n, a in safetensors_file.load(forced_from).items()}
@@ -96,13 +96,12 @@ class OracleReference(Reference):
 
         from llmdiff import convert, safetensors_file, weights
 
-        source = self.job["weights"]
-        if "generate" in source:
+        source = self.job.weights
+        if source.generated:
             shapes = convert.canonical_shapes(self.spec)
-            return {n: weights.generate_jax(self.spec, n, shapes[n], source["generate"]["seed"], self.dtype)
-                    for n in names}
+            return {n: weights.generate_jax(self.spec, n, shapes[n], source.seed, self.dtype) for n in names}
         return {n: jnp.asarray(np.asarray(a), self.dtype)
-                for n, a in safetensors_file.load(source["canonical"], names).items()}
+                for n, a in safetensors_file.load(source.canonical, names).items()}
 
     def _layer(self, i):
         import jax

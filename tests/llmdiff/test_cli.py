@@ -213,14 +213,14 @@ def test_bad_prompt_lengths_are_one_line_errors(llmdiff_cli, bad):
 
 def test_a_hung_worker_is_killed_at_its_timeout_and_its_progress_kept(tmp_path, mutants_on_path):
     from llmdiff import inputs
-    from llmdiff.runner import Implementation, RunRequest, run_worker
+    from llmdiff.job import Job, RunId, RunRequest, WeightsSource
+    from llmdiff.runner import Implementation, run_worker
     from llmdiff.spec import get_spec
 
     spec = get_spec("gemma-7b", tiny=True)
-    job = {"spec": spec.to_dict(), "tokens": inputs.synthetic_prompts(spec), "options": {}, "points": None,
-           "weights": {"generate": {"seed": 0}, "hf_dir": str(tmp_path)}}
+    job = Job(spec=spec.to_dict(), tokens=inputs.synthetic_prompts(spec), weights=WeightsSource(hf_dir=str(tmp_path), seed=0))
     said = []
-    r, = run_worker(Implementation.parse("hf_mutants:Hangs"), job, [RunRequest("float32", str(tmp_path / "h"))],
+    r, = run_worker(Implementation.parse("hf_mutants:Hangs"), job, [RunRequest(RunId("float32"), str(tmp_path / "h"))],
                     tmp_path, timeout=4, progress=said.append)
     assert not r.ok and r.error == "worker for 'hf_mutants:Hangs' timed out after 4 s"
     assert said == ["hf_mutants:Hangs float32: loading"]

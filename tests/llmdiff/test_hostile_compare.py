@@ -296,18 +296,20 @@ def _alive(pid: int) -> bool:
 def _job(tmp_path):
     from llmdiff import inputs
 
-    return {"spec": SPEC.to_dict(), "tokens": inputs.synthetic_prompts(SPEC), "options": {}, "points": None,
-            "weights": {"generate": {"seed": 0}, "hf_dir": str(tmp_path)}}
+    from llmdiff.job import Job, WeightsSource
+
+    return Job(spec=SPEC.to_dict(), tokens=inputs.synthetic_prompts(SPEC), weights=WeightsSource(hf_dir=str(tmp_path), seed=0))
 
 
 def test_a_worker_child_holding_the_pipe_is_killed_at_the_timeout(tmp_path, mutants_on_path, monkeypatch):
-    from llmdiff.runner import Implementation, RunRequest, run_worker
+    from llmdiff.job import RunId, RunRequest
+    from llmdiff.runner import Implementation, run_worker
 
     pid_file = tmp_path / "child.pid"
     monkeypatch.setenv("LLMDIFF_TEST_CHILD_PID", str(pid_file))
     t = time.perf_counter()
     r, = run_worker(Implementation.parse("hf_mutants:SpawnsChildThenHangs"), _job(tmp_path),
-                    [RunRequest("float32", str(tmp_path / "c"))], tmp_path, timeout=6)
+                    [RunRequest(RunId("float32"), str(tmp_path / "c"))], tmp_path, timeout=6)
     took = time.perf_counter() - t
     assert not r.ok and "timed out after 6 s" in r.error
     assert took < 20, took  # the child kept the pipe open for 104 s before
@@ -316,10 +318,11 @@ def test_a_worker_child_holding_the_pipe_is_killed_at_the_timeout(tmp_path, muta
 
 
 def test_a_worker_that_exits_early_says_so(tmp_path, mutants_on_path):
-    from llmdiff.runner import Implementation, RunRequest, run_worker
+    from llmdiff.job import RunId, RunRequest
+    from llmdiff.runner import Implementation, run_worker
 
     r, = run_worker(Implementation.parse("hf_mutants:ExitsEarly"), _job(tmp_path),
-                    [RunRequest("float32", str(tmp_path / "e"))], tmp_path)
+                    [RunRequest(RunId("float32"), str(tmp_path / "e"))], tmp_path)
     assert r.error == "worker for 'hf_mutants:ExitsEarly' ended before finishing float32 and said nothing"
 
 

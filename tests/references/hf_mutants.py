@@ -47,7 +47,7 @@ class CrashesInRun(HFReference):
 
 
 class FailsToLoad(HFReference):
-    def load(self, dtype, constants_dtype=None):
+    def load(self, request):
         raise RuntimeError("CUDA out of memory (simulated)")
 
 
@@ -179,7 +179,7 @@ class RopeInBFloat16(HFReference):
 class Hangs(HFReference):
     """A worker that never finishes loading (a deadlock, a stuck download)."""
 
-    def load(self, dtype, constants_dtype=None):
+    def load(self, request):
         import time
 
         time.sleep(600)
@@ -188,7 +188,7 @@ class Hangs(HFReference):
 class SpawnsChildThenHangs(HFReference):
     """A worker that starts a child process (which inherits its output pipe), then hangs."""
 
-    def load(self, dtype, constants_dtype=None):
+    def load(self, request):
         import subprocess
         import time
 
@@ -201,5 +201,5 @@ class SpawnsChildThenHangs(HFReference):
 class ExitsEarly(HFReference):
     """A worker that exits 0 before writing any result, saying nothing."""
 
-    def load(self, dtype, constants_dtype=None):
+    def load(self, request):
         os._exit(0)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from llmdiff import inputs, safetensors_file, weights
-from llmdiff.runner import Implementation, RunRequest, run_worker
+from llmdiff.job import Job, Options, RunId, RunRequest, WeightsSource
+from llmdiff.runner import Implementation, run_worker
 from llmdiff.spec import get_spec
 
 pytest.importorskip("torch")
@@ -19,16 +20,17 @@ def setup(tmp_path_factory):
     canon = weights.random_weights(spec)
     weights.save_canonical(work / "canonical.safetensors", canon)
     hf_dir = weights.write_hf_checkpoint(work / "hf", spec, canon)
-    return spec, work, {"canonical": str(work / "canonical.safetensors"), "hf_dir": str(hf_dir)}
+    return spec, work, WeightsSource(canonical=str(work / "canonical.safetensors"), hf_dir=str(hf_dir))
 
 
 def _job(spec, source, capture="full"):
-    return {"spec": spec.to_dict(), "tokens": inputs.synthetic_prompts(spec, 0, (20, 150)), "points": None,
-            "options": {"device": "cpu"}, "weights": source, "capture": capture}
+    return Job(spec=spec.to_dict(), tokens=inputs.synthetic_prompts(spec, 0, (20, 150)), weights=source,
+               options=Options(device="cpu"), capture=capture)
 
 
 def _run(impl, job, work, runs):
-    requests = [RunRequest(d, str(work / f"{impl}-{label}-{d}"), options={"stream": s}) for label, d, s in runs]
+    requests = [RunRequest(RunId(d), str(work / f"{impl}-{label}-{d}"), job.options.with_(stream=s))
+                for label, d, s in runs]
     out = {}
     for (label, d, _), r in zip(runs, run_worker(Implementation.parse(impl), job, requests, work)):
         assert r.ok, r.error
@@ -45,7 +47,7 @@ def test_streamed_and_made_weights_give_identical_captures(setup, impl):
     runs = [("whole", "float32", False), ("stream", "float32", True),
             ("whole", "bfloat16", False), ("stream", "bfloat16", True)]
     got = _run(impl, _job(spec, files), work, runs)
-    made = _run(impl, _job(spec, {"generate": {"seed": 0}, "hf_dir": files["hf_dir"]}), work,
+    made = _run(impl, _job(spec, WeightsSource(hf_dir=files.hf_dir, seed=0)), work,
                 [("made", "float32", False), ("made-stream", "bfloat16", True)])
     got.update(made)
     _WHOLE[impl] = got["whole", "float32"]
@@ -67,7 +69,7 @@ def test_sketched_captures_agree_across_implementations(setup):
         whole = _WHOLE.get(impl) or _run(impl, _job(spec, files), work, [("whole", "float32", False)])["whole", "float32"]
         caps[impl, "full"] = diff.sketch.load(whole)
         r, = run_worker(Implementation.parse(impl), _job(spec, files, "sketch"), [
-            RunRequest("float32", str(work / f"{impl}-sketch"))], work)
+            RunRequest(RunId("float32"), str(work / f"{impl}-sketch"))], work)
         assert r.ok, r.error
         caps[impl, "sketch"] = diff.load_captures(r.captures_path)
     for name in ("embed", "L0.q", "L1.mlp_act", "final_norm", "logits"):
@@ -96,22 +98,23 @@ def test_layers_placed_over_two_devices_give_one_device_captures(setup, monkeypa
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     job = _job(spec, files)
     one = _run("oracle", job, work, [("one", "float32", False)])["one", "float32"]
-    job["options"]["devices"] = 2
-    r, = run_worker(Implementation.parse("oracle"), job, [RunRequest("float32", str(work / "two"))], work)
+    two_devices = job.options.with_(devices=2)
+    r, = run_worker(Implementation.parse("oracle"), job, [RunRequest(RunId("float32"), str(work / "two"), two_devices)],
+                    work)
     assert r.ok, r.error
     assert r.meta["details"]["devices"] == 2  # (host devices report no memory; GPUs do, per device)
     two = {k: np.asarray(v) for k, v in safetensors_file.load(r.captures_path).items()}
     assert [k for k in one if not np.array_equal(one[k], two[k])] == []
-    job["options"]["devices"] = 3
-    r, = run_worker(Implementation.parse("oracle"), job, [RunRequest("float32", str(work / "three"))], work)
+    three = job.options.with_(devices=3)
+    r, = run_worker(Implementation.parse("oracle"), job, [RunRequest(RunId("float32"), str(work / "three"), three)], work)
     assert not r.ok and "--devices 3: jax sees 2 cpu device(s)" in r.error
 
 
 @pytest.mark.parametrize("impl", ["hf", "oracle"])
 def test_bench_times_a_bare_and_a_capturing_forward(setup, impl):
     spec, work, source = setup
-    job = {**_job(spec, source, "sketch"), "tokens": inputs.synthetic_prompts(spec, 0, (20,))}
-    request = RunRequest("float32", str(work / f"{impl}-bench"), options={"bench": True})
+    job = _job(spec, source, "sketch").with_(tokens=inputs.synthetic_prompts(spec, 0, (20,)))
+    request = RunRequest(RunId("float32"), str(work / f"{impl}-bench"), job.options.with_(bench=True))
     result, = run_worker(Implementation.parse(impl), job, [request], work)
     assert result.ok, result.error
     timings = result.meta["timings"]

@@ -1,0 +1,112 @@
+"""The contract between llmdiff and a worker: what one implementation is asked to run.
+
+The parent process writes a `Job` as JSON (`Job.to_json`); the worker reads it back
+(`Job.from_json`) and hands it to the adapter (`references/base.py`). Standard library only: a
+worker may run under another interpreter (`--impl hf@/other/python`) that has no llmdiff
+installed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+TRUTH_DTYPE = "float64"
+
+
+@dataclass(frozen=True)
+class RunId:
+    """One run of an implementation: its compute dtype and, for the float64 runs that measure a
+    noise floor, the dtype whose conventions apply to constants (`float64` "as" `bfloat16`)."""
+
+    dtype: str
+    constants_dtype: str | None = None
+
+    @property
+    def label(self) -> str:
+        """`float32`, or `float64-as-bfloat16`: file names and report keys."""
+        return self.dtype if not self.constants_dtype else f"{self.dtype}-as-{self.constants_dtype}"
+
+    def __str__(self) -> str:
+        return self.dtype if not self.constants_dtype else f"{self.dtype} as {self.constants_dtype}"
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to run. The job's options apply to every run; a run may override some
+    (`RunRequest.options`)."""
+
+    attn: str = "eager"              # HF attention implementation: eager or sdpa
+    device: str = "auto"             # cpu, cuda, or auto (cuda when the framework sees a GPU)
+    stream: bool | str = "auto"      # one decoder block at a time; auto: when weights > half the GPU
+    devices: int = 1                 # whole decoder layers spread over this many devices
+    bench: bool = False              # also time a bare and a capturing forward (`bench/`)
+    precision: dict = field(default_factory=dict)  # the oracle's precision knobs (counterfactuals)
+    forced_from: str | None = None   # the oracle fed this captures file's values (teacher forcing)
+
+    def with_(self, **changes) -> "Options":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a worker gets the run's weights: one of them is set."""
+
+    canonical: str | None = None     # llmdiff's canonical safetensors file (float32)
+    hf_dir: str | None = None        # an HF checkpoint of the same weights (config only with `seed`)
+    seed: int | None = None          # made on the worker's device from this seed (`weights.generate_*`)
+
+    @property
+    def generated(self) -> bool:
+        return self.seed is not None
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One run asked of a worker: what to run, where to write it (`out`.safetensors and
+    `out`.json), with which options (the job's, with this run's overrides)."""
+
+    id: RunId
+    out: str
+    options: Options = Options()
+
+    @property
+    def dtype(self) -> str:
+        return self.id.dtype
+
+    @property
+    def constants_dtype(self) -> str | None:
+        return self.id.constants_dtype
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one worker process is asked to do."""
+
+    spec: dict                       # `ModelSpec.to_dict()`
+    tokens: list                     # prompts: lists of token ids, batch 1 each
+    weights: WeightsSource
+    options: Options = Options()
+    points: list | None = None       # canonical points to capture; None: every point
+    capture: str = "full"            # full, or sketch (`llmdiff/sketch.py`)
+    impl: str = ""                   # the implementation's name in the report
+    module: str = ""                 # the adapter class, `module:cls`
+    cls: str = ""
+    references_dir: str = ""         # where `llmdiff.references` lives (for foreign interpreters)
+    runs: tuple = ()                 # RunRequests
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Job":
+        runs = tuple(RunRequest(RunId(**r["id"]), r["out"], Options(**r["options"])) for r in d.get("runs", ()))
+        return cls(**{**d, "weights": WeightsSource(**d["weights"]), "options": Options(**d.get("options", {})),
+                      "runs": runs})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Job":
+        return cls.from_dict(json.loads(text))
+
+    def with_(self, **changes) -> "Job":
+        return replace(self, **changes)

@@ -1,0 +1,24 @@
+"""The worker's contract: a Job survives JSON, a run has one name."""
+
+from __future__ import annotations
+
+from llmdiff.job import Job, Options, RunId, RunRequest, WeightsSource
+
+
+def test_job_round_trips_through_json():
+    job = Job(spec={"name": "x"}, tokens=[[2, 5, 6]], weights=WeightsSource(canonical="/w.safetensors", hf_dir="/hf"),
+              options=Options(attn="sdpa", devices=2, precision={"gelu": "exact"}), points=["embed"],
+              capture="sketch", impl="hf", module="m", cls="C", references_dir="/r",
+              runs=(RunRequest(RunId("float64", "bfloat16"), "/out/a", Options(forced_from="/c.safetensors")),))
+    assert Job.from_json(job.to_json()) == job
+
+
+def test_a_run_has_one_label():
+    assert RunId("float32").label == "float32" and str(RunId("float32")) == "float32"
+    assert RunId("float64", "bfloat16").label == "float64-as-bfloat16"
+    assert str(RunId("float64", "bfloat16")) == "float64 as bfloat16"
+    assert {RunId("float32"): 1}[RunId("float32")] == 1  # a dict key
+
+
+def test_weights_source_says_whether_made_on_the_device():
+    assert WeightsSource(hf_dir="/c", seed=0).generated and not WeightsSource(canonical="/w").generated
