@@ -12,7 +12,7 @@ class AttnSoftcapMissing(Check):
 
     ## How it is confirmed
     Dynamic: the first divergent point is a layer's `attn_out` (q, k, v still agree); re-running
-    the oracle with `attn_softcap="off"` brings the candidate back to the noise floor.
+    the oracle with `attn_softcap=False` brings the candidate back to the noise floor.
 
     ## Fix
     Use an attention path that applies the soft-cap before the mask (HF: `attn_implementation=
@@ -26,7 +26,7 @@ class AttnSoftcapMissing(Check):
     code = "LD501"
     name = "attn-softcap-missing"
     families = ("gemma2",)
-    knob = ("attn_softcap", "off")
+    knob = ("attn_softcap", False)
 
     def applies(self, spec, dtype=None):
         return super().applies(spec, dtype) and bool(spec.attn_softcap)

@@ -11,7 +11,7 @@ class FinalSoftcapMissing(Check):
 
     ## How it is confirmed
     Dynamic: everything up to `final_norm` agrees and `logits` diverge; re-running the oracle with
-    `final_softcap="off"` brings them back to the noise floor.
+    `final_softcap=False` brings them back to the noise floor.
 
     ## Fix
     Apply `final_logit_softcapping` (30.0) after the output projection, in float32.
@@ -23,7 +23,7 @@ class FinalSoftcapMissing(Check):
     code = "LD601"
     name = "final-softcap-missing"
     families = ("gemma2",)
-    knob = ("final_softcap", "off")
+    knob = ("final_softcap", False)
 
     def applies(self, spec, dtype=None):
         return super().applies(spec, dtype) and bool(spec.final_softcap)

@@ -12,7 +12,7 @@ class RopeGlobalScalingMissing(Check):
 
     ## How it is confirmed
     Dynamic: the first divergent point is the first global layer's `q` / `k` (local layers agree);
-    re-running the oracle with `rope_scaling="off"` brings them back to the noise floor.
+    re-running the oracle with `rope_scaling=False` brings them back to the noise floor.
 
     ## Fix
     Keep `rope_scaling={"rope_type": "linear", "factor": 8.0}` for the global (full-attention)
@@ -26,7 +26,7 @@ class RopeGlobalScalingMissing(Check):
     code = "LD404"
     name = "rope-global-scaling-missing"
     families = ("gemma3",)
-    knob = ("rope_scaling", "off")
+    knob = ("rope_scaling", False)
 
     def applies(self, spec, dtype=None):
         return super().applies(spec, dtype) and spec.rope_scale != 1.0

@@ -13,7 +13,7 @@ class SlidingWindowWrongLayers(Check):
 
     ## How it is confirmed
     Dynamic: the first divergent point is the first layer whose attention type is wrong;
-    re-running the oracle with `layer_pattern_shift=1` (or `sliding_window="off"`) brings the
+    re-running the oracle with `layer_pattern_shift=1` (or `sliding_window=False`) brings the
     candidate back to the noise floor.
 
     ## Fix
@@ -32,7 +32,7 @@ class SlidingWindowWrongLayers(Check):
 
     def variants(self):
         # The window on the wrong layers, or on none: two forms of the same mistake.
-        return [{"layer_pattern_shift": 1}, {"sliding_window": "off"}]
+        return [{"layer_pattern_shift": 1}, {"sliding_window": False}]
 
     def applies(self, spec, dtype=None):
         return super().applies(spec, dtype) and bool(spec.sliding_window)

@@ -55,17 +55,17 @@ class Precision:
     # compute dtype. The float64 reference run of a bfloat16 comparison sets "bfloat16", so
     # it computes exactly what a bfloat16 model means, without bfloat16 rounding.
     constants_dtype: str | None = None
-    # Attention-logit soft-cap (Gemma 2: cap * tanh(logits / cap), before the mask). "off"
+    # Attention-logit soft-cap (Gemma 2: cap * tanh(logits / cap), before the mask). False
     # skips it: HF Gemma 2 under SDPA or flash-attention releases without softcap support.
-    attn_softcap: str = "on"
-    # The same on the output logits (Gemma 2: 30). "off" skips it (servers that drop it).
-    final_softcap: str = "on"
+    attn_softcap: bool = True
+    # The same on the output logits (Gemma 2: 30). False skips it (servers that drop it).
+    final_softcap: bool = True
     # Local layers let a query at position t see keys at s with t - s < window + offset.
     # 0 is DeepMind's `create_sliding_mask` and HF's `kv_idx > q_idx - window`; +1 lets one
     # more key in (a window counted as `t - s <= window`), -1 one fewer.
     sliding_window_offset: int = 0
-    # "off": no layer slides, every one attends globally (SDPA paths that lost the window).
-    sliding_window: str = "on"
+    # False: no layer slides, every one attends globally (SDPA paths that lost the window).
+    sliding_window: bool = True
     # Layer i takes the attention type the spec gives layer i + shift of its pattern: 1 on
     # Gemma 2 puts the window on odd layers instead of even ones (the wrong parity); on Gemma 3
     # a global layer every 6th layer counted from 0 instead of from 1 is shift 1 too.
@@ -74,9 +74,9 @@ class Precision:
     # Gemma 3 27B) or "head_dim": head_dim ** -0.5 (ports that assume the usual scaling), or
     # "hidden_over_heads": (hidden / heads) ** -0.5 (ports that derive head_dim; 192 on 7B).
     query_scale: str = "spec"
-    # Linear RoPE scaling of global layers (Gemma 3 4B/12B/27B: angles / 8): "on", or "off"
+    # Linear RoPE scaling of global layers (Gemma 3 4B/12B/27B: angles / 8); False drops it
     # (configs that drop `rope_scaling`).
-    rope_scaling: str = "on"
+    rope_scaling: bool = True
     # RMSNorm scale: (1 + w) as Gemma stores it, or w alone (a Llama-style port of Gemma weights).
     norm_plus_one: bool = True
     # RoPE pairs: "half" rotates (x[i], x[i + H/2]) (Gemma, HF `rotate_half`); "interleaved"
@@ -90,6 +90,23 @@ class Precision:
     # Multiplies the attention output. Not a known bug: the selftest's stand-in for a bug no
     # check knows, which must be reported as unexplained.
     attn_out_scale: float = 1.0
+
+    # The values each knob that names a form takes: checked once, when a policy is made.
+    CHOICES = {"gelu": ("tanh", "exact"), "norm_scale": ("fp32", "compute"),
+               "embed_scale": ("rounded", "python_float"), "rope_dtype": ("fp32", "compute", "table_compute"),
+               "rope_form": ("div", "mul_reciprocal"), "constants_dtype": (None, "float32", "bfloat16"),
+               "query_scale": ("spec", "head_dim", "hidden_over_heads"), "rope_layout": ("half", "interleaved"),
+               "kv_repeat": ("grouped", "tiled")}
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            choices = self.CHOICES.get(f.name)
+            if choices is not None and value not in choices:
+                raise ValueError(f"precision knob {f.name}={value!r}; choose from {', '.join(map(repr, choices))}")
+            if choices is None and type(value) is not type(f.default):
+                if not (isinstance(f.default, float) and type(value) is int):
+                    raise ValueError(f"precision knob {f.name}={value!r} must be {type(f.default).__name__}")
 
     @classmethod
     def knobs(cls) -> dict[str, object]:
@@ -115,7 +132,7 @@ def rms_norm(x, w, eps: float, p: Precision):
         return (normed * (one + w.astype(xw.dtype))).astype(x.dtype)
     if p.norm_scale == "compute":
         return normed.astype(x.dtype) * (one + w.astype(x.dtype))
-    raise ValueError(f"norm_scale={p.norm_scale!r}")
+    raise AssertionError(p.norm_scale)  # Precision checked it
 
 
 def gelu(x, p: Precision):
@@ -123,7 +140,7 @@ def gelu(x, p: Precision):
         return jax.nn.gelu(x, approximate=True)
     if p.gelu == "exact":
         return jax.nn.gelu(x, approximate=False)
-    raise ValueError(f"gelu={p.gelu!r}")
+    raise AssertionError(p.gelu)
 
 
 def rope_angles(T: int, H: int, base: float, p: Precision, dtype, scale: float = 1.0) -> np.ndarray:
@@ -136,7 +153,7 @@ def rope_angles(T: int, H: int, base: float, p: Precision, dtype, scale: float =
     HF divides `inv_freq`; a scale of 1 changes no bit.
     """
     if p.rope_dtype not in ("fp32", "compute", "table_compute"):
-        raise ValueError(f"rope_dtype={p.rope_dtype!r}")
+        raise AssertionError(p.rope_dtype)
     adt = np.dtype(dtype) if p.rope_dtype == "compute" else np.dtype(_wide(dtype))
     # The table's dtype: rounded to the compute dtype with "table_compute".
     tdt = np.dtype(dtype) if p.rope_dtype == "table_compute" else adt
@@ -150,7 +167,7 @@ def rope_angles(T: int, H: int, base: float, p: Precision, dtype, scale: float =
         exact = 1.0 / (float(base) ** (2 * np.arange(H // 2, dtype=np.float64) / H)) / float(scale)
         inv_freq = exact.astype(np.float32).astype(tdt).astype(adt)  # computed in float32, as HF
         return pos * inv_freq
-    raise ValueError(f"rope_form={p.rope_form!r}")
+    raise AssertionError(p.rope_form)
 
 
 def softcap(x, cap: float):
@@ -164,10 +181,8 @@ def layer_types(spec: ModelSpec, p: Precision) -> tuple[str, ...]:
     from llmdiff.spec import pattern_period
 
     types = spec.layer_types
-    if p.sliding_window == "off":
+    if not p.sliding_window:
         return ("global",) * spec.num_layers
-    if p.sliding_window != "on":
-        raise ValueError(f"sliding_window={p.sliding_window!r}")
     period = pattern_period(types)
     return tuple(types[(i + p.layer_pattern_shift) % period] for i in range(spec.num_layers))
 
@@ -185,7 +200,7 @@ def rope(x, angles, p: Precision):
     elif p.rope_layout == "interleaved":
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
-        raise ValueError(f"rope_layout={p.rope_layout!r}")
+        raise AssertionError(p.rope_layout)
     # The rotation is applied in the angle dtype (x promotes), then rounded once, as DeepMind.
     r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     if p.rope_layout == "half":
@@ -204,7 +219,7 @@ def embed(table, tokens, hidden: int, p: Precision):
     if p.embed_scale == "python_float":
         wide = _wide(x.dtype)
         return (x.astype(wide) * jnp.asarray(math.sqrt(hidden), wide)).astype(x.dtype)
-    raise ValueError(f"embed_scale={p.embed_scale!r}")
+    raise AssertionError(p.embed_scale)
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,11 +239,7 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
         k = rms_norm(k, attn["_key_norm"]["scale"], spec.norm_eps, p)
     local = kind == "local"
     base = spec.rope_base_local if local else spec.rope_base
-    scale = spec.rope_scale_local if local else spec.rope_scale
-    if p.rope_scaling == "off":
-        scale = 1.0
-    elif p.rope_scaling != "on":
-        raise ValueError(f"rope_scaling={p.rope_scaling!r}")
+    scale = (spec.rope_scale_local if local else spec.rope_scale) if p.rope_scaling else 1.0
     angles = rope_angles(x.shape[1], H, base, p, q.dtype, scale)
     q = rope(q, angles, p)                                                         # (B, T, N, H)
     k = rope(k, angles, p)                                                         # (B, S, K, H)
@@ -242,19 +253,17 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
     elif p.query_scale == "hidden_over_heads":
         query_scale = (spec.hidden_size // N) ** -0.5
     else:
-        raise ValueError(f"query_scale={p.query_scale!r}")
+        raise AssertionError(p.query_scale)
     q = q * jnp.asarray(query_scale, q.dtype)  # scaled in the compute dtype, as DeepMind
     if p.kv_repeat == "grouped":  # query head n = k * G + g reads kv head k
         q = q.reshape(B, T, K, G, -1)                                              # (B, T, K, G, H)
     elif p.kv_repeat == "tiled":  # query head n = g * K + k reads kv head k
         q = q.reshape(B, T, G, K, -1).swapaxes(2, 3)
     else:
-        raise ValueError(f"kv_repeat={p.kv_repeat!r}")
+        raise AssertionError(p.kv_repeat)
     logits = jnp.einsum("BTKGH,BSKH->BTKGS", q, k)
-    if spec.attn_softcap and p.attn_softcap == "on":  # Gemma 2: before the mask
+    if spec.attn_softcap and p.attn_softcap:  # Gemma 2: before the mask
         logits = softcap(logits, spec.attn_softcap)
-    elif p.attn_softcap not in ("on", "off"):
-        raise ValueError(f"attn_softcap={p.attn_softcap!r}")
     # Positions, not sequence indices (DeepMind); equal here: one unpadded prompt from 0.
     distance = positions[:, :, None] - positions[:, None, :]                       # (B, T, S): t - s
     visible = distance >= 0 if p.causal else jnp.ones_like(distance, bool)        # causal
@@ -328,10 +337,8 @@ def head(x, final_scale, table, spec: ModelSpec, p: Precision, cap: "Tape"):
     # of ids a text token can take (not DeepMind's padding rows), as in every implementation.
     table = table[: spec.text_vocab_size]                                          # (V, D)
     logits = jnp.einsum("BTD,VD->BTV", x, table)
-    if spec.final_softcap and p.final_softcap == "on":  # Gemma 2, in the compute dtype
+    if spec.final_softcap and p.final_softcap:  # Gemma 2, in the compute dtype
         logits = softcap(logits, spec.final_softcap)
-    elif p.final_softcap not in ("on", "off"):
-        raise ValueError(f"final_softcap={p.final_softcap!r}")
     cap("logits", logits)
 
 

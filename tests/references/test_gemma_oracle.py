@@ -120,7 +120,7 @@ def test_sliding_window_hides_keys_outside_it(gemma2):
     assert spec.layer_types[:2] == ("local", "global") and T > W + j + 1  # the long prompt slides
     changed = list(tokens)
     changed[j] = 5 if tokens[j] != 5 else 6
-    for knobs, hidden in (({}, True), ({"sliding_window": "off"}, False)):
+    for knobs, hidden in (({}, True), ({"sliding_window": False}, False)):
         a, b = run(tokens, **knobs)["L0.out"], run(changed, **knobs)["L0.out"]
         inside = slice(j, j + W)          # queries that see position j: t - j < W
         outside = slice(j + W, T)         # queries for which j is outside the window
@@ -153,10 +153,10 @@ def test_layer_pattern_shift_swaps_local_and_global(gemma2):
 
 def test_softcap_knobs_act_where_they_should(gemma2):
     spec, run = gemma2
-    base, no_attn = run(), run(attn_softcap="off")
+    base, no_attn = run(), run(attn_softcap=False)
     assert np.array_equal(no_attn["L0.q"], base["L0.q"]) and np.array_equal(no_attn["L0.v"], base["L0.v"])
     assert rel(no_attn["L0.attn_out"], base["L0.attn_out"]) > 1e-5
-    no_final = run(final_softcap="off")
+    no_final = run(final_softcap=False)
     assert np.array_equal(no_final["final_norm"], base["final_norm"])
     assert rel(no_final["logits"], base["logits"]) > 1e-5
     assert np.abs(base["logits"]).max() < spec.final_softcap  # capped
@@ -176,7 +176,7 @@ def test_query_scale_knob():
 def test_gemma3_rope_bases_and_scaling_per_layer_type(gemma3):
     spec, run = gemma3
     assert spec.layer_types == ("local",) * 5 + ("global",) and spec.rope_scale == 8
-    base, off = run(), run(rope_scaling="off")
+    base, off = run(), run(rope_scaling=False)
     for i in range(5):  # local layers: base 10k, never scaled
         assert np.array_equal(off[f"L{i}.q"], base[f"L{i}.q"])
     assert rel(off["L5.q"], base["L5.q"]) > 1e-2
@@ -199,7 +199,20 @@ def test_gemma3_qk_norm_before_rope(gemma3):
 def test_new_knobs_change_nothing_on_gemma1(run):
     """Gemma 1 has no softcaps, windows, query scalar or RoPE scaling: its knobs are inert."""
     base = run("float32")
-    for knobs in ({"attn_softcap": "off"}, {"final_softcap": "off"}, {"sliding_window_offset": 1},
-                  {"layer_pattern_shift": 1}, {"query_scale": "head_dim"}, {"rope_scaling": "off"}):
+    for knobs in ({"attn_softcap": False}, {"final_softcap": False}, {"sliding_window_offset": 1},
+                  {"layer_pattern_shift": 1}, {"query_scale": "head_dim"}, {"rope_scaling": False}):
         other = run("float32", **knobs)
         assert all(np.array_equal(other[k], base[k]) for k in base), knobs
+
+
+def test_precision_knobs_are_checked_once_when_made():
+    import pytest
+
+    assert gemma.Precision(gelu="exact", attn_softcap=False, sliding_window_offset=1).gelu == "exact"
+    with pytest.raises(ValueError, match="gelu='exakt'; choose from 'tanh', 'exact'"):
+        gemma.Precision(gelu="exakt")
+    with pytest.raises(ValueError, match="attn_softcap='off' must be bool"):
+        gemma.Precision(attn_softcap="off")
+    with pytest.raises(ValueError, match="attn_out_scale='x' must be float"):
+        gemma.Precision(attn_out_scale="x")
+    assert gemma.Precision(attn_out_scale=1).attn_out_scale == 1  # an int where a float is asked is fine
