@@ -22,7 +22,7 @@ from llmdiff.errors import UsageError
 from llmdiff.job import TRUTH_DTYPE, Job, Options, RunId, RunRequest, WeightsSource
 from llmdiff.report import VERDICTS
 from llmdiff.runner import Implementation, RunResult, run_worker
-from llmdiff.spec import ModelSpec, capture_points, get_spec
+from llmdiff.spec import GEMMA_FAMILIES, ModelSpec, capture_points, get_spec
 
 DTYPES = ("float32", "bfloat16")
 ORACLE = "oracle"
@@ -319,7 +319,7 @@ def _prompts(spec, hf_dir, weights_info, seed, work, lengths=None, parity: bool 
         return tokens, {"source": "synthetic", "prompts": len(tokens), "lengths": list(lengths)}, None
     if weights_info["source"] == "hf" and tokenizer.has_tokenizer(hf_dir):
         tokenizer_dir = hf_dir
-    elif spec.tiny:
+    elif spec.tiny and spec.family in GEMMA_FAMILIES:  # the tiny tokenizer has Gemma's conventions
         tokenizer_dir = hf_dir if weights_info["source"] != "hf" else Path(work) / "tiny-tokenizer"
         tiny_tokenizer = True
     if tokenizer_dir is not None:

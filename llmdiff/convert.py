@@ -5,7 +5,9 @@ Canonical layout (numpy, one entry per tensor, shapes in spec letters):
     L{i}.attn_norm        (D,)       norm scales are stored without the +1, as on both sides
     L{i}.q                (N, D, H)
     L{i}.k, L{i}.v        (K, D, H)
-    L{i}.q_norm, k_norm   (H,)       Gemma 3: RMSNorm of each head of q and k, before RoPE
+    L{i}.q_norm, k_norm   (H,)       Gemma 3, Qwen3: RMSNorm of each head of q and k, before RoPE
+    L{i}.q_bias           (N, H)     Qwen2: the projections' biases
+    L{i}.k_bias, v_bias   (K, H)
     L{i}.o                (N, H, D)
     L{i}.post_attn_norm   (D,)       Gemma 2/3: on the attention output, before the residual add
     L{i}.mlp_norm         (D,)
@@ -13,7 +15,7 @@ Canonical layout (numpy, one entry per tensor, shapes in spec letters):
     L{i}.down             (F, D)
     L{i}.post_mlp_norm    (D,)       Gemma 2/3: on the MLP output, before the residual add
     final_norm            (D,)
-    lm_head               (V, D)     only in checkpoints that do not tie it to embed
+    lm_head               (V, D)     models and checkpoints that do not tie it to embed
 
 Every conversion asserts the key set and each shape and names the tensor that failed. They
 only transpose, reshape, stack and index, so a round trip is bit-exact. numpy only.
@@ -32,6 +34,8 @@ from llmdiff.spec import ModelSpec
 
 
 def canonical_shapes(spec: ModelSpec, *, lm_head: bool = False) -> dict[str, tuple[int, ...]]:
+    """Every canonical tensor's shape; `lm_head` also where the spec ties it (an untied
+    checkpoint of a tied model)."""
     V, D, N, K, H, F = (spec.vocab_size, spec.hidden_size, spec.num_heads, spec.num_kv_heads,
                         spec.head_dim, spec.mlp_dim)
     shapes = {"embed": (V, D), "final_norm": (D,)}
@@ -43,11 +47,13 @@ def canonical_shapes(spec: ModelSpec, *, lm_head: bool = False) -> dict[str, tup
         })
         if spec.qk_norm:
             shapes.update({f"L{i}.q_norm": (H,), f"L{i}.k_norm": (H,)})
+        if spec.qkv_bias:
+            shapes.update({f"L{i}.q_bias": (N, H), f"L{i}.k_bias": (K, H), f"L{i}.v_bias": (K, H)})
         if spec.post_attn_norm:
             shapes[f"L{i}.post_attn_norm"] = (D,)
         if spec.post_mlp_norm:
             shapes[f"L{i}.post_mlp_norm"] = (D,)
-    if lm_head:
+    if lm_head or not spec.tie_embeddings:
         shapes["lm_head"] = (V, D)
     return shapes
 
@@ -112,6 +118,8 @@ def to_hf_layer(spec: ModelSpec, i: int, canon: dict) -> dict:
     # (N, D, H) -> (N, H, D) -> (N*H, D): torch Linear stores (out, in)
     for name in ("q", "k", "v"):
         out[f"{p}.self_attn.{name}_proj.weight"] = canon[c + name].mT.reshape(-1, D)
+        if spec.qkv_bias:  # (heads, H) -> (heads*H,)
+            out[f"{p}.self_attn.{name}_proj.bias"] = canon[c + name + "_bias"].reshape(-1)
     out[f"{p}.self_attn.o_proj.weight"] = canon[c + "o"].reshape(-1, D).T  # (D, N*H)
     if spec.qk_norm:
         out[f"{p}.self_attn.q_norm.weight"] = canon[c + "q_norm"]
@@ -141,7 +149,7 @@ def hf_shapes(spec: ModelSpec, *, lm_head: bool = False) -> dict[str, tuple[int,
                         spec.head_dim, spec.mlp_dim)
     V = spec.hf_vocab_size or V
     shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-    if lm_head:
+    if lm_head or not spec.tie_embeddings:
         shapes["lm_head.weight"] = (V, D)
     for i in range(spec.num_layers):
         p = _hf_layer(i)
@@ -154,6 +162,9 @@ def hf_shapes(spec: ModelSpec, *, lm_head: bool = False) -> dict[str, tuple[int,
         })
         if spec.qk_norm:
             shapes.update({f"{p}.self_attn.q_norm.weight": (H,), f"{p}.self_attn.k_norm.weight": (H,)})
+        if spec.qkv_bias:
+            shapes.update({f"{p}.self_attn.q_proj.bias": (N * H,), f"{p}.self_attn.k_proj.bias": (K * H,),
+                           f"{p}.self_attn.v_proj.bias": (K * H,)})
         if _post_norms(spec):
             shapes.update({f"{p}.pre_feedforward_layernorm.weight": (D,),
                            f"{p}.post_feedforward_layernorm.weight": (D,)})
@@ -172,6 +183,8 @@ def from_hf(spec: ModelSpec, hf: dict, where: str = "HF checkpoint") -> dict[str
         for name, heads in (("q", N), ("k", K), ("v", K)):
             w = hf[f"{p}.self_attn.{name}_proj.weight"]
             out[c + name] = w.reshape(heads, H, D).transpose(0, 2, 1)
+            if spec.qkv_bias:
+                out[c + name + "_bias"] = hf[f"{p}.self_attn.{name}_proj.bias"].reshape(heads, H)
         out[c + "o"] = hf[f"{p}.self_attn.o_proj.weight"].T.reshape(N, H, D)
         if spec.qk_norm:
             out[c + "q_norm"] = hf[f"{p}.self_attn.q_norm.weight"]
@@ -212,6 +225,8 @@ def to_deepmind_layer(spec: ModelSpec, i: int, canon: dict, stack=np.stack) -> d
     if spec.qk_norm:
         out["attn/_query_norm/scale"] = canon[c + "q_norm"]  # (H,)
         out["attn/_key_norm/scale"] = canon[c + "k_norm"]
+    if spec.qkv_bias:  # not in DeepMind's layout (no Gemma has them): the oracle's own names
+        out["attn/q_bias"], out["attn/k_bias"], out["attn/v_bias"] = (canon[c + n] for n in ("q_bias", "k_bias", "v_bias"))
     if spec.post_attn_norm:
         out["post_attention_norm/scale"] = canon[c + "post_attn_norm"]
     out["pre_ffw_norm/scale"] = canon[c + "mlp_norm"]

@@ -1,6 +1,7 @@
 """Token ids for a run.
 
-Until a tokenizer is wired in, prompts are synthetic ids: deterministic, BOS first, and
+Without a tokenizer, prompts are synthetic ids: deterministic, BOS first (where the family
+adds one), and
 never a special id (DeepMind's code treats id 0 as padding). Two prompts by default: a short
 one and a long one, which reaches larger RoPE positions and is longer than every tiny spec's
 sliding window (`spec.TINY_SLIDING_WINDOW`), so local layers really slide.
@@ -24,8 +25,8 @@ def synthetic_prompts(spec: ModelSpec, seed: int = 0, lengths=DEFAULT_LENGTHS) -
         digest = hashlib.sha256(f"prompt:{seed}:{j}".encode()).digest()
         rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
         # Only ids every implementation's table has (not DeepMind's padding rows of Gemma 2).
-        body = rng.integers(FIRST_ORDINARY_ID, spec.text_vocab_size, size=n - 1)
-        prompts.append([spec.bos_id, *map(int, body)])
+        body = rng.integers(FIRST_ORDINARY_ID, spec.text_vocab_size, size=n - 1 if spec.add_bos else n)
+        prompts.append([spec.bos_id] * spec.add_bos + list(map(int, body)))
     return prompts
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: str                      # "gemma" (Gemma 1), "gemma2", "gemma3"
+    family: str                      # "gemma" (Gemma 1), "gemma2", "gemma3", "llama", "qwen2", "qwen3", "mistral"
     vocab_size: int                  # V, rows of the embedding table (DeepMind's, padded or not)
     hidden_size: int                 # D, the residual width
     num_layers: int
@@ -24,9 +24,19 @@ class ModelSpec:
     num_kv_heads: int                # K, key/value heads (K == 1: multi-query)
     head_dim: int                    # H; not always hidden_size / num_heads
     mlp_dim: int                     # F, width of each MLP branch
-    activation: str = "gelu_tanh"    # GeGLU with the tanh approximation of GELU
+    activation: str = "gelu_tanh"    # GeGLU with the tanh approximation of GELU; "silu": SwiGLU
     norm_eps: float = 1e-6           # x * rsqrt(mean(x^2) + eps) * (1 + w)
-    embed_scale: str = "sqrt_hidden_rounded"  # embeddings * sqrt(D) rounded to the compute dtype
+    # RMSNorm's scale: (1 + w) as Gemma stores it, or w alone (Llama, Qwen, Mistral).
+    norm_plus_one: bool = True
+    # Where the scale multiplies: "fp32", the normalised x times the scale in float32, rounded
+    # once (Gemma: DeepMind and HF); "compute", the normalised x rounded to the compute dtype
+    # first, then times the scale in it (Llama: Meta's `output.type_as(x) * self.weight`, HF).
+    norm_scale_dtype: str = "fp32"
+    embed_scale: str = "sqrt_hidden_rounded"  # embeddings * sqrt(D) rounded to the compute dtype; or "none"
+    qkv_bias: bool = False           # biases on the q, k and v projections (Qwen2)
+    # Llama 3's RoPE scaling of the frequencies: (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings); None: none.
+    rope_llama3: tuple | None = None
     rope_base: float = 10_000.0
     query_pre_attn_scalar: float = 0.0  # q is scaled by this ** -0.5; 0 means head_dim
     tie_embeddings: bool = True      # logits = h @ embed.T, no separate lm_head
@@ -44,9 +54,10 @@ class ModelSpec:
     transpose_gating: bool = False         # DeepMind stores gating_einsum as (2, F, D), not (2, D, F)
     hf_vocab_size: int | None = None       # HF's embedding rows where they differ from DeepMind's
     max_positions: int = 8192
-    pad_id: int = 0
+    pad_id: int | None = 0
     eos_id: int = 1
     bos_id: int = 2
+    add_bos: bool = True             # prompts start with <bos> (Qwen's do not)
     tiny: bool = False
 
     @property
@@ -178,10 +189,71 @@ _SPECS.update({
     ),
 })
 
+# Llama 3.x, Qwen 2.5 / 3 and Mistral: one decoder with Llama's conventions (SwiGLU, RMSNorm
+# with w alone, scaled in the compute dtype, no embedding normaliser) and the family's
+# differences as data. Numbers from each model's HF config.json (meta-llama/Llama-3.1-8B, ...).
+_LLAMA_LIKE = dict(activation="silu", norm_plus_one=False, norm_scale_dtype="compute", embed_scale="none")
+
+
+def _llama3(name, hidden, layers, heads, mlp, *, head_dim=128, tied=False, factor=8.0):
+    return ModelSpec(
+        name=name, family="llama", vocab_size=128_256, hidden_size=hidden, num_layers=layers,
+        num_heads=heads, num_kv_heads=8, head_dim=head_dim, mlp_dim=mlp, norm_eps=1e-5,
+        rope_base=500_000.0, rope_base_local=500_000.0, rope_llama3=(factor, 1.0, 4.0, 8192),
+        tie_embeddings=tied, max_positions=131_072, pad_id=None, bos_id=128_000, eos_id=128_001,
+        **_LLAMA_LIKE)
+
+
+def _qwen(name, family, hidden, layers, heads, kv, mlp, *, vocab=151_936, head_dim=None, tied=False,
+          eps=1e-6, max_positions=131_072):
+    return ModelSpec(
+        name=name, family=family, vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+        num_heads=heads, num_kv_heads=kv, head_dim=head_dim or hidden // heads, mlp_dim=mlp, norm_eps=eps,
+        rope_base=1_000_000.0, rope_base_local=1_000_000.0, tie_embeddings=tied,
+        qkv_bias=family == "qwen2", qk_norm=family == "qwen3", max_positions=max_positions,
+        # Qwen3's repos are the post-trained models: they end a turn with <|im_end|> (151645).
+        pad_id=151_643, bos_id=151_643, eos_id=151_645 if family == "qwen3" else 151_643, add_bos=False,
+        **_LLAMA_LIKE)
+
+
+_SPECS.update({
+    "llama-3.1-8b": _llama3("llama-3.1-8b", 4096, 32, 32, 14_336),
+    "llama-3.1-70b": _llama3("llama-3.1-70b", 8192, 80, 64, 28_672),
+    "llama-3.1-405b": _llama3("llama-3.1-405b", 16_384, 126, 128, 53_248),
+    "llama-3.2-1b": _llama3("llama-3.2-1b", 2048, 16, 32, 8192, head_dim=64, tied=True, factor=32.0),
+    "llama-3.2-3b": _llama3("llama-3.2-3b", 3072, 28, 24, 8192, tied=True, factor=32.0),
+    "qwen2.5-0.5b": _qwen("qwen2.5-0.5b", "qwen2", 896, 24, 14, 2, 4864, tied=True, max_positions=32_768),
+    "qwen2.5-1.5b": _qwen("qwen2.5-1.5b", "qwen2", 1536, 28, 12, 2, 8960, tied=True),
+    "qwen2.5-3b": _qwen("qwen2.5-3b", "qwen2", 2048, 36, 16, 2, 11_008, tied=True, max_positions=32_768),
+    "qwen2.5-7b": _qwen("qwen2.5-7b", "qwen2", 3584, 28, 28, 4, 18_944, vocab=152_064),
+    "qwen2.5-14b": _qwen("qwen2.5-14b", "qwen2", 5120, 48, 40, 8, 13_824, vocab=152_064, eps=1e-5),
+    "qwen2.5-32b": _qwen("qwen2.5-32b", "qwen2", 5120, 64, 40, 8, 27_648, vocab=152_064, eps=1e-5),
+    "qwen2.5-72b": _qwen("qwen2.5-72b", "qwen2", 8192, 80, 64, 8, 29_568, vocab=152_064, eps=1e-5),
+    "qwen3-0.6b": _qwen("qwen3-0.6b", "qwen3", 1024, 28, 16, 8, 3072, head_dim=128, tied=True, max_positions=40_960),
+    "qwen3-1.7b": _qwen("qwen3-1.7b", "qwen3", 2048, 28, 16, 8, 6144, head_dim=128, tied=True, max_positions=40_960),
+    "qwen3-4b": _qwen("qwen3-4b", "qwen3", 2560, 36, 32, 8, 9728, head_dim=128, tied=True, max_positions=40_960),
+    "qwen3-8b": _qwen("qwen3-8b", "qwen3", 4096, 36, 32, 8, 12_288, head_dim=128, max_positions=40_960),
+    "qwen3-14b": _qwen("qwen3-14b", "qwen3", 5120, 40, 40, 8, 17_408, head_dim=128, max_positions=40_960),
+    "qwen3-32b": _qwen("qwen3-32b", "qwen3", 5120, 64, 64, 8, 25_600, head_dim=128, max_positions=40_960),
+    # Mistral 7B v0.1 slides a 4096 window on every layer; v0.3 has none, and a larger vocabulary.
+    "mistral-7b-v0.1": ModelSpec(
+        name="mistral-7b-v0.1", family="mistral", vocab_size=32_000, hidden_size=4096, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, mlp_dim=14_336, norm_eps=1e-5,
+        attention_types=("local",) * 32, sliding_window=4096, tie_embeddings=False, max_positions=32_768,
+        pad_id=None, bos_id=1, eos_id=2, **_LLAMA_LIKE),
+    "mistral-7b-v0.3": ModelSpec(
+        name="mistral-7b-v0.3", family="mistral", vocab_size=32_768, hidden_size=4096, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, mlp_dim=14_336, norm_eps=1e-5, rope_base=1_000_000.0,
+        rope_base_local=1_000_000.0, tie_embeddings=False, max_positions=32_768, pad_id=None, bos_id=1,
+        eos_id=2, **_LLAMA_LIKE),
+})
+GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
+
 TINY_VOCAB = 512
 # Smaller than the long default prompt (llmdiff/inputs.py), so local layers really slide.
 TINY_SLIDING_WINDOW = 32
 TINY_HEAD_DIMS = (32, 48, 24, 40, 56)
+TINY_ORIGINAL_CONTEXT = 64  # Llama 3's original_max_position_embeddings, tiny
 
 
 def model_names() -> list[str]:
@@ -246,11 +318,16 @@ def shrink(spec: ModelSpec) -> ModelSpec:
     vocab = TINY_VOCAB + max(0, -extra)
     hf_vocab = vocab + extra if spec.hf_vocab_size else None
     window = min(spec.sliding_window, TINY_SLIDING_WINDOW) if spec.sliding_window else None
+    # Llama 3's RoPE bands: a tiny original context, so that the default prompts run past it and
+    # the tiny head_dim's frequencies fall on both sides of both band edges.
+    llama3 = (*spec.rope_llama3[:3], TINY_ORIGINAL_CONTEXT) if spec.rope_llama3 else None
     return dataclasses.replace(
         spec, name=spec.name, vocab_size=vocab, hf_vocab_size=hf_vocab, hidden_size=hidden,
         num_layers=num_layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, mlp_dim=mlp,
         query_pre_attn_scalar=query_pre_attn_scalar, attention_types=attention_types,
-        sliding_window=window, max_positions=1024, tiny=True,
+        sliding_window=window, rope_llama3=llama3, max_positions=1024,
+        # The tiny vocabulary's special ids (those of the tiny tokenizer): pad 0, eos 1, bos 2.
+        pad_id=0 if spec.pad_id is not None else None, eos_id=1, bos_id=2, tiny=True,
     )
 
 

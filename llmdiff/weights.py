@@ -180,6 +180,8 @@ def hf_config(spec: ModelSpec, dtype: str = "bfloat16") -> dict:
     }
     if spec.family == "gemma":
         return config
+    if spec.family in _LLAMA_LIKE:
+        return _llama_like_config(spec, config)
     if spec.family not in ("gemma2", "gemma3"):
         raise WeightsError(f"{spec.name}: no HF config for family {spec.family!r}")
     hf_types = [{"local": "sliding_attention", "global": "full_attention"}[t] for t in spec.layer_types]
@@ -215,6 +217,38 @@ def hf_config(spec: ModelSpec, dtype: str = "bfloat16") -> dict:
         "sliding_window_pattern": period,
         "cache_implementation": "hybrid",
     })
+    return config
+
+
+_LLAMA_LIKE = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+               "qwen3": ("Qwen3ForCausalLM", "qwen3"), "mistral": ("MistralForCausalLM", "mistral")}
+
+
+def _llama_like_config(spec: ModelSpec, gemma: dict) -> dict:
+    """LlamaForCausalLM (4.40 and later: `llama3` RoPE from 4.43), Qwen2ForCausalLM,
+    Qwen3ForCausalLM (4.51 and later), MistralForCausalLM, as their published config.json."""
+    architecture, model_type = _LLAMA_LIKE[spec.family]
+    config = {k: v for k, v in gemma.items() if k not in ("hidden_activation",)}
+    config.update({"architectures": [architecture], "model_type": model_type, "hidden_act": "silu",
+                   "attention_bias": spec.qkv_bias})
+    if spec.rope_base_local != spec.rope_base or spec.rope_scale != 1 or spec.rope_scale_local != 1:
+        raise WeightsError(f"{spec.name}: HF {architecture} has one RoPE for every layer")
+    if spec.rope_llama3:
+        factor, low, high, original = spec.rope_llama3
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                                  "high_freq_factor": high, "original_max_position_embeddings": original}
+    if set(spec.layer_types) == {"local"}:
+        config["sliding_window"] = spec.sliding_window
+    elif "local" in spec.layer_types:
+        raise WeightsError(f"{spec.name}: HF {architecture} slides on every layer or none")
+    elif spec.family in ("mistral", "qwen2", "qwen3"):
+        config["sliding_window"] = None
+    if spec.family in ("qwen2", "qwen3"):
+        config["use_sliding_window"] = False
+    if spec.family == "qwen2":
+        config.pop("head_dim")  # Qwen2 derives it: hidden / heads
+        if spec.head_dim * spec.num_heads != spec.hidden_size:
+            raise WeightsError(f"{spec.name}: HF Qwen2 needs head_dim = hidden / heads")
     return config
 
 
@@ -255,7 +289,8 @@ _CONFIG_FIELDS = {  # config.json key -> spec field, checked when present
     "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
     "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
 }
-_MODEL_TYPES = {"gemma": ("gemma",), "gemma2": ("gemma2",), "gemma3": ("gemma3_text", "gemma3")}
+_MODEL_TYPES = {"gemma": ("gemma",), "gemma2": ("gemma2",), "gemma3": ("gemma3_text", "gemma3"),
+                **{family: (model_type,) for family, (_, model_type) in _LLAMA_LIKE.items()}}
 
 
 def _config_value(spec: ModelSpec, field: str):

@@ -1,9 +1,15 @@
-"""Gemma 1, 2 and 3 (text) in pure JAX: llmdiff's oracle. Read it top to bottom like a textbook.
+"""Gemma 1, 2 and 3 (text), Llama 3.x, Qwen 2.5 / 3 and Mistral in pure JAX: llmdiff's oracle.
+Read it top to bottom like a textbook. One decoder; what a family changes is data in its
+`ModelSpec`.
 
 Gemma 2 adds a norm after attention and after the MLP, tanh soft-capping of the attention
 logits and of the output logits, and sliding-window ("local") attention on every other layer.
 Gemma 3 drops the soft-caps, adds an RMSNorm on each head of q and k before RoPE, slides on
 five layers of six, and gives global layers their own RoPE base (and linear scaling).
+Llama 3 uses SwiGLU, RMSNorm with w (not 1 + w) applied in the compute dtype, no embedding
+normaliser, often an untied output head, and rescales RoPE frequencies in three bands
+("llama3" scaling). Qwen2 adds biases to q, k and v; Qwen3 drops them for a per-head RMSNorm
+of q and k (as Gemma 3). Mistral 7B v0.1 slides a window on every layer.
 
 It runs in float64, float32 or bfloat16 (the dtype of the params it is given), takes Google
 DeepMind's parameter layout (`gemma.gm.nn.Transformer` params) directly, and returns every
@@ -36,9 +42,10 @@ class Precision:
     # transformers 4.38.2).
     gelu: str = "tanh"
     # RMSNorm: "fp32" multiplies the normalised x by (1 + w) in float32 and rounds once
-    # (HF after PR #29402, Keras); "compute" rounds the normalised x to the compute dtype
-    # first and adds 1 to w in the compute dtype (transformers 4.38.0).
-    norm_scale: str = "fp32"
+    # (Gemma: HF after PR #29402, Keras); "compute" rounds the normalised x to the compute dtype
+    # first and adds 1 to w in the compute dtype (transformers 4.38.0; Llama's own convention).
+    # "spec": the family's (`spec.norm_scale_dtype`).
+    norm_scale: str = "spec"
     # Embedding normaliser: "rounded" = sqrt(D) rounded to the compute dtype first, as
     # DeepMind's `jnp.sqrt(embed_dim).astype(x.dtype)` (sqrt(3072)=55.4256 is 55.5 in bf16);
     # "python_float" = x * sqrt(D) with sqrt(D) a float, rounded once after the product.
@@ -77,8 +84,13 @@ class Precision:
     # Linear RoPE scaling of global layers (Gemma 3 4B/12B/27B: angles / 8); False drops it
     # (configs that drop `rope_scaling`).
     rope_scaling: bool = True
-    # RMSNorm scale: (1 + w) as Gemma stores it, or w alone (a Llama-style port of Gemma weights).
+    # RMSNorm scale: (1 + w) where the spec says so (Gemma); False: w alone (a Llama-style port
+    # of Gemma weights).
     norm_plus_one: bool = True
+    # Qwen2's q, k and v biases; False drops them (ports that build the projections bias-free).
+    qkv_bias: bool = True
+    # The per-head RMSNorm of q and k (Gemma 3, Qwen3); False drops it.
+    qk_norm: bool = True
     # RoPE pairs: "half" rotates (x[i], x[i + H/2]) (Gemma, HF `rotate_half`); "interleaved"
     # rotates (x[2i], x[2i+1]) (GPT-J, Meta's original Llama code, complex-number RoPE).
     rope_layout: str = "half"
@@ -92,7 +104,7 @@ class Precision:
     attn_out_scale: float = 1.0
 
     # The values each knob that names a form takes: checked once, when a policy is made.
-    CHOICES = {"gelu": ("tanh", "exact"), "norm_scale": ("fp32", "compute"),
+    CHOICES = {"gelu": ("tanh", "exact"), "norm_scale": ("spec", "fp32", "compute"),
                "embed_scale": ("rounded", "python_float"), "rope_dtype": ("fp32", "compute", "table_compute"),
                "rope_form": ("div", "mul_reciprocal"), "constants_dtype": (None, "float32", "bfloat16"),
                "query_scale": ("spec", "head_dim", "hidden_over_heads"), "rope_layout": ("half", "interleaved"),
@@ -122,25 +134,42 @@ def _wide(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def rms_norm(x, w, eps: float, p: Precision):
-    """x * rsqrt(mean(x^2) + eps) * (1 + w), statistics in at least float32."""
+def rms_norm(x, w, spec: ModelSpec, p: Precision):
+    """x * rsqrt(mean(x^2) + eps) * (1 + w) (Gemma) or * w (Llama), statistics in at least float32."""
     xw = x.astype(_wide(x.dtype))
     # lax.rsqrt like DeepMind's RMSNorm (it differs from 1/sqrt in the last bit).
-    normed = xw * jax.lax.rsqrt(jnp.mean(xw * xw, axis=-1, keepdims=True) + eps)
-    one = 1.0 if p.norm_plus_one else 0.0
-    if p.norm_scale == "fp32":
+    normed = xw * jax.lax.rsqrt(jnp.mean(xw * xw, axis=-1, keepdims=True) + spec.norm_eps)
+    one = 1.0 if spec.norm_plus_one and p.norm_plus_one else 0.0
+    where = spec.norm_scale_dtype if p.norm_scale == "spec" else p.norm_scale
+    if where == "fp32":
         return (normed * (one + w.astype(xw.dtype))).astype(x.dtype)
-    if p.norm_scale == "compute":
-        return normed.astype(x.dtype) * (one + w.astype(x.dtype))
-    raise AssertionError(p.norm_scale)  # Precision checked it
+    if where == "compute":
+        scale = one + w.astype(x.dtype) if one else w.astype(x.dtype)
+        return normed.astype(x.dtype) * scale
+    raise AssertionError(where)  # Precision and the spec checked it
 
 
-def gelu(x, p: Precision):
+def activation(x, spec: ModelSpec, p: Precision):
+    """The gated MLP's nonlinearity: GELU (Gemma's GeGLU) or SiLU (SwiGLU)."""
+    if spec.activation == "silu":
+        return jax.nn.silu(x)
     if p.gelu == "tanh":
         return jax.nn.gelu(x, approximate=True)
     if p.gelu == "exact":
         return jax.nn.gelu(x, approximate=False)
     raise AssertionError(p.gelu)
+
+
+def llama3_rope_scales(H: int, base: float, llama3: tuple) -> np.ndarray:
+    """Llama 3's per-frequency divisors (H/2,): 1 for wavelengths under original/high_freq_factor,
+    `factor` above original/low_freq_factor, a smooth blend between (Meta's `apply_scaling`,
+    HF's `_compute_llama3_parameters`). float64, on the host."""
+    factor, low, high, original = llama3
+    inv_freq = 1.0 / float(base) ** (2 * np.arange(H // 2, dtype=np.float64) / H)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, blended))
 
 
 def rope_angles(T: int, H: int, base: float, p: Precision, dtype, scale: float = 1.0) -> np.ndarray:
@@ -149,8 +178,8 @@ def rope_angles(T: int, H: int, base: float, p: Precision, dtype, scale: float =
     numpy, not XLA, because XLA on CPU divides float32 by multiplying with a reciprocal
     (measured: 610 of 2304 angles of a 96-token, H=48 table differ from IEEE division), so
     in XLA the "div" and "mul_reciprocal" forms would be the same bits.
-    `scale` is linear RoPE scaling ("position interpolation"): DeepMind divides the angles,
-    HF divides `inv_freq`; a scale of 1 changes no bit.
+    `scale` is RoPE scaling, one divisor or one per frequency (Llama 3's bands): DeepMind
+    divides the angles, HF divides `inv_freq`; a scale of 1 changes no bit.
     """
     if p.rope_dtype not in ("fp32", "compute", "table_compute"):
         raise AssertionError(p.rope_dtype)
@@ -164,7 +193,7 @@ def rope_angles(T: int, H: int, base: float, p: Precision, dtype, scale: float =
     if p.rope_form == "div":
         return pos / (timescale * scale).astype(tdt).astype(adt)            # DeepMind's `apply_rope`
     if p.rope_form == "mul_reciprocal":  # HF: inv_freq = 1 / base**(2i/H), then inv_freq /= factor
-        exact = 1.0 / (float(base) ** (2 * np.arange(H // 2, dtype=np.float64) / H)) / float(scale)
+        exact = 1.0 / (float(base) ** (2 * np.arange(H // 2, dtype=np.float64) / H)) / np.asarray(scale, np.float64)
         inv_freq = exact.astype(np.float32).astype(tdt).astype(adt)  # computed in float32, as HF
         return pos * inv_freq
     raise AssertionError(p.rope_form)
@@ -210,8 +239,11 @@ def rope(x, angles, p: Precision):
     return out.astype(x.dtype)
 
 
-def embed(table, tokens, hidden: int, p: Precision):
+def embed(table, tokens, spec: ModelSpec, p: Precision):
     x = table[tokens]                                                               # (B, T, D)
+    hidden = spec.hidden_size
+    if spec.embed_scale == "none":  # Llama, Qwen, Mistral: the table's rows as they are
+        return x
     if p.embed_scale == "rounded":
         constants = p.constants_dtype or x.dtype
         scale = jnp.asarray(math.sqrt(hidden), constants).astype(x.dtype)
@@ -234,12 +266,16 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
     else:
         q = jnp.einsum("BTD,NDH->BTNH", x, attn["q_einsum"]["w"])
         k, v = jnp.einsum("BSD,CKDH->CBSKH", x, attn["kv_einsum"]["w"])
-    if spec.qk_norm:  # Gemma 3: RMSNorm over each head's H features, before RoPE
-        q = rms_norm(q, attn["_query_norm"]["scale"], spec.norm_eps, p)
-        k = rms_norm(k, attn["_key_norm"]["scale"], spec.norm_eps, p)
+    if spec.qkv_bias and p.qkv_bias:  # Qwen2: each projection's bias, in the compute dtype
+        q, k, v = q + attn["q_bias"], k + attn["k_bias"], v + attn["v_bias"]
+    if spec.qk_norm and p.qk_norm:  # Gemma 3, Qwen3: RMSNorm over each head's H features, before RoPE
+        q = rms_norm(q, attn["_query_norm"]["scale"], spec, p)
+        k = rms_norm(k, attn["_key_norm"]["scale"], spec, p)
     local = kind == "local"
     base = spec.rope_base_local if local else spec.rope_base
     scale = (spec.rope_scale_local if local else spec.rope_scale) if p.rope_scaling else 1.0
+    if spec.rope_llama3 and p.rope_scaling:
+        scale = scale * llama3_rope_scales(H, base, spec.rope_llama3)
     angles = rope_angles(x.shape[1], H, base, p, q.dtype, scale)
     q = rope(q, angles, p)                                                         # (B, T, N, H)
     k = rope(k, angles, p)                                                         # (B, S, K, H)
@@ -288,21 +324,21 @@ def mlp(x, params, spec: ModelSpec, p: Precision, cap: "Tape", pre: str):
     else:
         gate, up = jnp.einsum("BTD,CDF->CBTF", x, params["gating_einsum"])        # 2 x (B, T, F)
     gate, up = cap(f"{pre}mlp_gate", gate), cap(f"{pre}mlp_up", up)
-    act = cap(f"{pre}mlp_act", gelu(gate, p) * up)
+    act = cap(f"{pre}mlp_act", activation(gate, spec, p) * up)
     return jnp.einsum("BTF,FD->BTD", act, params["linear"])
 
 
 def block(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", pre: str, kind: str):
     """One decoder layer; its points are recorded as `pre` + name ("L3." + "q")."""
-    h = cap(f"{pre}attn_norm", rms_norm(x, params["pre_attention_norm"]["scale"], spec.norm_eps, p))
+    h = cap(f"{pre}attn_norm", rms_norm(x, params["pre_attention_norm"]["scale"], spec, p))
     a = cap(f"{pre}attn_out", attention(h, params, positions, spec, p, cap, pre, kind))
     if spec.post_attn_norm:  # Gemma 2/3
-        a = cap(f"{pre}post_attn_norm", rms_norm(a, params["post_attention_norm"]["scale"], spec.norm_eps, p))
+        a = cap(f"{pre}post_attn_norm", rms_norm(a, params["post_attention_norm"]["scale"], spec, p))
     x = cap(f"{pre}resid_mid", x + a)
-    h = cap(f"{pre}mlp_norm", rms_norm(x, params["pre_ffw_norm"]["scale"], spec.norm_eps, p))
+    h = cap(f"{pre}mlp_norm", rms_norm(x, params["pre_ffw_norm"]["scale"], spec, p))
     m = cap(f"{pre}mlp_out", mlp(h, params["mlp"], spec, p, cap, pre))
     if spec.post_mlp_norm:  # Gemma 2/3
-        m = cap(f"{pre}post_mlp_norm", rms_norm(m, params["post_ffw_norm"]["scale"], spec.norm_eps, p))
+        m = cap(f"{pre}post_mlp_norm", rms_norm(m, params["post_ffw_norm"]["scale"], spec, p))
     return cap(f"{pre}out", x + m)
 
 
@@ -332,9 +368,10 @@ class Tape(dict):
 
 def head(x, final_scale, table, spec: ModelSpec, p: Precision, cap: "Tape"):
     """Final norm and logits, recorded on `cap`."""
-    x = cap("final_norm", rms_norm(x, final_scale, spec.norm_eps, p))
-    # Tied embeddings: the output projection is the input table, transposed. Only the columns
-    # of ids a text token can take (not DeepMind's padding rows), as in every implementation.
+    x = cap("final_norm", rms_norm(x, final_scale, spec, p))
+    # Tied embeddings: the output projection is the input table, transposed (untied: `table` is
+    # the output head's). Only the columns of ids a text token can take (not DeepMind's padding
+    # rows), as in every implementation.
     table = table[: spec.text_vocab_size]                                          # (V, D)
     logits = jnp.einsum("BTD,VD->BTV", x, table)
     if spec.final_softcap and p.final_softcap:  # Gemma 2, in the compute dtype
@@ -350,14 +387,19 @@ def forward(params, tokens, spec: ModelSpec, p: Precision, forced: dict | None =
     cap = Tape(forced)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    x = cap("embed", embed(params["embedder"]["input_embedding"], tokens, spec.hidden_size, p))
+    x = cap("embed", embed(params["embedder"]["input_embedding"], tokens, spec, p))
     for i, kind in enumerate(layer_types(spec, p)):
         x = block(x, params[f"layer_{i}"], positions, spec, p, cap, f"L{i}.", kind)
-    head(x, params["final_norm"]["scale"], params["embedder"]["input_embedding"], spec, p, cap)
+    head(x, params["final_norm"]["scale"], output_table(params), spec, p, cap)
     return dict(cap)
 
 
 forward_jit = jax.jit(forward, static_argnames=("spec", "p"))
+
+
+def output_table(params) -> jnp.ndarray:
+    """The output projection (V, D): the untied head where there is one, else the embedding."""
+    return params["lm_head"] if "lm_head" in params else params["embedder"]["input_embedding"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,7 +413,7 @@ def _whole(caps, aux):
 @functools.partial(jax.jit, static_argnames=("spec", "p", "reduce"))
 def _embed_step(table, tokens, forced, aux, spec, p, reduce):
     cap = Tape(forced)
-    return cap("embed", embed(table, tokens, spec.hidden_size, p)), reduce(dict(cap), aux)
+    return cap("embed", embed(table, tokens, spec, p)), reduce(dict(cap), aux)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "p", "kind", "reduce"))
@@ -394,7 +436,7 @@ def forward_blocks(layer, top, tokens, spec: ModelSpec, p: Precision, forced: di
     """`forward`, one jitted decoder block at a time, for models whose weights do not fit.
 
     layer(i): layer i's params, asked for only when block i runs (made or read then, and
-    dropped after); top: {"embedder": ..., "final_norm": ...}. reduce(caps, aux): what each
+    dropped after); top: {"embedder": ..., "final_norm": ..., and "lm_head" when untied}. reduce(caps, aux): what each
     step keeps of its captures (names without the "L3." prefix), traced into the step itself
     (a hashable function; `aux` its arrays), so memory holds one block's weights and
     activations. A block compiles once per attention kind, not once per layer.
@@ -422,7 +464,7 @@ def forward_blocks(layer, top, tokens, spec: ModelSpec, p: Precision, forced: di
         out.update({f"L{i}.{k}": v for k, v in caps.items()})
     names = ("final_norm", "logits")
     x, = on(0, x)
-    out.update(_head_step(x, top["final_norm"]["scale"], table,
+    out.update(_head_step(x, top["final_norm"]["scale"], output_table(top),
                           None if forced is None else {k: v for k, v in forced.items() if k in names},
                           aux, spec, p, reduce))
     return out

@@ -167,7 +167,7 @@ class HFReference(Reference):
             return hook
 
         def heads(t):  # (B, T, K*H) -> (B, T, K, H)
-            return t.reshape(*t.shape[:2], -1, model.config.head_dim)
+            return t.reshape(*t.shape[:2], -1, self.spec.head_dim)
 
         handles.append(layers[0].register_forward_pre_hook(on_input("embed"), with_kwargs=True))
         for i, layer in enumerate(layers):

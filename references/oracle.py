@@ -75,6 +75,8 @@ class OracleReference(Reference):
         self.layer_devices = [used[i * count // L] for i in range(L)] if count > 1 else None
         self.top = {"embedder": {"input_embedding": self._tensors(["embed"])["embed"]},
                     "final_norm": {"scale": self._tensors(["final_norm"])["final_norm"]}}
+        if not self.spec.tie_embeddings:  # an untied output head (Llama 3.1, Qwen 7B and up, Mistral)
+            self.top["lm_head"] = self._tensors(["lm_head"])["lm_head"]
         # Block streaming: each layer's weights are made (or read) when its block runs and
         # dropped after; otherwise all of them are on the device from the start.
         stats = jax.devices()[0].memory_stats() if self.device == "gpu" else None

@@ -5,7 +5,8 @@ import pytest
 
 from llmdiff import inputs
 from llmdiff.errors import UsageError
-from llmdiff.spec import (capture_points, get_spec, model_names, pattern_period,
+from llmdiff.references.gemma import llama3_rope_scales
+from llmdiff.spec import (GEMMA_FAMILIES, capture_points, get_spec, model_names, pattern_period,
                           sqrt_rounds_differently_in_bf16)
 
 GEMMA23 = [n for n in model_names() if get_spec(n).family in ("gemma2", "gemma3")]
@@ -20,6 +21,8 @@ def test_published_numbers():
         2048, 18, 8, 1, 256, 16384)
     for name in model_names():
         s = get_spec(name)
+        if s.family not in GEMMA_FAMILIES:
+            continue
         assert (s.activation, s.norm_eps, s.tie_embeddings) == ("gelu_tanh", 1e-6, True)
         assert (s.pad_id, s.eos_id, s.bos_id) == (0, 1, 2)
         if s.family == "gemma":
@@ -40,6 +43,44 @@ PUBLISHED = {
     "gemma-3-12b": (262144, 262208, 3840, 48, 16, 8, 256, 15360, 1024, 256, 8.0),
     "gemma-3-27b": (262144, 262208, 5376, 62, 32, 16, 128, 21504, 1024, 168, 8.0),
 }
+
+
+# (V, D, layers, N, K, H, F, eps, RoPE base, tied, max positions) from each model's HF config.json.
+LLAMA_LIKE = {
+    "llama-3.1-8b": (128256, 4096, 32, 32, 8, 128, 14336, 1e-5, 500000, False, 131072),
+    "llama-3.1-70b": (128256, 8192, 80, 64, 8, 128, 28672, 1e-5, 500000, False, 131072),
+    "llama-3.1-405b": (128256, 16384, 126, 128, 8, 128, 53248, 1e-5, 500000, False, 131072),
+    "llama-3.2-1b": (128256, 2048, 16, 32, 8, 64, 8192, 1e-5, 500000, True, 131072),
+    "llama-3.2-3b": (128256, 3072, 28, 24, 8, 128, 8192, 1e-5, 500000, True, 131072),
+    "qwen2.5-0.5b": (151936, 896, 24, 14, 2, 64, 4864, 1e-6, 1e6, True, 32768),
+    "qwen2.5-1.5b": (151936, 1536, 28, 12, 2, 128, 8960, 1e-6, 1e6, True, 131072),
+    "qwen2.5-3b": (151936, 2048, 36, 16, 2, 128, 11008, 1e-6, 1e6, True, 32768),
+    "qwen2.5-7b": (152064, 3584, 28, 28, 4, 128, 18944, 1e-6, 1e6, False, 131072),
+    "qwen2.5-14b": (152064, 5120, 48, 40, 8, 128, 13824, 1e-5, 1e6, False, 131072),
+    "qwen2.5-32b": (152064, 5120, 64, 40, 8, 128, 27648, 1e-5, 1e6, False, 131072),
+    "qwen2.5-72b": (152064, 8192, 80, 64, 8, 128, 29568, 1e-5, 1e6, False, 131072),
+    "qwen3-0.6b": (151936, 1024, 28, 16, 8, 128, 3072, 1e-6, 1e6, True, 40960),
+    "qwen3-1.7b": (151936, 2048, 28, 16, 8, 128, 6144, 1e-6, 1e6, True, 40960),
+    "qwen3-4b": (151936, 2560, 36, 32, 8, 128, 9728, 1e-6, 1e6, True, 40960),
+    "qwen3-8b": (151936, 4096, 36, 32, 8, 128, 12288, 1e-6, 1e6, False, 40960),
+    "qwen3-14b": (151936, 5120, 40, 40, 8, 128, 17408, 1e-6, 1e6, False, 40960),
+    "qwen3-32b": (151936, 5120, 64, 64, 8, 128, 25600, 1e-6, 1e6, False, 40960),
+    "mistral-7b-v0.1": (32000, 4096, 32, 32, 8, 128, 14336, 1e-5, 10000, False, 32768),
+    "mistral-7b-v0.3": (32768, 4096, 32, 32, 8, 128, 14336, 1e-5, 1e6, False, 32768),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LLAMA_LIKE))
+def test_llama_qwen_mistral_published_numbers(name):
+    s = get_spec(name)
+    assert (s.vocab_size, s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim, s.mlp_dim,
+            s.norm_eps, s.rope_base, s.tie_embeddings, s.max_positions) == LLAMA_LIKE[name]
+    assert (s.activation, s.norm_plus_one, s.norm_scale_dtype, s.embed_scale) == ("silu", False, "compute", "none")
+    assert s.qkv_bias == (s.family == "qwen2") and s.qk_norm == (s.family == "qwen3")
+    assert s.add_bos == (s.family in ("llama", "mistral"))
+    assert s.rope_llama3 == ({"llama-3.1": (8.0, 1.0, 4.0, 8192), "llama-3.2": (32.0, 1.0, 4.0, 8192)}[name[:9]]
+                             if s.family == "llama" else None)
+    assert (s.sliding_window, set(s.layer_types)) == ((4096, {"local"}) if name == "mistral-7b-v0.1" else (None, {"global"}))
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -137,7 +178,8 @@ def test_specs_equal_deepmind_configs(name, deepmind_configs):
 @pytest.mark.parametrize("name", model_names())
 def test_tiny_keeps_every_feature(name):
     full, tiny = get_spec(name), get_spec(name, tiny=True)
-    assert tiny.tiny and tiny.hidden_size <= 512 and tiny.num_layers >= 2
+    # Four kv heads of `kv_groups` query heads each (16 in Llama 3.1 405B) make some wider.
+    assert tiny.tiny and tiny.hidden_size <= max(512, 4 * tiny.kv_groups * 48) and tiny.num_layers >= 2
     assert tiny.kv_groups == full.kv_groups
     assert (tiny.num_kv_heads == 1) == (full.num_kv_heads == 1)
     assert (tiny.hidden_size == tiny.num_heads * tiny.head_dim) == (full.hidden_size == full.num_heads * full.head_dim)
@@ -150,13 +192,24 @@ def test_tiny_keeps_every_feature(name):
         full.family, full.attn_softcap, full.final_softcap, full.post_attn_norm, full.post_mlp_norm,
         full.qk_norm, full.rope_base, full.rope_base_local, full.rope_scale, full.rope_scale_local,
         full.transpose_gating)
+    assert (tiny.activation, tiny.norm_plus_one, tiny.norm_scale_dtype, tiny.embed_scale, tiny.qkv_bias,
+            tiny.tie_embeddings, tiny.add_bos, tiny.norm_eps) == (
+        full.activation, full.norm_plus_one, full.norm_scale_dtype, full.embed_scale, full.qkv_bias,
+        full.tie_embeddings, full.add_bos, full.norm_eps)
+    if full.rope_llama3:  # the same factors; a context the prompts go past; every band acts
+        assert tiny.rope_llama3[:3] == full.rope_llama3[:3]
+        assert tiny.rope_llama3[3] < max(len(t) for t in inputs.synthetic_prompts(tiny))
+        scales = llama3_rope_scales(tiny.head_dim, tiny.rope_base, tiny.rope_llama3)
+        factor = tiny.rope_llama3[0]
+        assert (scales == 1).any() and (scales == factor).any() and ((scales > 1) & (scales < factor)).any()
     assert (tiny.query_scale == tiny.head_dim ** -0.5) == (full.query_scale == full.head_dim ** -0.5)
     assert (tiny.hf_vocab_size or tiny.vocab_size) - tiny.vocab_size == (
         (full.hf_vocab_size or full.vocab_size) - full.vocab_size)
     if full.attention_types:  # one whole period of the layer pattern, in order
         period = pattern_period(full.attention_types)
-        assert tiny.attention_types == full.attention_types[:period] == full.attention_types[:tiny.num_layers]
-        assert "local" in tiny.attention_types and "global" in tiny.attention_types
+        assert tiny.attention_types == full.attention_types[:tiny.num_layers]
+        assert tiny.num_layers == max(2, period)
+        assert "local" in tiny.attention_types and ("global" in tiny.attention_types) == ("global" in full.layer_types)
         # a window the long default prompt goes past, so local layers really slide
         assert tiny.sliding_window < max(len(t) for t in inputs.synthetic_prompts(tiny))
 
@@ -191,3 +244,11 @@ def test_capture_points_order():
     assert points[0] == "embed" and points[-2:] == ["final_norm", "logits"]
     assert points[1:13] == ["L0.attn_norm", "L0.q", "L0.k", "L0.v", "L0.attn_out", "L0.resid_mid",
                             "L0.mlp_norm", "L0.mlp_gate", "L0.mlp_up", "L0.mlp_act", "L0.mlp_out", "L0.out"]
+
+
+@pytest.mark.parametrize("name", ["gemma-7b", "llama-3.1-8b", "qwen2.5-0.5b"])
+def test_synthetic_prompts_start_with_bos_where_the_family_adds_one(name):
+    spec = get_spec(name, tiny=True)
+    for prompt, n in zip(inputs.synthetic_prompts(spec), inputs.DEFAULT_LENGTHS):
+        assert len(prompt) == n and (prompt[0] == spec.bos_id) == spec.add_bos
+        assert spec.bos_id not in prompt[1:]

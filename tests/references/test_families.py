@@ -1,0 +1,30 @@
+"""Llama 3.x, Qwen 2.5 / 3 and Mistral end to end: HF's own classes against the oracle, tiny,
+every canonical point, float32 and bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_by_candidate
+from llmdiff.spec import capture_points, get_spec
+
+
+@pytest.mark.parametrize("model,attn", [
+    ("llama-3.1-8b", "eager"),     # untied head, llama3 RoPE bands
+    ("llama-3.2-1b", "sdpa"),      # tied, llama3 factor 32
+    ("qwen2.5-0.5b", "eager"),     # q/k/v biases, tied, no <bos>
+    ("qwen2.5-7b", "sdpa"),        # untied
+    ("qwen3-0.6b", "eager"),       # per-head q/k RMSNorm, head_dim != hidden / heads
+    ("mistral-7b-v0.1", "sdpa"),   # a sliding window on every layer
+    ("mistral-7b-v0.3", "eager"),
+])
+def test_tiny_compare_is_parity(llmdiff_cli, model, attn):
+    code, out, err, report = llmdiff_cli("compare", model, "--tiny", "--attn", attn, "--no-diagnose")
+    assert code == 0, out + err
+    spec = get_spec(model, tiny=True)
+    for dtype in ("float32", "bfloat16"):
+        run = run_by_candidate(report, "hf", dtype)
+        assert run["verdict"] == "parity" and run["missing_points"] == []
+        assert [p["name"] for p in run["points"]] == capture_points(spec)
+    logits = next(p for p in run_by_candidate(report, "hf", "float32")["points"] if p["name"] == "logits")
+    assert logits["rel_l2"] <= 1e-5
