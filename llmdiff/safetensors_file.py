@@ -10,11 +10,13 @@ of that tensor. Nothing here ever unpickles.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
 import numpy as np
 
+from llmdiff.checkpoint_files import open_regular
 from llmdiff.errors import WeightsError
 
 _DTYPES = {
@@ -45,12 +47,40 @@ def _code(dtype: np.dtype) -> str:
     raise WeightsError(f"cannot store dtype {dtype} in safetensors")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)   # JSON true is not a size
+
+
+def _entry(path, name, info) -> tuple[np.dtype, list[int], int, int]:
+    """dtype, shape and offsets of one header entry, of the JSON types the safetensors library
+    requires (it refuses "16" for 16, negative or fractional sizes, and sizes that overflow)."""
+    if not isinstance(info, dict):
+        raise WeightsError(f"{path}: corrupt header entry for tensor {name!r} (not a JSON object)")
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(code, str):
+        raise WeightsError(f"{path}: tensor {name!r} has dtype {code!r}; expected a string such as 'BF16'")
+    dtype = _np_dtype(code, path, name)
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise WeightsError(f"{path}: tensor {name!r} has shape {shape!r}; expected a list of"
+                           " non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+        raise WeightsError(f"{path}: tensor {name!r} has data_offsets {offsets!r}; expected two"
+                           " non-negative integers")
+    count = 1
+    for d in shape:  # as the safetensors library: every partial product must fit
+        count *= d
+        if count * dtype.itemsize >= 2**63:
+            raise WeightsError(f"{path}: tensor {name!r} has shape {shape}: its size overflows")
+    return dtype, shape, offsets[0], offsets[1]
+
+
 def read_header(path) -> tuple[dict, int]:
     """The validated header {name: {dtype, shape, data_offsets}} and where the data starts."""
     path = os.fspath(path)
+    fd = open_regular(path, "safetensors file")   # a FIFO or device is refused, never waited on
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise WeightsError(f"{path}: not a safetensors file (only {size} bytes)")
@@ -62,20 +92,18 @@ def read_header(path) -> tuple[dict, int]:
         raise WeightsError(f"{path}: cannot read ({e.strerror})") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise WeightsError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise WeightsError(f"{path}: corrupt safetensors header (__metadata__ is not an object of strings)")
     start = 8 + n
     for name, info in header.items():
-        try:
-            dtype = _np_dtype(info["dtype"], path, name)
-            shape = [int(d) for d in info["shape"]]
-            lo, hi = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"{path}: corrupt header entry for tensor {name!r}") from None
-        if hi - lo != dtype.itemsize * int(np.prod(shape, dtype=np.int64)) or lo < 0:
+        dtype, shape, lo, hi = _entry(path, name, info)
+        if hi - lo != dtype.itemsize * math.prod(shape):
             raise WeightsError(f"{path}: tensor {name!r} offsets {lo}..{hi} do not match shape {shape}")
         if start + hi > size:
             raise WeightsError(
@@ -84,13 +112,27 @@ def read_header(path) -> tuple[dict, int]:
     return header, start
 
 
+def _refuse_overlaps(path, header: dict) -> None:
+    """Two tensors sharing bytes: `read_header` lets it pass (the audit reports it with the
+    file's other layout problems); loading would alias the two arrays."""
+    end, previous = 0, None
+    for lo, hi, name in sorted((*info["data_offsets"], name) for name, info in header.items()):
+        if hi == lo:
+            continue
+        if lo < end:
+            raise WeightsError(f"{path}: tensor {name!r} overlaps tensor {previous!r} (bytes {lo}..{end});"
+                               " re-download or re-save the file")
+        end, previous = hi, name
+
+
 def load(path, names=None) -> dict[str, np.ndarray]:
     """Tensors of `path` (all, or `names`) as read-only memory-mapped numpy arrays (views of one
     mapping of the file: a `np.memmap` per tensor costs 20x more, and captures have hundreds)."""
     import mmap
 
     header, start = read_header(path)
-    with open(path, "rb") as f:
+    _refuse_overlaps(path, header)
+    with os.fdopen(open_regular(path, "safetensors file"), "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     out = {}
     for name in (header if names is None else names):
