@@ -6,10 +6,21 @@ END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
 
 def chat_template(ctx) -> str | None:
     template = (ctx.tokenizer_config or {}).get("chat_template")
-    if isinstance(template, list):   # named templates: [{"name": ..., "template": ...}]
-        template = "\n".join(t.get("template", "") for t in template if isinstance(t, dict))
+    named = isinstance(template, list) and all(isinstance(t, dict) and isinstance(t.get("template"), str)
+                                               for t in template)
+    if named:   # named templates: [{"name": ..., "template": ...}]
+        template = "\n".join(t["template"] for t in template)
+    if template is not None and not isinstance(template, str):
+        from llmdiff.errors import WeightsError
+
+        raise WeightsError("tokenizer_config.json: chat_template must be a string or an array of"
+                           " {name, template} objects")
     if not template and "chat_template" in ctx.files:
-        template = (ctx.path / ctx.files["chat_template"][0]).read_text(encoding="utf-8", errors="replace")
+        from llmdiff import checkpoint_files
+
+        raw = checkpoint_files.read_bytes(ctx.path / ctx.files["chat_template"][0], checkpoint_files.JSON_LIMIT,
+                                          "chat template")
+        template = raw.decode("utf-8", errors="replace")
     return template or None
 
 

@@ -43,8 +43,13 @@ class SpecialTokenMissingFromVocab(Check):
             if not isinstance(data, dict):
                 continue
             named = [(k, token_string(data.get(k))) for k in _KEYS]
-            named += [("additional_special_tokens", token_string(t))
-                      for t in data.get("additional_special_tokens") or []]
+            extra = data.get("additional_special_tokens") or []
+            if not isinstance(extra, list):   # a string would be read as its characters
+                from llmdiff.errors import WeightsError
+
+                raise WeightsError(f"{source}: additional_special_tokens must be an array,"
+                                   f" found {type(extra).__name__}")
+            named += [("additional_special_tokens", token_string(t)) for t in extra]
             for key, token in named:
                 if token is not None and token not in vocab and token not in missing:
                     missing[token] = [f"{source}:{key}"]

@@ -33,14 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from llmdiff import __version__, safetensors_file
+from llmdiff import __version__, checkpoint_files, safetensors_file
 from llmdiff.check import AuditContext, Check, Finding
 from llmdiff.errors import UsageError, WeightsError
 
 BLOCK_BYTES = 64 * 1024 * 1024
 READ_AHEAD = 3                       # buffers in flight between the reader thread and the checks
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-CODE_SUFFIXES = (".py",)
 # config.json's model_type -> spec family.
 FAMILIES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3"}
 # Token tables: the tensors whose rows are tokens (row norms and digests are computed for them).
@@ -109,26 +107,19 @@ class AuditResult:
 
 # --- files ----------------------------------------------------------------------------------
 
-def _read_json(path: Path, required: bool = False):
-    if not path.exists():
-        if required:
-            raise WeightsError(f"{path} is missing; an HF checkpoint directory has a config.json")
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        where = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise WeightsError(f"{path}: not valid JSON{where}; fix or re-download it") from None
+def _optional_json(path: Path) -> dict | None:
+    """A JSON object file of the checkpoint, None when absent. A dangling symlink, FIFO or device
+    is not absent: `read_json` refuses it (one line), as it does non-UTF-8, non-JSON or a non-object."""
+    return checkpoint_files.read_json(path) if os.path.lexists(path) else None
 
 
 def _safetensors_records(path: Path, name: str) -> tuple[list[TensorRecord], list[str]]:
     """The tensors of one file, and what is wrong with it beyond what `read_header` rejects."""
     header, start = safetensors_file.read_header(path)   # raises WeightsError on a broken file
     records, problems = [], []
-    for tname, info in header.items():
-        lo, hi = (int(o) for o in info["data_offsets"])
-        records.append(TensorRecord(tname, name, info["dtype"], tuple(int(d) for d in info["shape"]),
-                                    start + lo, hi - lo))
+    for tname, info in header.items():   # types and sizes checked by read_header
+        lo, hi = info["data_offsets"]
+        records.append(TensorRecord(tname, name, info["dtype"], tuple(info["shape"]), start + lo, hi - lo))
     records.sort(key=lambda r: r.start)
     end = start
     for r in records:
@@ -149,7 +140,11 @@ def _index_problems(index: dict, directory: Path, records: dict) -> list[str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         return [f"{name}: no weight_map object"]
-    problems = []
+    # A shard name that is not a plain file name of the directory (a list, "../x"): never
+    # joined to the directory's path; reported, and its tensors count as in no shard.
+    bad = [f for f in weight_map.values() if not isinstance(f, str) or "/" in f or "\\" in f or f in ("", ".", "..")]
+    problems = [f"{name}: weight_map names {bad[0]!r}, not a file of the directory"] if bad else []
+    weight_map = {t: f for t, f in weight_map.items() if f not in bad}
     missing_files = sorted({f for f in weight_map.values() if not (directory / f).exists()})
     if missing_files:
         problems.append(f"{name}: shard {missing_files[0]} is missing"
@@ -167,19 +162,30 @@ def _index_problems(index: dict, directory: Path, records: dict) -> list[str]:
 
 
 def _discover(directory: Path) -> tuple[dict, dict, dict]:
-    """Files by kind, tensor records by name, and file problems by file name."""
+    """Files by kind, tensor records by name, and file problems by file name. WeightsError
+    (exit 2) when there are no weights to audit or a weights file is not a regular file."""
     files = {"safetensors": [], "pickle": [], "code": [], "index": []}
     for p in sorted(directory.iterdir()):
-        if not p.is_file():
-            continue
+        # Weights and the index by name whatever they are (a FIFO, a symlink loop, a directory
+        # named model.safetensors is a broken checkpoint, not an absent file); pickles and code
+        # are reported only when they are files.
         if p.suffix == ".safetensors":
             files["safetensors"].append(p.name)
-        elif p.name.endswith(PICKLE_SUFFIXES) or p.name.endswith(".bin.index.json"):
-            files["pickle"].append(p.name)
-        elif p.suffix in CODE_SUFFIXES:
-            files["code"].append(p.name)
-        elif p.name == "model.safetensors.index.json":
+        elif p.name == checkpoint_files.INDEX:
             files["index"].append(p.name)
+        elif not p.is_file():
+            continue
+        elif p.name.endswith(checkpoint_files.PICKLE_SUFFIXES) or p.name.endswith(".bin.index.json"):
+            files["pickle"].append(p.name)
+        elif p.name.endswith(checkpoint_files.CODE_SUFFIXES):
+            files["code"].append(p.name)
+    # transformers reads the index, else model.safetensors. With neither there is nothing to
+    # audit (exit 2), except a pickle-only checkpoint: `pickle-weights-present` reports that.
+    if (not files["index"] and checkpoint_files.SINGLE not in files["safetensors"]
+            and not (files["pickle"] and not files["safetensors"])):
+        raise checkpoint_files.no_weights(directory, files["safetensors"], files["pickle"])
+    for name in files["safetensors"]:   # a FIFO would block, a loop cannot be read: exit 2 at once
+        checkpoint_files.open_regular_close(directory / name, "weights file")
     records, file_errors = {}, {}
     files["unreadable"] = []      # safetensors files whose header cannot be read: tensors unknown
     for name in files["safetensors"]:
@@ -197,7 +203,7 @@ def _discover(directory: Path) -> tuple[dict, dict, dict]:
         if problems:
             file_errors.setdefault(name, []).extend(problems)
     if files["index"]:
-        index = _read_json(directory / files["index"][0])
+        index = checkpoint_files.read_json(directory / files["index"][0], expect=None, what="safetensors index")
         problems = _index_problems(index, directory, records)
         if problems:
             file_errors.setdefault(files["index"][0], []).extend(problems)
@@ -210,6 +216,92 @@ def text_config(config: dict) -> dict:
     """The language model's part of a config (Gemma 3 multimodal nests it in `text_config`)."""
     inner = config.get("text_config")
     return {**config, **inner} if isinstance(inner, dict) else config
+
+
+# The config fields the audit and its checks read, by the JSON type transformers needs them
+# in. Checked once up front, so a wrong type is one line naming the field (exit 2) instead of a
+# traceback, or a wrong finding, in whichever check reads it. Absent is fine (transformers'
+# default); null is "unset" for all but the sizes every model needs.
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_POSITIVE_INTS = (*_SIZES, "num_key_value_heads", "head_dim", "sliding_window", "sliding_window_pattern")
+_NUMBERS = ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar",
+            "attn_logit_softcapping", "final_logit_softcapping")
+_STRINGS = ("model_type", "hidden_act", "hidden_activation", "torch_dtype", "dtype")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# No model has nearly this many layers; more would only make the checks loop over them.
+MAX_LAYERS = 10_000
+_UNSET = object()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def check_config(config: dict, file: str = "config.json") -> None:
+    """WeightsError naming the first field the audit reads whose JSON type is wrong."""
+    inner = config.get("text_config")
+    if inner is not None and not isinstance(inner, dict):
+        raise WeightsError(f"{file}: text_config must be an object, found {_kind(inner)}")
+    cfg = text_config(config)
+
+    def fail(key, expected, value=_UNSET):
+        where = f"text_config.{key}" if isinstance(inner, dict) and key in inner else key
+        found = cfg[key] if value is _UNSET else value
+        shown = repr(found) if _is_number(found) else _kind(found)
+        raise WeightsError(f"{file}: {where} must be {expected}, found {shown}")
+
+    for key in _POSITIVE_INTS:
+        if key in cfg and (cfg[key] is not None or key in _SIZES) and not (_is_int(cfg[key]) and cfg[key] > 0):
+            fail(key, "a positive integer")
+    if (cfg.get("num_hidden_layers") or 0) > MAX_LAYERS:
+        fail("num_hidden_layers", f"at most {MAX_LAYERS}")
+    for key in _NUMBERS:
+        if cfg.get(key) is not None and not _is_number(cfg[key]):
+            fail(key, "a number")
+    for key in _STRINGS:
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            fail(key, "a string")
+    if cfg.get("tie_word_embeddings") is not None and not isinstance(cfg["tie_word_embeddings"], bool):
+        fail("tie_word_embeddings", "true or false")
+    check_token_ids(cfg, file)
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None and not (isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types)):
+        fail("layer_types", "an array of strings")
+    # RoPE: rope_scaling (transformers 4), rope_parameters (5: one, or one per layer type).
+    for key in ("rope_scaling", "rope_parameters"):
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            fail(key, "an object")
+        for part in [value, *(v for v in value.values() if isinstance(v, dict))]:
+            for sub in ("rope_type", "type"):
+                if part.get(sub) is not None and not isinstance(part[sub], str):
+                    fail(key, f"an object whose {sub} is a string", part[sub])
+            if "factor" in part and not _is_number(part["factor"]):   # null too: transformers needs one
+                fail(key, "an object whose factor is a number", part["factor"])
+            if part.get("rope_theta") is not None and not _is_number(part["rope_theta"]):
+                fail(key, "an object whose rope_theta is a number", part["rope_theta"])
+
+
+def check_token_ids(data: dict, file: str) -> None:
+    """bos/eos/pad_token_id: an integer or an array of integers (or null)."""
+    for key in _TOKEN_IDS:
+        value = data.get(key)
+        if value is None or _is_int(value) or (isinstance(value, list) and all(_is_int(v) for v in value)):
+            continue
+        found = (f"an array holding {_kind(next(v for v in value if not _is_int(v)))}" if isinstance(value, list)
+                 else _kind(value))
+        raise WeightsError(f"{file}: {key} must be an integer or an array of integers, found {found}")
 
 
 _SIZE_FIELDS = {"hidden_size": "hidden_size", "intermediate_size": "mlp_dim",
@@ -278,7 +370,7 @@ def _read_blocks(directory: Path, records: list[TensorRecord], block_bytes: int,
         for r in records:
             by_file.setdefault(r.file, []).append(r)
         for name in sorted(by_file):
-            with open(directory / name, "rb", buffering=0) as f:
+            with os.fdopen(checkpoint_files.open_regular(directory / name, "weights file"), "rb", buffering=0) as f:
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 for rec in sorted(by_file[name], key=lambda r: r.start):
@@ -464,20 +556,24 @@ def load_context(path, model: str | None = None) -> AuditContext:
         raise UsageError(f"checkpoint path {directory} does not exist")
     if not directory.is_dir():
         raise UsageError(f"{directory} is not a directory (expected an HF checkpoint directory)")
-    config = _read_json(directory / "config.json", required=True)
-    if not isinstance(config, dict):
-        raise WeightsError(f"{directory / 'config.json'}: not a JSON object")
+    if not os.path.lexists(directory / "config.json"):
+        raise WeightsError(f"{directory / 'config.json'} is missing; an HF checkpoint directory has a config.json")
+    config = checkpoint_files.read_json(directory / "config.json", what="config")
+    check_config(config, str(directory / "config.json"))
+    generation_config = _optional_json(directory / "generation_config.json")
+    if generation_config is not None:
+        check_token_ids(generation_config, str(directory / "generation_config.json"))
     files, records, file_errors = _discover(directory)
-    if (directory / "chat_template.jinja").exists():
+    if os.path.lexists(directory / "chat_template.jinja"):
+        checkpoint_files.open_regular_close(directory / "chat_template.jinja", "chat template")
         files["chat_template"] = ["chat_template.jinja"]
     spec = resolve_spec(config, model)
     family = spec.family if spec else FAMILIES.get(text_config(config).get("model_type"))
     return AuditContext(
-        path=directory, spec=spec, config=config,
-        generation_config=_read_json(directory / "generation_config.json"),
-        tokenizer_config=_read_json(directory / "tokenizer_config.json"),
-        tokenizer=_read_json(directory / "tokenizer.json"),
-        special_tokens_map=_read_json(directory / "special_tokens_map.json"),
+        path=directory, spec=spec, config=config, generation_config=generation_config,
+        tokenizer_config=_optional_json(directory / "tokenizer_config.json"),
+        tokenizer=_optional_json(directory / "tokenizer.json"),
+        special_tokens_map=_optional_json(directory / "special_tokens_map.json"),
         files=files, file_errors=file_errors, tensors=records, family=family)
 
 
@@ -531,23 +627,42 @@ def vocabulary(ctx: AuditContext) -> dict[str, int] | None:
         return ctx.notes["vocabulary"]
     vocab: dict[str, int] | None = None
     tok = ctx.tokenizer if isinstance(ctx.tokenizer, dict) else None
+    # Ids of the wrong JSON type make the tokenizer unloadable: one line naming the field.
     if tok is not None:
         vocab = {}
-        model_vocab = (tok.get("model") or {}).get("vocab")
+        model = tok.get("model")
+        if model is not None and not isinstance(model, dict):
+            raise WeightsError(f"tokenizer.json: model must be an object, found {_kind(model)}")
+        model_vocab = (model or {}).get("vocab")
         if isinstance(model_vocab, dict):
-            vocab.update({k: int(v) for k, v in model_vocab.items()})
+            bad = next((k for k, v in model_vocab.items() if not _is_int(v)), None)
+            if bad is not None:
+                raise WeightsError(f"tokenizer.json: model.vocab[{bad!r}] must be an integer id,"
+                                   f" found {_kind(model_vocab[bad])}")
+            vocab.update(model_vocab)
         elif isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
-            vocab.update({item[0]: i for i, item in enumerate(model_vocab) if isinstance(item, list) and item})
-        for added in tok.get("added_tokens") or []:
+            vocab.update({item[0]: i for i, item in enumerate(model_vocab)
+                          if isinstance(item, list) and item and isinstance(item[0], str)})
+        added_tokens = tok.get("added_tokens") or []
+        if not isinstance(added_tokens, list):
+            raise WeightsError(f"tokenizer.json: added_tokens must be an array, found {_kind(added_tokens)}")
+        for added in added_tokens:
             if isinstance(added, dict) and "content" in added and "id" in added:
-                vocab[added["content"]] = int(added["id"])
+                if not (isinstance(added["content"], str) and _is_int(added["id"])):
+                    raise WeightsError("tokenizer.json: added_tokens entries need a string content and an"
+                                       f" integer id, found {added['content']!r:.40} with id {added['id']!r:.20}")
+                vocab[added["content"]] = added["id"]
     decoder = (ctx.tokenizer_config or {}).get("added_tokens_decoder")
     if isinstance(decoder, dict):
         vocab = vocab if vocab is not None else {}
         for i, added in decoder.items():
             content = token_string(added)
             if content is not None:
-                vocab.setdefault(content, int(i))
+                try:
+                    vocab.setdefault(content, int(i))
+                except ValueError:
+                    raise WeightsError(f"tokenizer_config.json: added_tokens_decoder key {i!r:.40} is not a"
+                                       " token id") from None
     ctx.notes["vocabulary"] = vocab
     return vocab
 

@@ -103,6 +103,14 @@ def replace_with_fifo(path):
 
 # --- 1. FIFOs: refused at once, never waited on ----------------------------------------------
 
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer_config.json",
+                                  "tokenizer.json", "special_tokens_map.json", "model.safetensors.index.json",
+                                  "model.safetensors", "extra.safetensors", "chat_template.jinja"])
+def test_fifo_in_checkpoint_exits_2_at_once(ckpt, name):
+    replace_with_fifo(ckpt / name)
+    assert_one_line_error(run_subprocess(ckpt), f"{name} is a FIFO, not a regular file")
+
+
 @pytest.mark.parametrize("read", [safetensors_file.read_header, safetensors_file.load])
 def test_safetensors_reader_refuses_a_fifo(tmp_path, read):
     fifo = tmp_path / "x.safetensors"
@@ -122,6 +130,32 @@ def test_safetensors_reader_refuses_a_fifo(tmp_path, read):
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         pytest.fail("reading a FIFO blocked")
     assert outcome and "is a FIFO, not a regular file" in outcome[0]
+
+
+# --- 2. no weights: an error, not "clean" ----------------------------------------------------
+
+def test_no_weights_at_all_exits_2(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    assert_one_line_error(run_cli(ckpt), "has no model.safetensors or model.safetensors.index.json")
+
+
+def test_only_a_stray_safetensors_exits_2(ckpt):
+    (ckpt / "model.safetensors").rename(ckpt / "weights.safetensors")  # transformers reads neither
+    assert_one_line_error(run_cli(ckpt), "has no model.safetensors", "found weights.safetensors")
+
+
+# --- 3. weights that cannot be opened ----------------------------------------------------------
+
+def test_weights_symlink_loop_exits_2(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").symlink_to("model.safetensors")
+    assert_one_line_error(run_subprocess(ckpt), "model.safetensors: cannot open weights file")
+
+
+def test_weights_dangling_symlink_exits_2(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors").symlink_to(ckpt / "gone.safetensors")
+    assert_one_line_error(run_cli(ckpt), "model.safetensors does not exist")
 
 
 # --- 4. safetensors headers of the wrong JSON types ---------------------------------------------
@@ -183,3 +217,103 @@ def test_load_accepts_adjacent_and_empty_tensors(tmp_path):
                           "e": {"dtype": "F32", "shape": [0, 3], "data_offsets": [8, 8]},
                           "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}})
     assert {k: v.shape for k, v in safetensors_file.load(f).items()} == {"a": (2,), "e": (0, 3), "b": (2,)}
+
+
+@pytest.mark.parametrize("header,fragment", [c[1:] for c in BAD_HEADERS[:3]], ids=[c[0] for c in BAD_HEADERS[:3]])
+def test_audit_reports_a_bad_header_as_ld712(ckpt, header, fragment):
+    write_safetensors(ckpt / "model.safetensors", header)
+    code, out, err = result = run_cli(ckpt)
+    out = findings(result)
+    assert code == 1 and out.startswith("LD712 safetensors-file-corrupt at model.safetensors:"), out
+    assert fragment in out and out.count("\n") == 1, out
+
+
+@pytest.mark.parametrize("shard", [["model.safetensors"], "../model.safetensors", ""])
+def test_index_naming_a_non_file_is_ld712(ckpt, shard):
+    header, _ = safetensors_file.read_header(ckpt / "model.safetensors")
+    weight_map = {name: "model.safetensors" for name in header}
+    weight_map[EMBED] = shard
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    code, out, err = result = run_cli(ckpt)
+    out = findings(result)
+    assert code == 1 and "LD712" in out and "weight_map names" in out, out
+
+
+# --- 5. JSON files and config fields of the wrong type -------------------------------------------
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"5", "config.json: expected a JSON object, found int"),
+    (b"[]", "config.json: expected a JSON object, found list"),
+    (b'{"model_type": "gemma\xff"}', "config.json: not UTF-8 text"),
+    (b"{not json", "config.json: not valid JSON"),
+], ids=["number", "list", "not-utf8", "not-json"])
+def test_config_not_a_json_object_exits_2(ckpt, content, fragment):
+    (ckpt / "config.json").write_bytes(content)
+    assert_one_line_error(run_cli(ckpt), fragment)
+
+
+@pytest.mark.parametrize("name", ["generation_config.json", "tokenizer_config.json", "tokenizer.json",
+                                  "special_tokens_map.json"])
+def test_other_json_file_not_an_object_exits_2(ckpt, name):
+    (ckpt / name).write_text("[1, 2]")
+    assert_one_line_error(run_cli(ckpt), f"{name}: expected a JSON object, found list")
+
+
+WRONG_FIELDS = [
+    ("model_type", ["gemma"], "model_type must be a string, found an array"),
+    ("hidden_size", "64", "hidden_size must be a positive integer, found a string"),
+    ("hidden_size", None, "hidden_size must be a positive integer, found null"),
+    ("num_attention_heads", 0, "num_attention_heads must be a positive integer, found 0"),
+    ("num_key_value_heads", 1.5, "num_key_value_heads must be a positive integer, found 1.5"),
+    ("head_dim", True, "head_dim must be a positive integer, found a boolean"),
+    ("num_hidden_layers", 10**12, "num_hidden_layers must be at most"),
+    ("vocab_size", [512], "vocab_size must be a positive integer, found an array"),
+    ("rms_norm_eps", "1e-6", "rms_norm_eps must be a number, found a string"),
+    ("rope_theta", {"base": 1}, "rope_theta must be a number, found an object"),
+    ("hidden_activation", ["gelu"], "hidden_activation must be a string"),
+    ("tie_word_embeddings", "false", "tie_word_embeddings must be true or false, found a string"),
+    ("pad_token_id", "0", "pad_token_id must be an integer or an array of integers, found a string"),
+    ("eos_token_id", [1, "2"], "eos_token_id must be an integer or an array of integers, found an array holding a string"),
+    ("layer_types", [["sliding_attention"]], "layer_types must be an array of strings"),
+    ("rope_scaling", {"rope_type": "linear", "factor": "8"},
+     "rope_scaling must be an object whose factor is a number, found a string"),
+    ("rope_scaling", {"rope_type": "linear", "factor": None},
+     "rope_scaling must be an object whose factor is a number, found null"),
+    ("rope_scaling", [8], "rope_scaling must be an object, found an array"),
+    ("sliding_window_pattern", "6", "sliding_window_pattern must be a positive integer"),
+    ("final_logit_softcapping", [30.0], "final_logit_softcapping must be a number"),
+    ("text_config", [], "text_config must be an object, found an array"),
+    ("text_config", {"model_type": ["gemma3_text"]}, "text_config.model_type must be a string"),
+]
+
+
+@pytest.mark.parametrize("field,value,fragment", WRONG_FIELDS,
+                         ids=[f"{f}={json.dumps(v)}" for f, v, _ in WRONG_FIELDS])
+def test_config_field_of_the_wrong_type_exits_2_naming_it(ckpt, field, value, fragment):
+    edit_json(ckpt, "config.json", **{field: value})
+    assert_one_line_error(run_cli(ckpt), f"config.json: {fragment}")
+
+
+@pytest.mark.parametrize("name,change,fragment", [
+    ("generation_config.json", {"eos_token_id": "1"}, "generation_config.json: eos_token_id must be an integer"),
+    ("tokenizer.json", {"model": ["BPE"]}, "tokenizer.json: model must be an object"),
+    ("tokenizer.json", {"added_tokens": 7}, "tokenizer.json: added_tokens must be an array"),
+    ("tokenizer.json", {"added_tokens": [{"id": "0", "content": "<pad>"}]}, "tokenizer.json: added_tokens entries"),
+    ("tokenizer.json", {"added_tokens": [{"id": 0, "content": ["<pad>"]}]}, "tokenizer.json: added_tokens entries"),
+    ("tokenizer_config.json", {"chat_template": 5}, "tokenizer_config.json: chat_template must be a string"),
+    ("tokenizer_config.json", {"additional_special_tokens": "<end_of_turn>"},
+     "tokenizer_config.json: additional_special_tokens must be an array"),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"x": {"content": "<pad>"}}},
+     "added_tokens_decoder key 'x' is not a token id"),
+], ids=["generation-eos", "tokenizer-model", "added-tokens", "added-id", "added-content", "chat-template",
+        "additional-special", "decoder-key"])
+def test_tokenizer_and_generation_fields_of_the_wrong_type_exit_2(ckpt, name, change, fragment):
+    edit_json(ckpt, name, **change)
+    assert_one_line_error(run_cli(ckpt), fragment)
+
+
+def test_tokenizer_vocab_id_of_the_wrong_type_exits_2(ckpt):
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["tok10"] = "10"
+    (ckpt / "tokenizer.json").write_text(json.dumps(tok))
+    assert_one_line_error(run_cli(ckpt), "tokenizer.json: model.vocab['tok10'] must be an integer id")
