@@ -3,13 +3,19 @@ from llmdiff.check import Check
 # A row whose norm is below this fraction of the table's median norm is under-trained.
 RELATIVE_NORM = 0.1
 SHOWN = 20
+# The pad row counts as zeroed (by `nn.Embedding(padding_idx=...)`, not under-trained) at this
+# fraction of the median norm or below: zero up to rounding.
+ZEROED_PAD = 1e-6
 
 
 class UndertrainedTokenRows(Check):
     """## What it finds
     Rows of a token table (the input embeddings or `lm_head`) whose L2 norm is far below the
     rest: under a tenth of the table's median row norm. Rows beyond the ids a text token can
-    take (padding rows the spec knows about) are skipped.
+    take (padding rows the spec knows about) are skipped, and so is the row of config.json's
+    `pad_token_id` when it is zero: transformers builds the embeddings as
+    `nn.Embedding(vocab_size, hidden_size, padding_idx=pad_token_id)`, which zeroes that row
+    and keeps its gradient zero, by design.
 
     ## Why it matters
     Tokens that never occurred in training keep tiny initial rows. Llama 3's reserved special
@@ -37,8 +43,9 @@ class UndertrainedTokenRows(Check):
     def run(self, ctx):
         import numpy as np
 
-        from llmdiff.audit import vocabulary
+        from llmdiff.audit import text_config, vocabulary
 
+        pad = text_config(ctx.config).get("pad_token_id")
         for rec in sorted(ctx.tensors.values(), key=lambda r: r.name):
             st = rec.stats
             if not rec.is_token_table or st is None or st.row_norms is None or st.all_zero:
@@ -52,7 +59,10 @@ class UndertrainedTokenRows(Check):
             median = float(np.median(norms[finite]))
             if median <= 0:
                 continue
-            low = np.flatnonzero(finite & (norms < RELATIVE_NORM * median))
+            low = finite & (norms < RELATIVE_NORM * median)
+            if isinstance(pad, int) and 0 <= pad < len(norms) and norms[pad] <= ZEROED_PAD * median:
+                low[pad] = False   # zeroed by padding_idx
+            low = np.flatnonzero(low)
             if not low.size:
                 continue
             ids = [int(i) for i in low[:SHOWN]]

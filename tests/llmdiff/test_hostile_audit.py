@@ -317,3 +317,36 @@ def test_tokenizer_vocab_id_of_the_wrong_type_exits_2(ckpt):
     tok["model"]["vocab"]["tok10"] = "10"
     (ckpt / "tokenizer.json").write_text(json.dumps(tok))
     assert_one_line_error(run_cli(ckpt), "tokenizer.json: model.vocab['tok10'] must be an integer id")
+
+
+# --- 6. the pad row transformers zeroes is not under-trained --------------------------------------
+
+def set_rows(rows, scale):
+    def fn(t):
+        t[EMBED][rows] *= ml_dtypes.bfloat16(scale)
+    return fn
+
+
+def test_zeroed_pad_row_is_clean(ckpt):
+    assert json.loads((ckpt / "config.json").read_text())["pad_token_id"] == 0
+    edit_tensors(ckpt, set_rows(0, 0))   # what nn.Embedding(padding_idx=0) leaves
+    code, out, err = result = run_cli(ckpt)
+    assert findings(result) == "" and code == 0
+
+
+def test_other_small_rows_are_still_flagged_next_to_a_zeroed_pad_row(ckpt):
+    edit_tensors(ckpt, set_rows(0, 0))
+    edit_tensors(ckpt, set_rows(slice(200, 205), 1e-3))
+    report = audit.audit(ckpt).report
+    (finding,) = report["findings"]
+    assert finding["code"] == "LD102" and finding["evidence"]["ids"] == [200, 201, 202, 203, 204]
+
+
+@pytest.mark.parametrize("row,scale,pad", [(5, 0, 0), (0, 1e-3, 0), (0, 0, None)],
+                         ids=["zero-row-not-pad", "tiny-pad-row-not-zero", "no-pad-token-id"])
+def test_ld102_still_fails_when_the_row_is_not_a_zeroed_pad_row(ckpt, row, scale, pad):
+    edit_json(ckpt, "config.json", pad_token_id=pad)
+    edit_tensors(ckpt, set_rows(row, scale))
+    report = audit.audit(ckpt, select=["LD102"]).report
+    assert [f["code"] for f in report["findings"]] == ["LD102"]
+    assert report["findings"][0]["evidence"]["ids"] == [row]
