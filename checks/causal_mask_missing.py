@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class CausalMaskMissing(Check):
@@ -25,4 +25,5 @@ class CausalMaskMissing(Check):
 
     code = "LD505"
     name = "causal-mask-missing"
+    families = ALL_FAMILIES
     knob = ("causal", False)

@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class KvHeadRepeatOrder(Check):
@@ -26,6 +26,7 @@ class KvHeadRepeatOrder(Check):
 
     code = "LD506"
     name = "kv-head-repeat-order"
+    families = ALL_FAMILIES
     knob = ("kv_repeat", "tiled")
 
     def applies(self, spec, dtype=None):

@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class QueryScaleWrong(Check):
@@ -27,6 +27,7 @@ class QueryScaleWrong(Check):
 
     code = "LD504"
     name = "query-scale-wrong"
+    families = ALL_FAMILIES
     knob = ("query_scale", "head_dim")
 
     def variants(self):

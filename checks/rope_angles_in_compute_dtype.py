@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class RopeAnglesInComputeDtype(Check):
@@ -29,6 +29,7 @@ class RopeAnglesInComputeDtype(Check):
 
     code = "LD401"
     name = "rope-angles-in-compute-dtype"
+    families = ALL_FAMILIES
     knob = ("rope_dtype", "compute")
     dtypes = ("bfloat16",)
 

@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class RopeInterleavedLayout(Check):
@@ -25,4 +25,5 @@ class RopeInterleavedLayout(Check):
 
     code = "LD405"
     name = "rope-interleaved-layout"
+    families = ALL_FAMILIES
     knob = ("rope_layout", "interleaved")

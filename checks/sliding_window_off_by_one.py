@@ -26,7 +26,7 @@ class SlidingWindowOffByOne(Check):
 
     code = "LD503"
     name = "sliding-window-off-by-one"
-    families = ("gemma2", "gemma3")
+    families = ("gemma2", "gemma3", "mistral")
     knob = ("sliding_window_offset", 1)
     also = ({"sliding_window_offset": -1},)
 

@@ -28,12 +28,14 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
+from llmdiff.spec import FAMILIES, GEMMA_FAMILIES
+
 HEADINGS = ("What it finds", "Why it matters", "How it is confirmed", "Fix", "References")
 CODE_RE = re.compile(r"^LD\d{3}$")
 NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)+$")
 # Names read after "allow" (`allow gelu-exact-vs-tanh`): they name the bad pattern, not advice.
 BAD_NAME_PREFIXES = ("use-", "avoid-", "no-", "check-", "fix-", "allow-")
-ALL_FAMILIES = ("gemma", "gemma2", "gemma3")
+ALL_FAMILIES = FAMILIES
 
 
 @dataclass
@@ -93,7 +95,9 @@ class AuditContext:
 class Check:
     code = ""
     name = ""
-    families: tuple[str, ...] = ALL_FAMILIES
+    # The families whose bug it is. Gemma's by default (the checks written before the others
+    # existed); a check that holds for every family says ALL_FAMILIES.
+    families: tuple[str, ...] = GEMMA_FAMILIES
     # "implementation": looks at an implementation during `compare` (a `Context`);
     # "checkpoint": looks at a checkpoint during `audit` (an `AuditContext`).
     target: str = "implementation"

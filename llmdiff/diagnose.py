@@ -14,6 +14,7 @@ and shared by every candidate (and by the selftest's mutants).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from llmdiff.runner import Implementation, run_worker
 
 UNEXPLAINED = ("LD000", "unexplained-divergence")
 MAX_ROUNDS = 6
+MAX_TOGETHER = 3  # bugs tried together when fewer do not explain a point
 
 
 def excess(run: dict) -> float:
@@ -205,18 +207,21 @@ def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
         if current["verdict"] != "divergence" or not remaining:
             break
         first = current["first_divergence"]
-        tries = [(check, {**policy, **variant}) for check in remaining for variant in check.variants()]
-        scored = []
-        for (check, trial_policy), caps in zip(tries, case.lab.captures(dtype, [t[1] for t in tries],
-                                                                        forced_from=forced_from)):
-            if caps is None:
-                continue
-            trial = diff.compare_captures(case.cand_caps, caps, floors, dtype, case.points, case.thresholds)
-            if _point(trial, first).get("verdict") == "parity" and excess(trial) < excess(current):
-                scored.append((excess(trial), check.code, check, trial, trial_policy))
-        if not scored:
+        # One bug at a time; where no single knob brings the first divergent point back (bugs
+        # acting at the same point, e.g. RoPE's layout, dtype and frequency scaling), two or
+        # three together.
+        best = None
+        for size in range(1, min(MAX_TOGETHER, len(remaining)) + 1):
+            best = _best_trial(case, current, first, floors, forced_from, [
+                (combo, {**policy, **{k: v for variant in variants for k, v in variant.items()}})
+                for combo in itertools.combinations(remaining, size)
+                for variants in itertools.product(*(c.variants() for c in combo))
+                if len({k for v in variants for k in v}) == sum(len(v) for v in variants)])
+            if best is not None:
+                break
+        if best is None:
             break
-        _, _, best, trial, best_policy = min(scored, key=lambda s: s[:2])
+        found, trial, best_policy = best
         knob = {k: v for k, v in best_policy.items() if policy.get(k, object()) != v}
         before, after = _point(current, first), _point(trial, first)
         evidence = {
@@ -229,15 +234,38 @@ def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
         }
         ctx = Context(case.spec, case.candidate, {}, dtype, run)
         forced_note = " (teacher-forced: each op fed the candidate's own inputs)" if forced_from else ""
-        message = (f"{best.summary()} At {first}{forced_note}: rel L2 {before.get('rel_l2'):.3g} "
-                   f"({before.get('floor_ratio'):.3g}x the noise floor) falls to {after.get('rel_l2'):.3g} "
-                   f"({after.get('floor_ratio'):.3g}x) with the oracle's "
-                   f"{', '.join(f'{k}={v!r}' for k, v in knob.items())}.")
-        findings.append(best.finding(ctx, first, message, evidence, confirmed=True))
+        for check in found:
+            together = [c.code for c in found if c is not check]
+            also = f" together with {', '.join(together)}" if together else ""
+            message = (f"{check.summary()} At {first}{forced_note}: rel L2 {before.get('rel_l2'):.3g} "
+                       f"({before.get('floor_ratio'):.3g}x the noise floor) falls to {after.get('rel_l2'):.3g} "
+                       f"({after.get('floor_ratio'):.3g}x) with the oracle's "
+                       f"{', '.join(f'{k}={v!r}' for k, v in knob.items())}{also}.")
+            findings.append(check.finding(ctx, first, message, {**evidence, **({"together_with": together}
+                                                                                if together else {})},
+                                          confirmed=True))
+            remaining.remove(check)
         policy = best_policy
-        remaining.remove(best)
         current = dict(trial, dtype=dtype, teacher_forced=forced_from is not None)
     return policy, current
+
+
+def _best_trial(case: Case, current: dict, first: str, floors: dict, forced_from, tries: list):
+    """Of `tries` ((checks, policy), ...), the one whose oracle brings `first` back to parity and
+    shrinks the divergence most: (checks, comparison, policy), or None."""
+    dtype = current["dtype"]
+    scored = []
+    for (checks, trial_policy), caps in zip(tries, case.lab.captures(dtype, [t[1] for t in tries],
+                                                                    forced_from=forced_from)):
+        if caps is None:
+            continue
+        trial = diff.compare_captures(case.cand_caps, caps, floors, dtype, case.points, case.thresholds)
+        if _point(trial, first).get("verdict") == "parity" and excess(trial) < excess(current):
+            scored.append((excess(trial), [c.code for c in checks], checks, trial, trial_policy))
+    if not scored:
+        return None
+    _, _, checks, trial, trial_policy = min(scored, key=lambda s: s[:2])
+    return checks, trial, trial_policy
 
 
 def _count(run: dict) -> int:

@@ -248,6 +248,8 @@ _SPECS.update({
         eos_id=2, **_LLAMA_LIKE),
 })
 GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
+LLAMA_LIKE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = GEMMA_FAMILIES + LLAMA_LIKE_FAMILIES
 
 TINY_VOCAB = 512
 # Smaller than the long default prompt (llmdiff/inputs.py), so local layers really slide.

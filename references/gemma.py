@@ -91,6 +91,11 @@ class Precision:
     qkv_bias: bool = True
     # The per-head RMSNorm of q and k (Gemma 3, Qwen3); False drops it.
     qk_norm: bool = True
+    # Llama 3's RoPE scaling in three bands; False divides every frequency by the factor (a
+    # port that reads `rope_scaling` as linear scaling).
+    llama3_bands: bool = True
+    # RMSNorm's epsilon; 0.0: the spec's (`rms_norm_eps`). Ports that hard-code 1e-5 or 1e-6.
+    norm_eps: float = 0.0
     # RoPE pairs: "half" rotates (x[i], x[i + H/2]) (Gemma, HF `rotate_half`); "interleaved"
     # rotates (x[2i], x[2i+1]) (GPT-J, Meta's original Llama code, complex-number RoPE).
     rope_layout: str = "half"
@@ -138,7 +143,7 @@ def rms_norm(x, w, spec: ModelSpec, p: Precision):
     """x * rsqrt(mean(x^2) + eps) * (1 + w) (Gemma) or * w (Llama), statistics in at least float32."""
     xw = x.astype(_wide(x.dtype))
     # lax.rsqrt like DeepMind's RMSNorm (it differs from 1/sqrt in the last bit).
-    normed = xw * jax.lax.rsqrt(jnp.mean(xw * xw, axis=-1, keepdims=True) + spec.norm_eps)
+    normed = xw * jax.lax.rsqrt(jnp.mean(xw * xw, axis=-1, keepdims=True) + (p.norm_eps or spec.norm_eps))
     one = 1.0 if spec.norm_plus_one and p.norm_plus_one else 0.0
     where = spec.norm_scale_dtype if p.norm_scale == "spec" else p.norm_scale
     if where == "fp32":
@@ -275,7 +280,7 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
     base = spec.rope_base_local if local else spec.rope_base
     scale = (spec.rope_scale_local if local else spec.rope_scale) if p.rope_scaling else 1.0
     if spec.rope_llama3 and p.rope_scaling:
-        scale = scale * llama3_rope_scales(H, base, spec.rope_llama3)
+        scale = scale * (llama3_rope_scales(H, base, spec.rope_llama3) if p.llama3_bands else spec.rope_llama3[0])
     angles = rope_angles(x.shape[1], H, base, p, q.dtype, scale)
     q = rope(q, angles, p)                                                         # (B, T, N, H)
     k = rope(k, angles, p)                                                         # (B, S, K, H)

@@ -203,3 +203,59 @@ class ExitsEarly(HFReference):
 
     def load(self, request):
         os._exit(0)
+
+
+# --- Llama 3, Qwen, Mistral ports --------------------------------------------------------------
+
+class Llama3RopeScalingMissing(HFReference):
+    """Llama 3.1's RoPE without its `llama3` frequency scaling (a port that ignores rope_scaling)."""
+
+    def patch_model(self, model):
+        import torch
+
+        rotary = model.model.rotary_emb
+        H = self.spec.head_dim
+        plain = 1.0 / (self.spec.rope_base ** (torch.arange(0, H, 2, dtype=torch.int64).float() / H))
+        rotary.inv_freq = plain.to(rotary.inv_freq.device)
+        rotary.original_inv_freq = rotary.inv_freq
+        return model
+
+
+class QkvBiasDropped(HFReference):
+    """Qwen2's q/k/v projections built without their biases (a Llama-style port)."""
+
+    def patch_model(self, model):
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias = None
+        return model
+
+
+class QkNormMissing(HFReference):
+    """Qwen3 without the per-head RMSNorm of q and k."""
+
+    def patch_model(self, model):
+        import torch
+
+        for layer in model.model.layers:
+            layer.self_attn.q_norm = torch.nn.Identity()
+            layer.self_attn.k_norm = torch.nn.Identity()
+        return model
+
+
+class NormEps1e5(HFReference):
+    """Every RMSNorm with Llama's 1e-5 whatever the config says (Qwen's is 1e-6)."""
+
+    def patch_model(self, model):
+        for module in model.modules():
+            if hasattr(module, "variance_epsilon"):
+                module.variance_epsilon = 1e-5
+        return model
+
+
+class SlidingWindowIgnored(HFReference):
+    """Mistral 7B v0.1 with full causal attention: the window dropped by the attention path."""
+
+    def patch_model(self, model):
+        model.config.sliding_window = None
+        return model

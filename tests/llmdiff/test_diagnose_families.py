@@ -1,0 +1,37 @@
+"""Ports of Llama 3, Qwen and Mistral that get one thing wrong: named by that check, confirmed by
+counterfactual, and by no other."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_by_candidate
+
+
+@pytest.mark.parametrize("model,mutant,dtype,code,where", [
+    ("llama-3.1-8b", "Llama3RopeScalingMissing", "float32", "LD406", "L0.q"),
+    ("qwen2.5-0.5b", "QkvBiasDropped", "float32", "LD507", "L0.q"),
+    ("qwen3-0.6b", "QkNormMissing", "float32", "LD207", "L0.q"),
+    ("qwen2.5-0.5b", "NormEps1e5", "float32", "LD208", "L0.attn_norm"),
+    ("mistral-7b-v0.1", "SlidingWindowIgnored", "float32", "LD508", "L0.attn_out"),
+])
+def test_a_port_bug_is_named_by_its_check_only(llmdiff_cli, mutants_on_path, model, mutant, dtype, code, where):
+    impl = f"hf_mutants:{mutant}"
+    rc, out, err, report = llmdiff_cli("compare", model, "--tiny", "--impl", impl, "--dtype", dtype)
+    assert rc == 1, out + err
+    run = run_by_candidate(report, impl, dtype)
+    assert run["verdict"] == "divergence" and run["first_divergence"] == where
+    (f,) = report["findings"]
+    assert (f["code"], f["where"], f["confirmed"], f["implementation"]) == (code, where, True, impl)
+    assert f["evidence"]["after"]["floor_ratio"] < f["evidence"]["before"]["floor_ratio"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b-v0.1"])
+def test_selftest_is_diagonal_for_each_family(llmdiff_cli, model):
+    """Every dynamic check's bug as an oracle mutant, three at once, and a bug no check knows:
+    each named by its own check only (three bugs at one point included: Llama's RoPE layout,
+    dtype and frequency scaling all act at L0.q)."""
+    rc, out, err, _ = llmdiff_cli("selftest", "--model", model)
+    assert rc == 0, out + err
+    assert "diagonal" in out and "NOT diagonal" not in out
