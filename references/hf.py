@@ -344,7 +344,9 @@ class _WeightSource:
 
         adapter, spec = self.adapter, self.spec
         dtype, device = adapter.torch_dtype, adapter.device
-        tied = "lm_head.weight" in names and "lm_head.weight" not in self.files  # made weights: always
+        # Tied: the spec says so for made weights; a checkpoint, by having no lm_head tensor.
+        tied = "lm_head.weight" in names and (self.spec.tie_embeddings if self.source.generated
+                                              else "lm_head.weight" not in self.files)
         names = [n for n in names if not (n == "lm_head.weight" and tied)]
         if self.source.generated:
             values = self._generated(names, dtype, device)
@@ -380,14 +382,15 @@ class _WeightSource:
             out.update({k: v for k, v in convert.to_hf_layer(self.spec, i, canon).items() if k in names})
         if "model.norm.weight" in names:
             out["model.norm.weight"] = make("final_norm")
-        if "model.embed_tokens.weight" in names:
-            table = make("embed")
-            rows = self.spec.hf_vocab_size or self.spec.vocab_size
-            if rows <= table.shape[0]:
-                table = table[:rows]
-            else:
-                table = torch.cat([table, table.new_zeros(rows - table.shape[0], table.shape[1])])
-            out["model.embed_tokens.weight"] = table
+        rows = self.spec.hf_vocab_size or self.spec.vocab_size
+        for hf_name, canon_name in (("model.embed_tokens.weight", "embed"), ("lm_head.weight", "lm_head")):
+            if hf_name in names:
+                table = make(canon_name)
+                if rows <= table.shape[0]:
+                    table = table[:rows]
+                else:
+                    table = torch.cat([table, table.new_zeros(rows - table.shape[0], table.shape[1])])
+                out[hf_name] = table
         return out
 
 

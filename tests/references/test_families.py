@@ -28,3 +28,13 @@ def test_tiny_compare_is_parity(llmdiff_cli, model, attn):
         assert [p["name"] for p in run["points"]] == capture_points(spec)
     logits = next(p for p in run_by_candidate(report, "hf", "float32")["points"] if p["name"] == "logits")
     assert logits["rel_l2"] <= 1e-5
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-0.5b"])
+def test_weights_made_on_the_workers_device_are_the_same_model(model):
+    """Full-size runs make weights in each worker (untied heads and biases too): tiny here."""
+    import llmdiff
+
+    result = llmdiff.compare(model, tiny=True, generate=True, dtypes=["float32"], diagnose=False)
+    assert result.report["weights"]["made"] == "on each worker's device"
+    assert result, result.summary()
