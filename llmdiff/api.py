@@ -97,8 +97,9 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
         its weights would take more than half of the device's memory (GPUs only).
     generate: random weights made by each worker on its own device (None: for full-size
         models), not by this process.
-    devices: spread each run over this many devices, whole decoder layers to a device (the
-        oracle; hf needs accelerate's device maps, not built yet). None: one.
+    devices: spread each run over this many devices, whole decoder layers to a device (hf:
+        accelerate's device maps). None: one when the weights take at most half of a device,
+        else as many as hold them (`Reference.placement`).
     lengths: prompt lengths in tokens for synthetic prompts (models without a tokenizer).
     bench: workers also time a bare forward and a capturing one (`bench/`).
     select, ignore: checks by code, name or prefix (`LD3`); diagnose=False skips the checks.
@@ -227,7 +228,7 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
     selected = select_points(spec, points, layers)
     if capture == "auto":
         capture = "sketch" if _capture_bytes(spec, selected, tokens) > SKETCH_ABOVE_BYTES else "full"
-    options = Options(attn=attn, device=device, stream=stream, devices=devices or 1, bench=bench)
+    options = Options(attn=attn, device=device, stream=stream, devices=devices or 0, bench=bench)
     job = Job(spec=spec.to_dict(), tokens=tokens, weights=source, options=options,
               points=None if selected == capture_points(spec) else selected, capture=capture)
     return Plan(spec, dtypes, chosen, reference, checks, thresholds, selected, job, work, temporary, timeout,

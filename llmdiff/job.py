@@ -39,7 +39,7 @@ class Options:
     attn: str = "eager"              # HF attention implementation: eager or sdpa
     device: str = "auto"             # cpu, cuda, or auto (cuda when the framework sees a GPU)
     stream: bool | str = "auto"      # one decoder block at a time; auto: when weights > half the GPU
-    devices: int = 1                 # whole decoder layers spread over this many devices
+    devices: int = 0                 # whole decoder layers spread over this many devices; 0: as needed
     bench: bool = False              # also time a bare and a capturing forward (`bench/`)
     precision: dict = field(default_factory=dict)  # the oracle's precision knobs (counterfactuals)
     forced_from: str | None = None   # the oracle fed this captures file's values (teacher forcing)

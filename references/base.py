@@ -74,18 +74,36 @@ class Reference:
             cache[n] = sketch.projection(n)
         return cache[n]
 
-    def streams(self, dtype: str, device_bytes: int | None) -> bool:
-        """Whether this run goes one block at a time: asked for, or ("auto") when the weights at
-        `dtype` would take more than half of the device (`device_bytes`, None on the host)."""
-        stream = self.options.stream
-        if stream != "auto":
-            return bool(stream)
-        if not device_bytes:
-            return False
+    def weight_bytes(self, dtype: str) -> int:
+        """The bytes of the model's weights at `dtype`."""
         from llmdiff.convert import canonical_shapes
 
         count = sum(int(np.prod(s)) for s in canonical_shapes(self.spec).values())
-        return count * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize > device_bytes / 2
+        return count * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize
+
+    def placement(self, dtype: str, device_bytes: list[int]) -> tuple[int, bool]:
+        """How a run is laid out: (devices, streamed). `device_bytes`: the memory of each visible
+        device (0 where it is not known: the host's).
+
+        `--devices N` asks for N; automatic (0): one device when the weights take at most half of
+        it, else the fewest devices whose memory together holds them with a quarter to spare (all
+        of them when none do). `--stream` asked for, or ("auto") when the weights would take more
+        than half of the one device chosen, or three quarters of several: then one block at a
+        time with only its weights on the device."""
+        weights = self.weight_bytes(dtype)
+        count = self.options.devices
+        if count > len(device_bytes):
+            raise RuntimeError(f"--devices {count}: {len(device_bytes)} device(s) visible here")
+        known = bool(device_bytes) and all(device_bytes)
+        if count == 0:
+            count = 1
+            if known and weights > device_bytes[0] / 2:
+                count = next((k for k in range(2, len(device_bytes) + 1) if weights <= 0.75 * sum(device_bytes[:k])),
+                             len(device_bytes))
+        stream = self.options.stream
+        if stream == "auto":
+            stream = known and weights > sum(device_bytes[:count]) * (0.5 if count == 1 else 0.75)
+        return count, bool(stream)
 
     def wants(self, point: str) -> bool:
         """Whether the run asked for `point` (`--points`, `--layers`): skip the copy when not."""

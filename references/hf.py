@@ -59,27 +59,31 @@ class HFReference(Reference):
 
         dtype = request.dtype
         self.model = self._weights = None  # the last run's model leaves the device first
-        if self.options.devices > 1:
-            raise RuntimeError("--devices: the hf worker needs accelerate's device maps, not built yet"
-                               " (docs/multi-gpu.md)")
         device = self.options.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         elif device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda: torch sees no GPU here")
+        memory = ([torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+                  if device == "cuda" else [0])
+        count, self.stream = self.placement(dtype, memory)
+        if count > 1 and self.stream:
+            raise RuntimeError(f"--devices {count} with --stream: the hf worker either spreads the layers over"
+                               " GPUs or streams them through one; drop one of the two")
         if device == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        self.device = device
+            for i in range(count):
+                torch.cuda.reset_peak_memory_stats(i)
+        self.device, self.devices = device, count
+        self.device_map = None  # module name -> GPU, when the layers are spread over several
         torch.manual_seed(0)
         self.torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
         # `dtype=` replaced `torch_dtype=` in transformers 4.56; older releases only know the latter.
         dtype_kw = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
         self.attn_implementation = self.options.attn
         source = self.job.weights
-        self.stream = self.streams(dtype, torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None)
-        if source.generated or self.stream:
-            model = self._skeleton(source.hf_dir, dtype_kw)
+        if source.generated or self.stream or count > 1:
+            model = self._skeleton(source.hf_dir, dtype_kw, memory[:count])
         else:
             # Safetensors only (a pickle beside them is never loaded) and never the checkpoint's
             # own code: the files llmdiff's reader chose (`llmdiff/checkpoint_files.py`).
@@ -90,12 +94,25 @@ class HFReference(Reference):
         model.eval()
         self.model = self.patch_model(model)
 
+    def device_of(self, name: str):
+        """Where parameter or module `name` lives: its GPU in the device map, else the device."""
+        if self.device_map is None:
+            return self.device
+        parts = name.split(".")
+        for k in range(len(parts), -1, -1):
+            where = self.device_map.get(".".join(parts[:k]))
+            if where is not None:
+                return f"cuda:{where}" if isinstance(where, int) else where
+        return self.device
+
     # --- Full-size weights: made on the device, or streamed block by block --------------------
 
-    def _skeleton(self, hf_dir, dtype_kw):
+    def _skeleton(self, hf_dir, dtype_kw, memory):
         """The model with its parameters on the meta device (no memory) and its buffers (RoPE
         tables) computed as `from_pretrained` computes them; then the parameters outside the
-        decoder layers are filled, and each layer's too unless they are streamed."""
+        decoder layers are filled, and each layer's too unless they are streamed. Over several
+        GPUs, accelerate decides where each decoder layer goes (`infer_auto_device_map` with
+        balanced memory) and moves activations between them (`dispatch_model`)."""
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -103,10 +120,19 @@ class HFReference(Reference):
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(
                 config, attn_implementation=self.attn_implementation, **{dtype_kw: self.torch_dtype})
-        for module in model.modules():
+        if len(memory) > 1:
+            import accelerate
+            from accelerate.utils import get_balanced_memory
+
+            split = model._no_split_modules
+            budget = get_balanced_memory(model, max_memory={i: int(0.9 * b) for i, b in enumerate(memory)},
+                                         no_split_module_classes=split, dtype=self.torch_dtype)
+            self.device_map = accelerate.infer_auto_device_map(model, max_memory=budget, no_split_module_classes=split,
+                                                               dtype=self.torch_dtype)
+        for module_name, module in model.named_modules():
             for name, b in module._buffers.items():
                 if b is not None:
-                    module._buffers[name] = b.to(self.device)
+                    module._buffers[name] = b.to(self.device_of(f"{module_name}.{name}".lstrip(".")))
         self._weights = _WeightSource(self, model)
         self._weights.fill(self._weights.top_names())
         layers = model.model.layers
@@ -117,6 +143,10 @@ class HFReference(Reference):
         else:
             for i in range(len(layers)):
                 self._weights.fill(self._weights.layer_names(i))
+        if self.device_map is not None:
+            import accelerate
+
+            model = accelerate.dispatch_model(model, device_map=self.device_map)
         return model
 
     def patch_model(self, model):
@@ -147,7 +177,7 @@ class HFReference(Reference):
                 if self.round_to:
                     x = x.to(getattr(torch, self.round_to))
                 x = x.to(torch.float64)
-                R = self._projection_on_device(x.shape[-1])
+                R = self._projection_on_device(x.shape[-1], x.device)
                 norm2 = torch.linalg.vector_norm(x, dim=-1, keepdim=True) ** 2  # one kernel, not two
                 sketches[name + ":sketch"] = torch.cat([x @ R, norm2], -1)
                 return
@@ -215,7 +245,7 @@ class HFReference(Reference):
         modeling.apply_rotary_pos_emb = rope_and_capture
         try:
             with torch.no_grad():
-                ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+                ids = torch.tensor([tokens], dtype=torch.long, device=self.device_of("model.embed_tokens"))
                 out = model(input_ids=ids, use_cache=False)
             text_vocab = min(self.spec.vocab_size or out.logits.shape[-1],
                              self.spec.hf_vocab_size or out.logits.shape[-1])
@@ -227,7 +257,7 @@ class HFReference(Reference):
         host = {}
         if sketches:
             names = list(sketches)
-            stacked = torch.stack([sketches[n] for n in names])
+            stacked = torch.stack([sketches[n].to(self.device_of("model.embed_tokens")) for n in names])
             # Into page-locked memory: a copy from the GPU to ordinary (pageable) host memory
             # ran at 1.7 GB/s on an H200 machine, half the capture's time in bfloat16.
             out = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=self.device == "cuda")
@@ -237,19 +267,19 @@ class HFReference(Reference):
             host[name] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
         return host
 
-    def _projection_on_device(self, n):
+    def _projection_on_device(self, n, device):
         import torch
 
         cache = self.__dict__.setdefault("_device_projections", {})
-        if n not in cache:
-            cache[n] = torch.from_numpy(self.projection(n)).to(self.device)
-        return cache[n]
+        if (n, device) not in cache:
+            cache[n, device] = torch.from_numpy(self.projection(n)).to(device)
+        return cache[n, device]
 
     def run_bare(self, tokens):
         import torch
 
         with torch.no_grad():
-            ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+            ids = torch.tensor([tokens], dtype=torch.long, device=self.device_of("model.embed_tokens"))
             self.model(input_ids=ids, use_cache=False)
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -257,7 +287,11 @@ class HFReference(Reference):
     def peak_device_bytes(self):
         import torch
 
-        return torch.cuda.max_memory_allocated() if self.device == "cuda" else None
+        if self.device != "cuda":
+            return None
+        if self.devices > 1:
+            return {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(self.devices)}
+        return torch.cuda.max_memory_allocated()
 
     def describe(self):
         """What this implementation resolved to: evidence for static checks, not its version."""
@@ -267,7 +301,7 @@ class HFReference(Reference):
         embed = model.get_input_embeddings().weight
         head = model.get_output_embeddings().weight
         tied = head is embed or (head.shape == embed.shape and bool(torch.equal(head, embed)))
-        details = {"attn_implementation": self.attn_implementation, "device": str(self.device),
+        details = {"attn_implementation": self.attn_implementation, "device": str(self.device), "devices": self.devices,
                    "streamed": self.stream,
                    "tied_lm_head": tied,
                    "activation": type(model.model.layers[0].mlp.act_fn).__name__}
@@ -342,18 +376,21 @@ class _WeightSource:
     def fill(self, names):
         import torch
 
-        adapter, spec = self.adapter, self.spec
-        dtype, device = adapter.torch_dtype, adapter.device
+        adapter, dtype = self.adapter, self.adapter.torch_dtype
         # Tied: the spec says so for made weights; a checkpoint, by having no lm_head tensor.
         tied = "lm_head.weight" in names and (self.spec.tie_embeddings if self.source.generated
                                               else "lm_head.weight" not in self.files)
         names = [n for n in names if not (n == "lm_head.weight" and tied)]
-        if self.source.generated:
-            values = self._generated(names, dtype, device)
-        else:
-            values = {n: _to_torch(self._read(n)).to(device=device, dtype=dtype) for n in names}
-        for name, value in values.items():
-            self._set(name, value.contiguous())
+        by_device: dict = {}  # each parameter made or read on the GPU its module is on
+        for n in names:
+            by_device.setdefault(adapter.device_of(n), []).append(n)
+        for device, group in by_device.items():
+            if self.source.generated:
+                values = self._generated(group, dtype, device)
+            else:
+                values = {n: _to_torch(self._read(n)).to(device=device, dtype=dtype) for n in group}
+            for name, value in values.items():
+                self._set(name, value.contiguous())
         if tied:  # lm_head is the embedding table itself
             self.model.lm_head._parameters["weight"] = self.model.get_input_embeddings().weight
 

@@ -67,9 +67,13 @@ class OracleReference(Reference):
         self.dtype = dtype
         # Several devices: whole decoder layers placed over them, in order (what accelerate's
         # device maps do for torch), so each op runs as on one device and the captures are its.
-        count = self.options.devices
-        if count > len(jax.devices()):
-            raise RuntimeError(f"--devices {count}: jax sees {len(jax.devices())} {self.device} device(s)")
+        # Block streaming: each layer's weights are made (or read) when its block runs and
+        # dropped after; otherwise all of them are on the device from the start.
+        memory = [(d.memory_stats() or {}).get("bytes_limit", 0) if self.device == "gpu" else 0 for d in jax.devices()]
+        try:
+            count, self.stream = self.placement(dtype, memory)
+        except RuntimeError:
+            raise RuntimeError(f"--devices {self.options.devices}: jax sees {len(memory)} {self.device} device(s)") from None
         used = jax.devices()[:count]
         L = self.spec.num_layers
         self.layer_devices = [used[i * count // L] for i in range(L)] if count > 1 else None
@@ -77,10 +81,6 @@ class OracleReference(Reference):
                     "final_norm": {"scale": self._tensors(["final_norm"])["final_norm"]}}
         if not self.spec.tie_embeddings:  # an untied output head (Llama 3.1, Qwen 7B and up, Mistral)
             self.top["lm_head"] = self._tensors(["lm_head"])["lm_head"]
-        # Block streaming: each layer's weights are made (or read) when its block runs and
-        # dropped after; otherwise all of them are on the device from the start.
-        stats = jax.devices()[0].memory_stats() if self.device == "gpu" else None
-        self.stream = self.streams(dtype, (stats or {}).get("bytes_limit"))
         if not self.stream:
             self._layers = [self._layer(i) for i in range(self.spec.num_layers)]
         # Teacher forcing: another implementation's captures feed every op (see gemma.Tape).

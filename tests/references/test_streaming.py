@@ -119,3 +119,28 @@ def test_bench_times_a_bare_and_a_capturing_forward(setup, impl):
     assert result.ok, result.error
     timings = result.meta["timings"]
     assert 0 < timings["bare_forward_s"] < 60 and 0 < timings["capture_forward_s"] < 60
+
+
+@pytest.mark.parametrize("impl", ["hf", "oracle"])
+@pytest.mark.parametrize("source", ["file", "made"])
+def test_two_gpus_give_one_gpu_captures_or_skip(setup, impl, source):
+    """`--devices 2` on two GPUs: hf through accelerate's device map, the oracle by whole layers;
+    every capture bit-identical to one GPU's, weights from a file and made on the devices."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("fewer than two GPUs: the multi-GPU paths run on a device with two")
+    spec, work, files = setup
+    weights_source = files if source == "file" else WeightsSource(hf_dir=files.hf_dir, seed=0)
+    job = _job(spec, weights_source).with_(options=Options(device="cuda", stream=False))
+    runs = []
+    for count in (1, 2):
+        r, = run_worker(Implementation.parse(impl), job,
+                        [RunRequest(RunId("float32"), str(work / f"{impl}-{source}-gpus{count}"),
+                                    job.options.with_(devices=count))], work)
+        assert r.ok, r.error
+        runs.append(r)
+    one, two = ({k: np.asarray(v) for k, v in safetensors_file.load(r.captures_path).items()} for r in runs)
+    assert sorted(one) == sorted(two)
+    assert [k for k in one if not np.array_equal(one[k], two[k])] == []
+    peaks = runs[1].meta["peak_device_bytes"]
+    assert isinstance(peaks, dict) and len(peaks) == 2 and all(v > 0 for v in peaks.values())
