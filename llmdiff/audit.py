@@ -175,9 +175,9 @@ def _discover(directory: Path) -> tuple[dict, dict, dict]:
             files["index"].append(p.name)
         elif not p.is_file():
             continue
-        elif p.name.endswith(checkpoint_files.PICKLE_SUFFIXES) or p.name.endswith(".bin.index.json"):
+        elif checkpoint_files.is_pickle(p.name):
             files["pickle"].append(p.name)
-        elif p.name.endswith(checkpoint_files.CODE_SUFFIXES):
+        elif checkpoint_files.is_code(p.name):
             files["code"].append(p.name)
     # transformers reads the index, else model.safetensors. With neither there is nothing to
     # audit (exit 2), except a pickle-only checkpoint: `pickle-weights-present` reports that.

@@ -21,6 +21,7 @@ from pathlib import Path
 from llmdiff.errors import WeightsError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_INDEX = ".bin.index.json"   # the shard index of pickled weights: reported with them
 CODE_SUFFIXES = (".py", ".pyc", ".so")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -94,8 +95,8 @@ def weight_files(directory) -> WeightFiles:
     if not directory.is_dir():
         raise WeightsError(f"{directory} is not a directory (expected an HF checkpoint directory)")
     names = sorted(p.name for p in directory.iterdir())
-    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES) or n.endswith(".bin.index.json")]
-    code = [n for n in names if n.endswith(CODE_SUFFIXES)]
+    pickles = [n for n in names if is_pickle(n)]
+    code = [n for n in names if is_code(n)]
     tensors = [n for n in names if n.endswith(".safetensors")]
     if INDEX in names:
         index = read_json(directory / INDEX, what="safetensors index")
@@ -120,6 +121,16 @@ def weight_files(directory) -> WeightFiles:
     return WeightFiles(chosen, index_name, [n for n in tensors if n not in chosen], pickles, code)
 
 
+def is_pickle(name: str) -> bool:
+    """A pickled weights file (or the index of some), by name: never opened."""
+    return name.endswith(PICKLE_SUFFIXES) or name.endswith(PICKLE_INDEX)
+
+
+def is_code(name: str) -> bool:
+    """A file of code, by name: never imported or executed."""
+    return name.endswith(CODE_SUFFIXES)
+
+
 def no_weights(directory, tensors: list[str], pickles: list[str]) -> WeightsError:
     """The error for a directory with neither weights file transformers reads."""
     found = tensors or pickles
@@ -141,7 +152,7 @@ def remote_code(directory, config: dict | None) -> list[str]:
                       ("tokenizer_config.json", _maybe_json(directory / "tokenizer_config.json"))):
         if isinstance(cfg, dict) and cfg.get("auto_map"):
             found.append(f"{name} has auto_map")
-    found += [n for n in sorted(p.name for p in directory.iterdir()) if n.endswith(CODE_SUFFIXES)]
+    found += [n for n in sorted(p.name for p in directory.iterdir()) if is_code(n)]
     return found
 
 
