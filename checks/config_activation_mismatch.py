@@ -1,9 +1,10 @@
-from llmdiff.check import Check
+from llmdiff.check import ConfigCheck
+from llmdiff.hf_format import HF_DEFAULTS, text_config
 
 TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_tanh")
 
 
-class ConfigActivationMismatch(Check):
+class ConfigActivationMismatch(ConfigCheck):
     """## What it finds
     config.json's activation is not the one the family uses, or is set in the field the
     family's transformers class does not read: Gemma 2 and 3 read `hidden_activation` only, so
@@ -31,13 +32,9 @@ class ConfigActivationMismatch(Check):
 
     code = "LD705"
     name = "config-activation-mismatch"
-    target = "checkpoint"
+    needs_spec = False
 
-    def run(self, ctx):
-        from llmdiff.audit import HF_DEFAULTS, text_config
-
-        if ctx.family is None:
-            return
+    def check(self, ctx, spec):
         cfg = text_config(ctx.config)
         act, activation = cfg.get("hidden_act"), cfg.get("hidden_activation")
         if ctx.family == "gemma":
@@ -51,12 +48,10 @@ class ConfigActivationMismatch(Check):
                                    f"only hidden_act={act!r} is set; {ctx.family} reads hidden_activation,"
                                    f" so it is ignored and {default!r} runs", {"hidden_act": act, "used": default})
                 return
-            used, field = (activation if "hidden_activation" in cfg else HF_DEFAULTS[ctx.family]["hidden_activation"],
-                           "hidden_activation")
-        spec_tanh = ctx.spec is None or ctx.spec.activation == "gelu_tanh"
-        if spec_tanh and used not in TANH_GELU:
+            used, field = self.value(ctx, "hidden_activation")[0], "hidden_activation"
+        if (spec is None or spec.activation == "gelu_tanh") and used not in TANH_GELU:
             yield self.finding(ctx, f"config.json:{field.split()[0]}",
-                               f"{field}={used!r} but {ctx.spec.name if ctx.spec else ctx.family} uses"
+                               f"{field}={used!r} but {spec.name if spec else ctx.family} uses"
                                " tanh-approximated GELU (gelu_pytorch_tanh)", {"field": field, "value": used})
         elif act is not None and activation is not None and (act in TANH_GELU) != (activation in TANH_GELU):
             yield self.finding(ctx, "config.json:hidden_act", f"hidden_act={act!r} and hidden_activation="

@@ -1,7 +1,10 @@
-from llmdiff.check import Check
+import math
+
+from llmdiff.check import ConfigCheck
+from llmdiff.hf_format import is_number
 
 
-class ConfigNormEpsMismatch(Check):
+class ConfigNormEpsMismatch(ConfigCheck):
     """## What it finds
     config.json's `rms_norm_eps` (or transformers' default when absent) differs from the
     model's RMSNorm epsilon.
@@ -23,17 +26,8 @@ class ConfigNormEpsMismatch(Check):
 
     code = "LD706"
     name = "config-norm-eps-mismatch"
-    target = "checkpoint"
 
-    def run(self, ctx):
-        import math
-
-        from llmdiff.audit import config_value, shown
-
-        if ctx.spec is None:
-            return
-        value, present = config_value(ctx, "rms_norm_eps")
-        if not isinstance(value, (int, float)) or not math.isclose(value, ctx.spec.norm_eps, rel_tol=1e-6):
-            yield self.finding(ctx, "config.json:rms_norm_eps", f"rms_norm_eps is {shown(value, present)}"
-                               f" but {ctx.spec.name} uses {ctx.spec.norm_eps!r}",
-                               {"config": value, "spec": ctx.spec.norm_eps, "present": present})
+    def check(self, ctx, spec):
+        value, present = self.value(ctx, "rms_norm_eps")
+        if not (is_number(value) and math.isclose(value, spec.norm_eps, rel_tol=1e-6)):
+            yield self.differs(ctx, "rms_norm_eps", value, present, spec.norm_eps)

@@ -1,7 +1,7 @@
-from llmdiff.check import Check
+from llmdiff.check import ConfigCheck
 
 
-class ConfigQueryScaleMismatch(Check):
+class ConfigQueryScaleMismatch(ConfigCheck):
     """## What it finds
     `query_pre_attn_scalar` (queries are multiplied by its -1/2 power) differs from the
     model's: Gemma 2 27B and Gemma 3 27B scale by (hidden / heads) = 144 and 168, not by
@@ -27,18 +27,11 @@ class ConfigQueryScaleMismatch(Check):
 
     code = "LD710"
     name = "config-query-scale-mismatch"
-    target = "checkpoint"
     families = ("gemma2", "gemma3")
 
-    def run(self, ctx):
-        from llmdiff.audit import config_value, shown
-
-        spec = ctx.spec
-        if spec is None or spec.family not in self.families:
-            return
+    def check(self, ctx, spec):
         want = spec.query_pre_attn_scalar or spec.head_dim
-        value, present = config_value(ctx, "query_pre_attn_scalar")
+        value, present = self.value(ctx, "query_pre_attn_scalar")
         if value is None or float(value) != float(want):
-            yield self.finding(ctx, "config.json:query_pre_attn_scalar",
-                               f"query_pre_attn_scalar is {shown(value, present)} but {spec.name} scales"
-                               f" queries by {want:g} ** -0.5", {"config": value, "spec": want})
+            yield self.differs(ctx, "query_pre_attn_scalar", value, present, want,
+                               uses=f"scales queries by {want:g} ** -0.5")

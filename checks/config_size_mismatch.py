@@ -1,7 +1,8 @@
-from llmdiff.check import Check
+from llmdiff.check import ConfigCheck
+from llmdiff.hf_format import size_differences
 
 
-class ConfigSizeMismatch(Check):
+class ConfigSizeMismatch(ConfigCheck):
     """## What it finds
     config.json's sizes (hidden size, MLP width, layers, heads, kv heads, head_dim) differ
     from the model named with `--model`.
@@ -26,19 +27,10 @@ class ConfigSizeMismatch(Check):
 
     code = "LD711"
     name = "config-size-mismatch"
-    target = "checkpoint"
 
-    def run(self, ctx):
-        from llmdiff.audit import _SIZE_FIELDS, text_config
-
-        spec = ctx.spec
-        if spec is None:
-            return
-        cfg = text_config(ctx.config)
-        wrong = {k: {"config": cfg.get(k), "spec": getattr(spec, f)} for k, f in _SIZE_FIELDS.items()
-                 if cfg.get(k) != getattr(spec, f)}
+    def check(self, ctx, spec):
+        wrong = size_differences(ctx.config, spec)
         if wrong:
-            first = next(iter(wrong))
-            yield self.finding(ctx, f"config.json:{first}", f"{len(wrong)} sizes differ from {spec.name}: "
-                               + ", ".join(f"{k} {v['config']} (spec {v['spec']})" for k, v in wrong.items()),
-                               wrong)
+            sizes = ", ".join(f"{k} {v['config']} (spec {v['spec']})" for k, v in wrong.items())
+            yield self.finding(ctx, f"config.json:{next(iter(wrong))}",
+                               f"{len(wrong)} sizes differ from {spec.name}: {sizes}", wrong)

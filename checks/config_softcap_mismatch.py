@@ -1,7 +1,9 @@
-from llmdiff.check import Check
+import math
+
+from llmdiff.check import ConfigCheck
 
 
-class ConfigSoftcapMismatch(Check):
+class ConfigSoftcapMismatch(ConfigCheck):
     """## What it finds
     Attention-logit or final-logit soft-capping (`attn_logit_softcapping`,
     `final_logit_softcapping`) that differs from the model's: missing where Gemma 2 caps
@@ -26,22 +28,15 @@ class ConfigSoftcapMismatch(Check):
 
     code = "LD709"
     name = "config-softcap-mismatch"
-    target = "checkpoint"
     families = ("gemma2", "gemma3")
 
-    def run(self, ctx):
-        import math
-
-        from llmdiff.audit import config_value, shown
-
-        spec = ctx.spec
-        if spec is None or spec.family not in self.families:
-            return
+    def check(self, ctx, spec):
         for key, want in (("attn_logit_softcapping", spec.attn_softcap),
                           ("final_logit_softcapping", spec.final_softcap)):
-            value, present = config_value(ctx, key)
-            same = (value is None and want is None) or (
-                value is not None and want is not None and math.isclose(float(value), want))
+            value, present = self.value(ctx, key)
+            if value is None or want is None:
+                same = value is None and want is None
+            else:
+                same = math.isclose(float(value), want)
             if not same:
-                yield self.finding(ctx, f"config.json:{key}", f"{key} is {shown(value, present)} but"
-                                   f" {spec.name} uses {want!r}", {"config": value, "spec": want})
+                yield self.differs(ctx, key, value, present, want)

@@ -54,7 +54,8 @@ class EndOfTurnMissingFromEos(Check):
     target = "checkpoint"
 
     def run(self, ctx):
-        from llmdiff.audit import id_list, text_config, vocabulary
+        from llmdiff.audit import id_list, vocabulary
+        from llmdiff.hf_format import text_config
 
         template = chat_template(ctx)
         vocab = vocabulary(ctx)

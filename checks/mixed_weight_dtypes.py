@@ -30,7 +30,7 @@ class MixedWeightDtypes(Check):
     target = "checkpoint"
 
     def run(self, ctx):
-        from llmdiff.audit import text_config
+        from llmdiff.hf_format import text_config
 
         counts: dict[str, list[str]] = {}
         for rec in sorted(ctx.tensors.values(), key=lambda r: r.name):

@@ -3,7 +3,8 @@ from llmdiff.check import Check
 
 def special_ids(ctx, key: str) -> list[int]:
     """`{key}_token_id` from generation_config.json and config.json (either may be a list)."""
-    from llmdiff.audit import id_list, text_config
+    from llmdiff.audit import id_list
+    from llmdiff.hf_format import text_config
 
     out = []
     for data in (ctx.generation_config, text_config(ctx.config)):

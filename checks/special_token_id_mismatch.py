@@ -30,7 +30,8 @@ class SpecialTokenIdMismatch(Check):
     target = "checkpoint"
 
     def run(self, ctx):
-        from llmdiff.audit import id_list, text_config, token_string, vocabulary
+        from llmdiff.audit import id_list, token_string, vocabulary
+        from llmdiff.hf_format import text_config
 
         vocab = vocabulary(ctx) or {}
         tc = ctx.tokenizer_config or {}

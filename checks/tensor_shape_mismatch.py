@@ -44,7 +44,7 @@ class TensorShapeMismatch(Check):
 
     def run(self, ctx):
         from llmdiff import convert
-        from llmdiff.audit import config_spec
+        from llmdiff.hf_format import config_spec
         from llmdiff.errors import WeightsError
 
         if not ctx.files.get("safetensors") or not ctx.tensors:

@@ -32,9 +32,9 @@ class TiedEmbeddingInconsistent(Check):
     target = "checkpoint"
 
     def run(self, ctx):
-        from llmdiff.audit import config_value
+        from llmdiff.hf_format import config_value
 
-        tie, present = config_value(ctx, "tie_word_embeddings")
+        tie, present = config_value(ctx.config, ctx.family, "tie_word_embeddings")
         tie = True if tie is None else bool(tie)   # PretrainedConfig's default
         embed = next((r for r in ctx.tensors.values() if r.name.endswith("embed_tokens.weight")), None)
         head = next((r for r in ctx.tensors.values() if r.name.endswith("lm_head.weight")), None)

@@ -43,7 +43,8 @@ class UndertrainedTokenRows(Check):
     def run(self, ctx):
         import numpy as np
 
-        from llmdiff.audit import text_config, vocabulary
+        from llmdiff.audit import vocabulary
+        from llmdiff.hf_format import text_config
 
         pad = text_config(ctx.config).get("pad_token_id")
         for rec in sorted(ctx.tensors.values(), key=lambda r: r.name):

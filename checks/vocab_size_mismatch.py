@@ -29,7 +29,8 @@ class VocabSizeMismatch(Check):
     target = "checkpoint"
 
     def run(self, ctx):
-        from llmdiff.audit import text_config, vocabulary
+        from llmdiff.audit import vocabulary
+        from llmdiff.hf_format import text_config
 
         vocab = text_config(ctx.config).get("vocab_size")
         if not isinstance(vocab, int):

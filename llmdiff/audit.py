@@ -36,11 +36,12 @@ import numpy as np
 from llmdiff import __version__, checkpoint_files, safetensors_file
 from llmdiff.check import AuditContext, Check, Finding
 from llmdiff.errors import UsageError, WeightsError
+from llmdiff.hf_format import (check_config, check_token_ids, family_of, is_int, json_kind, size_differences,
+                               spec_sizes, text_config)
+from llmdiff.spec import GEMMA_FAMILIES
 
 BLOCK_BYTES = 64 * 1024 * 1024
 READ_AHEAD = 3                       # buffers in flight between the reader thread and the checks
-# config.json's model_type -> spec family.
-FAMILIES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "gemma3_text": "gemma3"}
 # Token tables: the tensors whose rows are tokens (row norms and digests are computed for them).
 TOKEN_TABLE_SUFFIXES = ("embed_tokens.weight", "lm_head.weight")
 # Bit patterns of IEEE floats: (unsigned view, mask of everything but the sign, exponent all ones).
@@ -212,108 +213,16 @@ def _discover(directory: Path) -> tuple[dict, dict, dict]:
 
 # --- spec -----------------------------------------------------------------------------------
 
-def text_config(config: dict) -> dict:
-    """The language model's part of a config (Gemma 3 multimodal nests it in `text_config`)."""
-    inner = config.get("text_config")
-    return {**config, **inner} if isinstance(inner, dict) else config
-
-
-# The config fields the audit and its checks read, by the JSON type transformers needs them
-# in. Checked once up front, so a wrong type is one line naming the field (exit 2) instead of a
-# traceback, or a wrong finding, in whichever check reads it. Absent is fine (transformers'
-# default); null is "unset" for all but the sizes every model needs.
-_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-_POSITIVE_INTS = (*_SIZES, "num_key_value_heads", "head_dim", "sliding_window", "sliding_window_pattern")
-_NUMBERS = ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar",
-            "attn_logit_softcapping", "final_logit_softcapping")
-_STRINGS = ("model_type", "hidden_act", "hidden_activation", "torch_dtype", "dtype")
-_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-# No model has nearly this many layers; more would only make the checks loop over them.
-MAX_LAYERS = 10_000
-_UNSET = object()
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _kind(value) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def check_config(config: dict, file: str = "config.json") -> None:
-    """WeightsError naming the first field the audit reads whose JSON type is wrong."""
-    inner = config.get("text_config")
-    if inner is not None and not isinstance(inner, dict):
-        raise WeightsError(f"{file}: text_config must be an object, found {_kind(inner)}")
-    cfg = text_config(config)
-
-    def fail(key, expected, value=_UNSET):
-        where = f"text_config.{key}" if isinstance(inner, dict) and key in inner else key
-        found = cfg[key] if value is _UNSET else value
-        shown = repr(found) if _is_number(found) else _kind(found)
-        raise WeightsError(f"{file}: {where} must be {expected}, found {shown}")
-
-    for key in _POSITIVE_INTS:
-        if key in cfg and (cfg[key] is not None or key in _SIZES) and not (_is_int(cfg[key]) and cfg[key] > 0):
-            fail(key, "a positive integer")
-    if (cfg.get("num_hidden_layers") or 0) > MAX_LAYERS:
-        fail("num_hidden_layers", f"at most {MAX_LAYERS}")
-    for key in _NUMBERS:
-        if cfg.get(key) is not None and not _is_number(cfg[key]):
-            fail(key, "a number")
-    for key in _STRINGS:
-        if cfg.get(key) is not None and not isinstance(cfg[key], str):
-            fail(key, "a string")
-    if cfg.get("tie_word_embeddings") is not None and not isinstance(cfg["tie_word_embeddings"], bool):
-        fail("tie_word_embeddings", "true or false")
-    check_token_ids(cfg, file)
-    layer_types = cfg.get("layer_types")
-    if layer_types is not None and not (isinstance(layer_types, list) and all(isinstance(t, str) for t in layer_types)):
-        fail("layer_types", "an array of strings")
-    # RoPE: rope_scaling (transformers 4), rope_parameters (5: one, or one per layer type).
-    for key in ("rope_scaling", "rope_parameters"):
-        value = cfg.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, dict):
-            fail(key, "an object")
-        for part in [value, *(v for v in value.values() if isinstance(v, dict))]:
-            for sub in ("rope_type", "type"):
-                if part.get(sub) is not None and not isinstance(part[sub], str):
-                    fail(key, f"an object whose {sub} is a string", part[sub])
-            if "factor" in part and not _is_number(part["factor"]):   # null too: transformers needs one
-                fail(key, "an object whose factor is a number", part["factor"])
-            if part.get("rope_theta") is not None and not _is_number(part["rope_theta"]):
-                fail(key, "an object whose rope_theta is a number", part["rope_theta"])
-
-
-def check_token_ids(data: dict, file: str) -> None:
-    """bos/eos/pad_token_id: an integer or an array of integers (or null)."""
-    for key in _TOKEN_IDS:
-        value = data.get(key)
-        if value is None or _is_int(value) or (isinstance(value, list) and all(_is_int(v) for v in value)):
-            continue
-        found = (f"an array holding {_kind(next(v for v in value if not _is_int(v)))}" if isinstance(value, list)
-                 else _kind(value))
-        raise WeightsError(f"{file}: {key} must be an integer or an array of integers, found {found}")
-
-
-_SIZE_FIELDS = {"hidden_size": "hidden_size", "intermediate_size": "mlp_dim",
-                "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
-                "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim"}
-
-
 def size_mismatches(spec, config: dict) -> int:
     """How many of config.json's sizes differ from `spec`'s (vocab_size counted too)."""
-    cfg = text_config(config)
-    wrong = sum(cfg.get(k) != getattr(spec, f) for k, f in _SIZE_FIELDS.items())
-    return wrong + (cfg.get("vocab_size") not in (None, spec.hf_vocab_size or spec.vocab_size))
+    vocab = text_config(config).get("vocab_size")
+    return len(size_differences(config, spec)) + (vocab not in (None, spec_sizes(spec)["vocab_size"]))
+
+
+def detected_family(config: dict) -> str | None:
+    """The spec family config.json's model_type names, among those the audit knows."""
+    family = family_of(config)
+    return family if family in GEMMA_FAMILIES else None
 
 
 def resolve_spec(config: dict, model: str | None):
@@ -326,33 +235,12 @@ def resolve_spec(config: dict, model: str | None):
     if model:
         full, tiny = get_spec(model), get_spec(model, tiny=True)
         return tiny if size_mismatches(tiny, config) < size_mismatches(full, config) else full
-    family = FAMILIES.get(text_config(config).get("model_type", config.get("model_type")))
+    family = detected_family(config)
     if family is None:
         return None
-    cfg = text_config(config)
     matches = [s for n in model_names() for s in (get_spec(n), get_spec(n, tiny=True))
-               if s.family == family and all(cfg.get(k) == getattr(s, f) for k, f in _SIZE_FIELDS.items())]
+               if s.family == family and not size_differences(config, s)]
     return matches[0] if len(matches) == 1 else None
-
-
-def config_spec(config: dict, family: str | None):
-    """A ModelSpec built from config.json's own sizes, to derive the tensor shapes it implies."""
-    from llmdiff.spec import ModelSpec
-
-    cfg = text_config(config)
-    if family is None:
-        return None
-    try:
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        return ModelSpec(
-            name="config.json", family=family, vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
-            num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads), mlp_dim=int(cfg["intermediate_size"]),
-            post_attn_norm=family != "gemma", post_mlp_norm=family != "gemma", qk_norm=family == "gemma3")
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 # --- streaming ------------------------------------------------------------------------------
@@ -568,7 +456,7 @@ def load_context(path, model: str | None = None) -> AuditContext:
         checkpoint_files.open_regular_close(directory / "chat_template.jinja", "chat template")
         files["chat_template"] = ["chat_template.jinja"]
     spec = resolve_spec(config, model)
-    family = spec.family if spec else FAMILIES.get(text_config(config).get("model_type"))
+    family = spec.family if spec else detected_family(config)
     return AuditContext(
         path=directory, spec=spec, config=config, generation_config=generation_config,
         tokenizer_config=_optional_json(directory / "tokenizer_config.json"),
@@ -632,23 +520,23 @@ def vocabulary(ctx: AuditContext) -> dict[str, int] | None:
         vocab = {}
         model = tok.get("model")
         if model is not None and not isinstance(model, dict):
-            raise WeightsError(f"tokenizer.json: model must be an object, found {_kind(model)}")
+            raise WeightsError(f"tokenizer.json: model must be an object, found {json_kind(model)}")
         model_vocab = (model or {}).get("vocab")
         if isinstance(model_vocab, dict):
-            bad = next((k for k, v in model_vocab.items() if not _is_int(v)), None)
+            bad = next((k for k, v in model_vocab.items() if not is_int(v)), None)
             if bad is not None:
                 raise WeightsError(f"tokenizer.json: model.vocab[{bad!r}] must be an integer id,"
-                                   f" found {_kind(model_vocab[bad])}")
+                                   f" found {json_kind(model_vocab[bad])}")
             vocab.update(model_vocab)
         elif isinstance(model_vocab, list):  # Unigram: [[piece, score], ...]
             vocab.update({item[0]: i for i, item in enumerate(model_vocab)
                           if isinstance(item, list) and item and isinstance(item[0], str)})
         added_tokens = tok.get("added_tokens") or []
         if not isinstance(added_tokens, list):
-            raise WeightsError(f"tokenizer.json: added_tokens must be an array, found {_kind(added_tokens)}")
+            raise WeightsError(f"tokenizer.json: added_tokens must be an array, found {json_kind(added_tokens)}")
         for added in added_tokens:
             if isinstance(added, dict) and "content" in added and "id" in added:
-                if not (isinstance(added["content"], str) and _is_int(added["id"])):
+                if not (isinstance(added["content"], str) and is_int(added["id"])):
                     raise WeightsError("tokenizer.json: added_tokens entries need a string content and an"
                                        f" integer id, found {added['content']!r:.40} with id {added['id']!r:.20}")
                 vocab[added["content"]] = added["id"]
@@ -665,33 +553,6 @@ def vocabulary(ctx: AuditContext) -> dict[str, int] | None:
                                        " token id") from None
     ctx.notes["vocabulary"] = vocab
     return vocab
-
-
-# What transformers uses when config.json leaves a field out (GemmaConfig, Gemma2Config,
-# Gemma3TextConfig defaults): a missing field is not "no opinion", it is this value.
-HF_DEFAULTS = {
-    "gemma": {"rms_norm_eps": 1e-6, "rope_theta": 10_000.0, "hidden_act": "gelu_pytorch_tanh",
-              "hidden_activation": None, "tie_word_embeddings": True, "rope_scaling": None},
-    "gemma2": {"rms_norm_eps": 1e-6, "rope_theta": 10_000.0, "hidden_activation": "gelu_pytorch_tanh",
-               "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
-               "final_logit_softcapping": 30.0, "tie_word_embeddings": True, "rope_scaling": None},
-    "gemma3": {"rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
-               "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
-               "sliding_window": 4096, "sliding_window_pattern": 6, "attn_logit_softcapping": None,
-               "final_logit_softcapping": None, "tie_word_embeddings": True, "rope_scaling": None},
-}
-
-
-def config_value(ctx: AuditContext, key: str):
-    """(value transformers will use, whether config.json sets it)."""
-    cfg = text_config(ctx.config)
-    if key in cfg:
-        return cfg[key], True
-    return HF_DEFAULTS.get(ctx.family or "", {}).get(key), False
-
-
-def shown(value, present: bool) -> str:
-    return f"{value!r}" if present else f"absent (transformers' default {value!r})"
 
 
 def id_list(value) -> list[int]:

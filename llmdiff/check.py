@@ -157,6 +157,41 @@ class Check:
                        evidence or {}, confirmed, self.fix())
 
 
+class ConfigCheck(Check):
+    """An audit check of config.json against the model's spec. It runs when the spec is known
+    (or, with `needs_spec = False`, the family) and its family is among `families`; a subclass
+    yields its findings from `check(ctx, spec)` with `value` (what transformers reads: the
+    field, else its default) and `differs` (the finding for a field that is not the spec's)."""
+
+    target = "checkpoint"
+    needs_spec = True
+
+    def run(self, ctx: AuditContext) -> Iterator[Finding]:
+        family = ctx.spec.family if ctx.spec is not None else ctx.family
+        if family not in self.families or (self.needs_spec and ctx.spec is None):
+            return iter(())
+        return self.check(ctx, ctx.spec)
+
+    def check(self, ctx: AuditContext, spec) -> Iterator[Finding]:
+        return iter(())
+
+    @staticmethod
+    def value(ctx: AuditContext, key: str):
+        """(value transformers will use, whether config.json sets it)."""
+        from llmdiff.hf_format import config_value
+
+        return config_value(ctx.config, ctx.family, key)
+
+    def differs(self, ctx: AuditContext, key: str, value, present: bool, want, *, uses: str | None = None,
+                where: str | None = None, **evidence) -> Finding:
+        """The finding "KEY is VALUE but MODEL uses WANT"; `uses` words the model's side."""
+        from llmdiff.hf_format import shown
+
+        return self.finding(ctx, f"config.json:{where or key}",
+                            f"{key} is {shown(value, present)} but {ctx.spec.name} {uses or f'uses {want!r}'}",
+                            {"config": value, "spec": want, "present": present, **evidence})
+
+
 def problems_with(check: type, knobs: dict | None = None) -> list[str]:
     """Why a check class breaks the contract (empty when it is fine).
 

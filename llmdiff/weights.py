@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from llmdiff import convert, safetensors_file
+from llmdiff import convert, hf_format, safetensors_file
 from llmdiff.errors import WeightsError
-from llmdiff.spec import ModelSpec
+from llmdiff.spec import LLAMA_LIKE_FAMILIES, ModelSpec
 
 # Residual-branch gain, as a fraction of sqrt(D): with tied embeddings a token's own logit
 # gets sqrt(D) * |e|^2 from the embedding left in the residual stream, so the blocks must add
@@ -153,16 +153,12 @@ def hf_config(spec: ModelSpec, dtype: str = "bfloat16") -> dict:
     Every Gemma 2/3 number is written out: HF's defaults silently differ from most models
     (Gemma 2 `sliding_window=4096`, softcaps 50/30, `query_pre_attn_scalar=256`, no RoPE scaling).
     """
+    if spec.family not in hf_format.ARCHITECTURES:
+        raise WeightsError(f"{spec.name}: no HF config for family {spec.family!r}")
     config = {
-        "architectures": ["GemmaForCausalLM"],
-        "model_type": "gemma",
-        "vocab_size": spec.hf_vocab_size or spec.vocab_size,
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.mlp_dim,
-        "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_heads,
-        "num_key_value_heads": spec.num_kv_heads,
-        "head_dim": spec.head_dim,
+        "architectures": [hf_format.ARCHITECTURES[spec.family]],
+        "model_type": hf_format.MODEL_TYPES[spec.family][0],
+        **hf_format.spec_sizes(spec),
         "hidden_act": "gelu_pytorch_tanh",
         "hidden_activation": "gelu_pytorch_tanh",
         "max_position_embeddings": spec.max_positions,
@@ -180,10 +176,8 @@ def hf_config(spec: ModelSpec, dtype: str = "bfloat16") -> dict:
     }
     if spec.family == "gemma":
         return config
-    if spec.family in _LLAMA_LIKE:
+    if spec.family in LLAMA_LIKE_FAMILIES:
         return _llama_like_config(spec, config)
-    if spec.family not in ("gemma2", "gemma3"):
-        raise WeightsError(f"{spec.name}: no HF config for family {spec.family!r}")
     hf_types = [{"local": "sliding_attention", "global": "full_attention"}[t] for t in spec.layer_types]
     config.update({
         "query_pre_attn_scalar": int(spec.query_pre_attn_scalar or spec.head_dim),
@@ -200,8 +194,7 @@ def hf_config(spec: ModelSpec, dtype: str = "bfloat16") -> dict:
         if spec.attention_types and list(spec.attention_types) != [
                 ("local", "global")[i % 2] for i in range(spec.num_layers)]:
             raise WeightsError(f"{spec.name}: HF Gemma 2 before 4.53 only knows alternating layers")
-        config.update({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
-                       "cache_implementation": "hybrid"})
+        config["cache_implementation"] = "hybrid"
         return config
     # Gemma 3 text-only. `rope_theta` is the global base, `rope_local_base_freq` the local one,
     # `rope_scaling` applies to global layers only: the 4.50 names, which 5.x still reads into
@@ -210,7 +203,6 @@ def hf_config(spec: ModelSpec, dtype: str = "bfloat16") -> dict:
         raise WeightsError(f"{spec.name}: HF Gemma 3 cannot scale RoPE on local layers")
     period = spec_period(spec)
     config.update({
-        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
         "rope_local_base_freq": spec.rope_base_local,
         "rope_scaling": ({"rope_type": "linear", "factor": spec.rope_scale}
                          if spec.rope_scale != 1 else None),
@@ -220,17 +212,12 @@ def hf_config(spec: ModelSpec, dtype: str = "bfloat16") -> dict:
     return config
 
 
-_LLAMA_LIKE = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
-               "qwen3": ("Qwen3ForCausalLM", "qwen3"), "mistral": ("MistralForCausalLM", "mistral")}
-
-
 def _llama_like_config(spec: ModelSpec, gemma: dict) -> dict:
     """LlamaForCausalLM (4.40 and later: `llama3` RoPE from 4.43), Qwen2ForCausalLM,
     Qwen3ForCausalLM (4.51 and later), MistralForCausalLM, as their published config.json."""
-    architecture, model_type = _LLAMA_LIKE[spec.family]
+    architecture = hf_format.ARCHITECTURES[spec.family]
     config = {k: v for k, v in gemma.items() if k not in ("hidden_activation",)}
-    config.update({"architectures": [architecture], "model_type": model_type, "hidden_act": "silu",
-                   "attention_bias": spec.qkv_bias})
+    config.update({"hidden_act": "silu", "attention_bias": spec.qkv_bias})
     if spec.rope_base_local != spec.rope_base or spec.rope_scale != 1 or spec.rope_scale_local != 1:
         raise WeightsError(f"{spec.name}: HF {architecture} has one RoPE for every layer")
     if spec.rope_llama3:
@@ -284,22 +271,6 @@ def write_hf_config(path, spec: ModelSpec, dtype: str = "bfloat16") -> Path:
     return path
 
 
-_CONFIG_FIELDS = {  # config.json key -> spec field, checked when present
-    "vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "mlp_dim",
-    "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
-    "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
-}
-_MODEL_TYPES = {"gemma": ("gemma",), "gemma2": ("gemma2",), "gemma3": ("gemma3_text", "gemma3"),
-                **{family: (model_type,) for family, (_, model_type) in _LLAMA_LIKE.items()}}
-
-
-def _config_value(spec: ModelSpec, field: str):
-    """The config.json value of a spec field: HF's vocabulary size where it differs."""
-    if field == "vocab_size":
-        return spec.hf_vocab_size or spec.vocab_size
-    return getattr(spec, field)
-
-
 def read_hf_checkpoint(path, spec: ModelSpec) -> dict[str, np.ndarray]:
     """The canonical set (float32) of a local HF checkpoint directory: the files transformers
     reads with `use_safetensors=True` (`checkpoint_files.weight_files`), never a pickle, never
@@ -314,8 +285,7 @@ def read_hf_checkpoint(path, spec: ModelSpec) -> dict[str, np.ndarray]:
     config_path = path / "config.json"
     config = checked_config(path, spec)
     if config is not None:
-        for key, field in _CONFIG_FIELDS.items():
-            want = _config_value(spec, field)
+        for key, want in hf_format.spec_sizes(spec).items():   # checked when present
             if key in config and config[key] != want:
                 tiny = "" if spec.tiny else " (a tiny checkpoint needs --tiny)"
                 raise WeightsError(
@@ -342,7 +312,7 @@ def checked_config(path, spec: ModelSpec) -> dict | None:
         return None
     config = checkpoint_files.read_json(config_path, what="config")
     model_type = config.get("model_type")
-    wanted = _MODEL_TYPES.get(spec.family, ())
+    wanted = hf_format.MODEL_TYPES.get(spec.family, ())
     if model_type not in wanted:
         code = checkpoint_files.remote_code(path, config)
         why = (f"; it needs the checkpoint's own code ({', '.join(code)}), which llmdiff never runs"
