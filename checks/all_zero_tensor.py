@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class AllZeroTensor(Check):
@@ -26,6 +26,7 @@ class AllZeroTensor(Check):
     code = "LD702"
     name = "all-zero-tensor"
     target = "checkpoint"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         for rec in sorted(ctx.tensors.values(), key=lambda r: r.name):

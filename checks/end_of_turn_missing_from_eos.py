@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 # End-of-turn tokens of the chat formats in use: Gemma, Llama 3, ChatML (Qwen...), Phi-3.
 END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
@@ -52,6 +52,7 @@ class EndOfTurnMissingFromEos(Check):
     code = "LD051"
     name = "end-of-turn-missing-from-eos"
     target = "checkpoint"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.audit import id_list, vocabulary

@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 _CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
 
@@ -28,6 +28,7 @@ class MixedWeightDtypes(Check):
     code = "LD704"
     name = "mixed-weight-dtypes"
     target = "checkpoint"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.hf_format import text_config

@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 def special_ids(ctx, key: str) -> list[int]:
@@ -40,6 +40,7 @@ class PadTokenIsEos(Check):
     code = "LD050"
     name = "pad-token-is-eos"
     target = "checkpoint"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.audit import token_string, vocabulary

@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class PickleWeightsPresent(Check):
@@ -25,6 +25,7 @@ class PickleWeightsPresent(Check):
     code = "LD713"
     name = "pickle-weights-present"
     target = "checkpoint"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         pickles = ctx.files.get("pickle") or []

@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class RemoteCodeInCheckpoint(Check):
@@ -26,6 +26,7 @@ class RemoteCodeInCheckpoint(Check):
     code = "LD714"
     name = "remote-code-in-checkpoint"
     target = "checkpoint"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         for source, data in (("config.json", ctx.config), ("tokenizer_config.json", ctx.tokenizer_config)):

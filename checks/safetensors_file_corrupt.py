@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class SafetensorsFileCorrupt(Check):
@@ -28,6 +28,7 @@ class SafetensorsFileCorrupt(Check):
     code = "LD712"
     name = "safetensors-file-corrupt"
     target = "checkpoint"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         for name in sorted(ctx.file_errors):

@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class SpecialTokenIdMismatch(Check):
@@ -28,6 +28,7 @@ class SpecialTokenIdMismatch(Check):
     code = "LD053"
     name = "special-token-id-mismatch"
     target = "checkpoint"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.audit import id_list, token_string, vocabulary

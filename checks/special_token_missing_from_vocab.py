@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 _KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -30,6 +30,7 @@ class SpecialTokenMissingFromVocab(Check):
     code = "LD052"
     name = "special-token-missing-from-vocab"
     target = "checkpoint"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.audit import token_string, vocabulary

@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class TiedEmbeddingInconsistent(Check):
@@ -6,7 +6,9 @@ class TiedEmbeddingInconsistent(Check):
     The config's `tie_word_embeddings`, the presence of an `lm_head` tensor and its equality
     with the embeddings disagree: the config ties but the checkpoint holds an `lm_head` that
     differs from the embeddings, or the config unties but there is no `lm_head`, or the config
-    disagrees with the model family (Gemma ties).
+    disagrees with the model (Gemma, Llama 3.2, small Qwens tie; Llama 3.1, Qwen 2.5 7B and up,
+    Qwen 3 8B and up, Mistral do not). Absent, `tie_word_embeddings` is the family's default:
+    true for Gemma, false for Llama, Qwen and Mistral.
 
     ## Why it matters
     With tying on, transformers points `lm_head` at the embeddings and silently drops the
@@ -30,6 +32,7 @@ class TiedEmbeddingInconsistent(Check):
     code = "LD103"
     name = "tied-embedding-inconsistent"
     target = "checkpoint"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.hf_format import config_value

@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 # A row whose norm is below this fraction of the table's median norm is under-trained.
 RELATIVE_NORM = 0.1
@@ -39,6 +39,7 @@ class UndertrainedTokenRows(Check):
     code = "LD102"
     name = "undertrained-token-rows"
     target = "checkpoint"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         import numpy as np

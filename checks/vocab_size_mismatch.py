@@ -1,4 +1,4 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class VocabSizeMismatch(Check):
@@ -27,6 +27,7 @@ class VocabSizeMismatch(Check):
     code = "LD104"
     name = "vocab-size-mismatch"
     target = "checkpoint"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.audit import vocabulary

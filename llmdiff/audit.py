@@ -36,9 +36,8 @@ import numpy as np
 from llmdiff import __version__, checkpoint_files, safetensors_file
 from llmdiff.check import AuditContext, Check, Finding
 from llmdiff.errors import UsageError, WeightsError
-from llmdiff.hf_format import (check_config, check_token_ids, family_of, is_int, json_kind, size_differences,
-                               spec_sizes, text_config)
-from llmdiff.spec import GEMMA_FAMILIES
+from llmdiff.hf_format import (check_config, check_token_ids, family_of, is_int, json_kind, rope_by_layer_type,
+                               same_rope, size_differences, sliding_layout, spec_rope, spec_sizes, text_config)
 
 BLOCK_BYTES = 64 * 1024 * 1024
 READ_AHEAD = 3                       # buffers in flight between the reader thread and the checks
@@ -219,28 +218,35 @@ def size_mismatches(spec, config: dict) -> int:
     return len(size_differences(config, spec)) + (vocab not in (None, spec_sizes(spec)["vocab_size"]))
 
 
-def detected_family(config: dict) -> str | None:
-    """The spec family config.json's model_type names, among those the audit knows."""
-    family = family_of(config)
-    return family if family in GEMMA_FAMILIES else None
-
-
 def resolve_spec(config: dict, model: str | None):
     """The spec to compare the config with. With `model`: its full-size or tiny spec, whichever
     config.json's sizes are closer to. Without: the one registered spec of config's family
-    whose sizes (all but vocab_size, which `vocab-size-mismatch` checks) match, full or tiny;
-    None when there is no such spec or more than one."""
+    whose sizes (all but vocab_size, which `vocab-size-mismatch` checks) match, full or tiny,
+    and of several such (Mistral 7B v0.1 and v0.3) the one config.json's other values fit best;
+    None when there is no such spec or no one fits best."""
     from llmdiff.spec import get_spec, model_names
 
     if model:
         full, tiny = get_spec(model), get_spec(model, tiny=True)
         return tiny if size_mismatches(tiny, config) < size_mismatches(full, config) else full
-    family = detected_family(config)
+    family = family_of(config)
     if family is None:
         return None
     matches = [s for n in model_names() for s in (get_spec(n), get_spec(n, tiny=True))
                if s.family == family and not size_differences(config, s)]
+    if len(matches) > 1:   # models of one shape (Mistral 7B v0.1 and v0.3): the one config.json describes
+        score = {s: other_differences(config, s) for s in matches}
+        matches = [s for s in matches if score[s] == min(score.values())]
     return matches[0] if len(matches) == 1 else None
+
+
+def other_differences(config: dict, spec) -> int:
+    """How many of what config.json says beyond the sizes differ from `spec`: vocabulary rows,
+    RoPE per layer type, the sliding window."""
+    have, want = rope_by_layer_type(config, spec.family), spec_rope(spec)
+    return ((text_config(config).get("vocab_size") != spec_sizes(spec)["vocab_size"])
+            + sum(not same_rope(have[kind], want[kind]) for kind in set(spec.layer_types))
+            + (sliding_layout(config, spec.family).window != spec.sliding_window))
 
 
 # --- streaming ------------------------------------------------------------------------------
@@ -456,7 +462,7 @@ def load_context(path, model: str | None = None) -> AuditContext:
         checkpoint_files.open_regular_close(directory / "chat_template.jinja", "chat template")
         files["chat_template"] = ["chat_template.jinja"]
     spec = resolve_spec(config, model)
-    family = spec.family if spec else detected_family(config)
+    family = spec.family if spec else family_of(config)
     return AuditContext(
         path=directory, spec=spec, config=config, generation_config=generation_config,
         tokenizer_config=_optional_json(directory / "tokenizer_config.json"),

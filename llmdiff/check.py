@@ -183,12 +183,12 @@ class ConfigCheck(Check):
         return config_value(ctx.config, ctx.family, key)
 
     def differs(self, ctx: AuditContext, key: str, value, present: bool, want, *, uses: str | None = None,
-                where: str | None = None, **evidence) -> Finding:
-        """The finding "KEY is VALUE but MODEL uses WANT"; `uses` words the model's side."""
+                note: str = "", **evidence) -> Finding:
+        """The finding "KEY is VALUE[NOTE] but MODEL uses WANT"; `uses` words the model's side."""
         from llmdiff.hf_format import shown
 
-        return self.finding(ctx, f"config.json:{where or key}",
-                            f"{key} is {shown(value, present)} but {ctx.spec.name} {uses or f'uses {want!r}'}",
+        return self.finding(ctx, f"config.json:{key}",
+                            f"{key} is {shown(value, present)}{note} but {ctx.spec.name} {uses or f'uses {want!r}'}",
                             {"config": value, "spec": want, "present": present, **evidence})
 
 
