@@ -1,7 +1,7 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 
-class AllZeroTensor(Check):
+class AllZeroTensor(AuditCheck):
     """## What it finds
     Tensors whose every value is zero.
 
@@ -25,8 +25,6 @@ class AllZeroTensor(Check):
 
     code = "LD702"
     name = "all-zero-tensor"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         for rec in sorted(ctx.tensors.values(), key=lambda r: r.name):

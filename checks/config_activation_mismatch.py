@@ -1,4 +1,4 @@
-from llmdiff.check import ALL_FAMILIES, ConfigCheck
+from llmdiff.check import ConfigCheck
 from llmdiff.hf_format import HF_DEFAULTS, text_config
 from llmdiff.spec import GEMMA_FAMILIES
 
@@ -38,7 +38,6 @@ class ConfigActivationMismatch(ConfigCheck):
     code = "LD705"
     name = "config-activation-mismatch"
     needs_spec = False
-    families = ALL_FAMILIES
 
     def check(self, ctx, spec):
         cfg = text_config(ctx.config)

@@ -1,6 +1,6 @@
 import math
 
-from llmdiff.check import ALL_FAMILIES, ConfigCheck
+from llmdiff.check import ConfigCheck
 from llmdiff.hf_format import is_number
 
 
@@ -31,7 +31,6 @@ class ConfigNormEpsMismatch(ConfigCheck):
 
     code = "LD706"
     name = "config-norm-eps-mismatch"
-    families = ALL_FAMILIES
 
     def check(self, ctx, spec):
         value, present = self.value(ctx, "rms_norm_eps")

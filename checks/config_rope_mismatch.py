@@ -1,4 +1,4 @@
-from llmdiff.check import ALL_FAMILIES, ConfigCheck
+from llmdiff.check import ConfigCheck
 from llmdiff.hf_format import rope_by_layer_type, same_rope, spec_rope, text_config
 
 
@@ -40,7 +40,6 @@ class ConfigRopeMismatch(ConfigCheck):
 
     code = "LD707"
     name = "config-rope-mismatch"
-    families = ALL_FAMILIES
 
     def check(self, ctx, spec):
         want, have = spec_rope(spec), rope_by_layer_type(ctx.config, ctx.family)

@@ -1,4 +1,4 @@
-from llmdiff.check import ALL_FAMILIES, ConfigCheck
+from llmdiff.check import ConfigCheck
 from llmdiff.hf_format import size_differences
 
 
@@ -27,7 +27,6 @@ class ConfigSizeMismatch(ConfigCheck):
 
     code = "LD711"
     name = "config-size-mismatch"
-    families = ALL_FAMILIES
 
     def check(self, ctx, spec):
         wrong = size_differences(ctx.config, spec)

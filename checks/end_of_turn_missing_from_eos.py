@@ -1,4 +1,4 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 # End-of-turn tokens of the chat formats in use: Gemma, Llama 3, ChatML (Qwen...), Phi-3.
 END_OF_TURN = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
@@ -24,7 +24,7 @@ def chat_template(ctx) -> str | None:
     return template or None
 
 
-class EndOfTurnMissingFromEos(Check):
+class EndOfTurnMissingFromEos(AuditCheck):
     """## What it finds
     A chat model (its tokenizer has a chat template) whose template ends turns with a token
     (`<end_of_turn>`, `<|eot_id|>`, `<|im_end|>`, `<|end|>`) that is not among the EOS ids of
@@ -51,8 +51,6 @@ class EndOfTurnMissingFromEos(Check):
 
     code = "LD051"
     name = "end-of-turn-missing-from-eos"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.audit import id_list, vocabulary

@@ -1,9 +1,9 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 _CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
 
 
-class MixedWeightDtypes(Check):
+class MixedWeightDtypes(AuditCheck):
     """## What it finds
     Floating-point tensors stored in more than one dtype, or in a dtype other than the
     config's `torch_dtype` (`dtype` in newer configs).
@@ -27,8 +27,6 @@ class MixedWeightDtypes(Check):
 
     code = "LD704"
     name = "mixed-weight-dtypes"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.hf_format import text_config

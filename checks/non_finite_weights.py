@@ -1,7 +1,7 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 
-class NonFiniteWeights(Check):
+class NonFiniteWeights(AuditCheck):
     """## What it finds
     Tensors of the checkpoint that hold NaN or infinite values.
 
@@ -25,8 +25,6 @@ class NonFiniteWeights(Check):
 
     code = "LD701"
     name = "non-finite-weights"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         for rec in sorted(ctx.tensors.values(), key=lambda r: r.name):

@@ -1,4 +1,4 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 
 def special_ids(ctx, key: str) -> list[int]:
@@ -14,7 +14,7 @@ def special_ids(ctx, key: str) -> list[int]:
     return out
 
 
-class PadTokenIsEos(Check):
+class PadTokenIsEos(AuditCheck):
     """## What it finds
     The padding token is the end-of-sequence token: `pad_token_id` equals (one of) the
     `eos_token_id`s, or tokenizer_config.json's `pad_token` is its `eos_token`.
@@ -39,8 +39,6 @@ class PadTokenIsEos(Check):
 
     code = "LD050"
     name = "pad-token-is-eos"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.audit import token_string, vocabulary

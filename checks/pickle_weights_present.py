@@ -1,7 +1,7 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 
-class PickleWeightsPresent(Check):
+class PickleWeightsPresent(AuditCheck):
     """## What it finds
     Pickled weight files (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`, `*.pkl`) in the checkpoint.
     The audit reports them by name and size and never opens them.
@@ -24,8 +24,6 @@ class PickleWeightsPresent(Check):
 
     code = "LD713"
     name = "pickle-weights-present"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         pickles = ctx.files.get("pickle") or []

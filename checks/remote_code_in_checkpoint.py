@@ -1,7 +1,7 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 
-class RemoteCodeInCheckpoint(Check):
+class RemoteCodeInCheckpoint(AuditCheck):
     """## What it finds
     Code that loading the checkpoint would run: an `auto_map` in config.json or
     tokenizer_config.json (transformers' `trust_remote_code`), and Python files in the
@@ -25,8 +25,6 @@ class RemoteCodeInCheckpoint(Check):
 
     code = "LD714"
     name = "remote-code-in-checkpoint"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         for source, data in (("config.json", ctx.config), ("tokenizer_config.json", ctx.tokenizer_config)):

@@ -1,7 +1,7 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 
-class SafetensorsFileCorrupt(Check):
+class SafetensorsFileCorrupt(AuditCheck):
     """## What it finds
     safetensors files whose header is not valid, whose tensors' offsets overlap, leave holes,
     run past the end of the file (a truncated download) or leave bytes after the last tensor,
@@ -27,8 +27,6 @@ class SafetensorsFileCorrupt(Check):
 
     code = "LD712"
     name = "safetensors-file-corrupt"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         for name in sorted(ctx.file_errors):

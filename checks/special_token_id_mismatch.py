@@ -1,7 +1,7 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 
-class SpecialTokenIdMismatch(Check):
+class SpecialTokenIdMismatch(AuditCheck):
     """## What it finds
     The ids of `<bos>`, `<eos>` and `<pad>` disagree: config.json / generation_config.json's
     `bos_token_id`, `eos_token_id`, `pad_token_id` against the model's (spec) and against the
@@ -27,8 +27,6 @@ class SpecialTokenIdMismatch(Check):
 
     code = "LD053"
     name = "special-token-id-mismatch"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.audit import id_list, token_string, vocabulary

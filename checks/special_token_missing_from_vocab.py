@@ -1,9 +1,9 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 _KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
-class SpecialTokenMissingFromVocab(Check):
+class SpecialTokenMissingFromVocab(AuditCheck):
     """## What it finds
     Special tokens named in tokenizer_config.json or special_tokens_map.json (`bos_token`,
     `eos_token`, `pad_token`, `unk_token`, `additional_special_tokens`) that are not in the
@@ -29,8 +29,6 @@ class SpecialTokenMissingFromVocab(Check):
 
     code = "LD052"
     name = "special-token-missing-from-vocab"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.audit import token_string, vocabulary

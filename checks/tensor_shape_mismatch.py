@@ -1,4 +1,4 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 _SKIPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                      "model.multi_modal_projector.")
@@ -15,7 +15,7 @@ def _text_name(name: str) -> str | None:
     return name
 
 
-class TensorShapeMismatch(Check):
+class TensorShapeMismatch(AuditCheck):
     """## What it finds
     Tensors missing from the checkpoint, tensors the architecture does not have, and tensors
     whose shape differs from what config.json implies (hidden size, heads, kv heads, head_dim,
@@ -40,8 +40,6 @@ class TensorShapeMismatch(Check):
 
     code = "LD703"
     name = "tensor-shape-mismatch"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff import convert

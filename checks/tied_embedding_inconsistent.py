@@ -1,7 +1,7 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 
-class TiedEmbeddingInconsistent(Check):
+class TiedEmbeddingInconsistent(AuditCheck):
     """## What it finds
     The config's `tie_word_embeddings`, the presence of an `lm_head` tensor and its equality
     with the embeddings disagree: the config ties but the checkpoint holds an `lm_head` that
@@ -31,8 +31,6 @@ class TiedEmbeddingInconsistent(Check):
 
     code = "LD103"
     name = "tied-embedding-inconsistent"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.hf_format import config_value

@@ -1,4 +1,4 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 # A row whose norm is below this fraction of the table's median norm is under-trained.
 RELATIVE_NORM = 0.1
@@ -8,7 +8,7 @@ SHOWN = 20
 ZEROED_PAD = 1e-6
 
 
-class UndertrainedTokenRows(Check):
+class UndertrainedTokenRows(AuditCheck):
     """## What it finds
     Rows of a token table (the input embeddings or `lm_head`) whose L2 norm is far below the
     rest: under a tenth of the table's median row norm. Rows beyond the ids a text token can
@@ -38,8 +38,6 @@ class UndertrainedTokenRows(Check):
 
     code = "LD102"
     name = "undertrained-token-rows"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         import numpy as np

@@ -1,7 +1,7 @@
-from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.check import AuditCheck
 
 
-class VocabSizeMismatch(Check):
+class VocabSizeMismatch(AuditCheck):
     """## What it finds
     `vocab_size` in config.json differs from the rows of the embedding table or `lm_head`, from
     the family's spec, or is smaller than the ids the tokenizer produces.
@@ -26,8 +26,6 @@ class VocabSizeMismatch(Check):
 
     code = "LD104"
     name = "vocab-size-mismatch"
-    target = "checkpoint"
-    families = ALL_FAMILIES
 
     def run(self, ctx):
         from llmdiff.audit import vocabulary

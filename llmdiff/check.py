@@ -157,13 +157,19 @@ class Check:
                        evidence or {}, confirmed, self.fix())
 
 
-class ConfigCheck(Check):
+class AuditCheck(Check):
+    """A check of a checkpoint on disk (`llmdiff audit`): for every family unless it says."""
+
+    target = "checkpoint"
+    families = ALL_FAMILIES
+
+
+class ConfigCheck(AuditCheck):
     """An audit check of config.json against the model's spec. It runs when the spec is known
     (or, with `needs_spec = False`, the family) and its family is among `families`; a subclass
     yields its findings from `check(ctx, spec)` with `value` (what transformers reads: the
     field, else its default) and `differs` (the finding for a field that is not the spec's)."""
 
-    target = "checkpoint"
     needs_spec = True
 
     def run(self, ctx: AuditContext) -> Iterator[Finding]:
