@@ -122,13 +122,18 @@ class HFReference(Reference):
                 config, attn_implementation=self.attn_implementation, **{dtype_kw: self.torch_dtype})
         if len(memory) > 1:
             import accelerate
-            from accelerate.utils import get_balanced_memory
+            from accelerate.utils import compute_module_sizes
 
-            split = model._no_split_modules
-            budget = get_balanced_memory(model, max_memory={i: int(0.9 * b) for i, b in enumerate(memory)},
-                                         no_split_module_classes=split, dtype=self.torch_dtype)
-            self.device_map = accelerate.infer_auto_device_map(model, max_memory=budget, no_split_module_classes=split,
-                                                               dtype=self.torch_dtype)
+            # Each GPU but the last holds about an even share of the weights (the last what is
+            # left), so that N GPUs asked for are N GPUs used, a tiny model's too. accelerate keeps
+            # room for one decoder layer free on every GPU but the last: that room is added.
+            sizes = compute_module_sizes(model, dtype=self.torch_dtype)
+            layer = max(sizes[f"model.layers.{i}"] for i in range(len(model.model.layers)))
+            share = -(-sizes[""] // len(memory)) + layer
+            budget = {i: int(0.9 * b) if i == len(memory) - 1 else min(int(0.9 * b), share)
+                      for i, b in enumerate(memory)}
+            self.device_map = accelerate.infer_auto_device_map(
+                model, max_memory=budget, no_split_module_classes=model._no_split_modules, dtype=self.torch_dtype)
         for module_name, module in model.named_modules():
             for name, b in module._buffers.items():
                 if b is not None:
@@ -300,6 +305,7 @@ class HFReference(Reference):
         model = self.model
         embed = model.get_input_embeddings().weight
         head = model.get_output_embeddings().weight
+        embed = embed.to(head.device)  # over several GPUs the two tables may sit on two of them
         tied = head is embed or (head.shape == embed.shape and bool(torch.equal(head, embed)))
         details = {"attn_implementation": self.attn_implementation, "device": str(self.device), "devices": self.devices,
                    "streamed": self.stream,
