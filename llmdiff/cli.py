@@ -224,7 +224,8 @@ def _output_options(f):
               help="Run one decoder block at a time, only its weights on the device (models larger than it);"
                    " default: when a run's weights would take over half of the GPU.")
 @click.option("--devices", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Spread each run over N devices, whole decoder layers to a device (oracle only for now).")
+              help="Spread each run over N GPUs, whole decoder layers to a GPU (hf through accelerate);"
+                   " default: one when the weights take at most half of it, else the fewest that hold them.")
 @click.option("--tokens", "lengths", default=None, metavar="N[,N...]",
               help="Lengths of the synthetic prompts (models without a tokenizer), e.g. 512.")
 @click.option("--no-tokenizer-parity", is_flag=True,
@@ -326,6 +327,7 @@ def audit(path, model, select, ignore, json_path, out_dir, quiet, no_color, debu
     from pathlib import Path
 
     from llmdiff import audit as audit_mod
+    from llmdiff.audit_render import markdown, render
     from llmdiff.report import write_json
 
     console = _console(no_color)
@@ -349,12 +351,12 @@ def audit(path, model, select, ignore, json_path, out_dir, quiet, no_color, debu
         write_json(result.report, json_path)
     if out_dir:
         write_json(result.report, Path(out_dir) / "audit.json")
-        (Path(out_dir) / "audit.md").write_text(audit_mod.markdown(result.report))
+        (Path(out_dir) / "audit.md").write_text(markdown(result.report))
     if quiet:
         if result.findings:
             click.echo(result.summary())
     else:
-        audit_mod.render(result.report, console)
+        render(result.report, console)
     for b in result.report["checks"]["broken"]:
         click.echo(f"llmdiff: warning: {b}", err=True)
     sys.exit(result.exit_code)

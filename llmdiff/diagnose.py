@@ -209,16 +209,19 @@ def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
         first = current["first_divergence"]
         # One bug at a time; where no single knob brings the first divergent point back (bugs
         # acting at the same point, e.g. RoPE's layout, dtype and frequency scaling), two or
-        # three together.
-        best = None
-        for size in range(1, min(MAX_TOGETHER, len(remaining)) + 1):
-            best = _best_trial(case, current, first, floors, forced_from, [
-                (combo, {**policy, **{k: v for variant in variants for k, v in variant.items()}})
-                for combo in itertools.combinations(remaining, size)
-                for variants in itertools.product(*(c.variants() for c in combo))
-                if len({k for v in variants for k in v}) == sum(len(v) for v in variants)])
+        # three together, of the checks whose knob alone changes the oracle's value there (the
+        # bugs that act at that point; the others need not be tried: this keeps the runs few).
+        singles = [((c,), {**policy, **v}) for c in remaining for v in c.variants()]
+        best, moved = _best_trial(case, current, first, floors, forced_from, singles, policy)
+        acting = [c for c in remaining if c in moved]
+        for size in range(2, min(MAX_TOGETHER, len(acting)) + 1):
             if best is not None:
                 break
+            best, _ = _best_trial(case, current, first, floors, forced_from, [
+                (combo, {**policy, **{k: v for variant in variants for k, v in variant.items()}})
+                for combo in itertools.combinations(acting, size)
+                for variants in itertools.product(*(c.variants() for c in combo))
+                if len({k for v in variants for k in v}) == sum(len(v) for v in variants)], policy)
         if best is None:
             break
         found, trial, best_policy = best
@@ -250,22 +253,26 @@ def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
     return policy, current
 
 
-def _best_trial(case: Case, current: dict, first: str, floors: dict, forced_from, tries: list):
+def _best_trial(case: Case, current: dict, first: str, floors: dict, forced_from, tries: list, policy: dict):
     """Of `tries` ((checks, policy), ...), the one whose oracle brings `first` back to parity and
-    shrinks the divergence most: (checks, comparison, policy), or None."""
+    shrinks the divergence most: (checks, comparison, policy), or None; and the checks whose knob
+    changes the oracle's own value at `first` (on top of `policy`): the bugs that act there."""
     dtype = current["dtype"]
-    scored = []
+    base, = case.lab.captures(dtype, [policy], forced_from=forced_from)
+    scored, moved = [], set()
     for (checks, trial_policy), caps in zip(tries, case.lab.captures(dtype, [t[1] for t in tries],
                                                                     forced_from=forced_from)):
         if caps is None:
             continue
+        if base is None or first not in caps or diff.point_metrics(caps[first], base[first])["rel_l2"] > 0:
+            moved.update(checks)
         trial = diff.compare_captures(case.cand_caps, caps, floors, dtype, case.points, case.thresholds)
         if _point(trial, first).get("verdict") == "parity" and excess(trial) < excess(current):
             scored.append((excess(trial), [c.code for c in checks], checks, trial, trial_policy))
     if not scored:
-        return None
+        return None, moved
     _, _, checks, trial, trial_policy = min(scored, key=lambda s: s[:2])
-    return checks, trial, trial_policy
+    return (checks, trial, trial_policy), moved
 
 
 def _count(run: dict) -> int:

@@ -50,7 +50,8 @@ class Options:
 
 @dataclass(frozen=True)
 class WeightsSource:
-    """Where a worker gets the run's weights: one of them is set."""
+    """Where a worker gets the run's weights: `canonical` (and `hf_dir`, the same weights as an HF
+    checkpoint), or `seed` (and `hf_dir` with the config alone)."""
 
     canonical: str | None = None     # llmdiff's canonical safetensors file (float32)
     hf_dir: str | None = None        # an HF checkpoint of the same weights (config only with `seed`)
@@ -90,7 +91,7 @@ class Job:
     points: list | None = None       # canonical points to capture; None: every point
     capture: str = "full"            # full, or sketch (`llmdiff/sketch.py`)
     impl: str = ""                   # the implementation's name in the report
-    module: str = ""                 # the adapter class, `module:cls`
+    module: str = ""                 # the adapter class is `cls` of this module
     cls: str = ""
     references_dir: str = ""         # where `llmdiff.references` lives (for foreign interpreters)
     runs: tuple = ()                 # RunRequests

@@ -123,6 +123,7 @@ def main(job_path: str) -> int:
 
     from llmdiff import safetensors_file
     from llmdiff.job import Job
+    from llmdiff.references.base import MissingExtra
 
     job = Job.from_dict(raw)
     t0 = time.perf_counter()
@@ -168,7 +169,9 @@ def main(job_path: str) -> int:
             meta.update(ok=True, points=sorted({n.split(":")[0] for n in names}), details=adapter.describe(),
                         capture=job.capture)
         except BaseException as exc:  # noqa: BLE001
-            meta.update(error=_one_line(exc), traceback=traceback.format_exc())
+            # A missing framework says how to install it: that message is the whole error.
+            meta.update(error=str(exc) if isinstance(exc, MissingExtra) else _one_line(exc),
+                        traceback=traceback.format_exc())
             status = 1
         _write_json(run.out + ".json", meta)
     return status

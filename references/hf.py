@@ -1,5 +1,6 @@
 """Adapter for Hugging Face transformers (`GemmaForCausalLM`, `Gemma2ForCausalLM`, the
-text-only `Gemma3ForCausalLM`), loaded the way users load it.
+text-only `Gemma3ForCausalLM`, `LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
+`MistralForCausalLM`), loaded the way users load it.
 
 Capture works on transformers 4.38 to today: the attention code changed a lot between them
 (per-class eager/SDPA attention in 4.38; one attention module and an attention-function
