@@ -53,7 +53,7 @@ class EndOfTurnMissingFromEos(AuditCheck):
     name = "end-of-turn-missing-from-eos"
 
     def run(self, ctx):
-        from llmdiff.audit import id_list, vocabulary
+        from llmdiff.audit_tokens import id_list, vocabulary
         from llmdiff.hf_format import text_config
 
         template = chat_template(ctx)

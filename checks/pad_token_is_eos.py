@@ -3,7 +3,7 @@ from llmdiff.check import AuditCheck
 
 def special_ids(ctx, key: str) -> list[int]:
     """`{key}_token_id` from generation_config.json and config.json (either may be a list)."""
-    from llmdiff.audit import id_list
+    from llmdiff.audit_tokens import id_list
     from llmdiff.hf_format import text_config
 
     out = []
@@ -41,7 +41,7 @@ class PadTokenIsEos(AuditCheck):
     name = "pad-token-is-eos"
 
     def run(self, ctx):
-        from llmdiff.audit import token_string, vocabulary
+        from llmdiff.audit_tokens import token_string, vocabulary
 
         pads, eos = special_ids(ctx, "pad"), special_ids(ctx, "eos")
         same = sorted(set(pads) & set(eos))

@@ -29,7 +29,7 @@ class SpecialTokenIdMismatch(AuditCheck):
     name = "special-token-id-mismatch"
 
     def run(self, ctx):
-        from llmdiff.audit import id_list, token_string, vocabulary
+        from llmdiff.audit_tokens import id_list, token_string, vocabulary
         from llmdiff.hf_format import text_config
 
         vocab = vocabulary(ctx) or {}

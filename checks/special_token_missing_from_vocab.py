@@ -31,7 +31,7 @@ class SpecialTokenMissingFromVocab(AuditCheck):
     name = "special-token-missing-from-vocab"
 
     def run(self, ctx):
-        from llmdiff.audit import token_string, vocabulary
+        from llmdiff.audit_tokens import token_string, vocabulary
 
         vocab = vocabulary(ctx)
         if not vocab:

@@ -42,7 +42,7 @@ class UndertrainedTokenRows(AuditCheck):
     def run(self, ctx):
         import numpy as np
 
-        from llmdiff.audit import vocabulary
+        from llmdiff.audit_tokens import vocabulary
         from llmdiff.hf_format import text_config
 
         pad = text_config(ctx.config).get("pad_token_id")

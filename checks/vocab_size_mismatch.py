@@ -28,7 +28,7 @@ class VocabSizeMismatch(AuditCheck):
     name = "vocab-size-mismatch"
 
     def run(self, ctx):
-        from llmdiff.audit import vocabulary
+        from llmdiff.audit_tokens import vocabulary
         from llmdiff.hf_format import text_config
 
         vocab = text_config(ctx.config).get("vocab_size")
