@@ -52,7 +52,9 @@ def write_checkpoint(path: Path, spec) -> dict:
     import ml_dtypes
 
     from llmdiff import weights
-    from llmdiff.audit import write_example_tokenizer_files
+
+    sys.path.insert(0, str(ROOT / "tests" / "llmdiff"))   # the tests' tokenizer files for synthetic checkpoints
+    from audit_fixtures import write_example_tokenizer_files
 
     rng = np.random.default_rng(0)
     pool = (rng.standard_normal(min(POOL_VALUES, spec.vocab_size * spec.hidden_size), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)

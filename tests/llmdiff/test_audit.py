@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from audit_fixtures import write_example_tokenizer_files
 from llmdiff import audit, safetensors_file, weights
 from llmdiff.cli import main
 from llmdiff.spec import get_spec
@@ -31,7 +32,7 @@ def clean_checkpoints(tmp_path_factory):
         spec = get_spec(model, tiny=True)
         path = root / model
         weights.write_hf_checkpoint(path, spec, weights.random_weights(spec, seed=1))
-        audit.write_example_tokenizer_files(path, spec)
+        write_example_tokenizer_files(path, spec)
         out[model] = path
     return out
 

@@ -19,6 +19,7 @@ import pytest
 import safetensors.numpy
 from click.testing import CliRunner
 
+from audit_fixtures import write_example_tokenizer_files
 from llmdiff import audit, safetensors_file, weights
 from llmdiff.cli import main
 from llmdiff.errors import WeightsError
@@ -34,7 +35,7 @@ def clean(tmp_path_factory):
     path = tmp_path_factory.mktemp("hostile") / "clean"
     spec = get_spec("gemma-7b", tiny=True)
     weights.write_hf_checkpoint(path, spec, weights.random_weights(spec, seed=1))
-    audit.write_example_tokenizer_files(path, spec)
+    write_example_tokenizer_files(path, spec)
     return path
 
 
