@@ -16,7 +16,7 @@ of `HEADINGS`. Two kinds:
 A check looks at an implementation during `compare` (`target = "implementation"`, the default)
 or at a checkpoint on disk during `audit` (`target = "checkpoint"`, kind "audit"). An audit
 check's `run(ctx)` gets an `AuditContext`: the checkpoint's JSON files, its tensor headers, and
-statistics of every tensor, which `llmdiff.audit` computes in one streaming pass shared by all
+statistics of every tensor, which `llmdiff.audit_stream` computes in one streaming pass shared by all
 checks (no check reads the weights itself). A check that needs more than those statistics may
 define `visit_block(ctx, tensor, rows, block)`: it is called during that same pass with each
 block of whole rows, already in memory.
@@ -71,7 +71,7 @@ class Context:
 class AuditContext:
     """What an audit check may look at: one checkpoint directory, never executed or unpickled.
 
-    `tensors` maps each tensor name to a `llmdiff.audit.TensorRecord` (file, dtype, shape and,
+    `tensors` maps each tensor name to a `llmdiff.audit_stream.TensorRecord` (file, dtype, shape and,
     once the streaming pass is done, `stats`: non-finite and zero counts, row norms of token
     tables, digests). JSON files that are absent are None.
     """
@@ -85,7 +85,7 @@ class AuditContext:
     special_tokens_map: dict | None = None
     files: dict = field(default_factory=dict)       # kind -> [file names] (safetensors, pickle, code...)
     file_errors: dict = field(default_factory=dict)  # file name -> why it cannot be read
-    tensors: dict = field(default_factory=dict)     # name -> llmdiff.audit.TensorRecord
+    tensors: dict = field(default_factory=dict)     # name -> llmdiff.audit_stream.TensorRecord
     family: str | None = None              # from the spec, else from config.json's model_type
     notes: dict = field(default_factory=dict)       # per-check scratch space, keyed by code
     implementation: str = "checkpoint"

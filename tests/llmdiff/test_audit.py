@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from audit_fixtures import write_example_tokenizer_files
-from llmdiff import audit, safetensors_file, weights
+from llmdiff import audit, audit_stream, safetensors_file, weights
 from llmdiff.cli import main
 from llmdiff.spec import get_spec
 
@@ -293,10 +293,10 @@ def test_streaming_in_small_blocks_gives_the_same_statistics(checkpoint):
     path = checkpoint()
     nan_in_weight(path)
     whole = audit.load_context(path)
-    audit.stream_stats(whole, [], block_bytes=1 << 30)
+    audit_stream.stream_stats(whole, [], block_bytes=1 << 30)
     small = audit.load_context(path)
     seen = []
-    audit.stream_stats(small, [], block_bytes=1000, progress=lambda done, total: seen.append((done, total)))
+    audit_stream.stream_stats(small, [], block_bytes=1000, progress=lambda done, total: seen.append((done, total)))
     arrays = safetensors_file.load(path / "model.safetensors")
     for name, rec in small.tensors.items():
         a, b = rec.stats, whole.tensors[name].stats
