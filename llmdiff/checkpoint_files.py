@@ -77,6 +77,18 @@ def read_json(path, *, expect: type | None = dict, what: str = "JSON file"):
     return value
 
 
+def optional_json(path) -> dict | None:
+    """A JSON object file of the checkpoint, None when absent. A dangling symlink, FIFO or device
+    is not absent: `read_json` refuses it (one line), as it does non-UTF-8, non-JSON or a non-object."""
+    return read_json(path) if os.path.lexists(path) else None
+
+
+def bad_shard_names(weight_map: dict) -> list:
+    """The shard names of an index's `weight_map` that are not plain file names of the directory
+    (a list, "../x"): never joined to the directory's path."""
+    return [f for f in weight_map.values() if not isinstance(f, str) or "/" in f or "\\" in f or f in ("", ".", "..")]
+
+
 @dataclass
 class WeightFiles:
     """The weight files of a checkpoint by transformers' rule, and what else lies there."""
@@ -103,8 +115,7 @@ def weight_files(directory) -> WeightFiles:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise WeightsError(f"{directory / INDEX}: no weight_map object")
-        bad = [f for f in weight_map.values()    # before dict.fromkeys: a list value is unhashable
-               if not isinstance(f, str) or "/" in f or "\\" in f or f in ("", ".", "..")]
+        bad = bad_shard_names(weight_map)    # before dict.fromkeys: a list value is unhashable
         if bad:
             raise WeightsError(f"{directory / INDEX}: weight_map names {bad[0]!r}, not a file of the directory")
         files = list(dict.fromkeys(weight_map.values()))
