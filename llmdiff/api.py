@@ -204,9 +204,9 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
     # Full-size random weights are made by each worker on its own device (the same bits in
     # every framework: `weights.generate_*`), never written or held here.
     if generate is None:
-        generate = weights is None and not spec.tiny and all(i.adapter_class().makes_weights for i in chosen)
-    elif generate and (weights is not None or not all(i.adapter_class().makes_weights for i in chosen)):
-        makers = [i.name for i in chosen if not i.adapter_class().makes_weights]
+        generate = weights is None and not spec.tiny and all(_makes_weights(i) for i in chosen)
+    elif generate and (weights is not None or not all(_makes_weights(i) for i in chosen)):
+        makers = [i.name for i in chosen if not _makes_weights(i)]
         raise UsageError(f"weights made on the device need random weights and implementations that make them"
                          f" ({', '.join(makers) or 'the weights given'} cannot)")
     if generate:
@@ -233,6 +233,15 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
               points=None if selected == capture_points(spec) else selected, capture=capture)
     return Plan(spec, dtypes, chosen, reference, checks, thresholds, selected, job, work, temporary, timeout,
                 weights_info, tokens_info, prompts, attn)
+
+
+def _makes_weights(impl: Implementation) -> bool:
+    """Whether the adapter says it makes seeded weights on its device (`Reference.makes_weights`).
+    An adapter this interpreter cannot import (one for another `@PYTHON`) is taken not to."""
+    try:
+        return bool(impl.adapter_class().makes_weights)
+    except (ImportError, AttributeError):
+        return False
 
 
 def _run_workers(plan: Plan, results: dict, say) -> None:
@@ -582,7 +591,7 @@ def _recompare(old, report_path, captures, thresholds, reference) -> CompareResu
     thresholds = thresholds or diff.Thresholds(**opts.get("thresholds", {}))
     report = _build_report(spec, old["weights"], old["tokens"], chosen, opts["dtypes"], reference, results,
                            opts.get("attn", "eager"), thresholds, opts.get("points"))
-    for key in ("findings", "checks", "results", "tokenizer"):
+    for key in ("findings", "checks", "results", "tokenizer", "errors", "incomplete"):  # what no re-diff changes
         if key in old:
             report[key] = old[key]
     report["recompared_from"] = str(report_path)

@@ -34,3 +34,10 @@ def test_an_implementation_with_its_own_virtualenv_runs_there(tmp_path, monkeypa
     exe.write_text("#!/bin/sh\n")
     os.chmod(exe, 0o755)
     assert venv_python("hf") == str(exe) and Implementation.parse("hf").python == str(exe)
+
+
+def test_an_adapter_this_interpreter_cannot_import_is_taken_not_to_make_weights():
+    from llmdiff.api import _makes_weights
+
+    assert _makes_weights(Implementation.parse("oracle"))
+    assert not _makes_weights(Implementation(name="elsewhere:Adapter", module="no_such_module_here", cls="Adapter"))
