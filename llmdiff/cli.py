@@ -394,6 +394,94 @@ def tokenize(model, tiny, weights, text, select, ignore, json_path, no_color, de
     sys.exit(result["exit_code"])
 
 
+def _release_compare_options(f):
+    f = click.option("--tiny", is_flag=True, help="A tiny model with every architectural feature kept.")(f)
+    f = click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16"]),
+                     help="Compute dtype (repeatable); default float32 and bfloat16.")(f)
+    f = click.option("--impl", "impl", default="hf", show_default=True,
+                     help="The implementation each release runs (an entry-point name).")(f)
+    f = click.option("--no-diagnose", is_flag=True, help="Verdicts only; name no findings.")(f)
+    f = click.option("--json", "json_path", type=click.Path(), help="Write the result as JSON here.")(f)
+    return f
+
+
+def _compare_options(tiny, dtypes, no_diagnose):
+    from llmdiff import api
+
+    return {"tiny": tiny, "dtypes": dtypes or api.DTYPES, "diagnose": not no_diagnose}
+
+
+@main.command()
+@click.argument("model")
+@click.option("--versions", required=True, metavar="PKG==V[,PKG==V...]",
+              help="The releases, e.g. transformers==4.57.6,transformers==5.0.0.")
+@_release_compare_options
+def matrix(model, versions, tiny, dtypes, impl, no_diagnose, json_path):
+    """Compare MODEL under several releases of an implementation: a release x dtype table of
+    verdicts, first divergence and findings. Each release runs in a virtualenv of its own, kept
+    and reused (torch shared). A release that cannot install or run says why in its cell.
+
+    Exit codes: 0 every release at parity, 1 some diverge or have findings, 2 some could not run.
+    """
+    from llmdiff import releases
+    from llmdiff.report import write_json
+
+    try:
+        _check_outputs(json_path)
+        wanted = [releases.Release.parse(v) for v in versions.split(",") if v.strip()]
+        options = _compare_options(tiny, dtypes, no_diagnose)
+    except LLMDiffError as e:
+        _fail(str(e), False, json_path)
+    say = lambda m: click.echo(m, err=True)  # noqa: E731
+    cells = [releases.run_release(model, impl, r, say=say, **options) for r in wanted]
+    for line in releases.matrix_lines(cells):
+        click.echo(line)
+    code = 2 if any(c.error for c in cells) else 1 if any(releases.is_bad(c, None) for c in cells) else 0
+    if json_path:
+        write_json({"model": model, "impl": impl, "releases": [c.__dict__ for c in cells], "exit_code": code}, json_path)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--good", required=True, metavar="PKG==V", help="A release known good (or bad: either order).")
+@click.option("--bad", required=True, metavar="PKG==V", help="A release known bad.")
+@click.option("--finding", default=None, metavar="CODE", help="Look for this finding, not any divergence.")
+@_release_compare_options
+def bisect(model, good, bad, finding, tiny, dtypes, impl, no_diagnose, json_path):
+    """Find the first release between GOOD and BAD whose verdict (or FINDING) changes; print the two
+    adjacent releases and the evidence from both.
+
+    Exit codes: 0 found (or nothing changes), 2 an end could not run or bad input.
+    """
+    from llmdiff import releases
+    from llmdiff.report import write_json
+
+    say = lambda m: click.echo(m, err=True)  # noqa: E731
+    try:
+        _check_outputs(json_path)
+        g, b = releases.Release.parse(good), releases.Release.parse(bad)
+        if g.package != b.package:
+            raise LLMDiffError(f"--good and --bad name two packages ({g.package}, {b.package})")
+        options = _compare_options(tiny, dtypes, no_diagnose and not finding)  # a finding needs diagnosis
+        order = releases.between(g.package, g.version, b.version)
+        result = releases.bisect(
+            [f"{g.package}=={v}" for v in order],
+            lambda r: releases.run_release(model, impl, releases.Release.parse(r), say=say, **options),
+            finding, say)
+    except LLMDiffError as e:
+        _fail(str(e), False, json_path)
+    click.echo(result["result"])
+    for release, cell in result["cells"].items():
+        click.echo(f"  {release}: " + ("; ".join(f"{r['dtype']} {r['verdict']}"
+                                                 + (f" at {r['first_divergence']}" if r["first_divergence"] else "")
+                                                 + (f" ({', '.join(r['findings'])})" if r["findings"] else "")
+                                                 for r in cell["runs"]) or f"error: {cell['error']}"))
+    if json_path:
+        write_json({"model": model, "impl": impl, "finding": finding, **result}, json_path)
+    sys.exit(0)
+
+
 @main.group()
 def checks():
     """The known-bug checks: list them, explain one."""

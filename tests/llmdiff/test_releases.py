@@ -1,0 +1,101 @@
+"""`llmdiff matrix` and `bisect`: releases, their virtualenvs, the search."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmdiff import releases
+from llmdiff.errors import UsageError
+
+VERSIONS = ["1.0.0", "1.1.0", "1.2.0", "1.3.0", "1.4.0", "1.5.0", "1.6.0", "1.7.0"]
+
+
+def _cell(release, bad=False, error=None, finding=None):
+    if error:
+        return releases.Cell(release, error=error)
+    return releases.Cell(release, runs=[{"dtype": "float32", "verdict": "divergence" if bad else "parity",
+                                         "first_divergence": "L0.mlp_act" if bad else None,
+                                         "findings": [finding] if bad and finding else []}])
+
+
+def test_bisect_finds_the_first_bad_release_in_few_runs():
+    asked = []
+
+    def evaluate(r):
+        asked.append(r)
+        return _cell(r, bad=r >= "1.5.0")
+
+    result = releases.bisect(VERSIONS, evaluate)
+    assert result["first_bad"] == "1.5.0" and result["before"] == "1.4.0"
+    assert "1.5.0 broke it" in result["result"]
+    assert len(asked) <= 2 + 3  # both ends, then log2(8)
+
+
+def test_bisect_finds_a_fix_and_skips_releases_that_cannot_run():
+    def evaluate(r):
+        if r == "1.3.0":
+            return _cell(r, error="cannot install transformers==1.3.0: no wheel")
+        return _cell(r, bad=r < "1.4.0", finding="LD301")
+
+    result = releases.bisect(VERSIONS, evaluate, finding="LD301")
+    assert result["first_good"] == "1.4.0" and "fixed it" in result["result"]
+
+
+def test_bisect_says_when_nothing_changes_and_when_an_end_cannot_run():
+    assert releases.bisect(VERSIONS, lambda r: _cell(r))["first_bad"] is None
+    with pytest.raises(UsageError, match="1.0.0 could not run: boom"):
+        releases.bisect(VERSIONS, lambda r: _cell(r, error="boom") if r == "1.0.0" else _cell(r))
+
+
+def test_releases_parse_pin_and_order():
+    assert str(releases.Release.parse("Transformers == 4.42.1")) == "transformers==4.42.1"
+    with pytest.raises(UsageError, match="expected PACKAGE==VERSION"):
+        releases.Release.parse("transformers>=4.4")
+    assert releases.Release.parse("transformers==4.42.1").pins() == ("numpy<2",)
+    assert releases.Release.parse("transformers==5.0.0").pins() == ()
+    assert releases.between("x", "1.6.0", "1.2.0", VERSIONS) == VERSIONS[2:7]
+    with pytest.raises(UsageError, match="x==1.9.0 is not a release"):
+        releases.between("x", "1.0.0", "1.9.0", VERSIONS)
+
+
+def test_the_table_says_why_a_release_could_not_run():
+    lines = releases.matrix_lines([_cell("t==1"), _cell("t==2", bad=True, finding="LD301"),
+                                   _cell("t==3", error="cannot install t==3: no wheel")])
+    assert lines[2] == "| t==1 | parity |"
+    assert lines[3] == "| t==2 | divergence at L0.mlp_act (LD301) |"
+    assert lines[4] == "| t==3 | error: cannot install t==3: no wheel |"
+
+
+@pytest.mark.slow
+def test_bisect_over_fake_releases_runs_real_compares(mutants_on_path):
+    """Fake 'releases' switch a bug on from 1.5.0 (an HF mutant with exact GELU); the search runs
+    the real comparison on each release it visits and names the finding's first release."""
+    def evaluate(r):
+        impl = "hf_mutants:ExactGelu" if r >= "1.5.0" else "hf"
+        return releases.run_release("gemma-7b", "hf", None, implementation=impl, tiny=True,
+                                    dtypes=["float32"], diagnose=True)
+
+    result = releases.bisect(VERSIONS, evaluate, finding="LD301")
+    assert result["first_bad"] == "1.5.0" and result["before"] == "1.4.0"
+    assert result["cells"]["1.5.0"]["runs"][0]["findings"] == ["LD301"]
+
+
+@pytest.mark.slow
+def test_matrix_over_two_real_transformers_releases(tmp_path, monkeypatch, llmdiff_cli):
+    """Two releases from the package index, each in its own virtualenv (torch shared)."""
+    monkeypatch.setenv("LLMDIFF_VENVS", str(tmp_path / "venvs"))
+    from click.testing import CliRunner
+
+    from llmdiff.cli import main
+
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(main, ["matrix", "gemma-7b", "--tiny", "--dtype", "float32", "--no-diagnose",
+                                       "--versions", "transformers==4.57.6,transformers==5.0.0", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [c["versions"]["transformers"] for c in report["releases"]] == ["4.57.6", "5.0.0"]
+    assert all(c["runs"][0]["verdict"] == "parity" for c in report["releases"])
+    assert "| transformers==4.57.6 | parity |" in result.output
+    assert all(c["error"] is None for c in report["releases"])
