@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_by_candidate
-from llmdiff.spec import capture_points, get_spec
+from llmdiff.spec import LLAMA_LIKE_FAMILIES, capture_points, get_spec, model_names
 
 
 @pytest.mark.parametrize("model,attn", [
@@ -38,3 +38,12 @@ def test_weights_made_on_the_workers_device_are_the_same_model(model):
     result = llmdiff.compare(model, tiny=True, generate=True, dtypes=["float32"], diagnose=False)
     assert result.report["weights"]["made"] == "on each worker's device"
     assert result, result.summary()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [m for m in model_names() if get_spec(m).family in LLAMA_LIKE_FAMILIES])
+def test_every_new_model_tiny_is_parity(llmdiff_cli, model):
+    code, out, err, report = llmdiff_cli("compare", model, "--tiny", "--no-diagnose")
+    assert code == 0, out + err
+    logits = next(p for p in run_by_candidate(report, "hf", "float32")["points"] if p["name"] == "logits")
+    assert logits["rel_l2"] <= 1e-5
