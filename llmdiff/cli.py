@@ -413,10 +413,12 @@ def _compare_options(tiny, dtypes, no_diagnose):
 
 @main.command()
 @click.argument("model")
-@click.option("--versions", required=True, metavar="PKG==V[,PKG==V...]",
-              help="The releases, e.g. transformers==4.57.6,transformers==5.0.0.")
+@click.option("--versions", required=True, metavar="PKG==V[,...]|RANGE",
+              help="The releases, e.g. transformers==4.57.6,transformers==5.0.0, or a range resolved against"
+                   " the index, e.g. 'transformers>=4.50,<5.1' (the newest patch of each minor).")
+@click.option("--all", "every", is_flag=True, help="With a range: every release in it, not one per minor.")
 @_release_compare_options
-def matrix(model, versions, tiny, dtypes, impl, no_diagnose, json_path):
+def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, json_path):
     """Compare MODEL under several releases of an implementation: a release x dtype table of
     verdicts, first divergence and findings. Each release runs in a virtualenv of its own, kept
     and reused (torch shared). A release that cannot install or run says why in its cell.
@@ -428,7 +430,7 @@ def matrix(model, versions, tiny, dtypes, impl, no_diagnose, json_path):
 
     try:
         _check_outputs(json_path)
-        wanted = [releases.Release.parse(v) for v in versions.split(",") if v.strip()]
+        wanted = releases.resolve(versions, every=every)
         options = _compare_options(tiny, dtypes, no_diagnose)
     except LLMDiffError as e:
         _fail(str(e), False, json_path)

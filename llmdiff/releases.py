@@ -80,6 +80,34 @@ def index_versions(package: str) -> list[str]:
     return [str(v) for v in sorted(out)]
 
 
+def resolve(text: str, *, every: bool = False, versions: list[str] | None = None) -> list[Release]:
+    """`pkg==A,pkg==B` as given; or a range `pkg>=A,<B` resolved against the index: the newest
+    patch of each minor release in it (every release with `every`)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.version import Version
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if all("==" in p for p in parts):
+        return [Release.parse(p) for p in parts]
+    try:
+        req = Requirement(text)
+    except InvalidRequirement:
+        raise UsageError(f"--versions {text!r}: expected PKG==V[,PKG==V...] or a range such as "
+                         "'transformers>=4.38,<4.45'") from None
+    package = req.name.lower()
+    found = [v for v in (versions if versions is not None else index_versions(package)) if v in req.specifier]
+    if not found:
+        raise UsageError(f"no release of {package} on the index is in {req.specifier}")
+    if not every:  # the newest patch of each minor
+        newest: dict = {}
+        for v in found:
+            key = Version(v).release[:2]
+            if key not in newest or Version(v) > Version(newest[key]):
+                newest[key] = v
+        found = sorted(newest.values(), key=Version)
+    return [Release(package, v) for v in found]
+
+
 def between(package: str, good: str, bad: str, versions: list[str] | None = None) -> list[str]:
     """The releases from `good` to `bad` inclusive (either order), oldest first."""
     from packaging.version import Version

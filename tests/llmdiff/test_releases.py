@@ -60,6 +60,18 @@ def test_releases_parse_pin_and_order():
         releases.between("x", "1.0.0", "1.9.0", VERSIONS)
 
 
+def test_a_range_resolves_to_the_newest_patch_of_each_minor():
+    index = ["4.44.0", "4.44.2", "4.45.0", "4.45.1", "4.46.0", "5.0.0"]
+    got = releases.resolve("transformers>=4.44,<4.46", versions=index)
+    assert [str(r) for r in got] == ["transformers==4.44.2", "transformers==4.45.1"]
+    assert len(releases.resolve("transformers>=4.44,<4.46", every=True, versions=index)) == 4
+    assert [r.version for r in releases.resolve("transformers==4.44.0,transformers==5.0.0")] == ["4.44.0", "5.0.0"]
+    with pytest.raises(UsageError, match="no release of transformers on the index is in"):
+        releases.resolve("transformers>=9", versions=index)
+    with pytest.raises(UsageError, match="expected PKG==V"):
+        releases.resolve("trans formers!!", versions=index)
+
+
 def test_the_table_says_why_a_release_could_not_run():
     lines = releases.matrix_lines([_cell("t==1"), _cell("t==2", bad=True, finding="LD301"),
                                    _cell("t==3", error="cannot install t==3: no wheel")])
