@@ -12,8 +12,9 @@ from conftest import run_by_candidate
     ("llama-3.1-8b", "Llama3RopeScalingMissing", "float32", "LD406", "L0.q"),
     ("qwen2.5-0.5b", "QkvBiasDropped", "float32", "LD507", "L0.q"),
     ("qwen3-0.6b", "QkNormMissing", "float32", "LD207", "L0.q"),
-    ("qwen2.5-0.5b", "NormEps1e5", "float32", "LD208", "L0.attn_norm"),
-    ("mistral-7b-v0.1", "SlidingWindowIgnored", "float32", "LD508", "L0.attn_out"),
+    pytest.param("qwen2.5-0.5b", "NormEps1e5", "float32", "LD208", "L0.attn_norm", marks=pytest.mark.slow),
+    pytest.param("mistral-7b-v0.1", "SlidingWindowIgnored", "float32", "LD508", "L0.attn_out",
+                 marks=pytest.mark.slow),
 ])
 def test_a_port_bug_is_named_by_its_check_only(llmdiff_cli, mutants_on_path, model, mutant, dtype, code, where):
     impl = f"hf_mutants:{mutant}"

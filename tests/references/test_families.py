@@ -9,14 +9,17 @@ from conftest import run_by_candidate
 from llmdiff.spec import LLAMA_LIKE_FAMILIES, capture_points, get_spec, model_names
 
 
+SLOW = pytest.mark.slow  # the default suite keeps one case of each feature; CI runs the rest
+
+
 @pytest.mark.parametrize("model,attn", [
     ("llama-3.1-8b", "eager"),     # untied head, llama3 RoPE bands
-    ("llama-3.2-1b", "sdpa"),      # tied, llama3 factor 32
-    ("qwen2.5-0.5b", "eager"),     # q/k/v biases, tied, no <bos>
-    ("qwen2.5-7b", "sdpa"),        # untied
+    pytest.param("llama-3.2-1b", "sdpa", marks=SLOW),      # tied, llama3 factor 32
+    ("qwen2.5-0.5b", "sdpa"),      # q/k/v biases, tied, no <bos>
+    pytest.param("qwen2.5-7b", "eager", marks=SLOW),       # untied
     ("qwen3-0.6b", "eager"),       # per-head q/k RMSNorm, head_dim != hidden / heads
     ("mistral-7b-v0.1", "sdpa"),   # a sliding window on every layer
-    ("mistral-7b-v0.3", "eager"),
+    pytest.param("mistral-7b-v0.3", "eager", marks=SLOW),
 ])
 def test_tiny_compare_is_parity(llmdiff_cli, model, attn):
     code, out, err, report = llmdiff_cli("compare", model, "--tiny", "--attn", attn, "--no-diagnose")
@@ -30,7 +33,7 @@ def test_tiny_compare_is_parity(llmdiff_cli, model, attn):
     assert logits["rel_l2"] <= 1e-5
 
 
-@pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-0.5b"])
+@pytest.mark.parametrize("model", ["llama-3.1-8b", pytest.param("qwen2.5-0.5b", marks=SLOW)])
 def test_weights_made_on_the_workers_device_are_the_same_model(model):
     """Full-size runs make weights in each worker (untied heads and biases too): tiny here."""
     import llmdiff
