@@ -288,7 +288,7 @@ def _stage(report: dict, stage: str, skip: str, run) -> None:
     already judged."""
     try:
         error = run()
-    except (Exception, RecursionError) as e:  # noqa: BLE001 - the report keeps everything before it
+    except Exception as e:  # noqa: BLE001 - the report keeps everything before it
         error = f"{type(e).__name__}: {e}".splitlines()[0]
     if error:
         stage_error(report, stage, error, skip)

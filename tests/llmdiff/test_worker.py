@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -11,6 +12,7 @@ from llmdiff.job import Job, Options, RunId, RunRequest, WeightsSource
 from llmdiff.spec import get_spec
 
 SPEC = get_spec("gemma-7b", tiny=True)
+HERE = Path(__file__).parent  # the fake adapters below are module test_worker
 
 
 def _write_job(tmp_path, cls, runs):
@@ -22,7 +24,7 @@ def _write_job(tmp_path, cls, runs):
 
 
 def test_each_run_writes_captures_and_metadata(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(HERE))
     runs = [RunRequest(RunId("float32"), str(tmp_path / "a")),
             RunRequest(RunId("float64", "bfloat16"), str(tmp_path / "b"), Options(precision={"gelu": "exact"}))]
     assert worker.main(_write_job(tmp_path, "Fake", runs)) == 0
@@ -35,7 +37,7 @@ def test_each_run_writes_captures_and_metadata(tmp_path, monkeypatch):
 
 
 def test_a_failing_run_is_reported_and_the_next_runs(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(HERE))
     runs = [RunRequest(RunId("bfloat16"), str(tmp_path / "a")), RunRequest(RunId("float32"), str(tmp_path / "b"))]
     assert worker.main(_write_job(tmp_path, "FailsInBfloat16", runs)) == 1
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
@@ -43,7 +45,7 @@ def test_a_failing_run_is_reported_and_the_next_runs(tmp_path, monkeypatch):
 
 
 def test_an_adapter_that_cannot_start_fails_every_run_with_one_line(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    monkeypatch.syspath_prepend(str(HERE))
     runs = [RunRequest(RunId("float32"), str(tmp_path / "a")), RunRequest(RunId("bfloat16"), str(tmp_path / "b"))]
     assert worker.main(_write_job(tmp_path, "NotInstalled", runs)) == 1
     for n in "ab":
