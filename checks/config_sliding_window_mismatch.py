@@ -7,7 +7,7 @@ class ConfigSlidingWindowMismatch(ConfigCheck):
     config.json's `sliding_window` size, or the pattern of sliding-window and global layers
     (`layer_types`, Gemma 3's `sliding_window_pattern`, Gemma 2's implicit "even layers
     slide"), differs from the model's. Mistral slides `sliding_window` on every layer (4096
-    when the field is absent, none when it is null); Qwen 2.5 and 3 slide only with
+    when the field is absent, none when it is null), Phi-3 too (none when absent); Qwen 2.5 and 3 slide only with
     `use_sliding_window`, on the layers from `max_window_layers` on (or those `layer_types`
     names).
 
@@ -26,7 +26,8 @@ class ConfigSlidingWindowMismatch(ConfigCheck):
     ## Fix
     Write the window and the per-layer pattern explicitly: `sliding_window` and
     `layer_types` (`"sliding_attention"` / `"full_attention"` per layer); Mistral 7B v0.3
-    `"sliding_window": null`; Qwen 2.5 and 3 `"use_sliding_window": false`.
+    `"sliding_window": null`; Qwen 2.5 and 3 `"use_sliding_window": false`; Phi-3 mini 4k
+    `"sliding_window": 2047`, 128k and 3.5 `262144`.
 
     ## References
     Gemma 2 report (arXiv:2408.00118) and Gemma 3 report (arXiv:2503.19786);
@@ -36,7 +37,7 @@ class ConfigSlidingWindowMismatch(ConfigCheck):
 
     code = "LD708"
     name = "config-sliding-window-mismatch"
-    families = ("gemma2", "gemma3", "mistral", "qwen2", "qwen3")
+    families = ("gemma2", "gemma3", "mistral", "qwen2", "qwen3", "phi3")
 
     def check(self, ctx, spec):
         layout = sliding_layout(ctx.config, ctx.family)

@@ -26,9 +26,10 @@ class SlidingWindowOffByOne(Check):
 
     code = "LD503"
     name = "sliding-window-off-by-one"
-    families = ("gemma2", "gemma3", "mistral")
+    families = ("gemma2", "gemma3", "mistral", "phi3")
     knob = ("sliding_window_offset", 1)
     also = ({"sliding_window_offset": -1},)
 
     def applies(self, spec, dtype=None):
-        return super().applies(spec, dtype) and bool(spec.sliding_window)
+        # A window as long as the context never binds (Phi-3 128k's 262144): nothing to get wrong.
+        return super().applies(spec, dtype) and bool(spec.sliding_window) and spec.sliding_window < spec.max_positions

@@ -18,7 +18,11 @@ Canonical layout (numpy, one entry per tensor, shapes in spec letters):
     lm_head               (V, D)     models and checkpoints that do not tie it to embed
 
 Every conversion asserts the key set and each shape and names the tensor that failed. They
-only transpose, reshape, stack and index, so a round trip is bit-exact. numpy only.
+only transpose, reshape, stack, concatenate and index, so a round trip is bit-exact. numpy only.
+
+Phi-3's HF checkpoints fuse projections (`spec.hf_fused_projections`): `qkv_proj` holds the q,
+k and v rows in that order, `gate_up_proj` the gate rows then the up rows; the canonical set
+keeps them apart, as every other family.
 
 Embedding rows: where HF's table and DeepMind's differ in size (`spec.hf_vocab_size`), the
 rows no text token reaches are dropped going to the smaller table and come back as zeros, so a
@@ -109,9 +113,18 @@ def to_hf(spec: ModelSpec, canon: dict) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
+def _rows(parts: list):
+    """The row-wise concatenation of numpy arrays or of torch tensors (on their device)."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import torch
+
+    return torch.cat(parts)
+
+
 def to_hf_layer(spec: ModelSpec, i: int, canon: dict) -> dict:
     """Layer i's HF tensors from its canonical ones (`canon` needs only those). Only `.mT`,
-    `.T` and `.reshape`, so it converts numpy arrays and torch tensors alike."""
+    `.T`, `.reshape` and row concatenation, so it converts numpy arrays and torch tensors alike."""
     D = spec.hidden_size
     p, c = _hf_layer(i), f"L{i}."
     out = {f"{p}.input_layernorm.weight": canon[c + "attn_norm"]}
@@ -120,6 +133,8 @@ def to_hf_layer(spec: ModelSpec, i: int, canon: dict) -> dict:
         out[f"{p}.self_attn.{name}_proj.weight"] = canon[c + name].mT.reshape(-1, D)
         if spec.qkv_bias:  # (heads, H) -> (heads*H,)
             out[f"{p}.self_attn.{name}_proj.bias"] = canon[c + name + "_bias"].reshape(-1)
+    if spec.hf_fused_projections:  # Phi-3: one (N*H + 2*K*H, D) projection, q rows first
+        out[f"{p}.self_attn.qkv_proj.weight"] = _rows([out.pop(f"{p}.self_attn.{n}_proj.weight") for n in "qkv"])
     out[f"{p}.self_attn.o_proj.weight"] = canon[c + "o"].reshape(-1, D).T  # (D, N*H)
     if spec.qk_norm:
         out[f"{p}.self_attn.q_norm.weight"] = canon[c + "q_norm"]
@@ -133,8 +148,11 @@ def to_hf_layer(spec: ModelSpec, i: int, canon: dict) -> dict:
     else:
         # Gemma 1 calls the norm before the MLP `post_attention_layernorm` (a naming trap).
         out[f"{p}.post_attention_layernorm.weight"] = canon[c + "mlp_norm"]
-    out[f"{p}.mlp.gate_proj.weight"] = canon[c + "gate"].T  # (F, D)
-    out[f"{p}.mlp.up_proj.weight"] = canon[c + "up"].T
+    if spec.hf_fused_projections:  # Phi-3: one (2F, D) projection, the gate rows first
+        out[f"{p}.mlp.gate_up_proj.weight"] = _rows([canon[c + "gate"].T, canon[c + "up"].T])
+    else:
+        out[f"{p}.mlp.gate_proj.weight"] = canon[c + "gate"].T  # (F, D)
+        out[f"{p}.mlp.up_proj.weight"] = canon[c + "up"].T
     out[f"{p}.mlp.down_proj.weight"] = canon[c + "down"].T  # (D, F)
     return out
 
@@ -168,6 +186,11 @@ def hf_shapes(spec: ModelSpec, *, lm_head: bool = False) -> dict[str, tuple[int,
         if _post_norms(spec):
             shapes.update({f"{p}.pre_feedforward_layernorm.weight": (D,),
                            f"{p}.post_feedforward_layernorm.weight": (D,)})
+        if spec.hf_fused_projections:
+            for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+                del shapes[f"{p}.{name}.weight"]
+            shapes.update({f"{p}.self_attn.qkv_proj.weight": ((N + 2 * K) * H, D),
+                           f"{p}.mlp.gate_up_proj.weight": (2 * F, D)})
     return shapes
 
 
@@ -180,8 +203,9 @@ def from_hf(spec: ModelSpec, hf: dict, where: str = "HF checkpoint") -> dict[str
     for i in range(spec.num_layers):
         p, c = _hf_layer(i), f"L{i}."
         out[c + "attn_norm"] = hf[f"{p}.input_layernorm.weight"]
+        split = _split_fused(spec, hf, p) if spec.hf_fused_projections else hf
         for name, heads in (("q", N), ("k", K), ("v", K)):
-            w = hf[f"{p}.self_attn.{name}_proj.weight"]
+            w = split[f"{p}.self_attn.{name}_proj.weight"]
             out[c + name] = w.reshape(heads, H, D).transpose(0, 2, 1)
             if spec.qkv_bias:
                 out[c + name + "_bias"] = hf[f"{p}.self_attn.{name}_proj.bias"].reshape(heads, H)
@@ -195,10 +219,20 @@ def from_hf(spec: ModelSpec, hf: dict, where: str = "HF checkpoint") -> dict[str
             out[c + "post_mlp_norm"] = hf[f"{p}.post_feedforward_layernorm.weight"]
         else:
             out[c + "mlp_norm"] = hf[f"{p}.post_attention_layernorm.weight"]
-        out[c + "gate"] = hf[f"{p}.mlp.gate_proj.weight"].T
-        out[c + "up"] = hf[f"{p}.mlp.up_proj.weight"].T
+        out[c + "gate"] = split[f"{p}.mlp.gate_proj.weight"].T
+        out[c + "up"] = split[f"{p}.mlp.up_proj.weight"].T
         out[c + "down"] = hf[f"{p}.mlp.down_proj.weight"].T
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _split_fused(spec: ModelSpec, hf: dict, p: str) -> dict:
+    """Phi-3's fused projections of layer `p` under the unfused names: q, k, v from the rows of
+    `qkv_proj`, gate and up from those of `gate_up_proj`."""
+    N, K, H, F = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.mlp_dim
+    qkv, gate_up = hf[f"{p}.self_attn.qkv_proj.weight"], hf[f"{p}.mlp.gate_up_proj.weight"]
+    return {f"{p}.self_attn.q_proj.weight": qkv[:N * H], f"{p}.self_attn.k_proj.weight": qkv[N * H:(N + K) * H],
+            f"{p}.self_attn.v_proj.weight": qkv[(N + K) * H:], f"{p}.mlp.gate_proj.weight": gate_up[:F],
+            f"{p}.mlp.up_proj.weight": gate_up[F:]}
 
 
 # --- Google DeepMind's gemma (flattened Flax params, '/'-joined) --------------------------

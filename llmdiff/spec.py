@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    family: str                      # "gemma" (Gemma 1), "gemma2", "gemma3", "llama", "qwen2", "qwen3", "mistral"
+    # "gemma" (Gemma 1), "gemma2", "gemma3", "llama", "qwen2", "qwen3", "mistral", "phi3"
+    family: str
     vocab_size: int                  # V, rows of the embedding table (DeepMind's, padded or not)
     hidden_size: int                 # D, the residual width
     num_layers: int
@@ -37,6 +38,11 @@ class ModelSpec:
     # Llama 3's RoPE scaling of the frequencies: (factor, low_freq_factor, high_freq_factor,
     # original_max_position_embeddings); None: none.
     rope_llama3: tuple | None = None
+    # Phi-3's LongRoPE: (short_factors, long_factors, original_max_position_embeddings), one
+    # divisor per frequency (H/2 each). A run whose sequence is longer than the original context
+    # uses the long factors, else the short ones; cos and sin are multiplied by
+    # `longrope_attention_factor` either way. None: none.
+    rope_longrope: tuple | None = None
     rope_base: float = 10_000.0
     query_pre_attn_scalar: float = 0.0  # q is scaled by this ** -0.5; 0 means head_dim
     tie_embeddings: bool = True      # logits = h @ embed.T, no separate lm_head
@@ -53,6 +59,8 @@ class ModelSpec:
     rope_scale_local: float = 1.0          # ... and on local layers
     transpose_gating: bool = False         # DeepMind stores gating_einsum as (2, F, D), not (2, D, F)
     hf_vocab_size: int | None = None       # HF's embedding rows where they differ from DeepMind's
+    # HF stores q, k, v as one `qkv_proj` and gate, up as one `gate_up_proj` (Phi-3).
+    hf_fused_projections: bool = False
     max_positions: int = 8192
     pad_id: int | None = 0
     eos_id: int = 1
@@ -84,13 +92,26 @@ class ModelSpec:
     def kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def longrope_attention_factor(self) -> float:
+        """LongRoPE's factor on cos and sin: sqrt(1 + ln(s) / ln(original)) with s the context
+        extension max_positions / original (Phi-3's `scaling_factor`, HF's `attention_factor`
+        in `_compute_longrope_parameters`); 1 without LongRoPE or extension."""
+        if not self.rope_longrope:
+            return 1.0
+        original = self.rope_longrope[2]
+        scale = self.max_positions / original
+        return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
         # JSON turns tuples into lists; the spec must stay hashable (it is a static jit argument).
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        def frozen(v):
+            return tuple(map(frozen, v)) if isinstance(v, list) else v
+        return cls(**{k: frozen(v) for k, v in d.items()})
 
 
 # Published numbers. Gemma 1: https://huggingface.co/google/gemma-7b/blob/main/config.json,
@@ -247,8 +268,69 @@ _SPECS.update({
         rope_base_local=1_000_000.0, tie_embeddings=False, max_positions=32_768, pad_id=None, bos_id=1,
         eos_id=2, **_LLAMA_LIKE),
 })
+
+# Phi-3 mini and Phi-3.5 mini: Llama's block (SwiGLU, RMSNorm with w, eps 1e-5, no GQA) with
+# HF's q, k, v and gate, up fused into one projection each, an untied head, a sliding window on
+# every layer, and LongRoPE on the 128k models. Numbers from each repo's config.json
+# (microsoft/Phi-3-mini-4k-instruct, microsoft/Phi-3-mini-128k-instruct after its July 2024
+# update, microsoft/Phi-3.5-mini-instruct) and `Phi3Config` (transformers 5.x); the factor
+# lists as published (float32 values, Phi-3's short ones float64 sums), cross-checked with
+# Microsoft's own copies (the 128k's in microsoft/LongRoPE-style eval scripts).
+_PHI3 = dict(family="phi3", vocab_size=32_064, hidden_size=3072, num_layers=32, num_heads=32, num_kv_heads=32,
+             head_dim=96, mlp_dim=8192, norm_eps=1e-5, tie_embeddings=False, hf_fused_projections=True,
+             attention_types=("local",) * 32, pad_id=32_000, bos_id=1, eos_id=32_000, **_LLAMA_LIKE)
+_PHI3_128K_SHORT = (
+    1.1, 1.1, 1.1, 1.3000000000000003, 1.3500000000000003, 1.3500000000000003, 1.4000000000000004,
+    1.5500000000000005, *(2.000000000000001,) * 17, *(2.0500000000000007,) * 6, 2.1000000000000005,
+    2.1000000000000005, 2.1500000000000004, *(2.25,) * 5, 2.3999999999999995, 2.4499999999999993, 2.499999999999999,
+    2.6999999999999984, 2.6999999999999984, 2.7499999999999982, 2.799999999999998, 2.8999999999999977,
+    3.049999999999997)
+_PHI3_128K_LONG = (
+    1.0700000524520874, 1.1200000047683716, 1.149999976158142, 1.4199999570846558, 1.5699999332427979,
+    1.7999999523162842, 2.129999876022339, 2.129999876022339, 3.009999990463257, 5.910000324249268,
+    6.950000286102295, 9.070000648498535, 9.930000305175781, 10.710000038146973, 11.130000114440918,
+    14.609999656677246, 15.409998893737793, 19.809999465942383, 37.279998779296875, 38.279998779296875,
+    38.599998474121094, 40.12000274658203, 46.20000457763672, 50.940006256103516, 53.66000747680664,
+    54.9373893737793, 56.89738845825195, 57.28738784790039, 59.98738479614258, 60.86738586425781,
+    60.887386322021484, 61.71739196777344, 62.91739273071289, 62.957393646240234, 63.41739273071289,
+    63.8173942565918, 63.83739471435547, 63.897396087646484, 63.93739700317383, 64.06739807128906,
+    64.11434936523438, 64.12435150146484, 64.15435028076172, 64.19435119628906, 64.24435424804688,
+    64.57435607910156, 64.69000244140625, 64.76000213623047)
+_PHI35_SHORT = (
+    1.0, 1.0199999809265137, 1.0299999713897705, 1.0299999713897705, *(1.0499999523162842,) * 5,
+    1.0699999332427979, 1.0999999046325684, 1.1099998950958252, 1.1599998474121094, 1.1599998474121094,
+    1.1699998378753662, 1.2899998426437378, 1.339999794960022, 1.679999828338623, 1.7899998426437378,
+    1.8199998140335083, 1.8499997854232788, 1.8799997568130493, 1.9099997282028198, 1.9399996995925903,
+    1.9899996519088745, *(2.0199997425079346,) * 6, *(2.0299997329711914,) * 9, 2.0799996852874756,
+    2.0899996757507324, 2.189999580383301, 2.2199995517730713, 2.5899994373321533, 2.729999542236328,
+    2.749999523162842, 2.8399994373321533)
+_PHI35_LONG = (
+    1.0800000429153442, 1.1100000143051147, 1.1399999856948853, 1.340000033378601, 1.5899999141693115,
+    1.600000023841858, 1.6200000047683716, 2.620000123977661, 3.2300000190734863, 3.2300000190734863,
+    4.789999961853027, 7.400000095367432, 7.700000286102295, 9.09000015258789, 12.199999809265137,
+    17.670000076293945, 24.46000099182129, 28.57000160217285, 30.420001983642578, 30.840002059936523,
+    32.590003967285156, 32.93000411987305, 42.320003509521484, 44.96000289916992, 50.340003967285156,
+    50.45000457763672, 57.55000305175781, 57.93000411987305, 58.21000289916992, 60.1400032043457,
+    62.61000442504883, 62.62000274658203, 62.71000289916992, 63.1400032043457, 63.1400032043457,
+    63.77000427246094, 63.93000411987305, 63.96000289916992, 63.970001220703125, 64.02999877929688,
+    64.06999969482422, 64.08000183105469, 64.12000274658203, 64.41000366210938, 64.4800033569336,
+    64.51000213623047, 64.52999877929688, 64.83999633789062)
+_SPECS.update({
+    # 4k: no RoPE scaling; a 2047-token window on every layer (config.json `sliding_window`),
+    # which a 4096-token context reaches.
+    "phi-3-mini-4k-instruct": ModelSpec(name="phi-3-mini-4k-instruct", sliding_window=2047, max_positions=4096,
+                                        **_PHI3),
+    # 128k: LongRoPE over an original 4096-token context (attention factor sqrt(1 + ln 32 / ln
+    # 4096) = 1.19); `sliding_window` 262144 is twice the context, so it never binds.
+    "phi-3-mini-128k-instruct": ModelSpec(
+        name="phi-3-mini-128k-instruct", sliding_window=262_144, max_positions=131_072,
+        rope_longrope=(_PHI3_128K_SHORT, _PHI3_128K_LONG, 4096), **_PHI3),
+    "phi-3.5-mini-instruct": ModelSpec(
+        name="phi-3.5-mini-instruct", sliding_window=262_144, max_positions=131_072,
+        rope_longrope=(_PHI35_SHORT, _PHI35_LONG, 4096), **_PHI3),
+})
 GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
-LLAMA_LIKE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+LLAMA_LIKE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "phi3")
 FAMILIES = GEMMA_FAMILIES + LLAMA_LIKE_FAMILIES
 
 TINY_VOCAB = 512
@@ -299,7 +381,9 @@ def shrink(spec: ModelSpec) -> ModelSpec:
             hidden = max(16, round(ratio * heads * head_dim / 8) * 8)
             if hidden == heads * head_dim:
                 hidden += 8
-        if sqrt_rounds_differently_in_bf16(hidden):
+        # ... and the MLP width exactly as many times the hidden size (Phi-3's 8/3 needs a
+        # multiple of 3).
+        if sqrt_rounds_differently_in_bf16(hidden) and hidden * spec.mlp_dim % spec.hidden_size == 0:
             break
     else:  # pragma: no cover - the candidates above always contain a good one
         raise AssertionError(f"no tiny shape for {spec.name}")
@@ -319,18 +403,41 @@ def shrink(spec: ModelSpec) -> ModelSpec:
     extra = (spec.hf_vocab_size or spec.vocab_size) - spec.vocab_size
     vocab = TINY_VOCAB + max(0, -extra)
     hf_vocab = vocab + extra if spec.hf_vocab_size else None
-    window = min(spec.sliding_window, TINY_SLIDING_WINDOW) if spec.sliding_window else None
     # Llama 3's RoPE bands: a tiny original context, so that the default prompts run past it and
     # the tiny head_dim's frequencies fall on both sides of both band edges.
     llama3 = (*spec.rope_llama3[:3], TINY_ORIGINAL_CONTEXT) if spec.rope_llama3 else None
+    # LongRoPE: the same tiny original context, which the short default prompt stays within and
+    # the long one runs past (short factors on one, long on the other), the context extension
+    # (max_positions / original, so the attention factor's) kept, and factor lists of the tiny
+    # head_dim / 2 taken evenly from the published ones, first and last included.
+    max_positions, longrope = 1024, None
+    if spec.rope_longrope:
+        short, long, original = spec.rope_longrope
+        longrope = (_spread(short, head_dim // 2), _spread(long, head_dim // 2), TINY_ORIGINAL_CONTEXT)
+        max_positions = TINY_ORIGINAL_CONTEXT * spec.max_positions // original
+    # A window the model's context reaches slides over the long prompt; one no prompt can reach
+    # (Phi-3 128k: twice the context) stays out of reach.
+    if not spec.sliding_window:
+        window = None
+    elif spec.sliding_window < spec.max_positions:
+        window = min(spec.sliding_window, TINY_SLIDING_WINDOW)
+    else:
+        window = spec.sliding_window * max_positions // spec.max_positions
     return dataclasses.replace(
         spec, name=spec.name, vocab_size=vocab, hf_vocab_size=hf_vocab, hidden_size=hidden,
         num_layers=num_layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, mlp_dim=mlp,
         query_pre_attn_scalar=query_pre_attn_scalar, attention_types=attention_types,
-        sliding_window=window, rope_llama3=llama3, max_positions=1024,
+        sliding_window=window, rope_llama3=llama3, rope_longrope=longrope, max_positions=max_positions,
         # The tiny vocabulary's special ids (those of the tiny tokenizer): pad 0, eos 1, bos 2.
         pad_id=0 if spec.pad_id is not None else None, eos_id=1, bos_id=2, tiny=True,
     )
+
+
+def _spread(values: tuple, n: int) -> tuple:
+    """n of `values` at evenly spaced indices, the first and the last included."""
+    if n == 1:
+        return (values[0],)
+    return tuple(values[round(j * (len(values) - 1) / (n - 1))] for j in range(n))
 
 
 def pattern_period(types: tuple[str, ...]) -> int:

@@ -1,4 +1,4 @@
-"""Gemma 1, 2 and 3 (text), Llama 3.x, Qwen 2.5 / 3 and Mistral in pure JAX: llmdiff's oracle.
+"""Gemma 1, 2 and 3 (text), Llama 3.x, Qwen 2.5 / 3, Mistral and Phi-3 in pure JAX: llmdiff's oracle.
 Read it top to bottom like a textbook. One decoder; what a family changes is data in its
 `ModelSpec`.
 
@@ -9,7 +9,9 @@ five layers of six, and gives global layers their own RoPE base (and linear scal
 Llama 3 uses SwiGLU, RMSNorm with w (not 1 + w) applied in the compute dtype, no embedding
 normaliser, often an untied output head, and rescales RoPE frequencies in three bands
 ("llama3" scaling). Qwen2 adds biases to q, k and v; Qwen3 drops them for a per-head RMSNorm
-of q and k (as Gemma 3). Mistral 7B v0.1 slides a window on every layer.
+of q and k (as Gemma 3). Mistral 7B v0.1 slides a window on every layer. Phi-3 is Llama's
+block with a window on every layer and, on its 128k models, LongRoPE: one divisor per frequency,
+from a short list or a long one by the sequence's length, and cos and sin scaled by a factor.
 
 It runs in float64, float32 or bfloat16 (the dtype of the params it is given), takes Google
 DeepMind's parameter layout (`gemma.gm.nn.Transformer` params) directly, and returns every
@@ -94,6 +96,13 @@ class Precision:
     # Llama 3's RoPE scaling in three bands; False divides every frequency by the factor (a
     # port that reads `rope_scaling` as linear scaling).
     llama3_bands: bool = True
+    # LongRoPE's factors: "by_length", the long ones when the sequence is longer than the
+    # original context, else the short ones (Phi-3's reference code, HF); "long" or "short",
+    # one list whatever the length (ports that pick by the configured context, or read one list).
+    longrope_factors: str = "by_length"
+    # LongRoPE's attention factor on cos and sin; False leaves it out (ports that treat LongRoPE
+    # as per-frequency scaling only).
+    longrope_attention_factor: bool = True
     # RMSNorm's epsilon; 0.0: the spec's (`rms_norm_eps`). Ports that hard-code 1e-5 or 1e-6.
     norm_eps: float = 0.0
     # RoPE pairs: "half" rotates (x[i], x[i + H/2]) (Gemma, HF `rotate_half`); "interleaved"
@@ -113,7 +122,7 @@ class Precision:
                "embed_scale": ("rounded", "python_float"), "rope_dtype": ("fp32", "compute", "table_compute"),
                "rope_form": ("div", "mul_reciprocal"), "constants_dtype": (None, "float32", "bfloat16"),
                "query_scale": ("spec", "head_dim", "hidden_over_heads"), "rope_layout": ("half", "interleaved"),
-               "kv_repeat": ("grouped", "tiled")}
+               "kv_repeat": ("grouped", "tiled"), "longrope_factors": ("by_length", "short", "long")}
 
     def __post_init__(self):
         for f in fields(self):
@@ -177,6 +186,15 @@ def llama3_rope_scales(H: int, base: float, llama3: tuple) -> np.ndarray:
     return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, blended))
 
 
+def longrope_scales(spec: ModelSpec, T: int, p: Precision) -> np.ndarray:
+    """LongRoPE's per-frequency divisors (H/2,) for a sequence of T positions: the long factors
+    when T exceeds the original context, else the short ones (Phi-3's
+    `Phi3LongRoPEScaledRotaryEmbedding`, HF's `longrope_frequency_update`). float64, on the host."""
+    short, long, original = spec.rope_longrope
+    use_long = {"by_length": T > original, "long": True, "short": False}[p.longrope_factors]
+    return np.asarray(long if use_long else short, np.float64)
+
+
 def rope_angles(T: int, H: int, base: float, p: Precision, dtype, scale: float = 1.0) -> np.ndarray:
     """position / base**(2i/H) / scale for positions 0..T-1: a (T, H/2) table, on the host.
 
@@ -221,14 +239,17 @@ def layer_types(spec: ModelSpec, p: Precision) -> tuple[str, ...]:
     return tuple(types[(i + p.layer_pattern_shift) % period] for i in range(spec.num_layers))
 
 
-def rope(x, angles, p: Precision):
+def rope(x, angles, p: Precision, factor: float = 1.0):
     """Rotary embedding, half-rotated layout: x = [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin].
 
-    x: (B, T, heads, H); angles: (T, H/2) from `rope_angles`.
+    x: (B, T, heads, H); angles: (T, H/2) from `rope_angles`. factor: LongRoPE's attention
+    factor, multiplying cos and sin in the angle dtype (HF: `emb.cos() * attention_scaling`).
     """
     angles = jnp.asarray(angles)
     sin = jnp.sin(angles)[None, :, None, :]                                         # (1, T, 1, H/2)
     cos = jnp.cos(angles)[None, :, None, :]
+    if factor != 1.0:
+        sin, cos = sin * factor, cos * factor
     if p.rope_layout == "half":
         x1, x2 = jnp.split(x, 2, axis=-1)
     elif p.rope_layout == "interleaved":
@@ -281,9 +302,13 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
     scale = (spec.rope_scale_local if local else spec.rope_scale) if p.rope_scaling else 1.0
     if spec.rope_llama3 and p.rope_scaling:
         scale = scale * (llama3_rope_scales(H, base, spec.rope_llama3) if p.llama3_bands else spec.rope_llama3[0])
+    factor = 1.0
+    if spec.rope_longrope and p.rope_scaling:  # Phi-3: every layer, factors by the sequence's length
+        scale = scale * longrope_scales(spec, x.shape[1], p)
+        factor = spec.longrope_attention_factor if p.longrope_attention_factor else 1.0
     angles = rope_angles(x.shape[1], H, base, p, q.dtype, scale)
-    q = rope(q, angles, p)                                                         # (B, T, N, H)
-    k = rope(k, angles, p)                                                         # (B, S, K, H)
+    q = rope(q, angles, p, factor)                                                 # (B, T, N, H)
+    k = rope(k, angles, p, factor)                                                 # (B, S, K, H)
     q, k, v = cap(f"{pre}q", q), cap(f"{pre}k", k), cap(f"{pre}v", v)
 
     B, T = q.shape[:2]

@@ -1,6 +1,6 @@
 """Adapter for Hugging Face transformers (`GemmaForCausalLM`, `Gemma2ForCausalLM`, the
 text-only `Gemma3ForCausalLM`, `LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
-`MistralForCausalLM`), loaded the way users load it.
+`MistralForCausalLM`, `Phi3ForCausalLM`), loaded the way users load it.
 
 Capture works on transformers 4.38 to today: the attention code changed a lot between them
 (per-class eager/SDPA attention in 4.38; one attention module and an attention-function
@@ -13,8 +13,10 @@ registry since 4.48), so points are taken only where every release agrees:
   before it, so they are included).
 Gemma 2/3 layers have four norms: `post_attention_layernorm` is then the norm *after*
 attention and `pre_feedforward_layernorm` the one before the MLP (in Gemma 1 the former is the
-pre-MLP norm). Logits are kept over the ids a text token can take (`text_vocab_size`): Gemma 3
-4B-27B checkpoints have 64 more rows than DeepMind's table.
+pre-MLP norm). Phi-3 fuses q, k, v into `self_attn.qkv_proj` and gate, up into
+`mlp.gate_up_proj`: v, gate and up are their outputs' slices (the same slices its forward takes).
+Logits are kept over the ids a text token can take (`text_vocab_size`): Gemma 3 4B-27B
+checkpoints have 64 more rows than DeepMind's table.
 """
 
 from __future__ import annotations
@@ -205,6 +207,11 @@ class HFReference(Reference):
         def heads(t):  # (B, T, K*H) -> (B, T, K, H)
             return t.reshape(*t.shape[:2], -1, self.spec.head_dim)
 
+        N, K, H, F = self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim, self.spec.mlp_dim
+
+        def fused_v(t):  # Phi-3's qkv_proj output: q, k, then v features
+            return heads(t[..., (N + K) * H:])
+
         handles.append(layers[0].register_forward_pre_hook(on_input("embed"), with_kwargs=True))
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -214,9 +221,12 @@ class HFReference(Reference):
             handles += [
                 attn.register_forward_pre_hook(enter, with_kwargs=True),
                 layer.input_layernorm.register_forward_hook(on_output(f"L{i}.attn_norm")),
-                attn.v_proj.register_forward_hook(on_output(f"L{i}.v", heads)),
                 attn.o_proj.register_forward_hook(on_output(f"L{i}.attn_out")),
             ]
+            if hasattr(attn, "qkv_proj"):  # Phi-3
+                handles.append(attn.qkv_proj.register_forward_hook(on_output(f"L{i}.v", fused_v)))
+            else:
+                handles.append(attn.v_proj.register_forward_hook(on_output(f"L{i}.v", heads)))
             pre_mlp_norm = getattr(layer, "pre_feedforward_layernorm", None)
             if pre_mlp_norm is not None:  # Gemma 2/3: four norms per layer
                 handles += [
@@ -230,12 +240,16 @@ class HFReference(Reference):
             handles += [
                 pre_mlp_norm.register_forward_pre_hook(on_input(f"L{i}.resid_mid"), with_kwargs=True),
                 pre_mlp_norm.register_forward_hook(on_output(f"L{i}.mlp_norm")),
-                mlp.gate_proj.register_forward_hook(on_output(f"L{i}.mlp_gate")),
-                mlp.up_proj.register_forward_hook(on_output(f"L{i}.mlp_up")),
                 mlp.down_proj.register_forward_pre_hook(on_input(f"L{i}.mlp_act"), with_kwargs=True),
                 mlp.register_forward_hook(on_output(f"L{i}.mlp_out")),
                 layer.register_forward_hook(on_output(f"L{i}.out")),
             ]
+            if hasattr(mlp, "gate_up_proj"):  # Phi-3: the gate features, then the up ones (its chunk(2))
+                handles += [mlp.gate_up_proj.register_forward_hook(on_output(f"L{i}.mlp_gate", lambda t: t[..., :F])),
+                            mlp.gate_up_proj.register_forward_hook(on_output(f"L{i}.mlp_up", lambda t: t[..., F:]))]
+            else:
+                handles += [mlp.gate_proj.register_forward_hook(on_output(f"L{i}.mlp_gate")),
+                            mlp.up_proj.register_forward_hook(on_output(f"L{i}.mlp_up"))]
         handles.append(model.model.norm.register_forward_hook(on_output("final_norm")))
 
         modeling = sys.modules[type(layers[0].self_attn).__module__]
@@ -311,10 +325,15 @@ class HFReference(Reference):
         details = {"attn_implementation": self.attn_implementation, "device": str(self.device), "devices": self.devices,
                    "streamed": self.stream,
                    "tied_lm_head": tied,
-                   "activation": type(model.model.layers[0].mlp.act_fn).__name__}
+                   "activation": type(_activation(model.model.layers[0].mlp)).__name__}
         if not tied and head.shape == embed.shape:
             details["lm_head_max_abs_diff"] = float((head.float() - embed.float()).abs().max())
         return details
+
+
+def _activation(mlp):
+    """The MLP's activation module: `act_fn`, Phi-3's `activation_fn`."""
+    return getattr(mlp, "act_fn", None) or mlp.activation_fn
 
 
 @contextlib.contextmanager

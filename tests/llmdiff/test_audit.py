@@ -404,7 +404,7 @@ def test_python_api_and_registry_integration(checkpoint):
 
 def test_unknown_family_still_gets_file_and_weight_checks(checkpoint):
     path = checkpoint()
-    edit_json(path, "config.json", model_type="phi3", architectures=["Phi3ForCausalLM"])
+    edit_json(path, "config.json", model_type="olmo", architectures=["OlmoForCausalLM"])
     zero_projection(path)
     report = audit.audit(path).report
     assert report["model"] is None and report["family"] is None

@@ -1,4 +1,4 @@
-"""`llmdiff audit` on Llama 3.x, Qwen 2.5 / 3 and Mistral checkpoints written by transformers'
+"""`llmdiff audit` on Llama 3.x, Qwen 2.5 / 3, Mistral and Phi-3 checkpoints written by transformers'
 own `save_pretrained`: each tiny one audits clean and is recognised as its model; each config
 defect a family rule knows about is named by exactly its check."""
 
@@ -16,9 +16,10 @@ from llmdiff.cli import main
 from llmdiff.spec import LLAMA_LIKE_FAMILIES, get_spec
 
 # One model per feature the audit must know: untied and tied heads, llama3 RoPE, qkv biases,
-# q/k norms, a sliding window on every layer, and none where the family default has one.
+# q/k norms, a sliding window on every layer, and none where the family default has one;
+# fused projections, LongRoPE (two models of one shape, told apart by their factors).
 MODELS = ("llama-3.1-8b", "llama-3.2-1b", "qwen2.5-7b", "qwen2.5-0.5b", "qwen3-8b", "mistral-7b-v0.1",
-          "mistral-7b-v0.3")
+          "mistral-7b-v0.3", "phi-3-mini-4k-instruct", "phi-3-mini-128k-instruct", "phi-3.5-mini-instruct")
 # Each family's special tokens as their tokenizers spell them (tiny ids: pad 0, eos 1, bos 2,
 # end of turn 3), and a chat template that ends turns with the end-of-turn token.
 TOKENS = {
@@ -27,6 +28,8 @@ TOKENS = {
     "qwen2": {"bos": None, "eos": "<|endoftext|>", "pad": "<|pad|>", "eot": "<|im_end|>",
               "turn": "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"},
     "mistral": {"bos": "<s>", "eos": "</s>", "pad": None, "eot": None, "turn": "[INST] {{ m['content'] }} [/INST]"},
+    "phi3": {"bos": "<s>", "eos": "<|endoftext|>", "pad": "<unk>", "eot": "<|end|>",
+             "turn": "<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"},
 }
 TOKENS["qwen3"] = TOKENS["qwen2"]
 
@@ -205,6 +208,16 @@ CASES = [
      "shapes config.json does not imply"),
     ("wrong-llama", "llama-3.1-8b", lambda p: None, ("--model", "llama-3.1-70b"), "LD711",
      "sizes differ from llama-3.1-70b"),
+    # Phi-3: the window (absent is none), LongRoPE dropped or with another original context (the
+    # tiny 128k and 3.5 differ only in their factors: the model named)
+    ("phi3-4k-window-absent", "phi-3-mini-4k-instruct", lambda p: edit_config(p, sliding_window=DELETE), (), "LD708",
+     "sliding_window is absent (transformers' default None) but phi-3-mini-4k-instruct uses 32"),
+    ("phi3-longrope-dropped", "phi-3-mini-128k-instruct", lambda p: _transformers_4_rope(p, None, 10000.0),
+     ("--model", "phi-3-mini-128k-instruct"), "LD707", "uses base 10000, longrope scaling x32"),
+    ("phi3-original-context", "phi-3-mini-128k-instruct", lambda p: edit_config(p, original_max_position_embeddings=32),
+     ("--model", "phi-3-mini-128k-instruct"), "LD707", "original_max_position_embeddings 32"),
+    ("phi3-factors-of-another-model", "phi-3.5-mini-instruct", lambda p: None,
+     ("--model", "phi-3-mini-128k-instruct"), "LD707", "short_factor [1 .. 2.84]"),
 ]
 
 
@@ -218,6 +231,18 @@ def test_each_config_defect_is_named_by_its_check_only(checkpoint, case):
     assert {f["code"] for f in report["findings"]} == {expected}, report["findings"]
     assert any(words in f["message"] for f in report["findings"]), report["findings"]
     assert report["family"] == get_spec(model).family
+
+
+@pytest.mark.parametrize("kind", ["su", "longrope"])
+def test_phi3_transformers_4_longrope_fields_audit_clean(checkpoint, kind):
+    """Phi-3 128k's own config.json form: `rope_theta`, `rope_scaling` with `type` "longrope" (its
+    first release: "su"), the original context at the top level."""
+    path = checkpoint("phi-3-mini-128k-instruct")
+    params = json.loads((path / "config.json").read_text())["rope_parameters"]
+    _transformers_4_rope(path, {"type": kind, "short_factor": params["short_factor"],
+                                "long_factor": params["long_factor"]}, params["rope_theta"])
+    code, out, report = run_audit(path)
+    assert (code, report["model"]) == (0, "phi-3-mini-128k-instruct"), out
 
 
 def test_qwen_window_on_but_past_the_last_layer_still_is_named(checkpoint):
@@ -238,6 +263,11 @@ WRONG_FIELDS = [
      "rope_parameters must be an object whose low_freq_factor is a number, found a string"),
     ("llama-3.1-8b", {"rope_scaling": {"type": "llama3", "factor": 8.0, "original_max_position_embeddings": [8192]}},
      "rope_scaling must be an object whose original_max_position_embeddings is a number, found an array"),
+    ("phi-3-mini-128k-instruct",
+     {"rope_parameters": {"rope_type": "longrope", "short_factor": "1.0", "long_factor": [1.0]}},
+     "rope_parameters must be an object whose short_factor is an array of numbers, found a string"),
+    ("phi-3-mini-128k-instruct", {"original_max_position_embeddings": "64"},
+     "original_max_position_embeddings must be an integer above 1, found a string"),
 ]
 
 

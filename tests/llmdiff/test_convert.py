@@ -100,3 +100,26 @@ def test_embedding_rows_follow_each_layout():
         assert np.array_equal(hf["model.embed_tokens.weight"][:V], dm["embedder/input_embedding"][:V])
         # the rows only one layout has are zero: no text id reaches them
         assert not hf["model.embed_tokens.weight"][V:].any() and not dm["embedder/input_embedding"][V:].any()
+
+
+def test_phi3_fused_projections_round_trip_and_layout():
+    """Phi-3's HF `qkv_proj` is q, k, v rows stacked, `gate_up_proj` the gate rows then the up
+    rows (its forward's `chunk(2)`); a round trip is bit-exact, numpy and torch alike."""
+    import torch
+
+    spec = get_spec("phi-3-mini-128k-instruct", tiny=True)
+    canon = weights.random_weights(spec, seed=3)
+    hf = convert.to_hf(spec, canon)
+    N, K, H, D, F = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size, spec.mlp_dim
+    assert set(hf) == set(convert.hf_shapes(spec, lm_head=True))
+    assert not any(n.endswith((".q_proj.weight", ".gate_proj.weight", ".up_proj.weight")) for n in hf)
+    qkv, gate_up = hf["model.layers.1.self_attn.qkv_proj.weight"], hf["model.layers.1.mlp.gate_up_proj.weight"]
+    assert qkv.shape == ((N + 2 * K) * H, D) and gate_up.shape == (2 * F, D)
+    x = np.random.default_rng(0).normal(size=D).astype(np.float32)
+    assert np.allclose((x @ qkv.T)[(N + K) * H:], np.einsum("D,KDH->KH", x, canon["L1.v"]).ravel(), atol=1e-5)
+    gate, up = np.split(x @ gate_up.T, 2)
+    assert np.allclose(gate, x @ canon["L1.gate"], atol=1e-5) and np.allclose(up, x @ canon["L1.up"], atol=1e-5)
+    again = convert.from_hf(spec, hf)
+    assert set(again) == set(canon) and all(again[k].tobytes() == canon[k].tobytes() for k in canon)
+    layer = convert.to_hf_layer(spec, 1, {k: torch.from_numpy(v) for k, v in canon.items() if k.startswith("L1.")})
+    assert all(layer[k].numpy().tobytes() == hf[k].tobytes() for k in layer)

@@ -1,4 +1,4 @@
-"""Ports of Llama 3, Qwen and Mistral that get one thing wrong: named by that check, confirmed by
+"""Ports of Llama 3, Qwen, Mistral and Phi-3 that get one thing wrong: named by that check, confirmed by
 counterfactual, and by no other."""
 
 from __future__ import annotations
@@ -15,6 +15,13 @@ from conftest import run_by_candidate
     pytest.param("qwen2.5-0.5b", "NormEps1e5", "float32", "LD208", "L0.attn_norm", marks=pytest.mark.slow),
     pytest.param("mistral-7b-v0.1", "SlidingWindowIgnored", "float32", "LD508", "L0.attn_out",
                  marks=pytest.mark.slow),
+    ("phi-3-mini-128k-instruct", "LongropeLongFactorsAlways", "float32", "LD407", "L0.q"),
+    pytest.param("phi-3-mini-4k-instruct", "SlidingWindowIgnored", "bfloat16", "LD508", "L0.attn_out",
+                 marks=pytest.mark.slow),
+    pytest.param("phi-3-mini-128k-instruct", "LongropeShortFactorsAlways", "bfloat16", "LD407", "L0.q",
+                 marks=pytest.mark.slow),
+    pytest.param("phi-3.5-mini-instruct", "LongropeAttentionFactorIgnored", "bfloat16", "LD408", "L0.q",
+                 marks=pytest.mark.slow),
 ])
 def test_a_port_bug_is_named_by_its_check_only(llmdiff_cli, mutants_on_path, model, mutant, dtype, code, where):
     impl = f"hf_mutants:{mutant}"
@@ -28,7 +35,8 @@ def test_a_port_bug_is_named_by_its_check_only(llmdiff_cli, mutants_on_path, mod
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b-v0.1"])
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b-v0.1",
+                                   "phi-3-mini-128k-instruct", "phi-3-mini-4k-instruct"])
 def test_selftest_is_diagonal_for_each_family(llmdiff_cli, model):
     """Every dynamic check's bug as an oracle mutant, three at once, and a bug no check knows:
     each named by its own check only (three bugs at one point included: Llama's RoPE layout,

@@ -83,6 +83,35 @@ def test_llama_qwen_mistral_published_numbers(name):
     assert (s.sliding_window, set(s.layer_types)) == ((4096, {"local"}) if name == "mistral-7b-v0.1" else (None, {"global"}))
 
 
+# Phi-3: each repo's config.json (microsoft/Phi-3-mini-4k-instruct, -128k-instruct after its
+# July 2024 update, Phi-3.5-mini-instruct): window, context, LongRoPE's original context and the
+# ends of its factor lists.
+PHI3 = {
+    "phi-3-mini-4k-instruct": (2047, 4096, None),
+    "phi-3-mini-128k-instruct": (262_144, 131_072, (4096, (1.1, 3.049999999999997), (1.0700000524520874, 64.76000213623047))),
+    "phi-3.5-mini-instruct": (262_144, 131_072, (4096, (1.0, 2.8399994373321533), (1.0800000429153442, 64.83999633789062))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PHI3))
+def test_phi3_published_numbers(name):
+    s = get_spec(name)
+    assert (s.family, s.vocab_size, s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim, s.mlp_dim,
+            s.norm_eps, s.rope_base, s.tie_embeddings) == ("phi3", 32064, 3072, 32, 32, 32, 96, 8192, 1e-5, 10_000.0, False)
+    assert (s.activation, s.norm_plus_one, s.norm_scale_dtype, s.embed_scale) == ("silu", False, "compute", "none")
+    assert (s.bos_id, s.eos_id, s.pad_id, s.hf_fused_projections, s.qkv_bias, s.qk_norm) == (1, 32000, 32000, True, False, False)
+    window, context, longrope = PHI3[name]
+    assert (s.sliding_window, s.max_positions, set(s.layer_types)) == (window, context, {"local"})
+    if longrope is None:
+        assert s.rope_longrope is None and s.longrope_attention_factor == 1.0
+    else:
+        short, long, original = s.rope_longrope
+        assert original == longrope[0] and len(short) == len(long) == s.head_dim // 2
+        assert (short[0], short[-1]) == longrope[1] and (long[0], long[-1]) == longrope[2]
+        assert list(long) == sorted(long)   # published long factors grow towards the low frequencies
+        assert s.longrope_attention_factor == pytest.approx(math.sqrt(1 + math.log(32) / math.log(4096)))
+
+
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_gemma2_gemma3_published_numbers(name):
     s = get_spec(name)
@@ -210,8 +239,22 @@ def test_tiny_keeps_every_feature(name):
         assert tiny.attention_types == full.attention_types[:tiny.num_layers]
         assert tiny.num_layers == max(2, period)
         assert "local" in tiny.attention_types and ("global" in tiny.attention_types) == ("global" in full.layer_types)
-        # a window the long default prompt goes past, so local layers really slide
-        assert tiny.sliding_window < max(len(t) for t in inputs.synthetic_prompts(tiny))
+        # a window the long default prompt goes past, so local layers really slide; one the
+        # model's own context never reaches (Phi-3 128k's 262144) stays out of reach
+        longest = max(len(t) for t in inputs.synthetic_prompts(tiny))
+        assert (tiny.sliding_window < longest) == (full.sliding_window < full.max_positions)
+        assert (tiny.sliding_window < tiny.max_positions) == (full.sliding_window < full.max_positions)
+    if full.rope_longrope:  # the short prompt within the original context, the long one past it
+        short, long, original = tiny.rope_longrope
+        lengths = sorted(len(t) for t in inputs.synthetic_prompts(tiny))
+        assert lengths[0] <= original < lengths[-1]
+        assert len(short) == len(long) == tiny.head_dim // 2 and short != long
+        for mine, published in zip((short, long), full.rope_longrope[:2]):
+            assert set(mine) <= set(published) and (mine[0], mine[-1]) == (published[0], published[-1])
+        assert tiny.max_positions / original == full.max_positions / full.rope_longrope[2]
+        assert tiny.longrope_attention_factor > 1
+    assert (tiny.rope_longrope is None) == (full.rope_longrope is None)
+    assert tiny.hf_fused_projections == full.hf_fused_projections
 
 
 def test_full_size_embedding_scale_rounds_in_bf16():

@@ -259,3 +259,41 @@ class SlidingWindowIgnored(HFReference):
     def patch_model(self, model):
         model.config.sliding_window = None
         return model
+
+
+# --- Phi-3 ports -------------------------------------------------------------------------------
+
+class LongropeLongFactorsAlways(HFReference):
+    """Phi-3 128k's LongRoPE with the long factors whatever the sequence's length: llama.cpp picks
+    them by the configured context (`n_ctx_per_seq > n_ctx_orig_yarn`), so a server started with a
+    context past the original 4096 tokens runs every prompt with them."""
+
+    def patch_model(self, model):
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        rotary = model.model.rotary_emb
+        original = self.spec.rope_longrope[2]
+        long_inv_freq, _ = ROPE_INIT_FUNCTIONS["longrope"](model.config, rotary.inv_freq.device, seq_len=original + 1)
+        # transformers swaps `original_inv_freq` (the short factors) in for sequences within the
+        # original context: it holds the long ones instead.
+        rotary.original_inv_freq = long_inv_freq
+        rotary.inv_freq = long_inv_freq.clone()
+        return model
+
+
+class LongropeAttentionFactorIgnored(HFReference):
+    """Phi-3 128k's LongRoPE without its attention factor on cos and sin (per-frequency scaling only)."""
+
+    def patch_model(self, model):
+        model.model.rotary_emb.attention_scaling = 1.0
+        return model
+
+
+class LongropeShortFactorsAlways(HFReference):
+    """Phi-3 128k's LongRoPE with the short factors past the original context too (a port that
+    reads `short_factor` only)."""
+
+    def patch_model(self, model):
+        rotary = model.model.rotary_emb
+        rotary.long_inv_freq = rotary.original_inv_freq.clone()  # what transformers swaps in when long
+        return model

@@ -1,5 +1,5 @@
-"""Llama 3.x, Qwen 2.5 / 3 and Mistral end to end: HF's own classes against the oracle, tiny,
-every canonical point, float32 and bfloat16."""
+"""Llama 3.x, Qwen 2.5 / 3, Mistral and Phi-3 end to end: HF's own classes against the oracle,
+tiny, every canonical point, float32 and bfloat16."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ SLOW = pytest.mark.slow  # the default suite keeps one case of each feature; CI 
     ("qwen3-0.6b", "eager"),       # per-head q/k RMSNorm, head_dim != hidden / heads
     ("mistral-7b-v0.1", "sdpa"),   # a sliding window on every layer
     pytest.param("mistral-7b-v0.3", "eager", marks=SLOW),
+    # Phi-3: fused qkv and gate_up; LongRoPE (the short prompt within the tiny original context,
+    # the long one past it: both factor lists, and the attention factor on both)
+    ("phi-3-mini-128k-instruct", "eager"),
+    pytest.param("phi-3-mini-128k-instruct", "sdpa", marks=SLOW),
+    ("phi-3-mini-4k-instruct", "sdpa"),        # a sliding window on every layer, Phi-3's mask
+    pytest.param("phi-3-mini-4k-instruct", "eager", marks=SLOW),
+    pytest.param("phi-3.5-mini-instruct", "sdpa", marks=SLOW),
 ])
 def test_tiny_compare_is_parity(llmdiff_cli, model, attn):
     code, out, err, report = llmdiff_cli("compare", model, "--tiny", "--attn", attn, "--no-diagnose")
@@ -33,7 +40,8 @@ def test_tiny_compare_is_parity(llmdiff_cli, model, attn):
     assert logits["rel_l2"] <= 1e-5
 
 
-@pytest.mark.parametrize("model", ["llama-3.1-8b", pytest.param("qwen2.5-0.5b", marks=SLOW)])
+@pytest.mark.parametrize("model", ["llama-3.1-8b", pytest.param("qwen2.5-0.5b", marks=SLOW),
+                                   pytest.param("phi-3-mini-128k-instruct", marks=SLOW)])  # fused in torch
 def test_weights_made_on_the_workers_device_are_the_same_model(model):
     """Full-size runs make weights in each worker (untied heads and biases too): tiny here."""
     import llmdiff

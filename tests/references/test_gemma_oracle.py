@@ -216,3 +216,35 @@ def test_precision_knobs_are_checked_once_when_made():
     with pytest.raises(ValueError, match="attn_out_scale='x' must be float"):
         gemma.Precision(attn_out_scale="x")
     assert gemma.Precision(attn_out_scale=1).attn_out_scale == 1  # an int where a float is asked is fine
+
+
+def test_longrope_factors_by_length_and_attention_factor():
+    """Phi-3's LongRoPE: the short factors on a sequence within the original context, the long
+    ones past it (the knob forces one list), and cos, sin times the attention factor (q's norm
+    grows by it exactly, in float64)."""
+    spec = get_spec("phi-3-mini-128k-instruct", tiny=True)
+    short, long, original = spec.rope_longrope
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, "float64"),
+                                    convert.unflatten(convert.to_deepmind(spec, weights.random_weights(spec))))
+    prompts = inputs.synthetic_prompts(spec)
+    assert len(prompts[0]) <= original < len(prompts[1])
+
+    def q(tokens, **knobs):
+        out = gemma.forward_jit(params, jnp.asarray([tokens]), spec, gemma.Precision(**knobs))
+        return np.asarray(out["L0.q"], np.float64)
+
+    for tokens, right, wrong in ((prompts[0], "short", "long"), (prompts[1], "long", "short")):
+        base = q(tokens)
+        assert np.array_equal(q(tokens, longrope_factors=right), base)
+        assert rel(q(tokens, longrope_factors=wrong), base) > 1e-2
+        plain = q(tokens, longrope_attention_factor=False)
+        assert np.allclose(np.linalg.norm(base, axis=-1) / np.linalg.norm(plain, axis=-1),
+                           spec.longrope_attention_factor, rtol=1e-12)
+    # the angles: position / (factor * base ** (2i / H)), the list by the sequence's length
+    T, H = len(prompts[1]), spec.head_dim
+    scales = gemma.longrope_scales(spec, T, gemma.Precision())
+    assert np.array_equal(scales, np.asarray(long)) and len(scales) == H // 2
+    assert np.array_equal(gemma.longrope_scales(spec, original, gemma.Precision()), np.asarray(short))
+    angles = gemma.rope_angles(T, H, spec.rope_base, gemma.Precision(), np.float64, scales)
+    expected = np.arange(T)[:, None] / (np.asarray(long) * spec.rope_base ** (2 * np.arange(H // 2) / H))
+    assert np.allclose(angles, expected, rtol=1e-15, atol=0)
