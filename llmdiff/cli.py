@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -91,12 +90,13 @@ def main():
 
 @main.command()
 def models():
-    """List the models llmdiff knows."""
+    """List the registered models (any checkpoint of their families compares by its path or hub id)."""
     from llmdiff.spec import get_spec, model_names
 
+    width = max(map(len, model_names()))
     for name in model_names():
         s = get_spec(name)
-        click.echo(f"{name:<12} {s.family:<7} vocab {s.vocab_size}  hidden {s.hidden_size}  layers {s.num_layers}"
+        click.echo(f"{name:<{width}} {s.family:<7} vocab {s.vocab_size}  hidden {s.hidden_size}  layers {s.num_layers}"
                    f"  heads {s.num_heads}/{s.num_kv_heads} kv  head_dim {s.head_dim}  mlp {s.mlp_dim}")
 
 
@@ -193,14 +193,29 @@ def _output_options(f):
     return f
 
 
-@main.command()
+_MODEL_HELP = ("MODEL: a registered model (`llmdiff models`), an HF checkpoint directory, or a hub id"
+               " (google/gemma-7b) read through the hub's cache.")
+
+
+def _revision_option(f):
+    return click.option("--revision", default=None, help="The hub revision (branch, tag or commit) of a hub id.")(f)
+
+
+@main.command(epilog=_MODEL_HELP)
 @click.argument("model")
 @click.option("--tiny", is_flag=True, help="A tiny model with every architectural feature kept.")
-@click.option("--impl", "impls", multiple=True, metavar="NAME[@PYTHON]",
+@_revision_option
+@click.option("--config", "config_mode", type=click.Choice(["published", "corrected"]), default="published",
+              show_default=True,
+              help="A registered model's config.json: as its publisher put it on the hub, or corrected (every"
+                   " field explicit) to test the modelling code alone.")
+@click.option("--impl", "impls", multiple=True, metavar="[LABEL=]NAME[@PYTHON]",
               help="Implementation to compare (repeatable): hf, oracle, deepmind (Google DeepMind's gemma; install:"
-                   " python -m llmdiff.references.deepmind_gemma install), NAME@/path/to/python, module:Class.")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16"]),
-              help="Compute dtype (repeatable); default float32 and bfloat16.")
+                   " python -m llmdiff.references.deepmind_gemma install), NAME@/path/to/python, module:Class;"
+                   " LABEL= names it in the reports (old=hf@/venv/bin/python).")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16", "autocast-bfloat16"]),
+              help="Compute dtype (repeatable); default float32 and bfloat16. autocast-bfloat16: float32 weights"
+                   " under torch.autocast (the oracle: matrix products in bfloat16, the rest in float32).")
 @click.option("--weights", type=click.Path(), metavar="DIR|deepmind:DIR",
               help="A local HF checkpoint directory (safetensors), or deepmind:DIR, an Orbax checkpoint.")
 @click.option("--seed", type=int, default=None, help="Seed of random weights and prompts (default 0).")
@@ -231,7 +246,7 @@ def _output_options(f):
 @click.option("--no-tokenizer-parity", is_flag=True,
               help="Do not compare the checkpoint's tokenizers (the prompts still go through one).")
 @_output_options
-def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, workdir, save_captures, timeout,
+def compare(model, tiny, revision, config_mode, impls, dtypes, weights, seed, reference, attn, workdir, save_captures, timeout,
             select, ignore, no_diagnose, device, points, layers, capture, stream, devices, lengths, no_tokenizer_parity,
             json_path, out, floor_factor, thresholds, baseline, baseline_factor, all_points, quiet, no_color, debug):
     """Compare MODEL across implementations, point by point, in float32 and bfloat16.
@@ -263,6 +278,7 @@ def compare(model, tiny, impls, dtypes, weights, seed, reference, attn, workdir,
             device=device, points=points or None, layers=_layers(layers), capture=capture,
             stream="auto" if stream is None else stream,
             lengths=_lengths(lengths), devices=devices, tokenizer_parity=not no_tokenizer_parity,
+            revision=revision, config=config_mode,
             progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
         _finish(result, console, out=out, json_path=json_path, baseline=baseline, baseline_factor=baseline_factor,
                 quiet=quiet, all_points=all_points, config=config, interrupt_code=_interrupt_code())
@@ -310,6 +326,7 @@ def report(directory, reference, json_path, out, floor_factor, thresholds, basel
 
 @main.command()
 @click.argument("path", type=click.Path())
+@_revision_option
 @click.option("--model", help="Compare the config with this model's spec (default: detected from config.json).")
 @click.option("--select", "select", multiple=True, metavar="CODE|NAME|PREFIX", help="Run only these checks.")
 @click.option("--ignore", "ignore", multiple=True, metavar="CODE|NAME|PREFIX", help="Skip these checks.")
@@ -318,15 +335,15 @@ def report(directory, reference, json_path, out, floor_factor, thresholds, basel
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the findings.")
 @click.option("--no-color", is_flag=True)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def audit(path, model, select, ignore, json_path, out_dir, quiet, no_color, debug):
-    """Static checks of the checkpoint directory PATH, streaming: no forward pass, nothing
-    executed, nothing unpickled.
+def audit(path, revision, model, select, ignore, json_path, out_dir, quiet, no_color, debug):
+    """Static checks of the checkpoint directory PATH (or a hub id, read through the hub's
+    cache), streaming: no forward pass, nothing executed, nothing unpickled.
 
     Exit codes: 0 clean, 1 findings, 2 usage or runtime error.
     """
     from pathlib import Path
 
-    from llmdiff import audit as audit_mod
+    from llmdiff import audit as audit_mod, model_source
     from llmdiff.audit_render import markdown, render
     from llmdiff.report import write_json
 
@@ -334,6 +351,7 @@ def audit(path, model, select, ignore, json_path, out_dir, quiet, no_color, debu
     show_bar = not quiet and console.is_terminal
     try:
         _check_outputs(json_path, out_dir)
+        path = str(model_source.checkpoint_dir(path, revision))
         if show_bar:
             from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                        TransferSpeedColumn)
@@ -362,9 +380,10 @@ def audit(path, model, select, ignore, json_path, out_dir, quiet, no_color, debu
     sys.exit(result.exit_code)
 
 
-@main.command()
+@main.command(epilog=_MODEL_HELP)
 @click.argument("model")
 @click.option("--tiny", is_flag=True, help="The built-in tiny tokenizer (trained here, Gemma's conventions).")
+@_revision_option
 @click.option("--weights", type=click.Path(), help="A local HF checkpoint directory holding a tokenizer.")
 @click.option("--text", "text", type=click.Path(), help="A UTF-8 file of your own strings (the file and each line).")
 @click.option("--select", "select", multiple=True, metavar="CODE|NAME|PREFIX", help="Run only these checks.")
@@ -372,7 +391,7 @@ def audit(path, model, select, ignore, json_path, out_dir, quiet, no_color, debu
 @click.option("--json", "json_path", type=click.Path(), help="Write the JSON report here.")
 @click.option("--no-color", is_flag=True)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def tokenize(model, tiny, weights, text, select, ignore, json_path, no_color, debug):
+def tokenize(model, tiny, revision, weights, text, select, ignore, json_path, no_color, debug):
     """Tokenizer and chat-template parity of MODEL, before any numerics.
 
     Compares HF, sentencepiece (and DeepMind's tokenizer when importable) on a corpus of hard
@@ -385,7 +404,8 @@ def tokenize(model, tiny, weights, text, select, ignore, json_path, no_color, de
 
     try:
         _check_outputs(json_path)
-        result = api.tokenize(model, tiny=tiny, weights=weights, text=text, select=select, ignore=ignore)
+        result = api.tokenize(model, tiny=tiny, weights=weights, text=text, select=select, ignore=ignore,
+                              revision=revision)
     except LLMDiffError as e:
         _fail(str(e), debug, json_path)
     if json_path:
@@ -396,8 +416,9 @@ def tokenize(model, tiny, weights, text, select, ignore, json_path, no_color, de
 
 def _release_compare_options(f):
     f = click.option("--tiny", is_flag=True, help="A tiny model with every architectural feature kept.")(f)
-    f = click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16"]),
-                     help="Compute dtype (repeatable); default float32 and bfloat16.")(f)
+    f = click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16", "autocast-bfloat16"]),
+                     help="Compute dtype (repeatable); default float32 and bfloat16. autocast-bfloat16: float32 weights"
+                   " under torch.autocast (the oracle: matrix products in bfloat16, the rest in float32).")(f)
     f = click.option("--impl", "impl", default="hf", show_default=True,
                      help="The implementation each release runs (an entry-point name).")(f)
     f = click.option("--no-diagnose", is_flag=True, help="Verdicts only; name no findings.")(f)
@@ -524,7 +545,7 @@ def checks_explain(code_or_name):
 
 @main.command()
 @click.option("--model", default="gemma-7b", show_default=True)
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16"]))
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16", "autocast-bfloat16"]))
 @click.option("--json", "json_path", type=click.Path(), help="Write the matrix as JSON here.")
 @click.option("--debug", is_flag=True)
 def selftest(model, dtypes, json_path, debug):

@@ -181,7 +181,7 @@ def run_release(model: str, impl: str, release: Release | None, *, implementatio
         cell.error = f"{type(e).__name__}: {e}".splitlines()[0]
         return cell
     cell.exit_code = report["exit_code"]
-    cell.versions = next((i["versions"] for i in report["implementations"] if i["name"] == spec), {})
+    cell.versions = next((i["versions"] for i in report["implementations"] if i["name"] != api.ORACLE), {})
     failed = [i["error"] for i in report["implementations"] if not i["ok"]]
     if failed:
         cell.error = failed[0]

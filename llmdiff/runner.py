@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -40,30 +41,59 @@ def available_implementations() -> dict[str, str]:
     return {ep.name: ep.value for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
+_LABEL = re.compile(r"^[A-Za-z0-9][\w.+\-\[\] ]*$")
+
+
 @dataclass(frozen=True)
 class Implementation:
-    name: str                    # "hf", "hf@/other/python", or "module:Class" for an unregistered adapter
+    name: str                    # its label in the reports: "hf", "old", "hf[transformers 4.38.1]", "module:Class"
     module: str
     cls: str
     python: str = sys.executable
 
     @classmethod
     def parse(cls, text: str) -> "Implementation":
-        """`NAME`, `NAME@PYTHON`, `module:Class` or `module:Class@PYTHON`."""
+        """`[LABEL=]NAME[@PYTHON]` or `[LABEL=]module:Class[@PYTHON]`. Without a label, one run
+        under another interpreter is named by the release it runs (`hf[transformers 4.38.1]`),
+        never by the interpreter's path."""
+        label = None
+        if "=" in text.partition("@")[0]:
+            label, _, text = text.partition("=")
+            if not _LABEL.match(label):
+                raise UsageError(f"implementation label {label!r}: use letters, digits and . _ - + [ ] (old=hf@PYTHON)")
         name, _, python = text.partition("@")
         if python and not (os.path.isfile(python) and os.access(python, os.X_OK)):
             raise UsageError(f"implementation {text!r}: {python} is not an executable Python interpreter")
         if ":" in name:
             module, _, attr = name.partition(":")
-            return cls(name=name, module=module, cls=attr, python=python or sys.executable)
-        known = available_implementations()
-        if name not in known:
-            raise UsageError(f"no implementation {name!r}; available: {', '.join(sorted(known)) or 'none'}"
-                             " (or give an adapter as module:Class)")
-        module, _, attr = known[name].partition(":")
-        label = name if not python else f"{name}@{python}"
-        # Without @PYTHON: the implementation's own virtualenv where it has one, else this Python.
-        return cls(name=label, module=module, cls=attr, python=python or venv_python(name) or sys.executable)
+            impl = cls(name=name, module=module, cls=attr, python=python or sys.executable)
+        else:
+            known = available_implementations()
+            if name not in known:
+                raise UsageError(f"no implementation {name!r}; available: {', '.join(sorted(known)) or 'none'}"
+                                 " (or give an adapter as module:Class)")
+            module, _, attr = known[name].partition(":")
+            # Without @PYTHON: the implementation's own virtualenv where it has one, else this Python.
+            impl = cls(name=name, module=module, cls=attr, python=python or venv_python(name) or sys.executable)
+        if label is None and python and ":" not in name:
+            label = impl.release_label(name)
+        return replace(impl, name=label) if label else impl
+
+    def release_label(self, name: str) -> str:
+        """`name[package version]`: the release of the adapter's package under `python`."""
+        try:
+            package = getattr(self.adapter_class(), "package", "")
+        except (ImportError, AttributeError):
+            package = ""
+        if not package:
+            return f"{name}[{Path(self.python).parent.parent.name or 'python'}]"
+        try:
+            out = subprocess.run([self.python, "-c", "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))",
+                                  package], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+            version = out.stdout.strip() if out.returncode == 0 else ""
+        except (OSError, subprocess.TimeoutExpired):
+            version = ""
+        return f"{name}[{package} {version or 'not installed'}]"
 
     def adapter_class(self):
         """The adapter class, imported here (to read what it declares, e.g. `makes_weights`)."""
@@ -148,7 +178,7 @@ def run_worker(impl: Implementation, job: Job, requests: list[RunRequest], workd
 
     job = job.with_(impl=impl.name, module=impl.module, cls=impl.cls,
                     references_dir=list(llmdiff.references.__path__)[0], runs=tuple(requests))
-    safe = impl.name.replace("/", "_").replace(":", "_").replace("@", "_")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in impl.name)
     job_path = workdir / f"job-{safe}.json"
     job_path.write_text(job.to_json())
     worker = Path(__file__).with_name("worker.py")

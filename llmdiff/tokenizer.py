@@ -50,14 +50,17 @@ def read_text_file(path) -> list[tuple[str, str]]:
     return out
 
 
-def check_tokenizer(model: str, *, tiny: bool = False, weights=None, text=None, select=(), ignore=()) -> dict:
+def check_tokenizer(model: str, *, tiny: bool = False, weights=None, text=None, select=(), ignore=(),
+                    revision: str | None = None) -> dict:
     """`llmdiff tokenize`: parity of every tokenizer implementation of a checkpoint, its chat
     template against the family's reference format, and the LD0xx findings. Exit code in the
     report: 0 agreement, 1 findings."""
-    from llmdiff import __version__, registry
-    from llmdiff.spec import get_spec
+    from llmdiff import __version__, model_source, registry
 
-    spec = get_spec(model, tiny=tiny)
+    resolved = model_source.resolve(model, tiny=tiny, revision=revision)
+    spec = resolved.spec
+    if weights is None and resolved.checkpoint is not None:
+        weights = resolved.checkpoint
     extra = read_text_file(text) if text else []
     checks, broken = registry.load_checks()
     checks = registry.select(checks, select, ignore)

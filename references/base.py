@@ -6,7 +6,8 @@ the worker's `Job` (`llmdiff/job.py`). For each run the worker calls `load(reque
 
 - `versions()`: the versions of what it runs on (shown in the report).
 - `load(request)`: build the model from the job's weights (`self.job.weights`) at
-  `request.dtype` ("float32", "bfloat16"; "float64" where `dtypes` has it), the way a user of
+  `request.dtype` ("float32", "bfloat16"; "float64" and "autocast-bfloat16", float32 weights
+  with bfloat16 matrix products, where `dtypes` has them), the way a user of
   that implementation would. `self.options` is the run's options when it is called.
 - `run(tokens)`: run one prompt (a list of ids, batch 1) and return every canonical point it
   can capture (`llmdiff.spec.capture_points`) as numpy arrays of layout (batch, seq, ...), in
@@ -18,6 +19,8 @@ Optional capabilities, each with a default here:
 - `peak_device_bytes()`: the peak device memory of the last run (GPU workers), or None.
 - `makes_weights = True`: it can make seeded random weights on its own device
   (`llmdiff.weights.generate_*`, used for full-size models).
+- `package`: the distribution whose release names a run under another interpreter
+  (`hf@/venv/bin/python` is labelled `hf[transformers 4.38.1]` in the reports).
 - `MissingExtra`: raise it from `__init__` or `load` when the implementation's framework is not
   installed; its message (how to install it) is the whole error the user sees.
 
@@ -39,6 +42,7 @@ class Reference:
     dtypes = ("float32", "bfloat16")
     has_bare_forward = False
     makes_weights = False
+    package = ""
 
     def __init__(self, job):
         from llmdiff.spec import ModelSpec
@@ -57,8 +61,10 @@ class Reference:
     def round_to(self) -> str | None:
         """float64 runs that measure a noise floor at another dtype: sketched values are rounded
         to it first (`diff.noise_floors` rounds whole captures itself)."""
+        from llmdiff.job import params_dtype
+
         r = self.request
-        return r.constants_dtype if r is not None and r.dtype == "float64" else None
+        return params_dtype(r.constants_dtype) if r is not None and r.dtype == "float64" and r.constants_dtype else None
 
     @property
     def sketching(self) -> bool:
@@ -79,6 +85,9 @@ class Reference:
         from llmdiff.convert import canonical_shapes
 
         count = sum(int(np.prod(s)) for s in canonical_shapes(self.spec).values())
+        from llmdiff.job import params_dtype
+
+        dtype = params_dtype(dtype)
         return count * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize
 
     def placement(self, dtype: str, device_bytes: list[int]) -> tuple[int, bool]:

@@ -111,6 +111,7 @@ def _captured(module, method_name: str) -> bool:
 
 class DeepMindReference(Reference):
     name = "deepmind"
+    package = "gemma"
 
     def __init__(self, job):
         super().__init__(job)

@@ -46,14 +46,25 @@ def test_models_lists_published_numbers(llmdiff_cli):
     assert re.search(r"gemma-2b .*hidden 2048 .*layers 18 .*heads 8/1 kv .*head_dim 256 .*mlp 16384", out)
 
 
-def test_second_interpreter_runs_the_worker(llmdiff_cli):
-    """--impl hf@PYTHON: the worker runs under that interpreter, found by file path."""
+def test_second_interpreter_runs_the_worker_and_is_named_by_its_release(llmdiff_cli, tmp_path):
+    """--impl hf@PYTHON: the worker runs under that interpreter, found by file path, and is
+    labelled by the release it runs (`hf[transformers X]`); LABEL= names it. No report shows the
+    interpreter's path as a name."""
+    import transformers
+
     code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--impl", f"hf@{sys.executable}",
-                                       "--dtype", "float32", "--no-diagnose")
+                                       "--impl", f"old=hf@{sys.executable}", "--dtype", "float32", "--no-diagnose",
+                                       "--out", str(tmp_path / "out"))
     assert code == 0, out
-    impl = report["implementations"][0]
-    assert impl["name"] == f"hf@{sys.executable}" and impl["ok"]
-    assert impl["versions"]["transformers"]
+    names = [i["name"] for i in report["implementations"]]
+    assert names == [f"hf[transformers {transformers.__version__}]", "old", "oracle"]
+    assert all(i["ok"] and i["versions"]["transformers"] for i in report["implementations"][:2])
+    assert report["implementations"][0]["python"] == sys.executable   # where it ran, as data
+    assert {r["candidate"] for r in report["runs"]} == set(names[:2])
+    written = [p for p in (tmp_path / "out").iterdir() if p.suffix in (".md", ".html", ".xml")]
+    assert len(written) == 3
+    shown = out + "".join(p.read_text() for p in written)
+    assert sys.executable not in shown and "old" in shown
 
 
 # --- bad input: one line, exit 2, nothing computed lost --------------------------------------
