@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from llmdiff import __version__, diff, inputs, report as report_mod, safetensors_file, weights as weights_mod
+from llmdiff import __version__, diff, inputs, model_source, report as report_mod, safetensors_file, weights as weights_mod
 from llmdiff.errors import UsageError
-from llmdiff.job import TRUTH_DTYPE, Job, Options, RunId, RunRequest, WeightsSource
+from llmdiff.job import AUTOCAST_DTYPES, TRUTH_DTYPE, Job, Options, RunId, RunRequest, WeightsSource
 from llmdiff.report import VERDICTS
 from llmdiff.runner import Implementation, RunResult, run_worker
-from llmdiff.spec import GEMMA_FAMILIES, ModelSpec, capture_points, get_spec
+from llmdiff.spec import GEMMA_FAMILIES, ModelSpec, capture_points
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16")   # compared by default
+RUN_DTYPES = DTYPES + AUTOCAST_DTYPES
 ORACLE = "oracle"
 
 
@@ -79,11 +80,19 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
             thresholds: diff.Thresholds = diff.DEFAULT_THRESHOLDS, points=None, layers=None,
             device: str = "auto", capture: str = "auto", stream: bool | str = "auto", lengths=None,
             bench: bool = False, generate: bool | None = None, devices: int | None = None,
-            tokenizer_parity: bool = True, progress=None) -> CompareResult:
+            tokenizer_parity: bool = True, revision: str | None = None, config: str = "published",
+            progress=None) -> CompareResult:
     """Run `model` in each implementation and the oracle, and compare every canonical point.
 
-    impls: implementation names (`hf`, `oracle`), `NAME@PYTHON`, or adapters `module:Class`.
-    weights: None for seeded random weights, or a local HF checkpoint directory.
+    model: a registered model (`gemma-7b`), a local HF checkpoint directory, or a hub id
+        (`google/gemma-7b`, at `revision`): a checkpoint is compared with its own weights and the
+        spec its config.json describes (`llmdiff.model_source`).
+    impls: implementation names (`hf`, `oracle`), `NAME@PYTHON`, `LABEL=NAME@PYTHON`, or adapters
+        `module:Class`.
+    weights: None for seeded random weights (or a checkpoint's own), or a local HF checkpoint
+        directory.
+    config: the config.json of a registered model's random-weight checkpoint: "published" (the
+        publisher's files, as users load them) or "corrected" (every field explicit, from the spec).
     workdir: where weights, jobs and captures go (kept, and `recompare` can re-read them);
         None for a temporary directory.
     thresholds: how many times its noise floor a point may be off (`diff.Thresholds`).
@@ -123,7 +132,7 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
                      work=work, temporary=temporary, attn=attn, timeout=timeout, select=select, ignore=ignore,
                      diagnose=diagnose, thresholds=thresholds, points=points, layers=layers, device=device,
                      capture=capture, stream=stream, lengths=lengths, bench=bench, generate=generate,
-                     devices=devices, tokenizer_parity=tokenizer_parity)
+                     devices=devices, tokenizer_parity=tokenizer_parity, revision=revision, config=config)
         results: dict[tuple[str, RunId], RunResult] = {}
         report = None
         try:
@@ -175,15 +184,20 @@ class Plan:
 
 def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, temporary, attn, timeout, select,
           ignore, diagnose, thresholds, points, layers, device, capture, stream, lengths, bench, generate,
-          devices, tokenizer_parity) -> Plan:
+          devices, tokenizer_parity, revision, config) -> Plan:
     """Every input checked, the weights and prompts made ready, the job decided."""
-    spec = get_spec(model, tiny=tiny)
+    if config not in model_source.CONFIG_MODES:
+        raise UsageError(f"unknown config {config!r}; choose {' or '.join(model_source.CONFIG_MODES)}")
+    resolved = model_source.resolve(model, tiny=tiny, revision=revision)
+    spec = resolved.spec
+    if weights is None and resolved.checkpoint is not None:
+        weights = resolved.checkpoint
     dtypes = list(dict.fromkeys(dtypes))
     if not dtypes:
         raise UsageError(f"no dtype to compare; choose from {', '.join(DTYPES)}")
     for d in dtypes:
-        if d not in DTYPES:
-            raise UsageError(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+        if d not in RUN_DTYPES:
+            raise UsageError(f"unknown dtype {d!r}; choose from {', '.join(RUN_DTYPES)}")
     if attn not in ("eager", "sdpa"):
         raise UsageError(f"unknown attention implementation {attn!r}; choose eager or sdpa")
     if timeout is not None and not timeout > 0:
@@ -193,6 +207,10 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
     if not list(impls):
         raise UsageError("no implementation to compare; give one, e.g. hf")
     chosen = [Implementation.parse(i) for i in dict.fromkeys(impls)]
+    labels = [i.name for i in chosen]
+    twice = sorted({n for n in labels if labels.count(n) > 1})
+    if twice:
+        raise UsageError(f"two implementations are labelled {twice[0]!r}; name them: a=hf@PYTHON, b=hf@PYTHON")
     if not any(i.name != ORACLE for i in chosen) and reference == ORACLE:
         raise UsageError("nothing to compare: the oracle is the reference; add an implementation, e.g. hf")
     if not any(i.name == ORACLE for i in chosen):
@@ -212,7 +230,9 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
     if generate:
         weights_info = {"source": "random", "path": None, "seed": seed,
                         "made": "on each worker's device", "fingerprint": weights_mod.generated_fingerprint(spec, seed)}
-        hf_dir = weights_mod.write_hf_config(work / "hf-config", spec)
+        hf_dir = weights_mod.write_hf_config(work / "hf-config", spec,
+                                             files=model_source.checkpoint_files(resolved, config))
+        weights_info["config"] = config
         source = WeightsSource(hf_dir=str(hf_dir), seed=seed)
     else:
         canon, weights_info = _load_weights(spec, weights, seed)
@@ -220,10 +240,15 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
         weights_info["fingerprint"] = weights_mod.weights_fingerprint(canon)
         canonical_path = work / "canonical.safetensors"
         weights_mod.save_canonical(canonical_path, canon)
-        hf_dir = (weights if weights_info["source"] == "hf"
-                  else weights_mod.write_hf_checkpoint(work / "hf-checkpoint", spec, canon))
+        if weights_info["source"] == "hf":
+            hf_dir = str(weights)
+        else:
+            hf_dir = weights_mod.write_hf_checkpoint(work / "hf-checkpoint", spec, canon,
+                                                     files=model_source.checkpoint_files(resolved, config))
+            weights_info["config"] = config
         source = WeightsSource(canonical=str(canonical_path), hf_dir=str(hf_dir))
         del canon
+    weights_info["model"] = resolved.info
     tokens, tokens_info, prompts = _prompts(spec, hf_dir, weights_info, seed, work, lengths, tokenizer_parity)
     selected = select_points(spec, points, layers)
     if capture == "auto":
@@ -298,12 +323,14 @@ def stage_error(report: dict, stage: str, error: str, skip: str | None = None) -
     report.setdefault("errors", []).append({"stage": stage, "error": error, "skip": skip})
 
 
-def tokenize(model: str, *, tiny: bool = False, weights=None, text=None, select=(), ignore=()) -> dict:
+def tokenize(model: str, *, tiny: bool = False, weights=None, text=None, select=(), ignore=(),
+             revision: str | None = None) -> dict:
     """Tokenizer and chat-template parity of a checkpoint (`llmdiff tokenize`): a report dict
     with "tokenizer" (per-string ids, chat template), "findings" (LD0xx) and "exit_code"."""
     from llmdiff import tokenizer
 
-    return tokenizer.check_tokenizer(model, tiny=tiny, weights=weights, text=text, select=select, ignore=ignore)
+    return tokenizer.check_tokenizer(model, tiny=tiny, weights=weights, text=text, select=select, ignore=ignore,
+                                     revision=revision)
 
 
 SKETCH_ABOVE_BYTES = 1 << 30
@@ -425,6 +452,8 @@ def _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, re
         truth_caps = _load_caps(results.get((ORACLE, RunId(TRUTH_DTYPE, d))))
         oracle_caps = ref_caps if reference == ORACLE else _load_caps(results.get((ORACLE, RunId(d))))
         floors = diff.noise_floors(oracle_caps, truth_caps, d) if oracle_caps and truth_caps else {}
+        lengths = (tokens_info or {}).get("lengths")
+        pos_floors = diff.position_floors(oracle_caps, truth_caps, d, lengths) if floors and lengths else None
         for impl in chosen:
             if impl.name == reference:
                 continue
@@ -436,7 +465,7 @@ def _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, re
                              "error": failed.error if failed else "no result", "first_divergence": None,
                              "points": [], "logits": None})
                 continue
-            run = diff.compare_captures(cand_caps, ref_caps, floors, d, selected, thresholds)
+            run = diff.compare_captures(cand_caps, ref_caps, floors, d, selected, thresholds, lengths, pos_floors)
             runs.append({"dtype": d, "reference": reference, "candidate": impl.name, **run})
 
     return {
@@ -522,11 +551,14 @@ def _diagnose(report, checks_and_broken, spec, lab, results, reference, say,
             say(f"diagnosing {run['candidate']} ({run['dtype']})")
             d = run["dtype"]
             cand = results.get((run["candidate"], RunId(d)))
-            floors = diff.noise_floors(_load_caps(results.get((ORACLE, RunId(d)))),
-                                       _load_caps(results.get((ORACLE, RunId(TRUTH_DTYPE, d)))), d)
+            oracle_caps = _load_caps(results.get((ORACLE, RunId(d))))
+            truth_caps = _load_caps(results.get((ORACLE, RunId(TRUTH_DTYPE, d))))
+            floors = diff.noise_floors(oracle_caps, truth_caps, d)
+            lengths = report["tokens"].get("lengths")
             # Teacher forcing feeds the oracle the candidate's own values: whole captures only.
             forcible = cand.captures_path if report["options"].get("capture", "full") == "full" else None
-            case = diagnose.Case(lab, spec, run["candidate"], _load_caps(cand), forcible, floors, points, thresholds)
+            case = diagnose.Case(lab, spec, run["candidate"], _load_caps(cand), forcible, floors, points, thresholds,
+                                 lengths, diff.position_floors(oracle_caps, truth_caps, d, lengths) if lengths else None)
             findings += diagnose.explain(case, checks, run)
     # A divergence that a static finding already explains where it starts is not unexplained.
     explained = {(f.implementation, f.where) for f in findings if f.code != diagnose.UNEXPLAINED[0]}

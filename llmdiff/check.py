@@ -38,6 +38,12 @@ BAD_NAME_PREFIXES = ("use-", "avoid-", "no-", "check-", "fix-", "allow-")
 ALL_FAMILIES = FAMILIES
 
 
+# Knobs of the oracle's precision policy that act on the whole model, never on one kind of
+# layer (`knob@local`): the constants' dtype, the embedding normaliser, the final softcap, the
+# layer pattern itself.
+UNSCOPED_KNOBS = ("constants_dtype", "embed_scale", "final_softcap", "layer_pattern_shift", "scoped", "autocast")
+
+
 @dataclass
 class Finding:
     code: str
@@ -123,6 +129,12 @@ class Check:
         return [base] + [{**base, **extra} for extra in self.also]
 
     def applies(self, spec, dtype: str | None = None) -> bool:
+        """Whether the bug can exist in `spec`'s family and act at `dtype`. An autocast run mixes
+        float32 and the low dtype: a check acting in either applies there too."""
+        from llmdiff.job import autocast_of
+
+        if dtype is not None and autocast_of(dtype) and dtype not in self.dtypes:
+            dtype = next((d for d in ("float32", autocast_of(dtype)) if d in self.dtypes), dtype)
         return spec.family in self.families and (dtype is None or dtype in self.dtypes)
 
     def run(self, ctx: Context) -> Iterator[Finding]:

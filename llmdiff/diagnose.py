@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from llmdiff import diff
-from llmdiff.check import Check, Context, Finding
+from llmdiff.check import UNSCOPED_KNOBS, Check, Context, Finding
 from llmdiff.job import Job, RunId, RunRequest
 from llmdiff.runner import Implementation, run_worker
 
@@ -117,6 +117,13 @@ class Case:
     floors: dict
     points: list
     thresholds: diff.Thresholds = diff.DEFAULT_THRESHOLDS
+    lengths: list | None = None      # the prompts' lengths: errors per position
+    pos_floors: dict | None = None   # the free-running floors per position (`diff.position_floors`)
+
+    def compare(self, caps: dict, floors: dict, dtype: str, forced: bool) -> dict:
+        """The candidate against oracle captures `caps`, judged with `floors`."""
+        return diff.compare_captures(self.cand_caps, caps, floors, dtype, self.points, self.thresholds,
+                                     self.lengths, None if forced else self.pos_floors)
 
 
 def teacher_forced(lab: OracleLab, cand_caps: dict, cand_path: str, dtype: str, points: list[str],
@@ -163,8 +170,7 @@ def explain(case: Case, checks: list[Check], run: dict) -> list[Finding]:
             _, forced_floors = done
             caps, = case.lab.captures(dtype, [policy], forced_from=case.cand_path)
             if caps is not None:
-                forced = dict(diff.compare_captures(case.cand_caps, caps, forced_floors, dtype, case.points,
-                                                    case.thresholds), dtype=dtype)
+                forced = dict(case.compare(caps, forced_floors, dtype, True), dtype=dtype)
                 if forced["verdict"] == "divergence":
                     policy, current = _greedy(case, remaining, forced, forced_floors, case.cand_path, policy,
                                               findings)
@@ -211,7 +217,8 @@ def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
         # acting at the same point, e.g. RoPE's layout, dtype and frequency scaling), two or
         # three together, of the checks whose knob alone changes the oracle's value there (the
         # bugs that act at that point; the others need not be tried: this keeps the runs few).
-        singles = [((c,), {**policy, **v}) for c in remaining for v in c.variants()]
+        scope = _scope_of(case.spec, first)
+        singles = [((c,), {**policy, **v}) for c in remaining for v in _variants(c, scope)]
         best, moved = _best_trial(case, current, first, floors, forced_from, singles, policy)
         acting = [c for c in remaining if c in moved]
         for size in range(2, min(MAX_TOGETHER, len(acting)) + 1):
@@ -220,7 +227,7 @@ def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
             best, _ = _best_trial(case, current, first, floors, forced_from, [
                 (combo, {**policy, **{k: v for variant in variants for k, v in variant.items()}})
                 for combo in itertools.combinations(acting, size)
-                for variants in itertools.product(*(c.variants() for c in combo))
+                for variants in itertools.product(*(_variants(c, scope) for c in combo))
                 if len({k for v in variants for k in v}) == sum(len(v) for v in variants)], policy)
         if best is None:
             break
@@ -235,22 +242,75 @@ def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
             "divergent_points": {"before": _count(current), "after": _count(trial)},
             "teacher_forced": forced_from is not None,
         }
+        after_by_name = {p["name"]: p for p in trial["points"]}
+        evidence["curve"] = {   # every point, before and after: the report draws them (plots.finding_png)
+            "points": [p["name"] for p in current["points"]],
+            "before": [_short(p.get("rel_l2")) for p in current["points"]],
+            "after": [_short(after_by_name.get(p["name"], {}).get("rel_l2")) for p in current["points"]],
+            "floor": [_short(p.get("noise_floor")) for p in current["points"]]}
+        if before.get("diverges_from"):   # nothing at the first positions: a bug that grows along the sequence
+            evidence["from_position"] = before["diverges_from"]
         ctx = Context(case.spec, case.candidate, {}, dtype, run)
         forced_note = " (teacher-forced: each op fed the candidate's own inputs)" if forced_from else ""
         for check in found:
             together = [c.code for c in found if c is not check]
             also = f" together with {', '.join(together)}" if together else ""
-            message = (f"{check.summary()} At {first}{forced_note}: rel L2 {before.get('rel_l2'):.3g} "
+            mine = {k for v in check.variants() for k in v}
+            scope = _scope_text({k: v for k, v in knob.items() if k.partition("@")[0] in mine})
+            where = f" from position {evidence['from_position']} on" if "from_position" in evidence else ""
+            where += f", {where_text(scope)}" if scope else ""
+            message = (f"{check.summary()} At {first}{where}{forced_note}: rel L2 {before.get('rel_l2'):.3g} "
                        f"({before.get('floor_ratio'):.3g}x the noise floor) falls to {after.get('rel_l2'):.3g} "
                        f"({after.get('floor_ratio'):.3g}x) with the oracle's "
                        f"{', '.join(f'{k}={v!r}' for k, v in knob.items())}{also}.")
             findings.append(check.finding(ctx, first, message, {**evidence, **({"together_with": together}
-                                                                                if together else {})},
+                                                                                if together else {}),
+                                                               **({"scope": scope} if scope else {})},
                                           confirmed=True))
             remaining.remove(check)
         policy = best_policy
         current = dict(trial, dtype=dtype, teacher_forced=forced_from is not None)
     return policy, current
+
+
+def _short(x):
+    """A metric for the report, 3 significant digits (None stays None)."""
+    return None if x is None or not math.isfinite(x) else float(f"{x:.3g}")
+
+
+SCOPE_TEXT = {"local": "on sliding-window (local) layers only", "global": "on global layers only"}
+
+
+def where_text(scope: str) -> str:
+    """A scope in words: "on sliding-window (local) layers only", "on layer 3 only"."""
+    return SCOPE_TEXT.get(scope) or f"on layer {scope[1:]} only"
+
+
+def _scope_of(spec, point: str) -> str | None:
+    """The layer kind to try a knob on alone: that of the layer `point` is in, when the model
+    has layers of two kinds (Gemma 2/3's local and global layers); None otherwise. The first
+    divergent point is in the first layer where a bug acts, so a bug acting on one kind of
+    layer only shows there first."""
+    kinds = set(spec.layer_types)
+    if len(kinds) < 2 or not point.startswith("L") or "." not in point:
+        return None
+    return spec.layer_types[int(point[1:point.index(".")])]
+
+
+def _variants(check: Check, scope: str | None) -> list[dict]:
+    """The check's policies, then each on layers of kind `scope` only (where its knobs act per
+    layer); the whole-model form first, so that it wins when both explain as much."""
+    out = check.variants()
+    if scope is None:
+        return out
+    return out + [{f"{k}@{scope}": v for k, v in variant.items()} for variant in out
+                  if not any(k in UNSCOPED_KNOBS for k in variant)]
+
+
+def _scope_text(knob: dict) -> str | None:
+    """The one scope every knob of a finding acts on, or None (the whole model)."""
+    scopes = {k.partition("@")[2] for k in knob}
+    return scopes.pop() if len(scopes) == 1 and "" not in scopes else None
 
 
 def _best_trial(case: Case, current: dict, first: str, floors: dict, forced_from, tries: list, policy: dict):
@@ -266,7 +326,7 @@ def _best_trial(case: Case, current: dict, first: str, floors: dict, forced_from
             continue
         if base is None or first not in caps or diff.point_metrics(caps[first], base[first])["rel_l2"] > 0:
             moved.update(checks)
-        trial = diff.compare_captures(case.cand_caps, caps, floors, dtype, case.points, case.thresholds)
+        trial = case.compare(caps, floors, dtype, forced_from is not None)
         if _point(trial, first).get("verdict") == "parity" and excess(trial) < excess(current):
             scored.append((excess(trial), [c.code for c in checks], checks, trial, trial_policy))
     if not scored:

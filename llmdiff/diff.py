@@ -27,7 +27,10 @@ FLOOR_FACTOR = 8.0
 # The smallest floor, as a fraction of the dtype's unit roundoff: a point the oracle computes
 # exactly still lets a correct implementation differ by the last bit in a few elements.
 MIN_FLOOR = 0.02
-UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+# An autocast run's points are float32 where no matrix product made them (its measured floors
+# carry the bfloat16 rounding where one did): float32's smallest floor.
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8,
+                 "autocast-bfloat16": 2.0**-24}
 TOPK = 5
 
 
@@ -52,7 +55,12 @@ DEFAULT_THRESHOLDS = Thresholds()
 
 
 def round_to(a: np.ndarray, dtype: str) -> np.ndarray:
-    """float64 values rounded to `dtype` (round to nearest even), returned as float64."""
+    """float64 values rounded to `dtype` (round to nearest even), returned as float64. An
+    autocast run's points are float32 or bfloat16, op by op: rounded to float32 (a point in
+    bfloat16 keeps its rounding in its floor)."""
+    from llmdiff.job import params_dtype
+
+    dtype = params_dtype(dtype)
     if dtype == "bfloat16":
         import ml_dtypes
 
@@ -150,6 +158,48 @@ def noise_floors(ref_caps: dict, truth_caps: dict, dtype: str) -> dict[str, floa
     return floors
 
 
+def _position_sums(c: np.ndarray, r: np.ndarray, lengths) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of squared differences, sum of squared reference values) per position index within
+    its prompt, over the prompts (concatenated along axis 1, `lengths` long each)."""
+    B, T = r.shape[:2]
+    d2 = np.square(np.asarray(c, np.float64) - np.asarray(r, np.float64)).reshape(B, T, -1).sum(axis=(0, 2))
+    r2 = np.square(np.asarray(r, np.float64)).reshape(B, T, -1).sum(axis=(0, 2))
+    out_d, out_r = np.zeros(max(lengths)), np.zeros(max(lengths))
+    start = 0
+    for n in lengths:
+        out_d[:n] += d2[start:start + n]
+        out_r[:n] += r2[start:start + n]
+        start += n
+    return out_d, out_r
+
+
+def position_rel_l2(cand, ref, lengths) -> np.ndarray | None:
+    """Relative L2 of `cand` from `ref` at each position index (0 .. longest prompt - 1), over
+    the prompts; None for sketched captures or captures that are not (batch, positions, ...)
+    of the prompts' total length."""
+    if isinstance(cand, Sketch) or isinstance(ref, Sketch) or not lengths or np.ndim(ref) < 2 \
+            or ref.shape[1] != sum(lengths) or cand.shape != ref.shape:
+        return None
+    d2, r2 = _position_sums(cand, ref, lengths)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(r2 > 0, np.sqrt(d2) / np.sqrt(np.where(r2 > 0, r2, 1)), np.where(d2 > 0, np.inf, 0.0))
+
+
+def position_floors(ref_caps: dict, truth_caps: dict, dtype: str, lengths) -> dict[str, np.ndarray]:
+    """`noise_floors` per position index: where an error that grows along the sequence starts."""
+    out = {}
+    for name, truth in truth_caps.items():
+        if name in ref_caps and not isinstance(truth, Sketch):
+            rel = position_rel_l2(ref_caps[name], round_to(truth, dtype), lengths)
+            if rel is not None:
+                out[name] = rel
+    return out
+
+
+def _significant(values, digits: int = 3) -> list:
+    return [float(f"{v:.{digits}g}") if math.isfinite(v) else None for v in values]
+
+
 def load_captures(path) -> dict:
     """A worker's captures file: whole arrays, and sketched points as `Sketch`."""
     from llmdiff import safetensors_file
@@ -158,8 +208,14 @@ def load_captures(path) -> dict:
 
 
 def compare_captures(cand_caps: dict, ref_caps: dict, floors: dict, dtype: str,
-                     points: list[str], thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict:
-    """The run's points (in forward order), first divergence, verdict and logits metrics."""
+                     points: list[str], thresholds: Thresholds = DEFAULT_THRESHOLDS, lengths=None,
+                     pos_floors: dict | None = None) -> dict:
+    """The run's points (in forward order), first divergence, verdict and logits metrics.
+
+    With the prompts' `lengths` (whole captures): each point's relative L2 per position index
+    (`by_position`), and with the per-position floors (`position_floors`), the first position
+    from which a divergent point is off by more than its threshold there (`diverges_from`): a
+    window, RoPE-scaling or RoPE-precision bug is nothing at the first positions and grows."""
     min_floor = MIN_FLOOR * UNIT_ROUNDOFF[dtype]
     rows, missing = [], []
     for name in points:
@@ -176,8 +232,17 @@ def compare_captures(cand_caps: dict, ref_caps: dict, floors: dict, dtype: str,
         ratio = m["rel_l2"] / floor
         factor = thresholds.factor(name)
         diverges = (not m["finite"]) or ratio > factor
-        rows.append({"name": name, **m, "noise_floor": floor, "floor_ratio": ratio, "threshold": factor,
-                     "verdict": "divergence" if diverges else "parity"})
+        row = {"name": name, **m, "noise_floor": floor, "floor_ratio": ratio, "threshold": factor,
+               "verdict": "divergence" if diverges else "parity"}
+        by_position = position_rel_l2(cand, ref, lengths)
+        if by_position is not None:
+            row["by_position"] = _significant(by_position)
+            pos_floor = (pos_floors or {}).get(name)
+            if diverges and pos_floor is not None and len(pos_floor) == len(by_position):
+                over = np.nonzero(by_position > factor * np.maximum(pos_floor, min_floor))[0]
+                if over.size:
+                    row["diverges_from"] = int(over[0])
+        rows.append(row)
     first = next((r["name"] for r in rows if r["verdict"] == "divergence"), None)
     run = {"dtype": dtype, "verdict": "divergence" if first else "parity",
            "first_divergence": first, "points": rows, "missing_points": missing,

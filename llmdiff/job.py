@@ -12,6 +12,19 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 
 TRUTH_DTYPE = "float64"
+# Mixed precision as people train and evaluate: float32 weights, matrix products in bfloat16
+# (`torch.autocast`, a JAX bf16 compute policy with f32 params). A run dtype of its own.
+AUTOCAST_DTYPES = ("autocast-bfloat16",)
+
+
+def autocast_of(dtype: str | None) -> str | None:
+    """The low dtype of an autocast run dtype ("bfloat16"), None for a plain dtype."""
+    return dtype[len("autocast-"):] if dtype and dtype.startswith("autocast-") else None
+
+
+def params_dtype(dtype: str) -> str:
+    """The dtype the weights are held in: float32 under autocast, else the run dtype."""
+    return "float32" if autocast_of(dtype) else dtype
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,7 @@ def html(report: dict) -> str:
     import base64
     from html import escape
 
-    from llmdiff.plots import run_plot_png
+    from llmdiff.plots import finding_png, heatmap_png, run_plot_png
 
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>llmdiff {escape(report['model'])}</title>",
              "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
@@ -168,7 +168,14 @@ def html(report: dict) -> str:
         for f in findings:
             parts.append(f"<li><b>{escape(f['code'])} {escape(f['name'])}</b> {escape(f['implementation'])} "
                          f"[{escape(str(f['dtype']))}] at <code>{escape(f['where'])}</code>: {escape(f['message'])}"
-                         f"<br><i>fix:</i> {escape(f.get('fix') or '')}</li>")
+                         f"<br><i>fix:</i> {escape(f.get('fix') or '')}")
+            run = next((r for r in report["runs"] if r["candidate"] == f["implementation"]
+                        and r["dtype"] == f["dtype"]), None)
+            png = finding_png(run, f) if run is not None and f.get("confirmed") else None
+            if png:
+                parts.append(f"<br><img alt='evidence of {escape(f['code'])}: before and after'"
+                             f" src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+            parts.append("</li>")
         parts.append("</ul>")
     for run in report["runs"]:
         title = _run_title(run)
@@ -179,6 +186,10 @@ def html(report: dict) -> str:
             continue
         png = base64.b64encode(run_plot_png(run, title)).decode()
         parts.append(f"<img alt='per-layer error, {escape(title)}' src='data:image/png;base64,{png}'>")
+        heat = heatmap_png(run, title)
+        if heat is not None:
+            parts.append(f"<img alt='error per layer and position, {escape(title)}'"
+                         f" src='data:image/png;base64,{base64.b64encode(heat).decode()}'>")
         parts.append("<table><tr><th>point</th><th>max abs</th><th>rel L2</th><th>cosine</th>"
                      "<th>noise floor</th><th>x floor</th><th>verdict</th></tr>")
         for p in run["points"]:
@@ -263,6 +274,9 @@ def render(report: dict, console, *, all_points: bool = False) -> None:
         verdict = run["verdict"]
         color = "green" if verdict == "parity" else "red"
         where = f", first divergence at [bold]{run['first_divergence']}[/bold]" if run["first_divergence"] else ""
+        start = next((p.get("diverges_from") for p in run["points"] if p["name"] == run["first_divergence"]), None)
+        if start:
+            where += f", from position {start} on (the error grows along the sequence)"
         console.print(f"  verdict: [{color}]{verdict}[/{color}]{where}")
     findings = report.get("findings") or []
     if findings:

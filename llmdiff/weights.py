@@ -32,8 +32,16 @@ def tensor_std(spec: ModelSpec, name: str) -> float:
     D, F, H, N = spec.hidden_size, spec.mlp_dim, spec.head_dim, spec.num_heads
     gain = _OUT_GAIN_PER_SQRT_D * D ** 0.5
     kind = name.split(".")[-1]
+    if spec.tiny and spec.final_softcap and kind == "final_norm":
+        # Logits of tens, where the final soft-cap (30) bends them even in bfloat16: a
+        # random-signed scale of about 16 on the normalised state (a released model's logits
+        # reach the cap; a tiny random one's, of about 1, would not).
+        return 16.0
     if kind.endswith("norm"):
         return 0.25                                  # scale is (1 + w): around 1, never all 1
+    if spec.tiny and spec.attn_softcap and kind in ("q", "k"):
+        # Attention logits of tens (16x the variance), where the cap (50) bends them by percents.
+        return 4.0 * D ** -0.5
     if kind == "o":
         return gain * (N * H) ** -0.5
     if kind == "down":
@@ -214,7 +222,8 @@ def hf_config(spec: ModelSpec, dtype: str = "bfloat16") -> dict:
 
 def _llama_like_config(spec: ModelSpec, gemma: dict) -> dict:
     """LlamaForCausalLM (4.40 and later: `llama3` RoPE from 4.43), Qwen2ForCausalLM,
-    Qwen3ForCausalLM (4.51 and later), MistralForCausalLM, as their published config.json."""
+    Qwen3ForCausalLM (4.51 and later), MistralForCausalLM, Phi3ForCausalLM (4.40 and later), as
+    their published config.json."""
     architecture = hf_format.ARCHITECTURES[spec.family]
     config = {k: v for k, v in gemma.items() if k not in ("hidden_activation",)}
     config.update({"hidden_act": "silu", "attention_bias": spec.qkv_bias})
@@ -224,11 +233,26 @@ def _llama_like_config(spec: ModelSpec, gemma: dict) -> dict:
         factor, low, high, original = spec.rope_llama3
         config["rope_scaling"] = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
                                   "high_freq_factor": high, "original_max_position_embeddings": original}
+    if spec.rope_longrope and spec.family != "phi3":
+        raise WeightsError(f"{spec.name}: llmdiff writes LongRoPE for HF Phi3ForCausalLM only")
+    if spec.family == "phi3":
+        # As Phi-3's config.json: the original context at the top level (Phi3Config reads it
+        # there first), the context extension from max_position_embeddings, LongRoPE as
+        # `"type": "longrope"` (the 128k repos' older configs say "su").
+        original = spec.rope_longrope[2] if spec.rope_longrope else spec.max_positions
+        config["original_max_position_embeddings"] = original
+        config["rope_scaling"] = ({"type": "longrope", "short_factor": list(spec.rope_longrope[0]),
+                                   "long_factor": list(spec.rope_longrope[1])} if spec.rope_longrope else None)
+        config.pop("head_dim")  # Phi3Config derives it: hidden / heads
+        if spec.head_dim * spec.num_heads != spec.hidden_size:
+            raise WeightsError(f"{spec.name}: HF Phi-3 needs head_dim = hidden / heads")
+        if not spec.hf_fused_projections or spec.qkv_bias or spec.qk_norm:
+            raise WeightsError(f"{spec.name}: HF Phi-3 fuses qkv and gate_up, without biases or q/k norms")
     if set(spec.layer_types) == {"local"}:
         config["sliding_window"] = spec.sliding_window
     elif "local" in spec.layer_types:
         raise WeightsError(f"{spec.name}: HF {architecture} slides on every layer or none")
-    elif spec.family in ("mistral", "qwen2", "qwen3"):
+    elif spec.family in ("mistral", "qwen2", "qwen3", "phi3"):
         config["sliding_window"] = None
     if spec.family in ("qwen2", "qwen3"):
         config["use_sliding_window"] = False
@@ -250,24 +274,25 @@ def spec_period(spec: ModelSpec) -> int:
     return period
 
 
-def write_hf_checkpoint(path, spec: ModelSpec, canon: dict, dtype: str = "bfloat16") -> Path:
-    """config.json + model.safetensors, as `save_pretrained` would write them."""
+def write_hf_checkpoint(path, spec: ModelSpec, canon: dict, dtype: str = "bfloat16", files=None) -> Path:
+    """model.safetensors and the JSON `files` ({name: content}; default: config.json from the
+    spec), as `save_pretrained` would write them."""
     import ml_dtypes
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = write_hf_config(path, spec, dtype, files)
     np_dtype = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[dtype]
     tensors = {k: np.asarray(v).astype(np_dtype) for k, v in convert.to_hf(spec, canon).items()}
     safetensors_file.save(path / "model.safetensors", tensors, {"format": "pt"})
-    (path / "config.json").write_text(json.dumps(hf_config(spec, dtype), indent=2) + "\n")
     return path
 
 
-def write_hf_config(path, spec: ModelSpec, dtype: str = "bfloat16") -> Path:
-    """A checkpoint directory with config.json alone: the HF worker makes its own weights."""
+def write_hf_config(path, spec: ModelSpec, dtype: str = "bfloat16", files=None) -> Path:
+    """A checkpoint directory with its JSON `files` alone (default: config.json from the spec):
+    the HF worker makes its own weights."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config(spec, dtype), indent=2) + "\n")
+    for name, content in (files or {"config.json": hf_config(spec, dtype)}).items():
+        (path / name).write_text(json.dumps(content, indent=2) + "\n")
     return path
 
 
@@ -287,9 +312,8 @@ def read_hf_checkpoint(path, spec: ModelSpec) -> dict[str, np.ndarray]:
     if config is not None:
         for key, want in hf_format.spec_sizes(spec).items():   # checked when present
             if key in config and config[key] != want:
-                tiny = "" if spec.tiny else " (a tiny checkpoint needs --tiny)"
-                raise WeightsError(
-                    f"{config_path}: {key}={config[key]!r} but {spec.name} has {want}{tiny}")
+                raise WeightsError(f"{config_path}: {key}={config[key]!r} but {spec.name} has {want};"
+                                   f" to compare the checkpoint as it is: llmdiff compare {path}")
     chosen = checkpoint_files.weight_files(path)
     tensors = {}
     for name in chosen.files:

@@ -144,6 +144,8 @@ def main(job_path: str) -> int:
         meta = {"ok": False, "error": None, "python": sys.executable, "versions": versions,
                 "dtype": run.dtype, "timings": {"import_s": round(import_s, 3)}}
         try:
+            if run.dtype not in adapter.dtypes:
+                raise ValueError(f"{job.impl} does not run {run.dtype} (it runs {', '.join(adapter.dtypes)})")
             adapter.begin(run)  # its options, and the run's knobs (the oracle's counterfactuals)
             _say(f"{job.impl} {run.id}: loading")
             t = time.perf_counter()

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import functools
 import math
+import dataclasses
 from dataclasses import dataclass, fields
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmdiff.check import UNSCOPED_KNOBS
 from llmdiff.spec import ModelSpec
 
 
@@ -113,19 +115,46 @@ class Precision:
     # Grouped-query attention: query head n reads kv head n // G ("grouped", as DeepMind's
     # reshape to (K, G) and HF's `repeat_kv`), or n % K ("tiled", `kv.repeat(1, G, 1, 1)`).
     kv_repeat: str = "grouped"
+    # What masked attention logits become before the softmax: "min", the dtype's lowest value
+    # (DeepMind, HF), or "zero" (ports that multiply the logits by a 0/1 mask: a masked key
+    # still gets weight exp(0 - max)).
+    mask_fill: str = "min"
+    # Mixed precision: None, or the low dtype of an autocast run ("bfloat16"): float32 weights,
+    # every matrix product (projections, q.k, probs.v, the output head) taking its inputs in the
+    # low dtype and giving it, every other op in the dtype its inputs promote to. That is
+    # `torch.autocast`'s lower-precision op list (`linear`, `matmul`, `bmm`, `baddbmm`, ...;
+    # `torch/csrc/autograd/autocast_mode` / `aten/src/ATen/autocast_mode.cpp`, CPU and CUDA
+    # alike for these): norms, softmax, RoPE, activations and residual adds are not on it.
+    autocast: str | None = None
     # Multiplies the attention output. Not a known bug: the selftest's stand-in for a bug no
     # check knows, which must be reported as unexplained.
     attn_out_scale: float = 1.0
+    # Knobs that act on some layers only: ((scope, ((knob, value), ...)), ...), a scope being a
+    # layer kind of the spec ("local": the sliding-window layers, "global") or one layer ("L3").
+    # A port can be right on one kind of layer and wrong on the other (a mask built wrongly only
+    # where the window applies). Written `knob@scope` in a policy dict (`from_knobs`).
+    scoped: tuple = ()
 
     # The values each knob that names a form takes: checked once, when a policy is made.
     CHOICES = {"gelu": ("tanh", "exact"), "norm_scale": ("spec", "fp32", "compute"),
                "embed_scale": ("rounded", "python_float"), "rope_dtype": ("fp32", "compute", "table_compute"),
                "rope_form": ("div", "mul_reciprocal"), "constants_dtype": (None, "float32", "bfloat16"),
                "query_scale": ("spec", "head_dim", "hidden_over_heads"), "rope_layout": ("half", "interleaved"),
-               "kv_repeat": ("grouped", "tiled"), "longrope_factors": ("by_length", "short", "long")}
+               "kv_repeat": ("grouped", "tiled"), "longrope_factors": ("by_length", "short", "long"),
+               "mask_fill": ("min", "zero"), "autocast": (None, "bfloat16")}
+    UNSCOPED = UNSCOPED_KNOBS   # knobs of the whole model, never scoped
 
     def __post_init__(self):
+        for scope, knobs in self.scoped:
+            if not (scope in ("local", "global") or (scope[:1] == "L" and scope[1:].isdigit())):
+                raise ValueError(f"precision knob scope {scope!r}; use local, global or L<layer>")
+            for name, _ in knobs:
+                if name in self.UNSCOPED or name not in self.knobs():
+                    raise ValueError(f"precision knob {name!r} cannot act on one kind of layer only")
+            Precision(**dict(knobs))   # the values themselves checked
         for f in fields(self):
+            if f.name == "scoped":
+                continue
             value = getattr(self, f.name)
             choices = self.CHOICES.get(f.name)
             if choices is not None and value not in choices:
@@ -136,7 +165,26 @@ class Precision:
 
     @classmethod
     def knobs(cls) -> dict[str, object]:
-        return {f.name: f.default for f in fields(cls)}
+        return {f.name: f.default for f in fields(cls) if f.name != "scoped"}
+
+    @classmethod
+    def from_knobs(cls, knobs: dict) -> "Precision":
+        """A policy from a dict of knobs, `name@scope` for a knob acting on `scope` only."""
+        plain, scoped = {}, {}
+        for key, value in knobs.items():
+            name, _, scope = key.partition("@")
+            if scope:
+                scoped.setdefault(scope, []).append((name, value))
+            else:
+                plain[name] = value
+        return cls(**plain, scoped=tuple(sorted((k, tuple(sorted(v))) for k, v in scoped.items())))
+
+    def at(self, layer: int, kind: str) -> "Precision":
+        """The policy layer `layer` (of the spec's kind `kind`) runs with: the scoped knobs whose
+        scope is its kind or itself on top of the others."""
+        overrides = {name: value for scope, knobs in self.scoped if scope in (kind, f"L{layer}")
+                     for name, value in knobs}
+        return dataclasses.replace(self, scoped=(), **overrides) if self.scoped else self
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,8 +206,9 @@ def rms_norm(x, w, spec: ModelSpec, p: Precision):
     if where == "fp32":
         return (normed * (one + w.astype(xw.dtype))).astype(x.dtype)
     if where == "compute":
-        scale = one + w.astype(x.dtype) if one else w.astype(x.dtype)
-        return normed.astype(x.dtype) * scale
+        # Under autocast the float32 scale multiplies as it is (HF: `self.weight * x.to(dtype)`).
+        w = w if p.autocast else w.astype(x.dtype)
+        return normed.astype(x.dtype) * (one + w if one else w)
     raise AssertionError(where)  # Precision and the spec checked it
 
 
@@ -222,6 +271,14 @@ def rope_angles(T: int, H: int, base: float, p: Precision, dtype, scale: float =
     raise AssertionError(p.rope_form)
 
 
+def matmul(subscripts: str, a, b, p: Precision):
+    """A matrix product (einsum): under autocast its inputs in the autocast dtype, and so its
+    output (accumulated in float32, as every bfloat16 matmul kernel does)."""
+    if p.autocast:
+        a, b = a.astype(p.autocast), b.astype(p.autocast)
+    return jnp.einsum(subscripts, a, b)
+
+
 def softcap(x, cap: float):
     """cap * tanh(x / cap), in the dtype of x (DeepMind and HF round after each step)."""
     c = jnp.asarray(cap, x.dtype)
@@ -250,19 +307,22 @@ def rope(x, angles, p: Precision, factor: float = 1.0):
     cos = jnp.cos(angles)[None, :, None, :]
     if factor != 1.0:
         sin, cos = sin * factor, cos * factor
+    if p.autocast:  # HF: cos and sin follow the float32 hidden states, whatever the angles' dtype
+        sin, cos = sin.astype(jnp.float32), cos.astype(jnp.float32)
     if p.rope_layout == "half":
         x1, x2 = jnp.split(x, 2, axis=-1)
     elif p.rope_layout == "interleaved":
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
         raise AssertionError(p.rope_layout)
-    # The rotation is applied in the angle dtype (x promotes), then rounded once, as DeepMind.
+    # The rotation is applied in the angle dtype (x promotes), then rounded once, as DeepMind;
+    # under autocast it stays there (HF: bfloat16 q times float32 cos is float32).
     r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     if p.rope_layout == "half":
         out = jnp.concatenate([r1, r2], axis=-1)
     else:
         out = jnp.stack([r1, r2], axis=-1).reshape(x.shape)
-    return out.astype(x.dtype)
+    return out if p.autocast else out.astype(x.dtype)
 
 
 def embed(table, tokens, spec: ModelSpec, p: Precision):
@@ -288,12 +348,12 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
     N, K, G, H = spec.num_heads, spec.num_kv_heads, spec.kv_groups, spec.head_dim
     attn = params["attn"]
     if N == K:  # DeepMind fuses the three projections when there is one kv head per query head
-        q, k, v = jnp.einsum("BTD,SNDH->SBTNH", x, attn["qkv_einsum"]["w"])
+        q, k, v = matmul("BTD,SNDH->SBTNH", x, attn["qkv_einsum"]["w"], p)
     else:
-        q = jnp.einsum("BTD,NDH->BTNH", x, attn["q_einsum"]["w"])
-        k, v = jnp.einsum("BSD,CKDH->CBSKH", x, attn["kv_einsum"]["w"])
+        q = matmul("BTD,NDH->BTNH", x, attn["q_einsum"]["w"], p)
+        k, v = matmul("BSD,CKDH->CBSKH", x, attn["kv_einsum"]["w"], p)
     if spec.qkv_bias and p.qkv_bias:  # Qwen2: each projection's bias, in the compute dtype
-        q, k, v = q + attn["q_bias"], k + attn["k_bias"], v + attn["v_bias"]
+        q, k, v = q + attn["q_bias"].astype(q.dtype), k + attn["k_bias"].astype(k.dtype), v + attn["v_bias"].astype(v.dtype)
     if spec.qk_norm and p.qk_norm:  # Gemma 3, Qwen3: RMSNorm over each head's H features, before RoPE
         q = rms_norm(q, attn["_query_norm"]["scale"], spec, p)
         k = rms_norm(k, attn["_key_norm"]["scale"], spec, p)
@@ -306,7 +366,7 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
     if spec.rope_longrope and p.rope_scaling:  # Phi-3: every layer, factors by the sequence's length
         scale = scale * longrope_scales(spec, x.shape[1], p)
         factor = spec.longrope_attention_factor if p.longrope_attention_factor else 1.0
-    angles = rope_angles(x.shape[1], H, base, p, q.dtype, scale)
+    angles = rope_angles(x.shape[1], H, base, p, p.autocast or q.dtype, scale)  # "compute": the low dtype
     q = rope(q, angles, p, factor)                                                 # (B, T, N, H)
     k = rope(k, angles, p, factor)                                                 # (B, S, K, H)
     q, k, v = cap(f"{pre}q", q), cap(f"{pre}k", k), cap(f"{pre}v", v)
@@ -327,7 +387,7 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
         q = q.reshape(B, T, G, K, -1).swapaxes(2, 3)
     else:
         raise AssertionError(p.kv_repeat)
-    logits = jnp.einsum("BTKGH,BSKH->BTKGS", q, k)
+    logits = matmul("BTKGH,BSKH->BTKGS", q, k, p)
     if spec.attn_softcap and p.attn_softcap:  # Gemma 2: before the mask
         logits = softcap(logits, spec.attn_softcap)
     # Positions, not sequence indices (DeepMind); equal here: one unpadded prompt from 0.
@@ -335,14 +395,15 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
     visible = distance >= 0 if p.causal else jnp.ones_like(distance, bool)        # causal
     if local:  # a key is visible when it is less than `window` positions before the query
         visible &= distance < spec.sliding_window + p.sliding_window_offset
-    logits = jnp.where(visible[:, :, None, None, :], logits, jnp.finfo(logits.dtype).min)
+    fill = jnp.finfo(logits.dtype).min if p.mask_fill == "min" else jnp.zeros((), logits.dtype)
+    logits = jnp.where(visible[:, :, None, None, :], logits, fill)
     # Softmax in at least float32, probabilities back in the compute dtype (DeepMind and HF).
     probs = jax.nn.softmax(logits.astype(_wide(logits.dtype)), axis=-1).astype(v.dtype)
-    encoded = jnp.einsum("BTKGS,BSKH->BTKGH", probs, v)                           # (B, T, K, G, H)
+    encoded = matmul("BTKGS,BSKH->BTKGH", probs, v, p)                         # (B, T, K, G, H)
     if p.kv_repeat == "tiled":
         encoded = encoded.swapaxes(2, 3)                                           # back to head order
     encoded = encoded.reshape(B, T, N, -1)                                         # (B, T, N, H)
-    out = jnp.einsum("BTNH,NHD->BTD", encoded, attn["attn_vec_einsum"]["w"])
+    out = matmul("BTNH,NHD->BTD", encoded, attn["attn_vec_einsum"]["w"], p)
     if p.attn_out_scale != 1.0:
         out = out * jnp.asarray(p.attn_out_scale, out.dtype)
     return out
@@ -350,12 +411,12 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
 
 def mlp(x, params, spec: ModelSpec, p: Precision, cap: "Tape", pre: str):
     if spec.transpose_gating:  # the (2, F, D) layout of Gemma 2 9B/27B and Gemma 3
-        gate, up = jnp.einsum("BTD,CFD->CBTF", x, params["gating_einsum"])        # 2 x (B, T, F)
+        gate, up = matmul("BTD,CFD->CBTF", x, params["gating_einsum"], p)      # 2 x (B, T, F)
     else:
-        gate, up = jnp.einsum("BTD,CDF->CBTF", x, params["gating_einsum"])        # 2 x (B, T, F)
+        gate, up = matmul("BTD,CDF->CBTF", x, params["gating_einsum"], p)      # 2 x (B, T, F)
     gate, up = cap(f"{pre}mlp_gate", gate), cap(f"{pre}mlp_up", up)
     act = cap(f"{pre}mlp_act", activation(gate, spec, p) * up)
-    return jnp.einsum("BTF,FD->BTD", act, params["linear"])
+    return matmul("BTF,FD->BTD", act, params["linear"], p)
 
 
 def block(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", pre: str, kind: str):
@@ -403,7 +464,7 @@ def head(x, final_scale, table, spec: ModelSpec, p: Precision, cap: "Tape"):
     # the output head's). Only the columns of ids a text token can take (not DeepMind's padding
     # rows), as in every implementation.
     table = table[: spec.text_vocab_size]                                          # (V, D)
-    logits = jnp.einsum("BTD,VD->BTV", x, table)
+    logits = matmul("BTD,VD->BTV", x, table, p)
     if spec.final_softcap and p.final_softcap:  # Gemma 2, in the compute dtype
         logits = softcap(logits, spec.final_softcap)
     cap("logits", logits)
@@ -418,8 +479,9 @@ def forward(params, tokens, spec: ModelSpec, p: Precision, forced: dict | None =
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     x = cap("embed", embed(params["embedder"]["input_embedding"], tokens, spec, p))
-    for i, kind in enumerate(layer_types(spec, p)):
-        x = block(x, params[f"layer_{i}"], positions, spec, p, cap, f"L{i}.", kind)
+    for i, kind in enumerate(spec.layer_types):
+        pi = p.at(i, kind)
+        x = block(x, params[f"layer_{i}"], positions, spec, pi, cap, f"L{i}.", layer_types(spec, pi)[i])
     head(x, params["final_norm"]["scale"], output_table(params), spec, p, cap)
     return dict(cap)
 
@@ -488,9 +550,10 @@ def forward_blocks(layer, top, tokens, spec: ModelSpec, p: Precision, forced: di
     x, out = _embed_step(table, tokens, None if forced is None else {k: v for k, v in forced.items() if k == "embed"},
                          aux, spec, p, reduce)
     out = dict(out)
-    for i, kind in enumerate(layer_types(spec, p)):
+    for i, kind in enumerate(spec.layer_types):
+        pi = p.at(i, kind)
         x_i, forced_i, aux_i = on(i, x, part(f"L{i}."), aux)
-        x, caps = _block_step(x_i, layer(i), forced_i, aux_i, spec, p, kind, reduce)
+        x, caps = _block_step(x_i, layer(i), forced_i, aux_i, spec, pi, layer_types(spec, pi)[i], reduce)
         out.update({f"L{i}.{k}": v for k, v in caps.items()})
     names = ("final_norm", "logits")
     x, = on(0, x)

@@ -29,7 +29,8 @@ import numpy as np
 from llmdiff.references.base import Reference
 
 TOP_LOGITS = 8  # llmdiff.sketch.TOP
-_TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float64": "float64"}
+# A run dtype -> the dtype the weights are loaded in (autocast: float32 weights, bfloat16 products).
+_TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float64": "float64", "autocast-bfloat16": "float32"}
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -46,6 +47,8 @@ def _first_tensor(args, kwargs, key):
 
 class HFReference(Reference):
     name = "hf"
+    dtypes = ("float32", "bfloat16", "autocast-bfloat16")
+    package = "transformers"
     has_bare_forward = True
     makes_weights = True
 
@@ -81,6 +84,10 @@ class HFReference(Reference):
         self.device_map = None  # module name -> GPU, when the layers are spread over several
         torch.manual_seed(0)
         self.torch_dtype = getattr(torch, _TORCH_DTYPES[dtype])
+        from llmdiff.job import autocast_of
+
+        # Mixed precision: float32 weights, the forward under torch.autocast (`run`).
+        self.autocast = getattr(torch, autocast_of(dtype)) if autocast_of(dtype) else None
         # `dtype=` replaced `torch_dtype=` in transformers 4.56; older releases only know the latter.
         dtype_kw = "dtype" if _version_tuple(transformers.__version__) >= (4, 56) else "torch_dtype"
         self.attn_implementation = self.options.attn
@@ -264,7 +271,7 @@ class HFReference(Reference):
 
         modeling.apply_rotary_pos_emb = rope_and_capture
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 ids = torch.tensor([tokens], dtype=torch.long, device=self.device_of("model.embed_tokens"))
                 out = model(input_ids=ids, use_cache=False)
             text_vocab = min(self.spec.vocab_size or out.logits.shape[-1],
@@ -287,6 +294,16 @@ class HFReference(Reference):
             host[name] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
         return host
 
+    def _autocast(self):
+        """torch.autocast to the run's low dtype, or nothing."""
+        import contextlib
+
+        import torch
+
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda" if self.device == "cuda" else "cpu", dtype=self.autocast)
+
     def _projection_on_device(self, n, device):
         import torch
 
@@ -298,7 +315,7 @@ class HFReference(Reference):
     def run_bare(self, tokens):
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             ids = torch.tensor([tokens], dtype=torch.long, device=self.device_of("model.embed_tokens"))
             self.model(input_ids=ids, use_cache=False)
         if self.device == "cuda":

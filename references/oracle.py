@@ -23,7 +23,7 @@ from llmdiff.references.base import Reference
 
 class OracleReference(Reference):
     name = "oracle"
-    dtypes = ("float32", "bfloat16", "float64")
+    dtypes = ("float32", "bfloat16", "float64", "autocast-bfloat16")
     has_bare_forward = True
     makes_weights = True
 
@@ -60,11 +60,15 @@ class OracleReference(Reference):
         jax.config.update("jax_default_matmul_precision", "highest")
         from llmdiff import safetensors_file
         from llmdiff.references import gemma
+        from llmdiff.job import autocast_of, params_dtype
+
         knobs = dict(self.options.precision)
-        if constants_dtype:
-            knobs["constants_dtype"] = constants_dtype
-        self.precision = gemma.Precision(**knobs)
-        self.dtype = dtype
+        if constants_dtype:  # an autocast run's constants are float32 (its weights' dtype)
+            knobs["constants_dtype"] = params_dtype(constants_dtype)
+        if autocast_of(dtype):
+            knobs["autocast"] = autocast_of(dtype)
+        self.precision = gemma.Precision.from_knobs(knobs)
+        self.dtype = params_dtype(dtype)
         # Several devices: whole decoder layers placed over them, in order (what accelerate's
         # device maps do for torch), so each op runs as on one device and the captures are its.
         # Block streaming: each layer's weights are made (or read) when its block runs and

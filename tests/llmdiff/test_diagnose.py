@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from conftest import run_by_candidate
 
 
@@ -93,3 +95,64 @@ def test_rope_in_bfloat16_is_confirmed_teacher_forced(llmdiff_cli, mutants_on_pa
     (f,) = report["findings"]
     assert (f["code"], f["where"], f["confirmed"]) == ("LD401", "L0.q", True)
     assert f["evidence"]["teacher_forced"] and f["evidence"]["after"]["rel_l2"] < f["evidence"]["before"]["rel_l2"] / 10
+
+
+@pytest.mark.slow   # ~360 counterfactual oracle runs (pairs of knobs, each also on one layer kind): 3.5 min here
+def test_two_bugs_on_two_kinds_of_layer_are_both_named(llmdiff_cli, mutants_on_path):
+    """Gemma 2 whose sliding-window layers lost the causal part of their mask (global layers are
+    right) and whose attention soft-cap is gone everywhere: both named, each confirmed, the mask
+    bug said to act on sliding-window layers only; nothing left unexplained."""
+    code, out, _, report = llmdiff_cli("compare", "gemma-2-2b", "--tiny", "--dtype", "float32",
+                                       "--impl", "hf_mutants:SlidingMaskWithoutCausalNoSoftcap")
+    assert code == 1, out
+    by_code = {f["code"]: f for f in report["findings"]}
+    assert set(by_code) == {"LD505", "LD501"}, report["findings"]
+    assert all(f["confirmed"] for f in by_code.values())
+    mask = by_code["LD505"]
+    assert mask["evidence"]["scope"] == "local" and mask["evidence"]["knob"]["causal@local"] is False
+    assert "causal" not in mask["evidence"]["knob"]   # never on the global layers
+    assert "on sliding-window (local) layers only" in mask["message"]
+    assert "scope" not in by_code["LD501"]["evidence"]
+
+
+def test_a_window_off_by_one_is_said_to_start_past_the_window(llmdiff_cli, mutants_on_path, tmp_path):
+    """The extra key is visible only from position `window` on: the error is 0 before it, and
+    the finding says from which position it acts."""
+    from llmdiff.spec import get_spec
+
+    window = get_spec("gemma-2-2b", tiny=True).sliding_window
+    code, out, _, report = llmdiff_cli("compare", "gemma-2-2b", "--tiny", "--dtype", "float32",
+                                       "--impl", "hf_mutants:SlidingWindowOffByOne", "--out", str(tmp_path / "out"))
+    assert code == 1, out
+    (f,) = report["findings"]
+    assert f["code"] == "LD503" and f["confirmed"]
+    assert f["evidence"]["from_position"] == window and f"from position {window} on" in f["message"]
+    run = run_by_candidate(report, "hf_mutants:SlidingWindowOffByOne", "float32")
+    first = next(p for p in run["points"] if p["name"] == run["first_divergence"])
+    assert max(first["by_position"][:window]) < 1e-6 < min(first["by_position"][window:window + 8])
+    assert f"from position {window} on (the error grows along the sequence)" in out
+    # The HTML report draws the layer x position heat map and the finding's before/after curves.
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "alt='error per layer and position, " in page and "alt='evidence of LD503: before and after'" in page
+    curve = f["evidence"]["curve"]
+    assert len(curve["points"]) == len(curve["before"]) == len(curve["after"]) == len(run["points"])
+    assert max(v for v in curve["after"] if v is not None) < 1e-5 < max(curve["before"])
+    _screenshot_where_chromium_exists(tmp_path / "out" / "report.html", tmp_path / "report.png")
+
+
+def _screenshot_where_chromium_exists(page, png):
+    """Headless Chromium renders the report (every image decodes, the page is not blank); skipped
+    where no Chromium is installed (this machine has none)."""
+    import shutil
+    import subprocess
+
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome")
+                    if shutil.which(b)), None)
+    if browser is None:
+        return
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}",
+                    "--window-size=1200,3000", page.as_uri()], check=True, timeout=120, capture_output=True)
+    from matplotlib.image import imread
+
+    pixels = imread(png)
+    assert pixels.shape[0] >= 3000 and pixels.std() > 0.05   # drawn, not a blank page

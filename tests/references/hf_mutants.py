@@ -261,6 +261,66 @@ class SlidingWindowIgnored(HFReference):
         return model
 
 
+class SlidingMaskWithoutCausalNoSoftcap(HFReference):
+    """Gemma 2 with two bugs on different kinds of layer: the sliding-window layers' mask keeps
+    the window but lost its causal part (`t - s < window` alone: those layers see the future;
+    global layers are right), and no layer soft-caps its attention logits. Eager attention."""
+
+    def patch_model(self, model):
+        import torch
+
+        def local_mask(module, args, kwargs):
+            hidden = kwargs["hidden_states"]
+            T = hidden.shape[1]
+            pos = torch.arange(T, device=hidden.device)
+            visible = (pos[:, None] - pos[None, :]) < module.sliding_window
+            kwargs["attention_mask"] = torch.where(visible, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)[None, None]
+            return args, kwargs
+
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+            if layer.self_attn.sliding_window:
+                layer.self_attn.register_forward_pre_hook(local_mask, with_kwargs=True)
+        return model
+
+
+class RopeAnglesUnderAutocast(HFReference):
+    """RoPE's `inv_freq @ position_ids` left under an active autocast (a port without HF's
+    `torch.autocast(..., enabled=False)` around it): a matmul, so autocast runs it in bfloat16.
+    Nothing changes outside autocast (there the product is float32)."""
+
+    def patch_model(self, model):
+        import torch
+
+        rotary = model.model.rotary_emb
+
+        def forward(x, position_ids, *args, **kwargs):
+            inv_freq = rotary.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+            freqs = (inv_freq @ position_ids[:, None, :].float()).transpose(1, 2)   # autocast: bfloat16
+            emb = torch.cat((freqs, freqs), dim=-1)
+            scale = getattr(rotary, "attention_scaling", 1.0)
+            return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+
+        rotary.forward = forward
+        return model
+
+
+class HonoursHiddenAct(HFReference):
+    """Gemma's MLP activation read from config.json's `hidden_act` as written, the way
+    transformers 4.38.0 read it: google/gemma-7b's published "gelu" becomes exact GELU."""
+
+    def patch_model(self, model):
+        import json
+        from pathlib import Path
+
+        from transformers.activations import ACT2FN
+
+        written = json.loads((Path(self.job.weights.hf_dir) / "config.json").read_text())
+        for layer in model.model.layers:
+            layer.mlp.act_fn = ACT2FN[written["hidden_act"]]
+        return model
+
+
 # --- Phi-3 ports -------------------------------------------------------------------------------
 
 class LongropeLongFactorsAlways(HFReference):
