@@ -1,6 +1,6 @@
 from dataclasses import replace
 
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 from llmdiff.tokenizer_parity import chat_differences, describe_chat
 
 
@@ -31,6 +31,7 @@ class ChatTemplateMismatch(Check):
 
     code = "LD007"
     name = "chat-template-mismatch"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         tok = (ctx.details or {}).get("tokenizer")

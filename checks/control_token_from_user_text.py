@@ -1,6 +1,6 @@
 from dataclasses import replace
 
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 from llmdiff.tokenizer_parity import describe_difference, differences_of_kind
 
 
@@ -34,6 +34,7 @@ class ControlTokenFromUserText(Check):
 
     code = "LD004"
     name = "control-token-from-user-text"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         tok = (ctx.details or {}).get("tokenizer")

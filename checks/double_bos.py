@@ -1,6 +1,6 @@
 from dataclasses import replace
 
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class DoubleBos(Check):
@@ -24,11 +24,13 @@ class DoubleBos(Check):
 
     ## References
     huggingface/transformers chat templating docs ("templates already include special
-    tokens"); google-deepmind/gemma `gm/text/_template.py`.
+    tokens"); google-deepmind/gemma `gm/text/_template.py`; vllm-project/vllm issue 27486 and
+    PR 16976 (Llama 3's rendered `<|begin_of_text|>` plus the tokenizer's own).
     """
 
     code = "LD002"
     name = "double-bos"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         tok = (ctx.details or {}).get("tokenizer")

@@ -1,6 +1,6 @@
 from dataclasses import replace
 
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class EosAppendedToPrompt(Check):
@@ -24,6 +24,7 @@ class EosAppendedToPrompt(Check):
 
     code = "LD003"
     name = "eos-appended-to-prompt"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         tok = (ctx.details or {}).get("tokenizer")

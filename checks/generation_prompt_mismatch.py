@@ -1,7 +1,7 @@
 from dataclasses import replace
 
-from llmdiff.check import Check
-from llmdiff.tokenizer_parity import chat_differences, describe_chat
+from llmdiff.check import ALL_FAMILIES, Check
+from llmdiff.tokenizer_parity import GENERATION_PROMPT, chat_differences, describe_chat
 
 
 class GenerationPromptMismatch(Check):
@@ -28,12 +28,13 @@ class GenerationPromptMismatch(Check):
 
     code = "LD008"
     name = "generation-prompt-mismatch"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         tok = (ctx.details or {}).get("tokenizer")
         bad = chat_differences(tok, "generation-prompt") if tok else []
         if bad:
             yield self.finding(replace(ctx, implementation="hf"), "chat_template",
-                               f"the generation prompt differs from {'<start_of_turn>model' + chr(92) + 'n'}:"
+                               f"the generation prompt differs from {bad[0].get('generation_prompt', GENERATION_PROMPT)!r}:"
                                f" {describe_chat(bad[0])}",
                                {"conversations": [c["name"] for c in bad], "first": bad[0]})

@@ -1,10 +1,10 @@
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class LmHeadUntied(Check):
     """## What it finds
     The implementation's output projection (`lm_head`) is not the input embedding, although the
-    model ties them (every Gemma does).
+    model ties them (every Gemma does; so do Llama 3.2 1B/3B and the small Qwen models).
 
     ## Why it matters
     A checkpoint converted with a separate `lm_head` (copied, re-initialised, or left random when
@@ -28,6 +28,7 @@ class LmHeadUntied(Check):
 
     code = "LD105"
     name = "lm-head-untied"
+    families = ALL_FAMILIES   # Llama 3.2 1B/3B, Qwen 2.5 0.5B-3B and Qwen3 0.6B-4B tie theirs too
 
     def run(self, ctx):
         if ctx.spec.tie_embeddings and ctx.details.get("tied_lm_head") is False:

@@ -1,6 +1,6 @@
 from dataclasses import replace
 
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 
 
 class MissingBos(Check):
@@ -30,10 +30,11 @@ class MissingBos(Check):
 
     code = "LD001"
     name = "missing-bos"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         tok = (ctx.details or {}).get("tokenizer")
-        if not tok:
+        if not tok or not getattr(ctx.spec, "add_bos", True):  # Qwen's prompts start without one
             return
         bos = tok["spec_ids"]["bos"]
         for impl in tok["implementations"]:

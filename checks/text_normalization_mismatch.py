@@ -1,6 +1,6 @@
 from dataclasses import replace
 
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 from llmdiff.tokenizer_parity import describe_difference, differences_of_kind
 
 
@@ -31,6 +31,7 @@ class TextNormalizationMismatch(Check):
 
     code = "LD005"
     name = "text-normalization-mismatch"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         tok = (ctx.details or {}).get("tokenizer")

@@ -1,6 +1,6 @@
 from dataclasses import replace
 
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 from llmdiff.tokenizer_parity import describe_difference, differences_of_kind
 
 
@@ -30,6 +30,7 @@ class TokenIdsMismatch(Check):
 
     code = "LD006"
     name = "token-ids-mismatch"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         tok = (ctx.details or {}).get("tokenizer")

@@ -1,6 +1,6 @@
 from dataclasses import replace
 
-from llmdiff.check import Check
+from llmdiff.check import ALL_FAMILIES, Check
 from llmdiff.tokenizer_parity import END_OF_TURN, chat_differences, describe_chat
 
 
@@ -28,6 +28,7 @@ class WrongEndOfTurnToken(Check):
 
     code = "LD009"
     name = "wrong-end-of-turn-token"
+    families = ALL_FAMILIES
 
     def run(self, ctx):
         tok = (ctx.details or {}).get("tokenizer")
@@ -36,9 +37,10 @@ class WrongEndOfTurnToken(Check):
         bad = chat_differences(tok, "end-of-turn")
         if bad:
             yield self.finding(replace(ctx, implementation="hf"), "chat_template",
-                               f"turns do not end with {END_OF_TURN}: {describe_chat(bad[0])}",
+                               f"turns do not end with {bad[0].get('end_of_turn', END_OF_TURN)}: {describe_chat(bad[0])}",
                                {"conversations": [c["name"] for c in bad], "first": bad[0]})
         eot = (tok.get("chat") or {}).get("end_of_turn_ids") or {}
         if len({tuple(v) for v in eot.values()}) > 1 or any(len(v) != 1 for v in eot.values()):
             yield self.finding(replace(ctx, implementation="hf"), "tokenizer.json",
-                               f"{END_OF_TURN} is not one shared token: {eot}", {"end_of_turn_ids": eot})
+                               f"{tok['chat'].get('end_of_turn', END_OF_TURN)} is not one shared token: {eot}",
+                               {"end_of_turn_ids": eot})

@@ -22,7 +22,7 @@ from llmdiff.errors import UsageError
 from llmdiff.job import AUTOCAST_DTYPES, TRUTH_DTYPE, Job, Options, RunId, RunRequest, WeightsSource
 from llmdiff.report import VERDICTS
 from llmdiff.runner import Implementation, RunResult, run_worker
-from llmdiff.spec import GEMMA_FAMILIES, ModelSpec, capture_points
+from llmdiff.spec import ModelSpec, capture_points
 
 DTYPES = ("float32", "bfloat16")   # compared by default
 RUN_DTYPES = DTYPES + AUTOCAST_DTYPES
@@ -349,6 +349,7 @@ def _prompts(spec, hf_dir, weights_info, seed, work, lengths=None, parity: bool 
     tiny tokenizer, never written into a user's directory), tokenizer parity started in the
     background; synthetic ids when there is no tokenizer."""
     from llmdiff import tokenizer
+    from llmdiff.tiny_tokenizer import has_tiny_tokenizer
 
     tokenizer_dir, tiny_tokenizer = None, False
     if lengths is not None:  # asked for: synthetic prompts of exactly these lengths
@@ -356,7 +357,7 @@ def _prompts(spec, hf_dir, weights_info, seed, work, lengths=None, parity: bool 
         return tokens, {"source": "synthetic", "prompts": len(tokens), "lengths": list(lengths)}, None
     if weights_info["source"] == "hf" and tokenizer.has_tokenizer(hf_dir):
         tokenizer_dir = hf_dir
-    elif spec.tiny and spec.family in GEMMA_FAMILIES:  # the tiny tokenizer has Gemma's conventions
+    elif spec.tiny and has_tiny_tokenizer(spec):  # Gemma's SentencePiece, Llama 3's and Qwen's BPE
         tokenizer_dir = hf_dir if weights_info["source"] != "hf" else Path(work) / "tiny-tokenizer"
         tiny_tokenizer = True
     if tokenizer_dir is not None:

@@ -41,7 +41,8 @@ ALL_FAMILIES = FAMILIES
 # Knobs of the oracle's precision policy that act on the whole model, never on one kind of
 # layer (`knob@local`): the constants' dtype, the embedding normaliser, the final softcap, the
 # layer pattern itself.
-UNSCOPED_KNOBS = ("constants_dtype", "embed_scale", "final_softcap", "layer_pattern_shift", "scoped", "autocast")
+UNSCOPED_KNOBS = ("constants_dtype", "embed_scale", "final_softcap", "layer_pattern_shift", "scoped", "autocast",
+                  "lm_head")
 
 
 @dataclass

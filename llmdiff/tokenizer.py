@@ -14,7 +14,8 @@ from pathlib import Path
 
 from llmdiff.errors import UsageError
 from llmdiff.spec import ModelSpec
-from llmdiff.tiny_tokenizer import train_tiny_sentencepiece, write_tiny_tokenizer_files
+from llmdiff.tiny_tokenizer import (BPE_STYLES, train_tiny_bpe, train_tiny_sentencepiece, write_bpe_tokenizer_files,
+                                    write_tiny_tokenizer_files)
 from llmdiff.tokenizer_parity import tokenizer_parity
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -76,7 +77,7 @@ def check_tokenizer(model: str, *, tiny: bool = False, weights=None, text=None, 
             weights_mod.checked_config(path, spec)  # never a checkpoint that needs its own code
             source = {"source": "hf", "path": str(path)}
         elif tiny:
-            path = write_tiny_tokenizer_files(Path(tmp), spec, train_tiny_sentencepiece(spec.text_vocab_size))
+            path = write_tiny_family_tokenizer(Path(tmp), spec)
             source = {"source": "tiny", "path": None}
         else:
             raise UsageError(f"no tokenizer for {model}: pass --weights DIR (a checkpoint with tokenizer.model or"
@@ -87,6 +88,14 @@ def check_tokenizer(model: str, *, tiny: bool = False, weights=None, text=None, 
     return {"llmdiff_version": __version__, "model": spec.name, "tiny": spec.tiny, "tokenizer_source": source,
             "tokenizer": parity, "findings": found, "checks": {"broken": [str(b) for b in broken]},
             "exit_code": 1 if found else 0}
+
+
+def write_tiny_family_tokenizer(path: Path, spec: ModelSpec) -> Path:
+    """The tiny tokenizer of `spec`'s family into `path`: Gemma's SentencePiece, or the
+    byte-level BPE of Llama 3 and Qwen."""
+    if spec.family in BPE_STYLES:
+        return write_bpe_tokenizer_files(path, spec, tokenizer_json=train_tiny_bpe(spec))
+    return write_tiny_tokenizer_files(path, spec, train_tiny_sentencepiece(spec.text_vocab_size))
 
 
 # --- for `compare`: prompts from real text, parity in the background -----------------------
@@ -104,15 +113,31 @@ class Prompts:
         from llmdiff import inputs
 
         model_file = self.hf_dir / "tokenizer.model"
-        if self.tiny_tokenizer and not model_file.exists():
+        if self.tiny_tokenizer and self.spec.family in BPE_STYLES:
+            if not (self.hf_dir / "tokenizer.json").exists():
+                write_bpe_tokenizer_files(self.hf_dir, self.spec, tokenizer_json=train_tiny_bpe(self.spec))
+        elif self.tiny_tokenizer and not model_file.exists():
             model_file.write_bytes(train_tiny_sentencepiece(self.spec.text_vocab_size))
-        if not model_file.exists():
-            return None
-        import sentencepiece as spm
+        if model_file.exists():
+            import sentencepiece as spm
 
-        sp = spm.SentencePieceProcessor(model_file=str(model_file))
-        prompts = inputs.text_prompts(self.spec, sp.encode, lengths)
-        return prompts, {"source": "text", "tokenizer": "sentencepiece", "texts": list(inputs.TEXT_PROMPTS)}
+            sp = spm.SentencePieceProcessor(model_file=str(model_file))
+            encode, name = sp.encode, "sentencepiece"
+        elif (self.hf_dir / "tokenizer.json").exists():  # Llama 3, Qwen: the HF tokenizer's text path
+            from llmdiff.tokenizer_encoders import HFEncoder
+
+            try:
+                encode, name = HFEncoder(self.hf_dir).encode_text, "hf"
+                if not encode("a"):
+                    return None
+            except Exception:  # noqa: BLE001 - a tokenizer.json transformers cannot load: synthetic ids
+                return None     # (parity, run later, reports why)
+        else:
+            return None
+        prompts = inputs.text_prompts(self.spec, encode, lengths)
+        if not self.spec.add_bos:  # Qwen: the text alone, no BOS in front
+            prompts = [p[1:] for p in prompts]
+        return prompts, {"source": "text", "tokenizer": name, "texts": list(inputs.TEXT_PROMPTS)}
 
     def start_parity(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -123,7 +148,7 @@ class Prompts:
 
     def _parity(self) -> dict:
         try:
-            if self.tiny_tokenizer and not (self.hf_dir / "tokenizer.json").exists():
+            if self.tiny_tokenizer and self.spec.family not in BPE_STYLES and not (self.hf_dir / "tokenizer.json").exists():
                 write_tiny_tokenizer_files(self.hf_dir, self.spec, (self.hf_dir / "tokenizer.model").read_bytes())
             return tokenizer_parity(self.hf_dir, self.spec)
         except Exception as e:  # noqa: BLE001 - reported in the report, never a lost comparison

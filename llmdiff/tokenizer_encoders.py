@@ -6,7 +6,9 @@
   tokenizer left, and this implementation is reported as unavailable, with that evidence);
 - `sentencepiece`: `SentencePieceProcessor(model_file=tokenizer.model).encode(text)`, the
   reference (Google DeepMind's code calls exactly this);
-- `deepmind`: Google DeepMind's `gemma` tokenizer, `encode(text)`, when importable.
+- `deepmind`: Google DeepMind's `gemma` tokenizer, `encode(text)`, when importable;
+- `tiktoken` (Llama 3's `original/tokenizer.model`, as Meta's code reads it) and `bpe-files`
+  (Qwen's vocab.json and merges.txt, the slow tokenizer's algorithm): byte-level BPE references.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ class HFEncoder(Encoder):
                                                  **({"use_fast": False} if slow else {}))
         if slow and self.tok.is_fast:
             self.available = False
-            self.reason = (f"transformers {transformers.__version__} has no SentencePiece-backed (slow) tokenizer"
+            self.reason = (f"transformers {transformers.__version__} has no slow (SentencePiece- or Python-backed) tokenizer"
                            f" for this checkpoint: AutoTokenizer(use_fast=False) returned"
                            f" {type(self.tok).__name__}, a fast one")
 
@@ -150,13 +152,158 @@ class DeepMindEncoder(Encoder):
         return self.tok.decode(list(ids))
 
 
+class ByteLevelBpeEncoder(Encoder):
+    """A byte-level BPE (Llama 3, Qwen) read from the family's own files, the reference for its
+    HF tokenizer.json:
+
+    - `tiktoken`: Llama 3's `original/tokenizer.model`, "base64(token bytes) rank" lines, as
+      Meta's `tokenizer.py` reads it (`tiktoken.Encoding` with the Llama 3 split pattern, text
+      never parsed into special tokens); the same rule here when tiktoken is not installed: each
+      pre-token whole if it is a token, else the adjacent pair whose bytes make the
+      lowest-ranked token merged first;
+    - `bpe-files`: Qwen's vocab.json and merges.txt, the algorithm of the slow `Qwen2Tokenizer`
+      transformers 5 no longer ships (NFC, Qwen's split pattern, GPT-2's merges by rank).
+    """
+
+    def __init__(self, path: Path, spec: ModelSpec, kind: str):
+        super().__init__()
+        import json
+
+        import regex
+
+        from llmdiff.tiny_tokenizer import BPE_STYLES, byte_level_alphabet
+
+        self.name, self.kind = kind, kind
+        style = BPE_STYLES.get(spec.family) or BPE_STYLES["llama"]
+        self.pattern, self.nfc = regex.compile(style.pattern), kind == "bpe-files" and style.nfc
+        self.tiktoken = None
+        if kind == "tiktoken":
+            import base64
+
+            self.ranks = {}
+            for n, line in enumerate((path / "original" / "tokenizer.model").read_text().splitlines()):
+                if line.strip():
+                    token, rank = line.split()
+                    self.ranks[base64.b64decode(token)] = int(rank)
+            self.version = "llmdiff"
+            try:
+                import tiktoken
+
+                self.tiktoken = tiktoken.Encoding("llmdiff-reference", pat_str=style.pattern,
+                                                  mergeable_ranks=self.ranks, special_tokens={})
+                self.version = f"tiktoken {tiktoken.__version__}"
+            except Exception:  # noqa: BLE001 - not installed, or ranks it refuses: the rule here
+                self.tiktoken = None
+        else:
+            alphabet = byte_level_alphabet()
+            self.byte_char = alphabet
+            self.char_byte = {c: b for b, c in alphabet.items()}
+            vocab = json.loads((path / "vocab.json").read_text())
+            lines = [ln for ln in (path / "merges.txt").read_text().splitlines() if ln and not ln.startswith("#version")]
+            self.merge_rank = {tuple(ln.split(" ")): i for i, ln in enumerate(lines)}
+            self.ranks = {bytes(self.char_byte[c] for c in t): i for t, i in vocab.items()
+                          if all(c in self.char_byte for c in t)}
+            self.version = "llmdiff"
+        self.by_id = {i: b for b, i in self.ranks.items()}
+        self.specials = _added_tokens(path)
+
+    def encode(self, text):
+        return self.encode_text(text)  # adds nothing: BOS is the caller's (Meta's `bos=True`)
+
+    def encode_text(self, text):
+        if self.tiktoken is not None:
+            return list(self.tiktoken.encode(text, allowed_special=set(), disallowed_special=()))
+        if self.nfc:
+            import unicodedata
+
+            text = unicodedata.normalize("NFC", text)
+        out = []
+        for piece in self.pattern.findall(text):
+            data = piece.encode("utf-8")
+            out += self._rank_merge(data) if self.kind == "tiktoken" else self._pair_merge(data)
+        return out
+
+    def _rank_merge(self, data: bytes) -> list[int]:
+        if data in self.ranks:
+            return [self.ranks[data]]
+        parts = [data[i:i + 1] for i in range(len(data))]
+        while len(parts) > 1:
+            best = min(((self.ranks.get(parts[i] + parts[i + 1]), i) for i in range(len(parts) - 1)
+                        if parts[i] + parts[i + 1] in self.ranks), default=None)
+            if best is None:
+                break
+            i = best[1]
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return [self.ranks[p] for p in parts]
+
+    def _pair_merge(self, data: bytes) -> list[int]:
+        word = [self.byte_char[b] for b in data]
+        while len(word) > 1:
+            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
+            first = min(pairs, key=lambda pair: self.merge_rank.get(pair, float("inf")))
+            if first not in self.merge_rank:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if i < len(word) - 1 and (word[i], word[i + 1]) == first:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        return [self.ranks[bytes(self.char_byte[c] for c in t)] for t in word]
+
+    def decode(self, ids):
+        data = b"".join(self.by_id[i] if i in self.by_id else self.specials.get(i, "").encode() for i in ids)
+        return data.decode("utf-8", errors="replace")
+
+    def piece(self, i):
+        if i in self.by_id:
+            return self.by_id[i].decode("utf-8", errors="backslashreplace")
+        return self.specials.get(i, str(i))
+
+
+def _added_tokens(path: Path) -> dict[int, str]:
+    """id -> content of tokenizer.json's added tokens (the special tokens a BPE file leaves out)."""
+    import json
+
+    f = path / "tokenizer.json"
+    try:
+        data = json.loads(f.read_text()) if f.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return {int(t["id"]): str(t["content"]) for t in data.get("added_tokens") or []
+            if isinstance(t, dict) and isinstance(t.get("id"), int)}
+
+
+def _is_tiktoken_file(f: Path) -> bool:
+    """Meta's tiktoken format: "base64 rank" lines (a SentencePiece model is a protobuf)."""
+    import base64
+    import binascii
+
+    try:
+        with f.open("rb") as fh:
+            first = fh.readline(4096).split()
+        return len(first) == 2 and first[1].isdigit() and bool(base64.b64decode(first[0], validate=True))
+    except (OSError, binascii.Error, ValueError):
+        return False
+
+
 def load_encoders(path, spec: ModelSpec) -> list[Encoder]:
     """Every implementation that exists for the checkpoint at `path`, reference first."""
     path = Path(path)
     out: list[Encoder] = []
     model_file = path / "tokenizer.model"
+    if model_file.is_file() and _is_tiktoken_file(model_file):
+        raise UsageError(f"{model_file} is a tiktoken file (Meta's format), not SentencePiece: Meta's HF repos"
+                         " keep it as original/tokenizer.model")
     if model_file.is_file():
         out.append(SentencePieceEncoder(model_file))
+    elif (path / "original" / "tokenizer.model").is_file() and _is_tiktoken_file(path / "original" / "tokenizer.model"):
+        out.append(ByteLevelBpeEncoder(path, spec, "tiktoken"))
+    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        out.append(ByteLevelBpeEncoder(path, spec, "bpe-files"))
     hf_files = [f for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model") if (path / f).is_file()]
     if hf_files:
         out.append(HFEncoder(path))

@@ -20,6 +20,8 @@ from llmdiff.tokenizer_encoders import Encoder, HFEncoder, SentencePieceEncoder,
 
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 REFERENCE = "sentencepiece"
+# The family's own tokenizer, where its files hold one: the reference the HF tokenizer is held to.
+REFERENCES = (REFERENCE, "tiktoken", "bpe-files")
 
 # Hard strings: each a known way for two tokenizers of the same model to part company.
 CORPUS: tuple[tuple[str, str], ...] = (
@@ -70,15 +72,39 @@ CONVERSATIONS: tuple[tuple[str, tuple[dict, ...], bool], ...] = (
 )
 
 
+# Each family's chat format: (end-of-turn token, generation prompt, start of a turn).
+CHAT_FORMATS = {"gemma": (END_OF_TURN, f"{START_OF_TURN}model\n", START_OF_TURN),
+                "llama": ("<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|start_header_id|>"),
+                "chatml": ("<|im_end|>", "<|im_start|>assistant\n", "<|im_start|>")}
+
+
+def chat_format(family: str) -> str | None:
+    """The name of `family`'s reference chat format, None when llmdiff has none."""
+    if family.startswith("gemma"):
+        return "gemma"
+    return {"llama": "llama", "qwen2": "chatml", "qwen3": "chatml"}.get(family)
+
+
 def reference_chat(messages, add_generation_prompt: bool, family: str = "gemma") -> str:
     """The family's reference chat format, BOS not included (it is an id, not text).
 
     Gemma: `<start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n…<end_of_turn>\\n`,
     the generation prompt `<start_of_turn>model\\n`; a system message is folded into the first
     user turn (google-deepmind/gemma `gm/text/_template.py`, the Gemma 3 model card).
+    Llama 3: `<|start_header_id|>role<|end_header_id|>\\n\\n…<|eot_id|>` per message, the system
+    message its own turn, content trimmed (meta-llama/llama-models `chat_format.py`). Qwen
+    (ChatML): `<|im_start|>role\\n…<|im_end|>\\n` per message (Qwen3's template; no BOS).
     """
-    if not family.startswith("gemma"):
+    form = chat_format(family)
+    if form is None:
         raise UsageError(f"no reference chat format for family {family!r}")
+    if form != "gemma":
+        eot, gen, _ = CHAT_FORMATS[form]
+        if form == "llama":
+            turns = [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}{eot}" for m in messages]
+        else:
+            turns = [f"<|im_start|>{m['role']}\n{m['content']}{eot}\n" for m in messages]
+        return "".join(turns) + (gen if add_generation_prompt else "")
     messages = list(messages)
     prefix = ""
     if messages and messages[0]["role"] == "system":
@@ -169,10 +195,15 @@ def compare_chat(hf: HFEncoder | None, ref: Encoder | None, spec: ModelSpec) -> 
     """Render the checkpoint's chat template for each conversation; compare with the reference."""
     if hf is None or not getattr(hf.tok, "chat_template", None):
         return {"present": False, "conversations": []}
+    form = chat_format(spec.family)
+    if form is None:  # Mistral, Phi-3: no reference format here (yet)
+        return {"present": True, "format": None, "conversations": []}
+    eot, gen_prompt, start = CHAT_FORMATS[form]
     out = []
     for name, messages, gen in CONVERSATIONS:
         want = reference_chat(messages, gen, spec.family)
-        entry = {"name": name, "add_generation_prompt": gen, "reference": want}
+        entry = {"name": name, "add_generation_prompt": gen, "reference": want, "end_of_turn": eot,
+                 "generation_prompt": gen_prompt, "start_of_turn": start}
         try:
             rendered = hf.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=gen)
             ids = list(hf.tok.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=gen,
@@ -181,27 +212,37 @@ def compare_chat(hf: HFEncoder | None, ref: Encoder | None, spec: ModelSpec) -> 
             entry.update({"status": "error", "error": f"{type(e).__name__}: {e}"})
             out.append(entry)
             continue
-        want_ids = [spec.bos_id] + (ref.encode_text(want) if ref is not None else hf.encode_text(want))
+        want_ids = [spec.bos_id] * spec.add_bos + (ref.encode_text(want) if ref is not None else hf.encode_text(want))
         leading_bos = 0
         while leading_bos < len(ids) and ids[leading_bos] == spec.bos_id:
             leading_bos += 1
         text = rendered
         bos_text = hf.tok.bos_token or "<bos>"
-        while text.startswith(bos_text):
+        while spec.add_bos and text.startswith(bos_text):
             text = text[len(bos_text):]
         at = next((i for i, (x, y) in enumerate(zip(text, want)) if x != y),
                   None if len(text) == len(want) else min(len(text), len(want)))
         entry.update({
             "rendered": rendered, "ids": ids, "reference_ids": want_ids, "leading_bos": leading_bos,
+            "reference_leading_bos": int(spec.add_bos),
+            # What servers that render the template and then call `tokenizer(text)` get.
+            "retokenized_leading_bos": _leading(hf.encode(rendered), spec.bos_id),
             "status": "agree" if at is None and ids == want_ids else "differ",
             "string_difference": None if at is None else {
                 "index": at, "rendered": text[max(0, at - 20):at + 20], "reference": want[max(0, at - 20):at + 20]},
             "ids_difference": _first_difference(ids, want_ids),
         })
         out.append(entry)
-    return {"present": True, "conversations": out,
-            "end_of_turn_ids": {"hf": hf.encode_text(END_OF_TURN),
-                                **({ref.name: ref.encode_text(END_OF_TURN)} if ref is not None else {})}}
+    return {"present": True, "format": form, "end_of_turn": eot, "conversations": out,
+            "end_of_turn_ids": {"hf": hf.encode_text(eot),
+                                **({ref.name: ref.encode_text(eot)} if ref is not None else {})}}
+
+
+def _leading(ids: list[int], token: int) -> int:
+    n = 0
+    while n < len(ids) and ids[n] == token:
+        n += 1
+    return n
 
 
 def tokenizer_parity(path, spec: ModelSpec, extra_strings=()) -> dict:
@@ -213,13 +254,13 @@ def tokenizer_parity(path, spec: ModelSpec, extra_strings=()) -> dict:
     descriptions = {e.name: e.describe(spec) for e in encoders}
     strings = list(CORPUS) + list(extra_strings)
     ref = encoders[0]
-    if ref.name != REFERENCE:  # no tokenizer.model: the HF tokenizer's text path is the reference
+    if ref.name not in REFERENCES:  # no file of the family's own: the HF tokenizer's text path is the reference
         ref = next(e for e in encoders if e.available)
     ordered = [ref] + [e for e in encoders if e is not ref]
     hf = next((e for e in encoders if e.name == "hf"), None)
     role_ids = hf.special_role_ids() if hf else {}
     control_ids = (sorted(ref.control_ids()) if isinstance(ref, SentencePieceEncoder)
-                   else sorted({spec.bos_id, spec.eos_id, spec.pad_id}))
+                   else sorted({i for i in (spec.bos_id, spec.eos_id, spec.pad_id) if i is not None}))
     split = bool(getattr(hf.tok, "split_special_tokens", False)) if hf else False
     report = {
         "path": str(path), "reference": ref.name,
@@ -264,6 +305,12 @@ def notes(report: dict) -> list[str]:
                    f" {d['reference_pieces']}): transformers' default (split_special_tokens=False);"
                    " pass split_special_tokens=True, or apply_chat_template(sanitize_control_tokens=True),"
                    " for untrusted text")
+    twice = [c for c in report["chat"].get("conversations", [])
+             if (c.get("retokenized_leading_bos") or 0) >= 2 and (c.get("leading_bos") or 0) < 2]
+    if twice:
+        out.append(f"the rendered template already starts with BOS: tokenizing the rendered text with"
+                   f" add_special_tokens left on gives {twice[0]['retokenized_leading_bos']} BOS ids"
+                   " (vLLM issue 27486, llama-cpp-python 1501); apply_chat_template(tokenize=True) gives one")
     for c in report["chat"].get("conversations", []):
         if c.get("status") == "error" and c["name"] == "system-message":
             out.append(f"the chat template refuses a system message ({c['error']}); Gemma's reference"
@@ -304,13 +351,16 @@ def chat_difference_kind(c: dict) -> str | None:
     sd = c.get("string_difference")
     if sd is not None:
         want, rendered = c["reference"], c["rendered"]
-        if rendered.count(END_OF_TURN) != want.count(END_OF_TURN):
+        eot, gen = c.get("end_of_turn", END_OF_TURN), c.get("generation_prompt", GENERATION_PROMPT)
+        start = c.get("start_of_turn", START_OF_TURN)
+        # As many turns, ended otherwise (a turn left out is the template's business).
+        if rendered.count(eot) != want.count(eot) and rendered.count(start) == want.count(start):
             return "end-of-turn"
-        if c["add_generation_prompt"] and sd["index"] >= len(want) - len(GENERATION_PROMPT):
+        if c["add_generation_prompt"] and sd["index"] >= len(want) - len(gen):
             return "generation-prompt"
         return "template"
     nb = c.get("leading_bos") or 0
-    return "template" if c["ids"][nb:] != c["reference_ids"][1:] else None
+    return "template" if c["ids"][nb:] != c["reference_ids"][c.get("reference_leading_bos", 1):] else None
 
 
 def chat_differences(report: dict, kind: str) -> list[dict]:

@@ -107,6 +107,18 @@ class Precision:
     longrope_attention_factor: bool = True
     # RMSNorm's epsilon; 0.0: the spec's (`rms_norm_eps`). Ports that hard-code 1e-5 or 1e-6.
     norm_eps: float = 0.0
+    # RoPE's base: "spec" (the config's `rope_theta`: Llama 3 500000, Qwen 1000000), or
+    # "default": 10000 whatever the config says (ports that ignore `rope_theta`).
+    rope_theta: str = "spec"
+    # The per-head q/k RMSNorm (Qwen3, Gemma 3): "before_rope" (the models, HF) or "after_rope"
+    # (ports that normalise the rotated q and k; the scale then acts on rotated features).
+    qk_norm_order: str = "before_rope"
+    # Its statistics: over each "head"'s H features (the models), or over "all_heads" of the
+    # projection at once, the per-head scale tiled (a port with OLMo 2's whole-projection norm).
+    qk_norm_scope: str = "head"
+    # The output projection: "spec" (the untied head where the checkpoint has one), or
+    # "embedding": the input table whatever the checkpoint holds (a port that ties every head).
+    lm_head: str = "spec"
     # RoPE pairs: "half" rotates (x[i], x[i + H/2]) (Gemma, HF `rotate_half`); "interleaved"
     # rotates (x[2i], x[2i+1]) (GPT-J, Meta's original Llama code, complex-number RoPE).
     rope_layout: str = "half"
@@ -141,7 +153,9 @@ class Precision:
                "rope_form": ("div", "mul_reciprocal"), "constants_dtype": (None, "float32", "bfloat16"),
                "query_scale": ("spec", "head_dim", "hidden_over_heads"), "rope_layout": ("half", "interleaved"),
                "kv_repeat": ("grouped", "tiled"), "longrope_factors": ("by_length", "short", "long"),
-               "mask_fill": ("min", "zero"), "autocast": (None, "bfloat16")}
+               "mask_fill": ("min", "zero"), "autocast": (None, "bfloat16"), "rope_theta": ("spec", "default"),
+               "qk_norm_order": ("before_rope", "after_rope"), "lm_head": ("spec", "embedding"),
+               "qk_norm_scope": ("head", "all_heads")}
     UNSCOPED = UNSCOPED_KNOBS   # knobs of the whole model, never scoped
 
     def __post_init__(self):
@@ -344,6 +358,14 @@ def embed(table, tokens, spec: ModelSpec, p: Precision):
 # The model
 
 
+def qk_rms_norm(x, w, spec: ModelSpec, p: Precision):
+    """The q/k norm of (B, T, heads, H): each head's features, or every head's at once."""
+    if p.qk_norm_scope == "head":
+        return rms_norm(x, w, spec, p)
+    B, T, N, H = x.shape
+    return rms_norm(x.reshape(B, T, N * H), jnp.tile(w, N), spec, p).reshape(B, T, N, H)
+
+
 def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", pre: str, kind: str):
     N, K, G, H = spec.num_heads, spec.num_kv_heads, spec.kv_groups, spec.head_dim
     attn = params["attn"]
@@ -354,11 +376,14 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
         k, v = matmul("BSD,CKDH->CBSKH", x, attn["kv_einsum"]["w"], p)
     if spec.qkv_bias and p.qkv_bias:  # Qwen2: each projection's bias, in the compute dtype
         q, k, v = q + attn["q_bias"].astype(q.dtype), k + attn["k_bias"].astype(k.dtype), v + attn["v_bias"].astype(v.dtype)
-    if spec.qk_norm and p.qk_norm:  # Gemma 3, Qwen3: RMSNorm over each head's H features, before RoPE
-        q = rms_norm(q, attn["_query_norm"]["scale"], spec, p)
-        k = rms_norm(k, attn["_key_norm"]["scale"], spec, p)
+    qk_norm = spec.qk_norm and p.qk_norm
+    if qk_norm and p.qk_norm_order == "before_rope":  # Gemma 3, Qwen3: RMSNorm over each head's H features
+        q = qk_rms_norm(q, attn["_query_norm"]["scale"], spec, p)
+        k = qk_rms_norm(k, attn["_key_norm"]["scale"], spec, p)
     local = kind == "local"
     base = spec.rope_base_local if local else spec.rope_base
+    if p.rope_theta == "default":  # a port that ignores rope_theta: transformers' old default
+        base = 10_000.0
     scale = (spec.rope_scale_local if local else spec.rope_scale) if p.rope_scaling else 1.0
     if spec.rope_llama3 and p.rope_scaling:
         scale = scale * (llama3_rope_scales(H, base, spec.rope_llama3) if p.llama3_bands else spec.rope_llama3[0])
@@ -369,6 +394,9 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
     angles = rope_angles(x.shape[1], H, base, p, p.autocast or q.dtype, scale)  # "compute": the low dtype
     q = rope(q, angles, p, factor)                                                 # (B, T, N, H)
     k = rope(k, angles, p, factor)                                                 # (B, S, K, H)
+    if qk_norm and p.qk_norm_order == "after_rope":
+        q = qk_rms_norm(q, attn["_query_norm"]["scale"], spec, p)
+        k = qk_rms_norm(k, attn["_key_norm"]["scale"], spec, p)
     q, k, v = cap(f"{pre}q", q), cap(f"{pre}k", k), cap(f"{pre}v", v)
 
     B, T = q.shape[:2]
@@ -482,16 +510,18 @@ def forward(params, tokens, spec: ModelSpec, p: Precision, forced: dict | None =
     for i, kind in enumerate(spec.layer_types):
         pi = p.at(i, kind)
         x = block(x, params[f"layer_{i}"], positions, spec, pi, cap, f"L{i}.", layer_types(spec, pi)[i])
-    head(x, params["final_norm"]["scale"], output_table(params), spec, p, cap)
+    head(x, params["final_norm"]["scale"], output_table(params, p), spec, p, cap)
     return dict(cap)
 
 
 forward_jit = jax.jit(forward, static_argnames=("spec", "p"))
 
 
-def output_table(params) -> jnp.ndarray:
-    """The output projection (V, D): the untied head where there is one, else the embedding."""
-    return params["lm_head"] if "lm_head" in params else params["embedder"]["input_embedding"]
+def output_table(params, p: Precision | None = None) -> jnp.ndarray:
+    """The output projection (V, D): the untied head where there is one (and `p.lm_head` keeps
+    it), else the embedding."""
+    untied = "lm_head" in params and (p is None or p.lm_head == "spec")
+    return params["lm_head"] if untied else params["embedder"]["input_embedding"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -557,7 +587,7 @@ def forward_blocks(layer, top, tokens, spec: ModelSpec, p: Precision, forced: di
         out.update({f"L{i}.{k}": v for k, v in caps.items()})
     names = ("final_norm", "logits")
     x, = on(0, x)
-    out.update(_head_step(x, top["final_norm"]["scale"], output_table(top),
+    out.update(_head_step(x, top["final_norm"]["scale"], output_table(top, p),
                           None if forced is None else {k: v for k, v in forced.items() if k in names},
                           aux, spec, p, reduce))
     return out

@@ -22,6 +22,11 @@ from conftest import run_by_candidate
                  marks=pytest.mark.slow),
     pytest.param("phi-3.5-mini-instruct", "LongropeAttentionFactorIgnored", "bfloat16", "LD408", "L0.q",
                  marks=pytest.mark.slow),
+    pytest.param("qwen2.5-0.5b", "RopeThetaIgnored", "float32", "LD409", "L0.q", marks=pytest.mark.slow),
+    pytest.param("qwen3-0.6b", "QkNormAfterRope", "float32", "LD209", "L0.q", marks=pytest.mark.slow),
+    pytest.param("llama-3.1-8b", "TiedLmHead", "float32", "LD106", "logits", marks=pytest.mark.slow),
+    pytest.param("qwen3-0.6b", "QkNormAcrossHeads", "float32", "LD210", "L0.q", marks=pytest.mark.slow),
+    pytest.param("llama-3.1-8b", "RopeThetaIgnored", "bfloat16", "LD409", "L0.q", marks=pytest.mark.slow),
 ])
 def test_a_port_bug_is_named_by_its_check_only(llmdiff_cli, mutants_on_path, model, mutant, dtype, code, where):
     impl = f"hf_mutants:{mutant}"

@@ -357,3 +357,118 @@ class LongropeShortFactorsAlways(HFReference):
         rotary = model.model.rotary_emb
         rotary.long_inv_freq = rotary.original_inv_freq.clone()  # what transformers swaps in when long
         return model
+
+
+# --- RoPE base, q/k norm order, a tied head (#17) ----------------------------------------------
+
+class RopeThetaIgnored(HFReference):
+    """RoPE with base 10000 whatever `rope_theta` says (Qwen's is 1000000, Llama 3's 500000), the
+    model's RoPE scaling kept: a port that hard-codes the original base."""
+
+    def patch_model(self, model):
+        import copy
+
+        import torch
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        rotary = model.model.rotary_emb
+        config = copy.deepcopy(model.config)
+        config.rope_theta = 10_000.0
+        params = getattr(config, "rope_parameters", None)
+        if isinstance(params, dict):
+            params["rope_theta"] = 10_000.0
+        kind = (params or {}).get("rope_type") or "default"
+        if kind == "default":
+            H = self.spec.head_dim
+            inv_freq = 1.0 / (10_000.0 ** (torch.arange(0, H, 2, dtype=torch.int64).float() / H))
+        else:  # Llama 3's bands, computed from the wrong base as such a port computes them
+            inv_freq, _ = ROPE_INIT_FUNCTIONS[kind](config, rotary.inv_freq.device)
+        rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
+        rotary.original_inv_freq = rotary.inv_freq
+        return model
+
+
+class QkNormAfterRope(HFReference):
+    """Qwen3's q/k RMSNorm applied to the rotated q and k (after `apply_rotary_pos_emb`)."""
+
+    def patch_model(self, model):
+        import sys
+
+        import torch
+
+        current = {}
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.late_q_norm, attn.late_k_norm = attn.q_norm, attn.k_norm  # still submodules: moved with the model
+            attn.q_norm, attn.k_norm = torch.nn.Identity(), torch.nn.Identity()
+            attn.register_forward_pre_hook(lambda module, args, kwargs: current.update(attn=module), with_kwargs=True)
+        modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
+        original = modeling.apply_rotary_pos_emb
+
+        def rope_then_norm(q, k, *args, **kwargs):  # (B, heads, T, H): the norm is over H alike
+            q, k = original(q, k, *args, **kwargs)
+            return current["attn"].late_q_norm(q), current["attn"].late_k_norm(k)
+
+        modeling.apply_rotary_pos_emb = rope_then_norm
+        return model
+
+
+class TiedLmHead(HFReference):
+    """Llama 3.1 8B's logits from the input embedding: a port that ties every head."""
+
+    def patch_model(self, model):
+        model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
+
+class QkNormAcrossHeads(HFReference):
+    """Qwen3's q/k RMSNorm over every head at once (OLMo 2's layout), its (head_dim,) scale tiled."""
+
+    def patch_model(self, model):
+        import torch
+
+        class AcrossHeads(torch.nn.Module):
+            def __init__(self, norm):
+                super().__init__()
+                self.weight, self.eps = norm.weight, norm.variance_epsilon
+
+            def forward(self, x):  # (B, T, heads, H), as Qwen3Attention calls it
+                dtype = x.dtype
+                xf = x.to(torch.float32)
+                xf = xf * torch.rsqrt(xf.pow(2).mean(dim=(-2, -1), keepdim=True) + self.eps)
+                return self.weight * xf.to(dtype)
+
+        for layer in model.model.layers:
+            layer.self_attn.q_norm = AcrossHeads(layer.self_attn.q_norm)
+            layer.self_attn.k_norm = AcrossHeads(layer.self_attn.k_norm)
+        return model
+
+
+class NormBackwardDetached(HFReference):
+    """Gemma's pre-MLP RMSNorm with its statistic detached: `x * rsqrt(mean(x^2) + eps).detach()`.
+    The forward is bit for bit HF's; the backward drops the normaliser's own derivative (training
+    parity, `compare --grad`): every gradient from the residual before that norm back is wrong."""
+
+    def patch_model(self, model):
+        import torch
+
+        for layer in model.model.layers:
+            norm = getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
+            norm._norm = lambda x, norm=norm: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps).detach()
+        return model
+
+
+class LossKwargsDropped(HFReference):
+    """A forward that does not hand `num_items_in_batch` to its loss (transformers before 4.46,
+    and model classes whose forward drops its `**kwargs`): each micro-batch's loss is its own
+    mean, so accumulated micro-batches are not the whole batch's loss (LD602). Forward and
+    gradients of one prompt are HF's."""
+
+    def patch_model(self, model):
+        forward = model.forward
+
+        def without_loss_kwargs(*args, num_items_in_batch=None, **kwargs):
+            return forward(*args, **kwargs)
+
+        model.forward = without_loss_kwargs
+        return model
