@@ -81,7 +81,7 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
             device: str = "auto", capture: str = "auto", stream: bool | str = "auto", lengths=None,
             bench: bool = False, generate: bool | None = None, devices: int | None = None,
             tokenizer_parity: bool = True, revision: str | None = None, config: str = "published",
-            progress=None) -> CompareResult:
+            grad: bool = False, progress=None) -> CompareResult:
     """Run `model` in each implementation and the oracle, and compare every canonical point.
 
     model: a registered model (`gemma-7b`), a local HF checkpoint directory, or a hub id
@@ -113,6 +113,9 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     bench: workers also time a bare forward and a capturing one (`bench/`).
     select, ignore: checks by code, name or prefix (`LD3`); diagnose=False skips the checks.
     tokenizer_parity: compare the checkpoint's tokenizers on hard strings (when it has one).
+    grad: training parity: every implementation also computes the causal-LM loss of each prompt
+        and its gradients with respect to every point and every weight, compared like the points
+        (`llmdiff/grad.py`); whole captures, one device, no streaming.
     A stage that cannot run makes the run an error (exit code 2, listed under "errors");
     Ctrl-C keeps what finished, marked "incomplete" (exit code 130).
     progress: optional callable(str) told what is happening.
@@ -132,7 +135,8 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
                      work=work, temporary=temporary, attn=attn, timeout=timeout, select=select, ignore=ignore,
                      diagnose=diagnose, thresholds=thresholds, points=points, layers=layers, device=device,
                      capture=capture, stream=stream, lengths=lengths, bench=bench, generate=generate,
-                     devices=devices, tokenizer_parity=tokenizer_parity, revision=revision, config=config)
+                     devices=devices, tokenizer_parity=tokenizer_parity, revision=revision, config=config,
+                     grad=grad)
         results: dict[tuple[str, RunId], RunResult] = {}
         report = None
         try:
@@ -184,7 +188,7 @@ class Plan:
 
 def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, temporary, attn, timeout, select,
           ignore, diagnose, thresholds, points, layers, device, capture, stream, lengths, bench, generate,
-          devices, tokenizer_parity, revision, config) -> Plan:
+          devices, tokenizer_parity, revision, config, grad=False) -> Plan:
     """Every input checked, the weights and prompts made ready, the job decided."""
     if config not in model_source.CONFIG_MODES:
         raise UsageError(f"unknown config {config!r}; choose {' or '.join(model_source.CONFIG_MODES)}")
@@ -204,6 +208,8 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
         raise UsageError(f"timeout {timeout} s: give a positive number of seconds per worker")
     if capture not in ("auto", "full", "sketch"):
         raise UsageError(f"unknown capture mode {capture!r}; choose auto, full or sketch")
+    if grad and capture == "sketch":
+        raise UsageError("--grad compares whole captures; drop --capture sketch")
     if not list(impls):
         raise UsageError("no implementation to compare; give one, e.g. hf")
     chosen = [Implementation.parse(i) for i in dict.fromkeys(impls)]
@@ -252,10 +258,10 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
     tokens, tokens_info, prompts = _prompts(spec, hf_dir, weights_info, seed, work, lengths, tokenizer_parity)
     selected = select_points(spec, points, layers)
     if capture == "auto":
-        capture = "sketch" if _capture_bytes(spec, selected, tokens) > SKETCH_ABOVE_BYTES else "full"
+        capture = "sketch" if _capture_bytes(spec, selected, tokens) > SKETCH_ABOVE_BYTES and not grad else "full"
     options = Options(attn=attn, device=device, stream=stream, devices=devices or 0, bench=bench)
     job = Job(spec=spec.to_dict(), tokens=tokens, weights=source, options=options,
-              points=None if selected == capture_points(spec) else selected, capture=capture)
+              points=None if selected == capture_points(spec) else selected, capture=capture, grad=grad)
     return Plan(spec, dtypes, chosen, reference, checks, thresholds, selected, job, work, temporary, timeout,
                 weights_info, tokens_info, prompts, attn)
 
@@ -282,7 +288,7 @@ def _run_workers(plan: Plan, results: dict, say) -> None:
 def _judge(plan: Plan, results: dict) -> dict:
     """The report of the runs in `results`: every candidate point against the reference."""
     report = _build_report(plan.spec, plan.weights_info, plan.tokens_info, plan.chosen, plan.dtypes,
-                           plan.reference, results, plan.attn, plan.thresholds, plan.selected)
+                           plan.reference, results, plan.attn, plan.thresholds, plan.selected, plan.job.grad)
     report["options"].update(capture=plan.job.capture, stream=plan.job.options.stream)
     report["results"] = [{"impl": r.impl, "dtype": r.id.dtype, "constants_dtype": r.id.constants_dtype,
                           "file": Path(r.out).name} for r in results.values()]
@@ -294,7 +300,9 @@ def _diagnose_stages(plan: Plan, report: dict, results: dict, say) -> None:
     """Teacher forcing, diagnosis and tokenizer parity, each a stage (`_stage`)."""
     from llmdiff import diagnose
 
-    lab = diagnose.OracleLab(plan.job, plan.work, plan.timeout)
+    # The lab's oracle runs (teacher forcing, counterfactuals) are forward runs: the diagnosis
+    # explains forward points; a divergence in the gradients alone is reported, not diagnosed.
+    lab = diagnose.OracleLab(plan.job.with_(grad=False), plan.work, plan.timeout)
     if plan.reference == ORACLE and plan.checks is not None and plan.job.capture == "full":
         say("teacher forcing: the oracle fed each candidate's own value of every point")
         _stage(report, "teacher forcing", "--no-diagnose",
@@ -427,8 +435,12 @@ def select_points(spec, points=None, layers=None) -> list[str]:
 
 
 def _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, results, attn,
-                  thresholds=diff.DEFAULT_THRESHOLDS, selected=None) -> dict:
+                  thresholds=diff.DEFAULT_THRESHOLDS, selected=None, grad=False) -> dict:
+    from llmdiff import grad as grad_names
+
     selected = selected or capture_points(spec)
+    # --grad: the loss and the gradients after the forward points, walking back from the loss.
+    compared = selected + grad_names.grad_points(spec, selected) if grad else selected
     implementations, timings = [], {}
     for impl in chosen:
         mine = [r for (name, _), r in results.items() if name == impl.name]
@@ -466,7 +478,7 @@ def _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, re
                              "error": failed.error if failed else "no result", "first_divergence": None,
                              "points": [], "logits": None})
                 continue
-            run = diff.compare_captures(cand_caps, ref_caps, floors, d, selected, thresholds, lengths, pos_floors)
+            run = diff.compare_captures(cand_caps, ref_caps, floors, d, compared, thresholds, lengths, pos_floors)
             runs.append({"dtype": d, "reference": reference, "candidate": impl.name, **run})
 
     return {
@@ -476,7 +488,7 @@ def _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, re
         "weights": weights_info,
         "tokens": tokens_info,
         "options": {"attn": attn, "dtypes": dtypes, "reference": reference, "points": selected,
-                    "thresholds": thresholds.to_dict()},
+                    "thresholds": thresholds.to_dict(), **({"grad": True} if grad else {})},
         "implementations": implementations,
         "runs": runs,
         "findings": [],
@@ -545,8 +557,9 @@ def _diagnose(report, checks_and_broken, spec, lab, results, reference, say,
         if impl["name"] != ORACLE:
             findings += diagnose.static_findings(checks, spec, impl["name"], impl.get("details"),
                                                  report["tokens"], report["weights"])
-    divergent = [r for r in report["runs"] if r["verdict"] == "divergence" or r.get("local_divergence")]
     points = report["options"]["points"]
+    divergent = [r for r in map(lambda r: _forward_part(r, points), report["runs"])
+                 if r["verdict"] == "divergence" or r.get("local_divergence")]
     if divergent and reference == ORACLE:
         for run in divergent:
             say(f"diagnosing {run['candidate']} ({run['dtype']})")
@@ -572,6 +585,17 @@ def _diagnose(report, checks_and_broken, spec, lab, results, reference, say,
     if errors:  # a counterfactual that could not run: the diagnosis is not whole
         return f"{len(errors)} oracle run(s) of the diagnosis failed: {errors[0]}"
     return None
+
+
+def _forward_part(run: dict, points: list[str]) -> dict:
+    """A run as the diagnosis sees it: its forward points only (a `--grad` run also has the loss
+    and gradients, which no counterfactual oracle run computes)."""
+    if len(run.get("points", ())) <= len(points):
+        return run
+    rows = [p for p in run["points"] if p["name"] in set(points)]
+    first = next((p["name"] for p in rows if p["verdict"] == "divergence"), None)
+    return {**run, "points": rows, "first_divergence": first,
+            "verdict": run["verdict"] if run["verdict"] == "error" else ("divergence" if first else "parity")}
 
 
 def recompare(directory, *, thresholds: diff.Thresholds | None = None, reference: str | None = None) -> CompareResult:
@@ -623,7 +647,7 @@ def _recompare(old, report_path, captures, thresholds, reference) -> CompareResu
     opts = old["options"]
     thresholds = thresholds or diff.Thresholds(**opts.get("thresholds", {}))
     report = _build_report(spec, old["weights"], old["tokens"], chosen, opts["dtypes"], reference, results,
-                           opts.get("attn", "eager"), thresholds, opts.get("points"))
+                           opts.get("attn", "eager"), thresholds, opts.get("points"), opts.get("grad", False))
     for key in ("findings", "checks", "results", "tokenizer", "errors", "incomplete"):  # what no re-diff changes
         if key in old:
             report[key] = old[key]

@@ -245,10 +245,13 @@ def _revision_option(f):
               help="Lengths of the synthetic prompts (models without a tokenizer), e.g. 512.")
 @click.option("--no-tokenizer-parity", is_flag=True,
               help="Do not compare the checkpoint's tokenizers (the prompts still go through one).")
+@click.option("--grad", is_flag=True,
+              help="Training parity: also the causal-LM loss and its gradients at every point and weight"
+                   " (grad:POINT, grad:w:NAME, loss), compared against their own noise floors.")
 @_output_options
 def compare(model, tiny, revision, config_mode, impls, dtypes, weights, seed, reference, attn, workdir, save_captures, timeout,
             select, ignore, no_diagnose, device, points, layers, capture, stream, devices, lengths, no_tokenizer_parity,
-            json_path, out, floor_factor, thresholds, baseline, baseline_factor, all_points, quiet, no_color, debug):
+            grad, json_path, out, floor_factor, thresholds, baseline, baseline_factor, all_points, quiet, no_color, debug):
     """Compare MODEL across implementations, point by point, in float32 and bfloat16.
 
     Defaults come from [tool.llmdiff] in pyproject.toml or llmdiff.toml; options override them.
@@ -278,7 +281,7 @@ def compare(model, tiny, revision, config_mode, impls, dtypes, weights, seed, re
             device=device, points=points or None, layers=_layers(layers), capture=capture,
             stream="auto" if stream is None else stream,
             lengths=_lengths(lengths), devices=devices, tokenizer_parity=not no_tokenizer_parity,
-            revision=revision, config=config_mode,
+            revision=revision, config=config_mode, grad=grad,
             progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
         _finish(result, console, out=out, json_path=json_path, baseline=baseline, baseline_factor=baseline_factor,
                 quiet=quiet, all_points=all_points, config=config, interrupt_code=_interrupt_code())

@@ -108,6 +108,7 @@ class Job:
     cls: str = ""
     references_dir: str = ""         # where `llmdiff.references` lives (for foreign interpreters)
     runs: tuple = ()                 # RunRequests
+    grad: bool = False               # also the loss and its gradients (`llmdiff/grad.py`): `run_grad`
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -15,6 +15,11 @@ def _finite_positive(x):
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+def _gradient(name: str) -> bool:
+    """A `--grad` run's loss or gradient (`llmdiff/grad.py`), not a forward point."""
+    return name == "loss" or name.startswith("grad:")
+
+
 def run_plot_png(run: dict, title: str) -> bytes:
     import matplotlib
 
@@ -56,7 +61,7 @@ def heatmap_png(run: dict, title: str) -> bytes | None:
     grow with position (RoPE precision, windows, scaling) show as a gradient to the right; a bug
     on one kind of layer as stripes. None without per-position errors (sketched captures)."""
     rows = [p for p in run["points"] if p.get("by_position") and
-            (p["name"] in ("embed", "logits") or p["name"].endswith(".out"))]
+            (p["name"] in ("embed", "logits") or (p["name"].endswith(".out") and not _gradient(p["name"])))]
     if not rows:
         return None
     import matplotlib
@@ -135,7 +140,8 @@ _BARS = "▁▂▃▄▅▆▇█"
 
 def layer_sparkline(run: dict) -> str:
     """The block outputs' relative L2 as a one-line log-scale bar chart, for the terminal."""
-    values = [p["rel_l2"] for p in run["points"] if p["name"].endswith(".out") and "rel_l2" in p]
+    values = [p["rel_l2"] for p in run["points"]
+              if p["name"].endswith(".out") and not _gradient(p["name"]) and "rel_l2" in p]
     good = [v for v in values if _finite_positive(v)]
     if not good:
         return ""

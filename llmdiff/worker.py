@@ -122,6 +122,7 @@ def main(job_path: str) -> int:
     import numpy as np
 
     from llmdiff import safetensors_file
+    from llmdiff.grad import combine, is_grad
     from llmdiff.job import Job
     from llmdiff.references.base import MissingExtra
 
@@ -154,14 +155,16 @@ def main(job_path: str) -> int:
             if run.options.bench:
                 _bench(adapter, job.tokens, meta["timings"])
             t = time.perf_counter()
-            per_prompt = [adapter.run(tokens) for tokens in job.tokens]
+            per_prompt = [adapter.run_grad(tokens) if job.grad else adapter.run(tokens) for tokens in job.tokens]
             if job.capture == "sketch":
                 per_prompt = [_sketch_on_host(p, adapter.round_to) for p in per_prompt]
             meta["timings"]["run_s"] = round(time.perf_counter() - t, 3)
             _say(f"{job.impl} {run.id}: loaded in {meta['timings']['load_s']:.1f} s,"
                  f" ran {len(job.tokens)} prompt(s) in {meta['timings']['run_s']:.2f} s")
-            names = sorted(n for n in per_prompt[0] if adapter.wants(n.split(":")[0]))
+            names = sorted(n for n in per_prompt[0] if not is_grad(n) and adapter.wants(n.split(":")[0]))
             captures = {n: np.concatenate([p[n] for p in per_prompt], axis=1) for n in names}
+            if job.grad:  # the loss and gradients: weight gradients summed over prompts
+                captures.update(combine(per_prompt))
             peak = adapter.peak_device_bytes()
             if peak is not None:  # one number, or {device: bytes} for a run over several devices
                 meta["peak_device_bytes"] = {k: int(v) for k, v in peak.items()} if isinstance(peak, dict) else int(peak)

@@ -16,6 +16,8 @@ the worker's `Job` (`llmdiff/job.py`). For each run the worker calls `load(reque
 Optional capabilities, each with a default here:
 - `describe()`: what the implementation resolved (a dict in the report; static checks read it).
 - `run_bare(tokens)`, with `has_bare_forward = True`: the forward with no capture, for `bench/`.
+- `run_grad(tokens)`: `run`'s points plus the causal-LM loss and its gradients with respect to
+  every point and every canonical weight (`compare --grad`; names in `llmdiff/grad.py`).
 - `peak_device_bytes()`: the peak device memory of the last run (GPU workers), or None.
 - `makes_weights = True`: it can make seeded random weights on its own device
   (`llmdiff.weights.generate_*`, used for full-size models).
@@ -126,6 +128,10 @@ class Reference:
 
     def run(self, tokens: list[int]) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def run_grad(self, tokens: list[int]) -> dict[str, np.ndarray]:
+        """`run`'s points plus the causal-LM loss and its gradients (`llmdiff/grad.py`)."""
+        raise NotImplementedError(f"{self.name} does not compute gradients (--grad)")
 
     def run_bare(self, tokens: list[int]) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no bare forward (has_bare_forward is False)")

@@ -65,6 +65,7 @@ class HFReference(Reference):
 
         dtype = request.dtype
         self.model = self._weights = None  # the last run's model leaves the device first
+        self._own_losses, self._accumulated, self._accumulated_error = [], [], None
         device = self.options.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,6 +170,20 @@ class HFReference(Reference):
         return model
 
     def run(self, tokens):
+        return self._run(tokens, grad=False)
+
+    def run_grad(self, tokens):
+        """`run`'s points, the causal-LM loss (`loss`: cross-entropy of the text-vocabulary
+        logits against the tokens shifted by one, mean over positions) and its gradients: at
+        each point (a hook on the tensor the forward itself goes on with, its gradient given
+        the point's own canonical transform) and of every weight (`named_parameters`, through
+        `convert.from_hf`; a tied table is one tensor). `llmdiff/grad.py` names them."""
+        if self.stream or self.devices > 1 or self.sketching:
+            raise RuntimeError("--grad runs the whole model on one device, captures whole"
+                               " (not streamed, spread over GPUs or sketched)")
+        return self._run(tokens, grad=True)
+
+    def _run(self, tokens, grad: bool):
         import torch
 
         model = self.model
@@ -177,6 +192,17 @@ class HFReference(Reference):
         sketches: dict = {}
         current = {"layer": None}
         handles = []
+        grads: dict | None = {} if grad else None
+
+        def watch(name, t, transform=None):
+            # The gradient of the tensor the forward goes on with (not of a reshaped copy,
+            # which no later op reads), in the point's canonical layout.
+            if grads is None or not self.wants(name) or not t.requires_grad:
+                return
+
+            def keep(g):
+                grads[name] = (transform(g) if transform else g).detach()
+            t.register_hook(keep)
 
         def save(name, t):
             # Kept on the device until the forward is done: then one copy to the host, not one
@@ -204,11 +230,14 @@ class HFReference(Reference):
             def hook(module, args, output):
                 out = output[0] if isinstance(output, tuple) else output
                 save(name, transform(out) if transform else out)
+                watch(name, out, transform)
             return hook
 
         def on_input(name):
             def hook(module, args, kwargs):
-                save(name, _first_tensor(args, kwargs, "hidden_states"))
+                t = _first_tensor(args, kwargs, "hidden_states")
+                save(name, t)
+                watch(name, t)
             return hook
 
         def heads(t):  # (B, T, K*H) -> (B, T, K, H)
@@ -267,16 +296,33 @@ class HFReference(Reference):
             i = current["layer"]
             save(f"L{i}.q", q_embed.transpose(1, 2))  # (B, N, T, H) -> (B, T, N, H)
             save(f"L{i}.k", k_embed.transpose(1, 2))
+            watch(f"L{i}.q", q_embed, lambda g: g.transpose(1, 2))
+            watch(f"L{i}.k", k_embed, lambda g: g.transpose(1, 2))
             return q_embed, k_embed
 
         modeling.apply_rotary_pos_emb = rope_and_capture
+        if grad:
+            for p in model.parameters():
+                p.requires_grad_(True)
+                p.grad = None
         try:
-            with torch.no_grad(), self._autocast():
+            with (torch.enable_grad() if grad else torch.no_grad()), self._autocast():
                 ids = torch.tensor([tokens], dtype=torch.long, device=self.device_of("model.embed_tokens"))
-                out = model(input_ids=ids, use_cache=False)
-            text_vocab = min(self.spec.vocab_size or out.logits.shape[-1],
-                             self.spec.hf_vocab_size or out.logits.shape[-1])
-            save("logits", out.logits[..., :text_vocab])
+                text_vocab = min(self.spec.vocab_size or sys.maxsize, self.spec.hf_vocab_size or sys.maxsize)
+                # HF's own loss too, where its logits are the text vocabulary's (evidence, in details)
+                own = grad and text_vocab >= model.get_output_embeddings().weight.shape[0]
+                out = model(input_ids=ids, use_cache=False, **({"labels": ids} if own else {}))
+            text_vocab = min(text_vocab, out.logits.shape[-1])
+            logits = out.logits[..., :text_vocab]
+            save("logits", logits)
+            watch("logits", logits)
+            if grad:
+                if own:
+                    self._own_losses.append(float(out.loss))
+                import torch.nn.functional as F
+
+                loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+                loss.backward()
         finally:
             modeling.apply_rotary_pos_emb = original_rope
             for h in handles:
@@ -292,7 +338,44 @@ class HFReference(Reference):
         for name, t in cap.items():  # logits in their own dtype (half the bytes in bfloat16), then float32
             t = t.cpu()
             host[name] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+        if grad:
+            host.update(self._grads_to_host(grads, loss))
+            if own:
+                self._accumulate(ids)
         return host
+
+    def _accumulate(self, ids):
+        """Gradient accumulation as users of transformers write it: each prompt one micro-batch,
+        `model(ids, labels=ids, num_items_in_batch=N)`, N the target tokens of every prompt, so
+        that the micro-batches' losses sum to the whole batch's (the Trainer's way since 4.46).
+        Kept in `details` (`own_loss_accumulated`): LD602's evidence."""
+        import torch
+
+        n = sum(len(t) - 1 for t in self.job.tokens)
+        try:
+            with torch.no_grad(), self._autocast():
+                out = self.model(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(n, device=ids.device),
+                                 use_cache=False)
+            self._accumulated.append(float(out.loss))
+        except TypeError as e:  # a release whose forward takes no `num_items_in_batch`
+            self._accumulated_error = f"{type(e).__name__}: {e}".splitlines()[0]
+
+    def _grads_to_host(self, grads, loss):
+        """The loss and the gradients as `llmdiff/grad.py` names them, float32 numpy."""
+        import torch
+
+        from llmdiff import convert
+        from llmdiff import grad as names
+
+        def host(t):
+            return t.detach().cpu().to(torch.float64 if t.dtype == torch.float64 else torch.float32).numpy()
+
+        out = {names.LOSS: np.full((1, 1), float(loss), np.float32)}
+        out.update({names.POINT + n: host(g) for n, g in grads.items()})
+        hf = {n: host(p.grad if p.grad is not None else torch.zeros_like(p))
+              for n, p in self.model.named_parameters()}
+        out.update({names.WEIGHT + n: g for n, g in convert.from_hf(self.spec, hf, "HF gradients").items()})
+        return out
 
     def _autocast(self):
         """torch.autocast to the run's low dtype, or nothing."""
@@ -345,6 +428,12 @@ class HFReference(Reference):
                    "activation": type(_activation(model.model.layers[0].mlp)).__name__}
         if not tied and head.shape == embed.shape:
             details["lm_head_max_abs_diff"] = float((head.float() - embed.float()).abs().max())
+        if getattr(self, "_own_losses", None):  # --grad: `model(input_ids, labels=input_ids).loss` per prompt
+            details["own_loss"] = list(self._own_losses)
+            details["own_loss_accumulated"] = (
+                {"error": self._accumulated_error} if self._accumulated_error else
+                {"num_items_in_batch": sum(len(t) - 1 for t in self.job.tokens),
+                 "micro_batches": list(self._accumulated)})
         return details
 
 

@@ -85,13 +85,23 @@ class OracleReference(Reference):
                     "final_norm": {"scale": self._tensors(["final_norm"])["final_norm"]}}
         if not self.spec.tie_embeddings:  # an untied output head (Llama 3.1, Qwen 7B and up, Mistral)
             self.top["lm_head"] = self._tensors(["lm_head"])["lm_head"]
-        if not self.stream:
+        self._canon = None
+        if self.job.grad:  # the loss and its gradients: the whole model, from canonical tensors
+            if self.stream or self.layer_devices:
+                raise RuntimeError("--grad runs the whole model on one device; this run would stream or spread"
+                                   " its layers (--no-stream --devices 1, or a smaller model)")
+            from llmdiff import convert
+
+            self._canon = self._tensors(list(convert.canonical_shapes(self.spec)))
+        elif not self.stream:
             self._layers = [self._layer(i) for i in range(self.spec.num_layers)]
         # Teacher forcing: another implementation's captures feed every op (see gemma.Tape).
         forced_from = self.options.forced_from
         self._forced = None
         if forced_from:
-            self._forced = {n: np.asarray(a) for n, a in safetensors_file.load(forced_from).items()}
+            from llmdiff.grad import is_grad  # a --grad run's loss and gradients feed nothing
+
+            self._forced = {n: np.asarray(a) for n, a in safetensors_file.load(forced_from).items() if not is_grad(n)}
             if any(n.endswith(":sketch") for n in self._forced):
                 raise ValueError("teacher forcing needs whole captures, not sketches (--capture full)")
         self._offset = 0  # where the next prompt starts in the forced captures (prompts are concatenated)
@@ -162,6 +172,29 @@ class OracleReference(Reference):
         host = {k: np.asarray(v) for k, v in jax.device_get(wanted).items()}
         if sketched:
             host.update(zip(sketched, host.pop("")))
+        return host
+
+    def run_grad(self, tokens):
+        """The points, the causal-LM loss (`loss`, (1, 1)) and its gradients with respect to every
+        point (`grad:POINT`) and every canonical weight (`grad:w:NAME`) (`gemma_grad.py`)."""
+        import jax
+        import jax.numpy as jnp
+
+        from llmdiff import grad
+        from llmdiff.references import gemma_grad
+
+        if self._forced is not None:
+            raise ValueError("teacher forcing and --grad do not go together")
+        loss, caps, g_points, g_weights = gemma_grad.loss_and_grads(
+            self._canon, jnp.asarray([tokens], jnp.int32), self.spec, self.precision)
+        out = {k: v for k, v in caps.items() if self.wants(k)}
+        out.update({grad.POINT + k: v for k, v in g_points.items() if self.wants(k)})
+        out.update({grad.WEIGHT + k: v for k, v in g_weights.items()})
+        out[grad.LOSS] = jnp.reshape(loss, (1, 1))
+        host = {}
+        for k, v in jax.device_get(out).items():
+            v = np.asarray(v)
+            host[k] = v if v.dtype == np.float64 else v.astype(np.float32)
         return host
 
     def run_bare(self, tokens):

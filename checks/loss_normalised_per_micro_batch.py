@@ -1,0 +1,70 @@
+from llmdiff.check import ALL_FAMILIES, Check
+
+# The micro-batches' summed losses and the whole batch's mean token loss are the same float32
+# cross-entropies added in another order: 1e-4 of the loss is far above that, far below a bug.
+RELATIVE = 1e-4
+
+
+class LossNormalisedPerMicroBatch(Check):
+    """## What it finds
+    Gradient accumulation that does not give the loss of the whole batch: the implementation's
+    losses of k micro-batches, each computed with the batch's number of target tokens
+    (`num_items_in_batch`), do not sum to the mean token loss over all of them. Each micro-batch
+    is then normalised by its own token count (a mean per micro-batch, then a sum or a mean of
+    those), so a short sequence weighs as much as a long one and the gradient's scale depends on
+    how the batch was cut.
+
+    ## Why it matters
+    Training with accumulation should equal training on the whole batch at once. Per-micro-batch
+    normalisation changes every update where sequence lengths differ (padding-free or packed
+    batches always), and a loss that ignores `num_items_in_batch` is k times too large (the
+    Trainer no longer divides by the accumulation steps when the model says it takes loss
+    arguments). Forward outputs are unchanged: only `--grad` runs see it.
+
+    ## How it is confirmed
+    Static, from the implementation's own numbers in a `compare --grad` run: each prompt is one
+    micro-batch; its loss alone (`model(ids, labels=ids).loss`, a mean) and its loss with the
+    whole batch's target-token count (`num_items_in_batch`) are in `details`. The token-weighted
+    mean of the former is the whole batch's loss; the sum of the latter must equal it. The
+    evidence gives both, the mean and the sum of the per-micro-batch means, and which one the
+    accumulated loss is.
+
+    ## Fix
+    Sum each micro-batch's per-token losses and divide by the target tokens of the whole batch
+    (`num_items_in_batch`, transformers 4.46 and later: the model's forward must hand its
+    `**kwargs` to `self.loss_function`); never average per-micro-batch means.
+
+    ## References
+    Hugging Face's blog post "Fixing Gradient Accumulation" (October 2024);
+    `transformers.loss.loss_utils.fixed_cross_entropy`; `Trainer.training_step`
+    (`model_accepts_loss_kwargs`).
+    """
+
+    code = "LD602"
+    name = "loss-normalised-per-micro-batch"
+    families = ALL_FAMILIES
+
+    def run(self, ctx):
+        accumulated = (ctx.details or {}).get("own_loss_accumulated") or {}
+        means, parts = ctx.details.get("own_loss"), accumulated.get("micro_batches")
+        lengths = (ctx.tokens or {}).get("lengths")
+        if not (means and parts and lengths) or not len(means) == len(parts) == len(lengths):
+            return
+        targets = [n - 1 for n in lengths]
+        total = sum(targets)
+        whole = sum(n * m for n, m in zip(targets, means)) / total
+        summed = sum(parts)
+        if abs(summed - whole) <= RELATIVE * abs(whole):
+            return
+        forms = {"the sum of the micro-batches' means": sum(means),
+                 "the mean of the micro-batches' means": sum(means) / len(means)}
+        closest = min(forms, key=lambda k: abs(forms[k] - summed))
+        matches = abs(forms[closest] - summed) <= RELATIVE * abs(summed)
+        yield self.finding(
+            ctx, "loss",
+            f"{len(parts)} accumulated micro-batches give a loss of {summed:.6g}, the whole batch's is"
+            f" {whole:.6g}" + (f": it is {closest}" if matches else ""),
+            {"micro_batches": len(parts), "target_tokens": targets, "num_items_in_batch": total,
+             "accumulated": summed, "whole_batch": whole, "sum_of_means": sum(means),
+             "mean_of_means": sum(means) / len(means), "matches": closest if matches else None,
+             "ratio": summed / whole if whole else None})

@@ -1,0 +1,71 @@
+"""Training parity (`compare --grad`): the names of the loss and gradient captures, their order,
+and how a worker puts one run's prompts together. Standard library and numpy only (the worker
+imports it under any interpreter).
+
+Every implementation computes, per prompt, the causal-LM loss (mean next-token cross-entropy
+over the text-vocabulary logits; labels are the tokens shifted by one) and its gradients:
+- `grad:POINT` with respect to each canonical activation point (same shape as the point);
+- `grad:w:NAME` with respect to each canonical weight tensor (canonical layout);
+- `loss`, shape (1, prompts).
+Point gradients are concatenated over prompts along the sequence axis like the points; weight
+gradients are summed over prompts (the gradient of the summed per-prompt losses).
+
+The comparison lists them after the forward points in backward order: the loss, then the point
+gradients from the logits back to the embedding, then the weight gradients from the output head
+back to the embedding table, so a run's first divergence walks backwards from the loss.
+"""
+
+from __future__ import annotations
+
+LOSS = "loss"
+POINT = "grad:"
+WEIGHT = "grad:w:"
+
+
+def is_grad(name: str) -> bool:
+    """Whether a capture name is the loss or a gradient."""
+    return name == LOSS or name.startswith(POINT)
+
+
+def weight_order(names) -> list[str]:
+    """Canonical weight names in backward order: output head, final norm, the last layer's
+    tensors (in reverse) down to the first's, the embedding table last."""
+    names = list(names)
+
+    def layer(n):
+        return int(n[1:n.index(".")]) if n.startswith("L") and "." in n else None
+
+    layers = sorted({layer(n) for n in names if layer(n) is not None}, reverse=True)
+    out = [n for n in ("lm_head", "final_norm") if n in names]
+    for i in layers:
+        out += list(reversed([n for n in names if layer(n) == i]))
+    out += [n for n in names if n not in out and n != "embed"]
+    return out + (["embed"] if "embed" in names else [])
+
+
+def grad_points(spec, points) -> list[str]:
+    """The compared names of a `--grad` run after the forward `points`: the loss, the gradient at
+    each of `points` from the last to the first, the gradient of every canonical weight."""
+    from llmdiff.convert import canonical_shapes
+
+    return ([LOSS] + [POINT + p for p in reversed(list(points))]
+            + [WEIGHT + n for n in weight_order(canonical_shapes(spec))])
+
+
+def combine(per_prompt: list[dict]) -> dict:
+    """One run's loss and gradient captures from each prompt's (numpy arrays)."""
+    import numpy as np
+
+    out = {}
+    for name in per_prompt[0]:
+        if not is_grad(name):
+            continue
+        parts = [np.asarray(p[name]) for p in per_prompt]
+        if name.startswith(WEIGHT):
+            wide = np.float64 if parts[0].dtype == np.float64 else np.float32
+            out[name] = np.sum([a.astype(wide) for a in parts], axis=0)
+        elif name == LOSS:
+            out[name] = np.concatenate([a.reshape(1, -1) for a in parts], axis=1)
+        else:
+            out[name] = np.concatenate(parts, axis=1)
+    return out

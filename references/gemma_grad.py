@@ -1,0 +1,85 @@
+"""Training parity for the oracle: the causal-LM loss and its gradients (issue #23).
+
+The loss of one prompt, written out in full: the logits over the text vocabulary, in at least
+float32, predict the next token at every position but the last (labels: the tokens shifted by
+one); the mean over those positions of logsumexp(logits) - logits[label].
+
+Gradients with respect to every canonical activation point come from a zero perturbation added
+at each point the forward records (`GradTape`): d loss / d delta[name] is the gradient at that
+point, whatever else reads it (the residual stream's gradient sums both branches, as a tensor's
+`.grad` does in torch). Gradients with respect to the weights are taken of the canonical tensors
+themselves (the DeepMind layout is built from them inside the differentiated function), so they
+come out under canonical names.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from llmdiff import convert
+from llmdiff.references import gemma
+from llmdiff.spec import ModelSpec
+
+
+def causal_lm_loss(logits, tokens):
+    """Mean next-token cross-entropy: logits (B, T, V) over the text vocabulary, tokens (B, T)."""
+    x = logits[:, :-1].astype(gemma._wide(logits.dtype))                          # (B, T-1, V)
+    labels = tokens[:, 1:]
+    m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    lse = (m + jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True)))[..., 0]
+    picked = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+    return jnp.mean(lse - picked)
+
+
+class GradTape(gemma.Tape):
+    """A `gemma.Tape` that also adds `deltas[name]` (zeros) to each point it records, so the
+    loss can be differentiated with respect to every point; `live` holds what flows on."""
+
+    def __init__(self, deltas: dict | None):
+        super().__init__(None)
+        self.deltas = deltas
+        self.live = {}
+
+    def __call__(self, name: str, value):
+        value = super().__call__(name, value)
+        if self.deltas is not None and name in self.deltas:
+            value = value + self.deltas[name].astype(value.dtype)
+        self.live[name] = value
+        return value
+
+
+def params_from_canonical(canon: dict, spec: ModelSpec) -> dict:
+    """The oracle's parameter tree (DeepMind's layout plus its own names) from canonical tensors."""
+    params = {"embedder": {"input_embedding": canon["embed"]}, "final_norm": {"scale": canon["final_norm"]}}
+    if "lm_head" in canon:
+        params["lm_head"] = canon["lm_head"]
+    for i in range(spec.num_layers):
+        params[f"layer_{i}"] = convert.unflatten(convert.to_deepmind_layer(spec, i, canon, stack=jnp.stack))
+    return params
+
+
+def _forward(canon, deltas, tokens, spec: ModelSpec, p: gemma.Precision):
+    """`gemma.forward` on a `GradTape`: (loss, the recorded points)."""
+    params = params_from_canonical(canon, spec)
+    cap = GradTape(deltas)
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    x = cap("embed", gemma.embed(params["embedder"]["input_embedding"], tokens, spec, p))
+    for i, kind in enumerate(spec.layer_types):
+        pi = p.at(i, kind)
+        x = gemma.block(x, params[f"layer_{i}"], positions, spec, pi, cap, f"L{i}.", gemma.layer_types(spec, pi)[i])
+    gemma.head(x, params["final_norm"]["scale"], gemma.output_table(params, p), spec, p, cap)
+    return causal_lm_loss(cap.live["logits"], tokens), dict(cap)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "p"))
+def loss_and_grads(canon: dict, tokens, spec: ModelSpec, p: gemma.Precision):
+    """(loss, forward captures, gradients by point, gradients by canonical weight) of one batch."""
+    shapes = jax.eval_shape(lambda c: _forward(c, None, tokens, spec, p)[1], canon)
+    deltas = {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()}
+    (loss, caps), (g_weights, g_points) = jax.value_and_grad(_forward, argnums=(0, 1), has_aux=True)(
+        canon, deltas, tokens, spec, p)
+    return loss, caps, g_points, g_weights
