@@ -327,12 +327,25 @@ def _best_trial(case: Case, current: dict, first: str, floors: dict, forced_from
         if base is None or first not in caps or diff.point_metrics(caps[first], base[first])["rel_l2"] > 0:
             moved.update(checks)
         trial = case.compare(caps, floors, dtype, forced_from is not None)
-        if _point(trial, first).get("verdict") == "parity" and excess(trial) < excess(current):
+        # An explanation brings `first` back without breaking a point before it (the candidate
+        # agreed with the oracle there): a knob acting on every layer does not explain a bug
+        # on one kind of layer only, whose form on that kind does.
+        if _point(trial, first).get("verdict") == "parity" and excess(trial) < excess(current) \
+                and not _diverges_before(trial, first):
             scored.append((excess(trial), [c.code for c in checks], checks, trial, trial_policy))
     if not scored:
         return None, moved
     _, _, checks, trial, trial_policy = min(scored, key=lambda s: s[:2])
     return (checks, trial, trial_policy), moved
+
+
+def _diverges_before(run: dict, point: str) -> bool:
+    for p in run["points"]:
+        if p["name"] == point:
+            return False
+        if p["verdict"] == "divergence":
+            return True
+    return False
 
 
 def _count(run: dict) -> int:

@@ -1,8 +1,9 @@
 """`llmdiff selftest`: does every dynamic check name its own bug, and only its own?
 
 For each dtype, candidates are the oracle itself with bugs switched on: each dynamic check's
-bug alone, the clean oracle, three bugs at once, and a bug no check knows (the attention output
-scaled by 1.01). Each is compared with the clean oracle and diagnosed exactly as `compare`
+bug alone, the clean oracle, three bugs at once, on models with two kinds of layer a bug on global
+layers only and two bugs each on its own kind of layer, and a bug no check knows (the attention
+output scaled by 1.01). Each is compared with the clean oracle and diagnosed exactly as `compare`
 diagnoses an implementation. The confusion matrix must be diagonal: each mutant named by its
 own check and no other, nothing for the clean model, exactly the three for the triple, and
 "unexplained" at the right point for the unknown bug.
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from llmdiff import diagnose, diff, inputs, registry, weights
+from llmdiff.check import UNSCOPED_KNOBS
 from llmdiff.job import Job, WeightsSource
 from llmdiff.spec import capture_points, get_spec
 
@@ -45,7 +47,39 @@ def _first_acting_variant(lab, check, dtype, clean):
     return variants[0]
 
 
-def _mutants(lab, checks, dtype, clean):
+def _scoped(policy: dict, scope: str) -> dict | None:
+    """`policy` acting on layers of kind `scope` only; None when a knob cannot be scoped."""
+    if any(k in UNSCOPED_KNOBS or "@" in k for k in policy):
+        return None
+    return {f"{k}@{scope}": v for k, v in policy.items()}
+
+
+def _scoped_mutants(lab, acting, policies, dtype, clean, spec):
+    """On a model with two kinds of layer (Gemma 2/3): a bug on global layers only, and two bugs
+    each on its own kind (one on the local layers, another on the global ones). Each bug is the
+    first (by code) whose scoped form changes this model's output."""
+    if set(spec.layer_types) != {"local", "global"}:
+        return []
+    forms = {}
+    for scope in ("global", "local"):
+        tries = [(c, _scoped(policies[c.code], scope)) for c in acting]
+        tries = [(c, p) for c, p in tries if p is not None]
+        caps = lab.captures(dtype, [p for _, p in tries])
+        forms[scope] = [(c, p) for (c, p), cap in zip(tries, caps)
+                        if cap is not None and any(not np.array_equal(cap[k], clean[k]) for k in clean)]
+    out = []
+    if forms["global"]:
+        c, p = forms["global"][0]
+        out.append((f"{c.code}@global", p, [c.code], None))
+    pair = next(((a, b) for a in forms["local"] for b in forms["global"] if a[0] is not b[0]
+                 and not set(k.partition("@")[0] for k in a[1]) & set(k.partition("@")[0] for k in b[1])), None)
+    if pair is not None:
+        (a, pa), (b, pb) = pair
+        out.append((f"{a.code}@local+{b.code}@global", {**pa, **pb}, [a.code, b.code], None))
+    return out
+
+
+def _mutants(lab, checks, dtype, clean, spec):
     acting = [c for c in checks if dtype in c.dtypes]
     policies = {c.code: _first_acting_variant(lab, c, dtype, clean) for c in acting}
     out = [("clean", {}, [], None)]
@@ -54,6 +88,7 @@ def _mutants(lab, checks, dtype, clean):
         three = acting[:3]
         policy = {k: v for c in three for k, v in policies[c.code].items()}
         out.append(("+".join(c.code for c in three), policy, [c.code for c in three], None))
+    out += _scoped_mutants(lab, acting, policies, dtype, clean, spec)
     out.append(("unknown", UNKNOWN_BUG[dtype], [diagnose.UNEXPLAINED[0]], UNKNOWN_BUG_POINT))
     return out
 
@@ -75,7 +110,7 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
         for dtype in dtypes:
             say(f"{dtype}: running every check's bug")
             clean, = lab.captures(dtype, [{}])
-            mutants = _mutants(lab, checks, dtype, clean)
+            mutants = _mutants(lab, checks, dtype, clean, spec)
             truth, = lab.captures("float64", [{}], constants_dtype=dtype)
             lab.captures(dtype, [m[1] for m in mutants])
             floors = diff.noise_floors(clean, truth, dtype)
@@ -94,6 +129,12 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
                 run = dict(diff.compare_captures(caps, clean, floors, dtype, points), dtype=dtype)
                 path = lab.path(diagnose.Variant.of(dtype, policy))
                 forced, _ = diagnose.teacher_forced(lab, caps, path, dtype, points)
+                # A bug whose effect on this tiny model stays under the noise floor at this dtype,
+                # free-running and op by op (a soft-cap the tiny logits never reach, in bfloat16),
+                # cannot be named here: the matrix expects nothing and says so.
+                acts = run["verdict"] == "divergence" or forced["verdict"] == "divergence"
+                if not acts and name not in ("clean", "unknown"):
+                    expected = []
                 found = diagnose.explain(diagnose.Case(lab, spec, name, caps, path, floors, points), checks, run)
                 diff.attach_forced(run, forced)
                 codes = sorted(f.code for f in found)
@@ -101,7 +142,7 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
                     expected_point is None or any(f.where == expected_point for f in found))
                 rows.append({"dtype": dtype, "mutant": name, "policy": policy, "expected": sorted(expected),
                              "found": codes, "where": [f.where for f in found], "ok": ok,
-                             "first_divergence": run["first_divergence"]})
+                             "first_divergence": run["first_divergence"], "acts": acts})
         return {"model": spec.name, "dtypes": list(dtypes), "checks": [c.code for c in checks], "rows": rows,
                 "diagonal": all(r["ok"] for r in rows), "oracle_runs": lab.runs, "errors": lab.errors}
     finally:
@@ -125,7 +166,8 @@ def render(result: dict, console) -> None:
                 hit, want = c in r["found"], c in r["expected"]
                 cells.append("[green]X[/green]" if hit and want else "[red]X[/red]" if hit else
                              "[red]-[/red]" if want else "·")
-            table.add_row(r["mutant"], *cells, "[green]yes[/green]" if r["ok"] else "[red]no[/red]")
+            mutant = r["mutant"] if r.get("acts", True) else f"{r['mutant']} (under the noise here)"
+            table.add_row(mutant, *cells, "[green]yes[/green]" if r["ok"] else "[red]no[/red]")
         console.print(table)
     for key, err in result["errors"].items():
         console.print(f"[red]oracle run failed[/red] {key}: {err}")

@@ -129,7 +129,7 @@ def test_a_window_off_by_one_is_said_to_start_past_the_window(llmdiff_cli, mutan
     assert f["evidence"]["from_position"] == window and f"from position {window} on" in f["message"]
     run = run_by_candidate(report, "hf_mutants:SlidingWindowOffByOne", "float32")
     first = next(p for p in run["points"] if p["name"] == run["first_divergence"])
-    assert max(first["by_position"][:window]) < 1e-6 < min(first["by_position"][window:window + 8])
+    assert max(first["by_position"][:window]) < 1e-5 < 1e-3 < min(first["by_position"][window:window + 8])
     assert f"from position {window} on (the error grows along the sequence)" in out
     # The HTML report draws the layer x position heat map and the finding's before/after curves.
     page = (tmp_path / "out" / "report.html").read_text()

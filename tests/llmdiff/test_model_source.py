@@ -198,9 +198,9 @@ def test_a_hub_id_compares_from_the_cache_offline(tmp_path, offline_hub, llmdiff
     resolved = model_source.resolve("someone/gemma2-tiny-ft")
     assert resolved.origin == "hub" and resolved.checkpoint == snapshot and resolved.spec.name == "someone/gemma2-tiny-ft"
     assert model_source.resolve("someone/gemma2-tiny-ft", revision=snapshot.name).checkpoint == snapshot
-    code, out, _, report = llmdiff_cli("compare", "someone/gemma2-tiny-ft", "--dtype", "float32", "--tokens", "24",
-                                       "--no-diagnose")
+    code, out, _, report = llmdiff_cli("compare", "someone/gemma2-tiny-ft", "--tokens", "24", "--no-diagnose")
     assert code == 0, out
+    assert [r["verdict"] for r in report["runs"]] == ["parity", "parity"]   # float32 and bfloat16
     assert report["weights"]["model"] == {"origin": "hub", "name": "someone/gemma2-tiny-ft",
                                           "checkpoint": str(snapshot)}
     code, out, _, _ = llmdiff_cli("audit", "someone/gemma2-tiny-ft", "-q")

@@ -104,7 +104,10 @@ def test_generator_across_chunks_and_its_distribution(monkeypatch):
     shape = convert.canonical_shapes(spec)["embed"]
     whole = weights.generate_numpy(spec, "embed", shape)
     monkeypatch.setattr(weights, "CHUNK", 1000)  # the same bits whatever the step
+    monkeypatch.setattr(weights, "_HOST_BLOCK", 1000)  # the host's threaded blocks too
     assert np.array_equal(whole, weights.generate_numpy(spec, "embed", shape))
+    torch = pytest.importorskip("torch")
+    assert np.array_equal(whole, weights.generate_torch(spec, "embed", shape).numpy())
     std = weights.tensor_std(spec, "embed")
     assert abs(whole.std() / std - 1) < 0.02 and np.abs(whole).max() <= std * 3 ** 0.5 * 1.01
     assert abs(np.corrcoef(whole.ravel()[:-1], whole.ravel()[1:])[0, 1]) < 0.01  # neighbours independent
