@@ -148,6 +148,10 @@ def audit(path, model: str | None = None, *, select=(), ignore=(), progress=None
     select, ignore: checks by code, name or prefix (`LD7`), among the audit checks.
     progress: optional callable(bytes_done, bytes_total) during the streaming pass.
     """
+    if str(path).lower().endswith(".gguf"):  # llama.cpp's format: its metadata (llmdiff/audit_gguf.py)
+        from llmdiff.audit_gguf import audit_gguf
+
+        return audit_gguf(path, model, select=select, ignore=ignore)
     t0 = time.perf_counter()
     checks, broken = audit_checks(select, ignore)
     ctx = load_context(path, model)

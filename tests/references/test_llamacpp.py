@@ -1,0 +1,230 @@
+"""llama.cpp as a compared implementation (`--impl llamacpp`) and `llmdiff audit MODEL.gguf`.
+
+Everything here needs the llamacpp extra (its own virtualenv, llama-cpp-python built from source
+and llama.cpp's converter: `python -m llmdiff.references.llamacpp install`) and is skipped
+without it; the GGUF audit's spec logic is also tested on a GGUF written here with the `gguf`
+package (a core dependency), which needs no extra.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import run_by_candidate
+from llmdiff.references.llamacpp import INSTALL
+from llmdiff.runner import venv_python
+from llmdiff.spec import capture_points, get_spec
+
+needs_llamacpp = pytest.mark.skipif(
+    venv_python("llamacpp") is None,
+    reason=f"the llamacpp extra is not installed (no {os.path.join('$LLMDIFF_VENVS', 'llamacpp')}): {INSTALL}")
+
+
+def _point(run, name):
+    return next(p for p in run["points"] if p["name"] == name)
+
+
+# --- the GGUF audit, on a GGUF written here ----------------------------------------------------
+
+def _write_gguf(path, spec, **overrides):
+    """A metadata-only GGUF as llama.cpp's converter writes one for `spec` (tensors: the token
+    table's shape only), with `overrides` {key: value or None to leave out}."""
+    import gguf
+
+    arch = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3", "llama": "llama"}[spec.family]
+    w = gguf.GGUFWriter(str(path), arch)
+    values = {
+        f"{arch}.embedding_length": spec.hidden_size, f"{arch}.block_count": spec.num_layers,
+        f"{arch}.feed_forward_length": spec.mlp_dim, f"{arch}.attention.head_count": spec.num_heads,
+        f"{arch}.attention.head_count_kv": spec.num_kv_heads, f"{arch}.attention.key_length": spec.head_dim,
+        f"{arch}.attention.value_length": spec.head_dim,
+        f"{arch}.attention.layer_norm_rms_epsilon": float(spec.norm_eps), f"{arch}.rope.freq_base": float(spec.rope_base),
+        "tokenizer.ggml.bos_token_id": spec.bos_id, "tokenizer.ggml.eos_token_id": spec.eos_id,
+        "tokenizer.ggml.add_bos_token": spec.add_bos,
+    }
+    if spec.sliding_window:
+        values[f"{arch}.attention.sliding_window"] = spec.sliding_window
+    if spec.attn_softcap:
+        values[f"{arch}.attn_logit_softcapping"] = float(spec.attn_softcap)
+    if spec.final_softcap:
+        values[f"{arch}.final_logit_softcapping"] = float(spec.final_softcap)
+    values.update(overrides)
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_float32(key, value)
+    w.add_tensor("token_embd.weight", np.zeros((spec.hf_vocab_size or spec.vocab_size, spec.hidden_size), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_audit_names_each_metadata_defect(tmp_path):
+    from llmdiff.audit import audit
+
+    spec = get_spec("gemma-2-2b", tiny=True)
+    clean = audit(_write_gguf(tmp_path / "clean.gguf", spec), "gemma-2-2b")
+    assert clean, clean.summary()
+    assert clean.report["model"] == spec.name and clean.report["format"] == "gguf"
+    cases = {"LD706": {"gemma2.attention.layer_norm_rms_epsilon": 1e-5},
+             "LD707": {"gemma2.rope.freq_base": 500000.0},
+             "LD708": {"gemma2.attention.sliding_window": spec.sliding_window + 1},
+             "LD709": {"gemma2.final_logit_softcapping": None},   # llama.cpp's default 30 is not the spec's
+             "LD053": {"tokenizer.ggml.add_bos_token": False}}
+    if spec.final_softcap == 30.0:
+        cases["LD709"] = {"gemma2.final_logit_softcapping": 20.0}
+    for code, change in cases.items():
+        result = audit(_write_gguf(tmp_path / f"{code}.gguf", spec, **change), "gemma-2-2b")
+        assert {f["code"] for f in result.findings} == {code}, (code, result.summary())
+
+
+def test_gguf_audit_reads_llama_cpp_defaults_for_gemma3_layers(tmp_path):
+    """No sliding_window_pattern: llama.cpp runs Gemma 3 as 5 local layers of 6."""
+    from llmdiff.audit_gguf import GGUFMetadata, layer_kinds
+
+    spec = get_spec("gemma-3-1b")
+    meta = GGUFMetadata(_write_gguf(tmp_path / "g3.gguf", spec))
+    assert layer_kinds(meta, "gemma3", spec.num_layers) == spec.layer_types
+
+
+def test_gguf_audit_llama3_rope_factors_absent(tmp_path):
+    from llmdiff.audit import audit
+
+    spec = get_spec("llama-3.1-8b", tiny=True)
+    result = audit(_write_gguf(tmp_path / "l.gguf", spec), "llama-3.1-8b")
+    assert [(f["code"], f["where"]) for f in result.findings] == [("LD707", "gguf:rope_freqs.weight")]
+
+
+# --- llama.cpp itself ---------------------------------------------------------------------------
+
+def test_missing_extra_is_one_line(monkeypatch):
+    """Without llama-cpp-python the adapter says how to install it, and nothing else."""
+    import sys
+
+    from llmdiff.job import Job, WeightsSource
+    from llmdiff.references.base import MissingExtra
+    from llmdiff.references.llamacpp import LlamaCppReference
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)   # `import llama_cpp` raises ImportError
+    job = Job(spec=get_spec("gemma-7b", tiny=True).to_dict(), tokens=[[2, 5]], weights=WeightsSource(seed=0))
+    with pytest.raises(MissingExtra) as e:
+        LlamaCppReference(job)
+    assert str(e.value) == f"implementation 'llamacpp' needs the llamacpp extra: {INSTALL}"
+
+
+def _convert(tmp_path, model):
+    """llama.cpp's converter (in the llamacpp venv) on a tiny checkpoint of `model`."""
+    from llmdiff import weights
+
+    spec = get_spec(model, tiny=True)
+    hf = weights.write_hf_checkpoint(tmp_path / "hf", spec, weights.random_weights(spec))
+    out = tmp_path / "out" / "model-f32.gguf"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import worker; worker._map_source_tree(sys.argv[2]);"
+            "from pathlib import Path; from llmdiff.references.llamacpp import convert; from llmdiff.spec import get_spec;"
+            "convert(sys.argv[3], Path(sys.argv[4]), 'float32', get_spec(sys.argv[5], tiny=True))")
+    import llmdiff
+    import llmdiff.references
+
+    subprocess.run([venv_python("llamacpp"), "-c", code, os.path.dirname(llmdiff.__file__),
+                    list(llmdiff.references.__path__)[0], str(hf), str(out), model], check=True)
+    return out
+
+
+@needs_llamacpp
+def test_converter_gguf_audits_clean(tmp_path):
+    """The GGUF llama.cpp's converter writes for tiny Gemma 2 (soft-caps, a window on every
+    other layer) says what the spec says, as llama.cpp reads it."""
+    from llmdiff.audit import audit
+
+    result = audit(_convert(tmp_path, "gemma-2-2b"))   # the spec detected from the metadata
+    assert result.report["model"] == "gemma-2-2b" and result, result.summary()
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_converter_drops_mistral_sliding_window(tmp_path):
+    """Mistral converts as llama.cpp's `llama` architecture: no window in the GGUF, none in the
+    graph (src/models/llama.cpp builds a full causal mask). The audit names it."""
+    from llmdiff.audit import audit
+
+    result = audit(_convert(tmp_path, "mistral-7b-v0.1"), "mistral-7b-v0.1")
+    assert [(f["code"], f["where"]) for f in result.findings] == [
+        ("LD708", "gguf:llama.attention.sliding_window_pattern")]
+
+
+def _compare(monkeypatch, tmp_path, model, flash_attn, dtypes=("float32",)):
+    import llmdiff
+    from llmdiff.references.llamacpp import FLASH_ATTN_ENV
+
+    monkeypatch.setenv(FLASH_ATTN_ENV, flash_attn)
+    result = llmdiff.compare(model, ["llamacpp"], tiny=True, dtypes=list(dtypes), diagnose=False,
+                             workdir=str(tmp_path / "work"))
+    return result.report
+
+
+def _points(run):
+    return {p["name"]: p for p in run["points"]}
+
+
+@needs_llamacpp
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen3-0.6b", "qwen2.5-0.5b"])
+def test_float32_at_parity_without_flash_attention(monkeypatch, tmp_path, model):
+    """SwiGLU models, F32 GGUF, F32 KV cache, flash attention off: every point at parity."""
+    report = _compare(monkeypatch, tmp_path, model, "off")
+    run = run_by_candidate(report, "llamacpp", "float32")
+    assert run["verdict"] == "parity", run["first_divergence"]
+    assert run["missing_points"] == []
+    assert [p["name"] for p in run["points"]] == capture_points(get_spec(model, tiny=True))
+    assert _points(run)["logits"]["rel_l2"] <= 2e-6
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_flash_attention_rounds_k_and_v_to_f16(monkeypatch, tmp_path):
+    """llama.cpp's default (flash attention auto: on, on the CPU) casts an F32 KV cache's K and V
+    to F16 (src/llama-graph.cpp, build_attn_mha): the first divergence is the attention output."""
+    run = run_by_candidate(_compare(monkeypatch, tmp_path, "llama-3.1-8b", "auto"), "llamacpp", "float32")
+    points = _points(run)
+    assert run["first_divergence"] == "L0.attn_out"
+    assert all(points[f"L0.{p}"]["verdict"] == "parity" for p in ("attn_norm", "q", "k", "v"))
+    assert 1e-4 < points["L0.attn_out"]["rel_l2"] < 2e-3       # F16's 2^-11, not a wrong formula
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_gelu_is_an_f16_table_lookup(monkeypatch, tmp_path):
+    """Gemma's GeGLU on llama.cpp's CPU backend: GELU read from a 65536-entry F16 table at the
+    F16 rounding of its input (ggml/src/ggml-cpu/vec.h, GGML_GELU_FP16, ggml_vec_geglu_f32).
+    Everything before it is at parity; mlp_act is that table to float32 rounding."""
+    from llmdiff import safetensors_file
+
+    run = run_by_candidate(_compare(monkeypatch, tmp_path, "gemma-7b", "off"), "llamacpp", "float32")
+    points = _points(run)
+    assert run["first_divergence"] == "L0.mlp_act"
+    assert points["L0.mlp_up"]["verdict"] == "parity" and points["embed"]["max_abs"] == 0.0
+    cap = safetensors_file.load(str(tmp_path / "work" / "llamacpp-float32.safetensors"))
+    gate, up = cap["L0.mlp_gate"].astype(np.float64), cap["L0.mlp_up"].astype(np.float64)
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+    table = gelu(gate.astype(np.float32).astype(np.float16).astype(np.float64)).astype(np.float16)
+    emulated = np.where(gate <= -10, 0.0, np.where(gate >= 10, gate, table.astype(np.float64))) * up
+    act = cap["L0.mlp_act"].astype(np.float64)
+
+    def rel(a, b):
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    assert rel(act, emulated) < 3e-6 < 1e-4 < rel(act, gelu(gate) * up)
