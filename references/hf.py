@@ -319,9 +319,8 @@ class HFReference(Reference):
             if grad:
                 if own:
                     self._own_losses.append(float(out.loss))
-                import torch.nn.functional as F
-
-                loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+                # Not `F`: that is the MLP width here, which Phi-3's slices read.
+                loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
                 loss.backward()
         finally:
             modeling.apply_rotary_pos_emb = original_rope
