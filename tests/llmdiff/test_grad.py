@@ -135,8 +135,10 @@ def test_a_backward_that_differs_from_the_forward_is_found_where_it_acts(llmdiff
                  "grad:w:L1.mlp_norm", "grad:w:L1.down"):
         assert by_name[name]["verdict"] == "parity", name
     assert by_name["grad:L1.resid_mid"]["floor_ratio"] > 1000 and by_name["grad:w:embed"]["verdict"] == "divergence"
-    # No counterfactual oracle run computes gradients: no finding names a forward bug.
-    assert report["findings"] == [] and "errors" not in report
+    # No counterfactual oracle run computes gradients: the one finding says the backward alone is off.
+    (f,) = report["findings"]
+    assert (f["code"], f["implementation"], f["where"]) == ("LD000", impl, "grad:L1.resid_mid")
+    assert f["evidence"]["backward_only"] is True and "errors" not in report
 
 
 # --- LD602: accumulated micro-batches against the whole batch's loss ------------------------
