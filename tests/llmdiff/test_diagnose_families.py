@@ -49,3 +49,16 @@ def test_selftest_is_diagonal_for_each_family(llmdiff_cli, model):
     rc, out, err, _ = llmdiff_cli("selftest", "--model", model)
     assert rc == 0, out + err
     assert "diagonal" in out and "NOT diagonal" not in out
+
+
+@pytest.mark.slow
+def test_an_untied_head_where_qwen_ties_is_named_by_lm_head_untied_only(llmdiff_cli, mutants_on_path):
+    """Qwen 2.5 0.5B ties its head: a port with a head of its own is LD105 (static evidence from
+    the loaded model), and its logits divergence is not left unexplained."""
+    impl = "hf_mutants:UntiedLmHead"
+    rc, out, err, report = llmdiff_cli("compare", "qwen2.5-0.5b", "--tiny", "--impl", impl, "--dtype", "float32")
+    assert rc == 1, out + err
+    assert run_by_candidate(report, impl, "float32")["first_divergence"] == "logits"
+    (f,) = report["findings"]
+    assert (f["code"], f["where"], f["implementation"]) == ("LD105", "logits", impl)
+    assert f["evidence"]["tied_lm_head"] is False
