@@ -332,7 +332,10 @@ def _best_trial(case: Case, current: dict, first: str, floors: dict, forced_from
         # on one kind of layer only, whose form on that kind does.
         if _point(trial, first).get("verdict") == "parity" and excess(trial) < excess(current) \
                 and not _diverges_before(trial, first):
-            scored.append((excess(trial), [c.code for c in checks], checks, trial, trial_policy))
+            # Ranked by how close the first divergent point comes (one significant digit of its
+            # floor ratio: nearer is a truer form of the bug), then by the excess left everywhere.
+            closeness = float(f"{_point(trial, first).get('floor_ratio') or 0.0:.1g}")
+            scored.append(((closeness, excess(trial)), [c.code for c in checks], checks, trial, trial_policy))
     if not scored:
         return None, moved
     _, _, checks, trial, trial_policy = min(scored, key=lambda s: s[:2])

@@ -79,13 +79,32 @@ def _scoped_mutants(lab, acting, policies, dtype, clean, spec):
     return out
 
 
+def _three_that_act_together(lab, acting, policies, dtype) -> list:
+    """Three bugs, by code, each of which still changes the output on top of the ones before it
+    (a q/k norm switched off leaves nothing for a q/k-norm-order bug to act on): a triple the
+    diagnosis can name in full."""
+    chosen, policy = [], {}
+    base, = lab.captures(dtype, [policy])
+    for c in acting:
+        if len(chosen) == 3:
+            break
+        if set(policies[c.code]) & set(policy):
+            continue
+        trial = {**policy, **policies[c.code]}
+        caps, = lab.captures(dtype, [trial])
+        if caps is not None and base is not None and any(not np.array_equal(caps[k], base[k]) for k in base):
+            chosen.append(c)
+            policy, base = trial, caps
+    return chosen if len(chosen) == 3 else []
+
+
 def _mutants(lab, checks, dtype, clean, spec):
     acting = [c for c in checks if dtype in c.dtypes]
     policies = {c.code: _first_acting_variant(lab, c, dtype, clean) for c in acting}
     out = [("clean", {}, [], None)]
     out += [(c.code, policies[c.code], [c.code], None) for c in acting]
-    if len(acting) >= 3:
-        three = acting[:3]
+    three = _three_that_act_together(lab, acting, policies, dtype)
+    if three:
         policy = {k: v for c in three for k, v in policies[c.code].items()}
         out.append(("+".join(c.code for c in three), policy, [c.code for c in three], None))
     out += _scoped_mutants(lab, acting, policies, dtype, clean, spec)
