@@ -8,6 +8,7 @@ import pytest
 from conftest import run_by_candidate
 
 
+@pytest.mark.slow
 def test_a_rope_table_made_under_autocast_is_named_there_only(llmdiff_cli, mutants_on_path):
     """RoPE's `inv_freq @ positions` left under autocast runs in bfloat16: the angles are off, more
     the later the position. Named (LD401) and confirmed in autocast-bfloat16; pure float32 and

@@ -69,6 +69,7 @@ def test_norm_without_plus_one_and_untied_lm_head(llmdiff_cli, mutants_on_path):
     assert run_by_candidate(report, "hf_mutants:UntiedLmHead", "float32")["first_divergence"] == "logits"
 
 
+@pytest.mark.slow   # ~400 oracle runs; the families' selftests are slow too
 def test_selftest_matrix_is_diagonal(llmdiff_cli, tmp_path):
     """Every dynamic check that applies to Gemma 1 names its own bug and no other, both dtypes."""
     import json
@@ -115,6 +116,7 @@ def test_two_bugs_on_two_kinds_of_layer_are_both_named(llmdiff_cli, mutants_on_p
     assert "scope" not in by_code["LD501"]["evidence"]
 
 
+@pytest.mark.slow
 def test_a_window_off_by_one_is_said_to_start_past_the_window(llmdiff_cli, mutants_on_path, tmp_path):
     """The extra key is visible only from position `window` on: the error is 0 before it, and
     the finding says from which position it acts."""

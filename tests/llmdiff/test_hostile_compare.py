@@ -328,18 +328,23 @@ def test_a_worker_that_exits_early_says_so(tmp_path, mutants_on_path):
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_keeps_finished_runs_and_leaves_nothing_behind(tmp_path, sig, code):
-    """Ctrl-C (or SIGTERM) once hf has finished: the report keeps hf's runs, says it is
-    incomplete, the exit code is 128+signal, no worker and no temporary directory is left."""
+    """Ctrl-C (or SIGTERM) once hf has finished, while a second worker is still loading (one
+    that never finishes: the signal cannot come too late): the report keeps hf's runs, says it
+    is incomplete, the exit code is 128+signal, no worker and no temporary directory is left."""
+    from conftest import MUTANTS_DIR
+
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    env = dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(MUTANTS_DIR), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "llmdiff.cli", "compare", "gemma-7b", "--tiny", *FAST,
-                             "--json", str(tmp_path / "r.json")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+                             "--impl", "hf", "--impl", "hf_mutants:Hangs", "--json", str(tmp_path / "r.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            stdin=subprocess.DEVNULL)
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if "oracle float32: loading" in line:
+        if "hf_mutants:Hangs float32: loading" in line:
             break
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)

@@ -52,6 +52,7 @@ def test_gemma_7b_is_written_as_published():
     assert corrected["hidden_act"] == corrected["hidden_activation"] == "gelu_pytorch_tanh"
 
 
+@pytest.mark.slow   # two compares with diagnosis (~25 s); the default suite keeps the hub-id parity run
 def test_published_hidden_act_is_ld301_for_a_port_that_honours_it(llmdiff_cli, mutants_on_path, tmp_path):
     """The modern HF implementation maps the published "gelu" to tanh GELU (parity); a port that
     reads the field as written (transformers 4.38.0) runs exact GELU: LD301, confirmed. With
@@ -97,6 +98,7 @@ GEMMA2_SIZES = dict(vocab_size=1000, hidden_size=72, intermediate_size=160, num_
                     pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 
+@pytest.mark.slow
 def test_a_save_pretrained_checkpoint_of_no_registered_size_is_at_parity(tmp_path, llmdiff_cli):
     """Gemma 2 at sizes no registered model has (vocabulary 1000, 4 layers, 3 heads), compared
     by its path: the spec is its config.json's, parity in float32 and bfloat16."""

@@ -79,7 +79,10 @@ def test_all_four_files(gelu_run):
 
     parser = Images()
     parser.feed((gelu_run / "report.html").read_text())
-    assert len(parser.images) == len(report["runs"])
+    # Per run its per-layer plot and its layer x position heat map; per confirmed finding its
+    # before/after curves.
+    confirmed = sum(1 for f in report["findings"] if f["confirmed"] and f["evidence"].get("curve"))
+    assert confirmed >= 1 and len(parser.images) == 2 * len(report["runs"]) + confirmed
     for src in parser.images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

@@ -59,6 +59,8 @@ from llmdiff.references.base import MissingExtra, Reference  # noqa: E402
 
 
 class Fake(Reference):
+    dtypes = ("float32", "bfloat16", "float64")
+
     def versions(self):
         return {"fake": "1"}
 
