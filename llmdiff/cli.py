@@ -262,6 +262,9 @@ def compare(model, tiny, revision, config_mode, impls, dtypes, weights, seed, re
 
     console = _console(no_color)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C (SIGINT) interrupts even where the shell started llmdiff with SIGINT ignored (a
+    # background job; CI runners cancel with SIGINT): Python keeps an inherited SIG_IGN otherwise.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         config, _ = find_config()
         if save_captures and not out:
