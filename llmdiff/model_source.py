@@ -53,6 +53,7 @@ class Model:
 
 def resolve(model: str, *, tiny: bool = False, revision: str | None = None) -> Model:
     """A registered name, else an existing directory, else a hub id; anything else is one line."""
+    model = os.fspath(model)   # the Python API may be given a Path
     if model in model_names():
         if revision is not None:
             raise UsageError(f"--revision is for hub ids; {model} is a registered model")

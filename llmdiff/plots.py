@@ -20,6 +20,25 @@ def _gradient(name: str) -> bool:
     return name == "loss" or name.startswith("grad:")
 
 
+def _png(fig) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _layer_ticks(ax, names: list[str]) -> None:
+    """x ticks at the embedding, each layer's first point (labelled by its layer), the final
+    norm and the logits."""
+    ticks = [i for i, n in enumerate(names) if n in ("embed", "final_norm", "logits") or n.endswith(".attn_norm")]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([names[i].replace(".attn_norm", "") for i in ticks], rotation=45, fontsize=7)
+
+
 def run_plot_png(run: dict, title: str) -> bytes:
     import matplotlib
 
@@ -40,19 +59,12 @@ def run_plot_png(run: dict, title: str) -> bytes:
     if bad:
         ax.scatter(bad, [err[i] for i in bad], color="#cb181d", zorder=3, s=18, label="divergent")
     ax.set_yscale("log")
-    ticks = [i for i, p in enumerate(points) if p["name"] in ("embed", "final_norm", "logits")
-             or p["name"].endswith(".attn_norm")]
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([points[i]["name"].replace(".attn_norm", "") for i in ticks], rotation=45, fontsize=7)
+    _layer_ticks(ax, [p["name"] for p in points])
     ax.set_ylabel("relative L2")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def heatmap_png(run: dict, title: str) -> bytes | None:
@@ -90,11 +102,7 @@ def heatmap_png(run: dict, title: str) -> bytes | None:
     ax.set_yticklabels([p["name"].replace(".out", "") for p in rows], fontsize=7)
     ax.set_xlabel("position")
     ax.set_title(f"{title}: error per layer and position", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def finding_png(run: dict, finding: dict) -> bytes | None:
@@ -120,19 +128,13 @@ def finding_png(run: dict, finding: dict) -> bytes | None:
     if floors:
         ax.plot(xs, [f if f else tiny for f in floors], linestyle=":", color="#636363", label="noise floor")
     ax.set_yscale("log")
-    ticks = [i for i, n in enumerate(names) if n in ("embed", "final_norm", "logits") or n.endswith(".attn_norm")]
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([names[i].replace(".attn_norm", "") for i in ticks], rotation=45, fontsize=7)
+    _layer_ticks(ax, names)
     knob = ", ".join(f"{k}={v!r}" for k, v in finding["evidence"].get("knob", {}).items())
     ax.set_title(f"{finding['code']} {finding['name']} [{finding['dtype']}]: {knob}", fontsize=10)
     ax.set_ylabel("relative L2")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 _BARS = "▁▂▃▄▅▆▇█"
