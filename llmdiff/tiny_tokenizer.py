@@ -210,7 +210,7 @@ BPE_STYLES["qwen3"] = BPE_STYLES["qwen2"]
 def has_tiny_tokenizer(spec: ModelSpec) -> bool:
     from llmdiff.spec import GEMMA_FAMILIES
 
-    return spec.family in GEMMA_FAMILIES or spec.family in BPE_STYLES
+    return spec.family in GEMMA_FAMILIES or spec.family in BPE_STYLES or sp_style(spec) is not None
 
 
 def train_tiny_bpe(spec: ModelSpec, *, corpus: Path = TRAINING_CORPUS) -> str:
@@ -310,3 +310,185 @@ def write_bpe_tokenizer_files(path, spec: ModelSpec, *, tokenizer_json: str | No
         f = path / "tokenizer_config.json"
         f.write_text(json.dumps({**json.loads(f.read_text()), **config}, indent=2) + "\n")
     return path
+
+
+# --- Mistral and Phi-3: Llama's SentencePiece BPE ----------------------------------------------
+# Mistral 7B and Phi-3 mini ship Llama 2's kind of tokenizer.model (BPE, byte fallback, digits
+# split, a dummy `▁` prefix, whitespace kept, no normalisation, <unk> <s> </s> its first pieces)
+# and a tokenizer.json in the layout transformers' `LlamaConverter` wrote for them (legacy: a
+# `Prepend("▁")` + `Replace(" ", "▁")` normalizer, no pre-tokenizer, BOS from the post-processor),
+# which encodes every stretch of text between special tokens as SentencePiece does. The tiny ones:
+# trained here on the same corpus, the tiny specs' ids (unk 0, eos 1, bos 2), and the family's
+# special tokens: Mistral v0.3's control pieces in tokenizer.model ([INST] at 3...; the released
+# model has 768 of them, [control_N] past the named ones), Phi-3's chat tokens added on top of
+# tokenizer.model in tokenizer.json only (as its added_tokens.json). Phi-3's EOS, <|endoftext|>,
+# is the tiny tokenizer.model's EOS piece (id 1, the tiny spec's eos): the released model's is an
+# added token (32000), and its unused `</s>` (2) a special token HF parses in text.
+
+# mistralai/Mistral-7B-Instruct-v0.1's template as first published: raises on a system message,
+# `[INST] ` + content + ` [/INST]`, the answer followed by EOS and a space.
+MISTRAL_V1_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+# mistralai/Mistral-7B-Instruct-v0.3's template without its tool-call branches: [INST] and [/INST]
+# control tokens, the system message put in front of the last user message, answers trimmed after
+# one space.
+MISTRAL_V3_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{{- bos_token -}}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('After the optional system message, conversation roles must alternate"
+    " user/assistant/user/assistant/...') -}}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- if loop.last and system_message is defined -%}"
+    "{{- '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' -}}"
+    "{%- else -%}{{- '[INST] ' + message['content'] + '[/INST]' -}}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}{{- ' ' + message['content'] | trim + eos_token -}}"
+    "{%- else -%}{{- raise_exception('Only user and assistant roles are supported, with the exception of an"
+    " initial optional system message!') -}}{%- endif -%}"
+    "{%- endfor -%}"
+)
+# microsoft/Phi-3-mini-4k-instruct's template since May 2024 (Phi-3.5 mini's has the same turns),
+# with `{{ bos_token }}` in front as the April 2024 release wrote it: the later one writes no BOS,
+# and `apply_chat_template(tokenize=True)` (which adds no special tokens) then gives chats
+# without <s> -- LD001 on the published file (a test shows it).
+PHI3_PUBLISHED_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+PHI3_CHAT_TEMPLATE = "{{ bos_token }}" + PHI3_PUBLISHED_CHAT_TEMPLATE
+
+MISTRAL_V3_CONTROL = ("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                      "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[control_8]", "[control_9]")
+# Phi-3's added_tokens.json, ids 32001-32010 in the released model (32000 is <|endoftext|>).
+PHI3_ADDED = ("<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>",
+              "<|placeholder4|>", "<|system|>", "<|end|>", "<|placeholder5|>", "<|placeholder6|>", "<|user|>")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpStyle:
+    """A family's Llama-style SentencePiece conventions."""
+
+    name: str
+    control: tuple[str, ...]    # CONTROL pieces of tokenizer.model, after <unk> </s> <s>
+    added: tuple[str, ...]      # special tokens tokenizer.json adds after tokenizer.model's pieces
+    eos: str                    # tokenizer.model's EOS piece (id 1)
+    pad: str | None
+    chat_template: str
+
+
+SP_STYLES = {
+    "mistral-v1": SpStyle("mistral-v1", (), (), "</s>", None, MISTRAL_V1_CHAT_TEMPLATE),
+    "mistral-v3": SpStyle("mistral-v3", MISTRAL_V3_CONTROL, (), "</s>", None, MISTRAL_V3_CHAT_TEMPLATE),
+    "phi3": SpStyle("phi3", (), PHI3_ADDED, "<|endoftext|>", "<|endoftext|>", PHI3_CHAT_TEMPLATE),
+}
+
+
+def sp_style(spec: ModelSpec) -> SpStyle | None:
+    """The Llama-style SentencePiece conventions of `spec`'s family (None: not one of those)."""
+    if spec.family == "mistral":
+        return SP_STYLES["mistral-v3" if spec.name.endswith("v0.3") else "mistral-v1"]
+    return SP_STYLES.get(spec.family)
+
+
+def train_tiny_llama_sentencepiece(spec: ModelSpec, *, corpus: Path = TRAINING_CORPUS) -> bytes:
+    """tokenizer.model of `spec`'s family (Llama's conventions), trained on the shipped corpus:
+    deterministic, cached in the temp dir like `train_tiny_sentencepiece`."""
+    import sentencepiece as spm
+
+    style = sp_style(spec)
+    text = corpus.read_bytes()
+    options = dict(
+        vocab_size=spec.text_vocab_size - len(style.added), model_type="bpe", character_coverage=1.0,
+        unk_id=0, eos_id=1, bos_id=2, pad_id=-1, unk_piece="<unk>", eos_piece=style.eos, bos_piece="<s>",
+        **({"control_symbols": list(style.control)} if style.control else {}),
+        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        add_dummy_prefix=True, normalization_rule_name="identity", max_sentencepiece_length=16, hard_vocab_limit=False,
+        num_threads=1, shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2)
+    key = hashlib.sha256(text + json.dumps(options, sort_keys=True).encode()
+                         + spm.__version__.encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / "llmdiff-tokenizers" / f"tiny-llama-sp-{key}.model"
+    if cache.exists():
+        return cache.read_bytes()
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.decode("utf-8").splitlines()),
+                                   model_writer=model, **options)
+    _write_cache(cache, model.getvalue())
+    return model.getvalue()
+
+
+def write_llama_sp_tokenizer_files(path, spec: ModelSpec, *, sp_model: bytes | None = None,
+                                   chat_template: str | None = "family", config: dict | None = None) -> Path:
+    """A Mistral or Phi-3 tokenizer in an HF checkpoint directory: tokenizer.model, and the
+    tokenizer.json of transformers' `LlamaConverter` in the released repos' (legacy) layout, saved
+    by transformers' `save_pretrained` with the family's special tokens and chat template.
+
+    transformers 5's `LlamaTokenizer` class rebuilds a `Metaspace` pre-tokenizer whatever
+    tokenizer.json says, and that one drops a leading space SentencePiece keeps (" Hello": one `▁`
+    less); tokenizer_config.json names the generic class so that tokenizer.json is what runs
+    (tests show the difference `LlamaTokenizer` makes). `config` overrides tokenizer_config.json keys.
+    """
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    style = sp_style(spec)
+    sp_model = sp_model if sp_model is not None else train_tiny_llama_sentencepiece(spec)
+    (path / "tokenizer.model").write_bytes(sp_model)
+    sp = spm.SentencePieceProcessor(model_proto=sp_model)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    # The merges transformers' converter derives from the pieces' scores (`SpmConverter`).
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(sp_model)
+    data = json.loads(SpmConverter.build_tokenizer_from_spm_proto(proto, vocab).to_str())
+    backend = Tokenizer(BPE(vocab=vocab, merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+                                                 for m in data["model"]["merges"]],
+                            unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", style.eos, "<s>", *style.control, *style.added]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    bos_id = vocab["<s>"]
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1", special_tokens=[("<s>", bos_id)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token=style.eos, unk_token="<unk>",
+                                  pad_token=style.pad, clean_up_tokenization_spaces=False,
+                                  model_input_names=["input_ids", "attention_mask"])
+    tok.model_max_length = spec.max_positions
+    template = style.chat_template if chat_template == "family" else chat_template
+    if template is not None:
+        tok.chat_template = template
+    tok.save_pretrained(str(path))
+    f = path / "tokenizer_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "add_bos_token": True, "add_eos_token": False,
+                             "legacy": True, **(config or {})}, indent=2) + "\n")
+    return path
+
+
+def write_family_tokenizer(path, spec: ModelSpec) -> Path:
+    """The tiny tokenizer of `spec`'s family into `path`: Gemma's SentencePiece, the byte-level
+    BPE of Llama 3 and Qwen, or the Llama-style SentencePiece of Mistral and Phi-3."""
+    if spec.family in BPE_STYLES:
+        return write_bpe_tokenizer_files(path, spec, tokenizer_json=train_tiny_bpe(spec))
+    if sp_style(spec) is not None:
+        return write_llama_sp_tokenizer_files(path, spec)
+    return write_tiny_tokenizer_files(path, spec, train_tiny_sentencepiece(spec.text_vocab_size))

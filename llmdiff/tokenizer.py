@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llmdiff.errors import UsageError
 from llmdiff.spec import ModelSpec
-from llmdiff.tiny_tokenizer import (BPE_STYLES, train_tiny_bpe, train_tiny_sentencepiece, write_bpe_tokenizer_files,
+from llmdiff.tiny_tokenizer import (BPE_STYLES, sp_style, train_tiny_sentencepiece, write_family_tokenizer,
                                     write_tiny_tokenizer_files)
 from llmdiff.tokenizer_parity import tokenizer_parity
 
@@ -93,9 +93,7 @@ def check_tokenizer(model: str, *, tiny: bool = False, weights=None, text=None, 
 def write_tiny_family_tokenizer(path: Path, spec: ModelSpec) -> Path:
     """The tiny tokenizer of `spec`'s family into `path`: Gemma's SentencePiece, or the
     byte-level BPE of Llama 3 and Qwen."""
-    if spec.family in BPE_STYLES:
-        return write_bpe_tokenizer_files(path, spec, tokenizer_json=train_tiny_bpe(spec))
-    return write_tiny_tokenizer_files(path, spec, train_tiny_sentencepiece(spec.text_vocab_size))
+    return write_family_tokenizer(path, spec)  # Gemma's, Llama 3's and Qwen's, Mistral's and Phi-3's
 
 
 # --- for `compare`: prompts from real text, parity in the background -----------------------
@@ -113,9 +111,9 @@ class Prompts:
         from llmdiff import inputs
 
         model_file = self.hf_dir / "tokenizer.model"
-        if self.tiny_tokenizer and self.spec.family in BPE_STYLES:
+        if self.tiny_tokenizer and (self.spec.family in BPE_STYLES or sp_style(self.spec) is not None):
             if not (self.hf_dir / "tokenizer.json").exists():
-                write_bpe_tokenizer_files(self.hf_dir, self.spec, tokenizer_json=train_tiny_bpe(self.spec))
+                write_family_tokenizer(self.hf_dir, self.spec)
         elif self.tiny_tokenizer and not model_file.exists():
             model_file.write_bytes(train_tiny_sentencepiece(self.spec.text_vocab_size))
         if model_file.exists():

@@ -75,17 +75,29 @@ CONVERSATIONS: tuple[tuple[str, tuple[dict, ...], bool], ...] = (
 # Each family's chat format: (end-of-turn token, generation prompt, start of a turn).
 CHAT_FORMATS = {"gemma": (END_OF_TURN, f"{START_OF_TURN}model\n", START_OF_TURN),
                 "llama": ("<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|start_header_id|>"),
-                "chatml": ("<|im_end|>", "<|im_start|>assistant\n", "<|im_start|>")}
+                "chatml": ("<|im_end|>", "<|im_start|>assistant\n", "<|im_start|>"),
+                # Mistral: an answer ends with EOS; no generation prompt, a user turn ends with [/INST].
+                "mistral-v1": ("</s>", " [/INST]", "[INST]"),
+                "mistral-v3": ("</s>", "[/INST]", "[INST]"),
+                "phi3": ("<|end|>", "<|assistant|>\n", "<|user|>")}
+# The special tokens each SentencePiece family's format writes, ids and not text: the reference
+# ids of a chat put their ids between the SentencePiece ids of the text around them.
+CHAT_SPECIAL_TOKENS = {"mistral-v1": ("<s>", "</s>"),
+                       "mistral-v3": ("<s>", "</s>", "[INST]", "[/INST]"),
+                       "phi3": ("<s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>")}
 
 
-def chat_format(family: str) -> str | None:
-    """The name of `family`'s reference chat format, None when llmdiff has none."""
+def chat_format(family: str, name: str = "") -> str | None:
+    """The name of `family`'s reference chat format (`name`, the model's, tells Mistral's two
+    apart), None when llmdiff has none."""
     if family.startswith("gemma"):
         return "gemma"
-    return {"llama": "llama", "qwen2": "chatml", "qwen3": "chatml"}.get(family)
+    if family == "mistral":
+        return "mistral-v3" if name.endswith("v0.3") else "mistral-v1"
+    return {"llama": "llama", "qwen2": "chatml", "qwen3": "chatml", "phi3": "phi3"}.get(family)
 
 
-def reference_chat(messages, add_generation_prompt: bool, family: str = "gemma") -> str:
+def reference_chat(messages, add_generation_prompt: bool, family: str = "gemma", name: str = "") -> str:
     """The family's reference chat format, BOS not included (it is an id, not text).
 
     Gemma: `<start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n…<end_of_turn>\\n`,
@@ -94,10 +106,22 @@ def reference_chat(messages, add_generation_prompt: bool, family: str = "gemma")
     Llama 3: `<|start_header_id|>role<|end_header_id|>\\n\\n…<|eot_id|>` per message, the system
     message its own turn, content trimmed (meta-llama/llama-models `chat_format.py`). Qwen
     (ChatML): `<|im_start|>role\\n…<|im_end|>\\n` per message (Qwen3's template; no BOS).
+    Mistral, as the instruct models' published templates write it (mistralai/cookbook
+    `chat_templates.md`): v0.1 `[INST] user [/INST]answer</s> [INST] …` (a system message folded
+    into the first user turn, as mistral-common does); v0.3 `[INST] user[/INST] answer</s>[INST] …`
+    with [INST] and [/INST] control tokens, the system message in front of the last user turn,
+    answers trimmed. Neither has a generation prompt: a user turn ends with [/INST]. Phi-3:
+    `<|role|>\\n…<|end|>\\n` per message, then `<|assistant|>\\n` or, without the generation
+    prompt, `<|endoftext|>` (microsoft/Phi-3-mini-4k-instruct's template).
     """
-    form = chat_format(family)
+    form = chat_format(family, name)
     if form is None:
         raise UsageError(f"no reference chat format for family {family!r}")
+    if form in ("mistral-v1", "mistral-v3"):
+        return _mistral_chat(list(messages), form)
+    if form == "phi3":
+        turns = [f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages]
+        return "".join(turns) + ("<|assistant|>\n" if add_generation_prompt else "<|endoftext|>")
     if form != "gemma":
         eot, gen, _ = CHAT_FORMATS[form]
         if form == "llama":
@@ -117,6 +141,53 @@ def reference_chat(messages, add_generation_prompt: bool, family: str = "gemma")
     if add_generation_prompt:
         out.append(f"{START_OF_TURN}model\n")
     return "".join(out)
+
+
+def _mistral_chat(messages: list[dict], form: str) -> str:
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    messages = messages[1:] if system is not None else messages
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    # v0.1 (mistral-common's V1): the system message goes in front of the first user message; v0.3, the last.
+    with_system = (users[0] if form == "mistral-v1" else users[-1]) if users and system is not None else None
+    out = []
+    for i, m in enumerate(messages):
+        content = f"{system}\n\n{m['content']}" if i == with_system else m["content"]
+        if m["role"] == "user":
+            out.append(f"[INST] {content} [/INST]" if form == "mistral-v1" else f"[INST] {content}[/INST]")
+        else:
+            out.append(f"{content}</s> " if form == "mistral-v1" else f" {content.strip()}</s>")
+    return "".join(out)
+
+
+def encode_chat_reference(ref: Encoder, text: str, specials: dict[str, int]) -> list[int]:
+    """The reference ids of a rendered chat: each special token its id, each stretch of text
+    between them encoded by the reference on its own (SentencePiece's dummy `▁` included, as
+    mistral-common encodes each message; a stretch of nothing but text gives `encode_text`)."""
+    if not specials:
+        return ref.encode_text(text)
+    import re
+
+    out: list[int] = []
+    for part in re.split("(" + "|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)) + ")", text):
+        if part in specials:
+            out.append(specials[part])
+        elif part:
+            out += ref.encode_text(part)
+    return out
+
+
+def chat_special_ids(form: str, hf: HFEncoder, ref: Encoder | None) -> dict[str, int]:
+    """{token: id} of the format's special tokens: tokenizer.model's pieces where it has them
+    (Mistral v0.3's [INST]), else the HF tokenizer's added tokens (Phi-3's <|user|>...)."""
+    out = {}
+    for t in CHAT_SPECIAL_TOKENS.get(form, ()):
+        i = ref.sp.piece_to_id(t) if isinstance(ref, SentencePieceEncoder) else None
+        if i is None or i == ref.sp.unk_id() or ref.sp.id_to_piece(i) != t:
+            i = hf.tok.convert_tokens_to_ids(t)
+            if i is None or i == hf.tok.unk_token_id:
+                continue
+        out[t] = int(i)
+    return out
 
 
 # --- comparison ----------------------------------------------------------------------------
@@ -195,13 +266,14 @@ def compare_chat(hf: HFEncoder | None, ref: Encoder | None, spec: ModelSpec) -> 
     """Render the checkpoint's chat template for each conversation; compare with the reference."""
     if hf is None or not getattr(hf.tok, "chat_template", None):
         return {"present": False, "conversations": []}
-    form = chat_format(spec.family)
-    if form is None:  # Mistral, Phi-3: no reference format here (yet)
+    form = chat_format(spec.family, spec.name)
+    if form is None:
         return {"present": True, "format": None, "conversations": []}
     eot, gen_prompt, start = CHAT_FORMATS[form]
+    specials = chat_special_ids(form, hf, ref)
     out = []
     for name, messages, gen in CONVERSATIONS:
-        want = reference_chat(messages, gen, spec.family)
+        want = reference_chat(messages, gen, spec.family, spec.name)
         entry = {"name": name, "add_generation_prompt": gen, "reference": want, "end_of_turn": eot,
                  "generation_prompt": gen_prompt, "start_of_turn": start}
         try:
@@ -212,7 +284,7 @@ def compare_chat(hf: HFEncoder | None, ref: Encoder | None, spec: ModelSpec) -> 
             entry.update({"status": "error", "error": f"{type(e).__name__}: {e}"})
             out.append(entry)
             continue
-        want_ids = [spec.bos_id] * spec.add_bos + (ref.encode_text(want) if ref is not None else hf.encode_text(want))
+        want_ids = [spec.bos_id] * spec.add_bos + encode_chat_reference(ref if ref is not None else hf, want, specials)
         leading_bos = 0
         while leading_bos < len(ids) and ids[leading_bos] == spec.bos_id:
             leading_bos += 1
@@ -235,7 +307,7 @@ def compare_chat(hf: HFEncoder | None, ref: Encoder | None, spec: ModelSpec) -> 
         out.append(entry)
     return {"present": True, "format": form, "end_of_turn": eot, "conversations": out,
             "end_of_turn_ids": {"hf": hf.encode_text(eot),
-                                **({ref.name: ref.encode_text(eot)} if ref is not None else {})}}
+                                **({ref.name: encode_chat_reference(ref, eot, specials)} if ref is not None else {})}}
 
 
 def _leading(ids: list[int], token: int) -> int:
@@ -259,7 +331,7 @@ def tokenizer_parity(path, spec: ModelSpec, extra_strings=()) -> dict:
     ordered = [ref] + [e for e in encoders if e is not ref]
     hf = next((e for e in encoders if e.name == "hf"), None)
     role_ids = hf.special_role_ids() if hf else {}
-    control_ids = (sorted(ref.control_ids()) if isinstance(ref, SentencePieceEncoder)
+    control_ids = (sorted(ref.control_ids() | _added_beyond(hf, ref)) if isinstance(ref, SentencePieceEncoder)
                    else sorted({i for i in (spec.bos_id, spec.eos_id, spec.pad_id) if i is not None}))
     split = bool(getattr(hf.tok, "split_special_tokens", False)) if hf else False
     report = {
@@ -275,6 +347,15 @@ def tokenizer_parity(path, spec: ModelSpec, extra_strings=()) -> dict:
     report["notes"] = notes(report)
     report["timings"] = {"total_s": round(time.perf_counter() - t0, 3)}
     return report
+
+
+def _added_beyond(hf: HFEncoder | None, ref: SentencePieceEncoder) -> set[int]:
+    """The HF tokenizer's special tokens past tokenizer.model's pieces (Phi-3's <|user|>, <|end|>...,
+    which only tokenizer.json has): control tokens the reference can only write as text."""
+    if hf is None:
+        return set()
+    size = ref.sp.get_piece_size()
+    return {int(i) for i, t in getattr(hf.tok, "added_tokens_decoder", {}).items() if i >= size and t.special}
 
 
 def _tokenizer_config(path) -> dict:

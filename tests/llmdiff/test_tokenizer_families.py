@@ -194,3 +194,145 @@ def test_tiny_compare_prompts_are_text_through_the_family_tokenizer(llmdiff_cli,
     assert all((p[0] == spec.bos_id) == spec.add_bos for p in tokens["ids"])
     assert report["tokenizer"]["agree"] and report["tokenizer"]["reference"] == FAMILIES[model]
     assert report["findings"] == []
+
+
+# --- Mistral and Phi-3: Llama-style SentencePiece, held to sentencepiece on tokenizer.model ----
+
+SP_FAMILIES = ("mistral-7b-v0.1", "mistral-7b-v0.3", "phi-3-mini-4k-instruct")
+
+
+def _sp_dir(tmp_path, model, **options):
+    return tiny_tokenizer.write_llama_sp_tokenizer_files(tmp_path / "tok", get_spec(model, tiny=True), **options)
+
+
+@pytest.mark.parametrize("model", SP_FAMILIES)
+def test_tiny_sentencepiece_family_agrees_with_tokenizer_model(tmp_path, model):
+    import sentencepiece as spm
+
+    spec = get_spec(model, tiny=True)
+    path = _sp_dir(tmp_path, model)
+    assert (path / "tokenizer.model").is_file() and (path / "tokenizer.json").is_file()
+    sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    assert (sp.unk_id(), sp.eos_id(), sp.bos_id()) == (0, spec.eos_id, spec.bos_id)
+    assert sp.encode("hi", out_type=str)[0].startswith("\u2581")                 # the dummy prefix
+    assert "<0xF0>" in sp.encode("\U0001d11e", out_type=str)                      # byte fallback
+    report = tokenizer.check_tokenizer(model, tiny=True, weights=path)
+    parity = report["tokenizer"]
+    assert report["findings"] == [] and parity["reference"] == "sentencepiece" and parity["agree"]
+    statuses = {c["name"]: c["status"] for c in parity["chat"]["conversations"]}
+    # Mistral v0.1's published template raises on a system message (a note, not a finding).
+    assert statuses == {"one-turn": "agree", "generation-prompt": "agree", "multi-turn": "agree",
+                        "system-message": "error" if model.endswith("v0.1") else "agree"}
+    eot = parity["chat"]["end_of_turn_ids"]
+    assert eot["hf"] == eot["sentencepiece"] and len(eot["hf"]) == 1
+    hf = next(i for i in parity["implementations"] if i["name"] == "hf")
+    assert hf["adds_bos"] == 1 and hf["prefix"] == [spec.bos_id]
+
+
+def test_sentencepiece_family_special_tokens_where_the_released_repos_have_them(tmp_path):
+    from transformers import AutoTokenizer
+
+    v3 = AutoTokenizer.from_pretrained(str(_sp_dir(tmp_path / "m", "mistral-7b-v0.3")))
+    assert v3.convert_tokens_to_ids(["[INST]", "[/INST]", "[TOOL_CALLS]"]) == [3, 4, 5]
+    phi = AutoTokenizer.from_pretrained(str(_sp_dir(tmp_path / "p", "phi-3-mini-4k-instruct")))
+    assert len(phi) == get_spec("phi-3-mini-4k-instruct", tiny=True).text_vocab_size
+    assert (phi.eos_token, phi.eos_token_id, phi.convert_tokens_to_ids("<|user|>")) == ("<|endoftext|>", 1, len(phi) - 1)
+    rendered = phi.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "<s><|user|>\nHi<|end|>\n<|assistant|>\n"
+
+
+def test_reference_chat_formats_of_mistral_and_phi3():
+    chat = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": " Hello. "}, {"role": "user", "content": "Bye"})
+    assert tokenizer_parity.reference_chat(chat, True, "mistral", "mistral-7b-v0.1") == (
+        "[INST] Be brief.\n\nHi [/INST] Hello. </s> [INST] Bye [/INST]")
+    assert tokenizer_parity.reference_chat(chat, True, "mistral", "mistral-7b-v0.3") == (
+        "[INST] Hi[/INST] Hello.</s>[INST] Be brief.\n\nBye[/INST]")
+    assert tokenizer_parity.reference_chat(chat[:2], True, "phi3") == (
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n")
+    assert tokenizer_parity.reference_chat(chat[1:2], False, "phi3") == "<|user|>\nHi<|end|>\n<|endoftext|>"
+
+
+V1 = tiny_tokenizer.MISTRAL_V1_CHAT_TEMPLATE
+V3 = tiny_tokenizer.MISTRAL_V3_CHAT_TEMPLATE
+PHI3 = tiny_tokenizer.PHI3_CHAT_TEMPLATE
+SP_MUTANTS = {
+    # The template writes <s> itself before bos_token.
+    "mistral-v1-bos-twice": ("mistral-7b-v0.1", {"chat_template": "<s>" + V1}, None, "LD002"),
+    "phi3-bos-twice": ("phi-3-mini-4k-instruct", {"chat_template": "{{ bos_token }}" + PHI3}, None, "LD002"),
+    # Phi-3's template as published since May 2024: no BOS, and apply_chat_template adds none.
+    "phi3-published-template-without-bos": ("phi-3-mini-4k-instruct",
+                                            {"chat_template": tiny_tokenizer.PHI3_PUBLISHED_CHAT_TEMPLATE}, None, "LD001"),
+    "phi3-turns-end-with-endoftext": ("phi-3-mini-4k-instruct",
+                                      {"chat_template": PHI3.replace("'<|end|>\n'", "eos_token + '\n'")}, None, "LD009"),
+    "phi3-generation-prompt-without-newline": (
+        "phi-3-mini-4k-instruct", {"chat_template": PHI3.replace("{{ '<|assistant|>\n' }}", "{{ '<|assistant|>' }}")},
+        None, "LD008"),
+    "mistral-v3-no-space-after-inst": ("mistral-7b-v0.3", {"chat_template": V3.replace("'[INST] ' + message", "'[INST]' + message")},
+                                       None, "LD007"),
+}
+
+
+@pytest.mark.parametrize("mutant", sorted(SP_MUTANTS))
+def test_sentencepiece_family_mutant_is_named_by_its_own_check(tmp_path, mutant):
+    model, options, edit, code = SP_MUTANTS[mutant]
+    path = _sp_dir(tmp_path, model, **options)
+    if edit:
+        edit(path)
+    report = tokenizer.check_tokenizer(model, tiny=True, weights=path)
+    assert report["exit_code"] == 1
+    assert {f["code"] for f in report["findings"]} == {code}, (mutant, report["findings"])
+    assert report["findings"][0]["evidence"] and report["findings"][0]["fix"]
+
+
+@pytest.mark.parametrize("model,text,token", [("mistral-7b-v0.3", "Say [INST] literally.", "[INST]"),
+                                              ("phi-3-mini-4k-instruct", "Say <|end|> literally.", "<|end|>")])
+def test_control_token_typed_in_user_text_is_ld004(tmp_path, model, text, token):
+    """HF's tokenizer parses the family's control tokens in text; sentencepiece on tokenizer.model
+    (and mistral-common, which adds them by id) encodes them as text. Mistral v0.1 has none."""
+    (tmp_path / "user.txt").write_text(text)
+    report = tokenizer.check_tokenizer(model, tiny=True, weights=_sp_dir(tmp_path, model), text=tmp_path / "user.txt")
+    assert {f["code"] for f in report["findings"]} == {"LD004"}, report["findings"]
+    assert token in report["findings"][0]["evidence"]["first"]["pieces"]
+    clean = tokenizer.check_tokenizer("mistral-7b-v0.1", tiny=True, weights=_sp_dir(tmp_path / "v1", "mistral-7b-v0.1"),
+                                      text=tmp_path / "user.txt")
+    assert clean["findings"] == []
+
+
+def test_llama_tokenizer_class_drops_a_leading_space_sentencepiece_keeps(tmp_path):
+    """The same files with tokenizer_config.json's class `LlamaTokenizer` (the released repos'):
+    transformers 5 replaces tokenizer.json's normalizer with a Metaspace pre-tokenizer, which
+    writes " Hello" with one `▁` where SentencePiece's dummy prefix gives two."""
+    import transformers
+
+    path = _sp_dir(tmp_path, "mistral-7b-v0.1", config={"tokenizer_class": "LlamaTokenizer"})
+    report = tokenizer.check_tokenizer("mistral-7b-v0.1", tiny=True, weights=path)
+    if transformers.__version__.startswith("4."):
+        pytest.skip("transformers 4.x loads tokenizer.json as it is")
+    differ = {s["name"] for s in report["tokenizer"]["strings"] if s["status"] == "differ"}
+    assert "leading-space" in differ and "plain" not in differ
+    assert report["exit_code"] == 1
+
+
+@pytest.mark.parametrize("eos,missing", [([1, 508], None), ([1], "<|end|>")])
+def test_end_of_turn_missing_from_eos_for_phi3(tmp_path, eos, missing):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    spec = get_spec("phi-3-mini-4k-instruct", tiny=True)
+    path = tmp_path / "ckpt"
+    config = transformers.AutoConfig.for_model(**weights.hf_config(spec))
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
+    tiny_tokenizer.write_llama_sp_tokenizer_files(path, spec)
+    assert tiny_tokenizer.PHI3_ADDED.index("<|end|>") + 502 == 508
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": spec.bos_id, "eos_token_id": eos}))
+    report_path = tmp_path / "audit.json"
+    result = CliRunner().invoke(main, ["audit", str(path), "-q", "--json", str(report_path)], catch_exceptions=False)
+    report = json.loads(report_path.read_text())
+    # Phi-3 ships pad_token <|endoftext|>, its EOS: LD050 either way, as on the released model.
+    codes = {f["code"] for f in report["findings"]}
+    assert codes == ({"LD050"} if missing is None else {"LD050", "LD051"}), report["findings"]
+    if missing is not None:
+        f = next(f for f in report["findings"] if f["code"] == "LD051")
+        assert f["evidence"]["token"] == missing and f["evidence"]["token_id"] == 508 and result.exit_code == 1
