@@ -578,7 +578,11 @@ def _diagnose(report, checks_and_broken, spec, lab, results, reference, say,
             case = diagnose.Case(lab, spec, run["candidate"], _load_caps(cand), forcible, floors, points, thresholds,
                                  lengths, diff.position_floors(oracle_caps, truth_caps, d, lengths) if lengths else None)
             findings += diagnose.explain(case, checks, run)
-    findings += _backward_only(report, points)
+    # --grad runs whose forward is at parity and whose loss or gradients are not: the training
+    # path's own checks (`llmdiff/grad_check.py`), by counterfactual on the oracle's --grad run.
+    from llmdiff.grad_check import explain_backward
+
+    findings += explain_backward(report, points, checks, spec, lab, results, thresholds)
     # A divergence that a static finding already explains where it starts is not unexplained.
     explained = {(f.implementation, f.where) for f in findings if f.code != diagnose.UNEXPLAINED[0]}
     findings = [f for f in findings if not (f.code == diagnose.UNEXPLAINED[0]
@@ -590,30 +594,6 @@ def _diagnose(report, checks_and_broken, spec, lab, results, reference, say,
     if errors:  # a counterfactual that could not run: the diagnosis is not whole
         return f"{len(errors)} oracle run(s) of the diagnosis failed: {errors[0]}"
     return None
-
-
-def _backward_only(report: dict, points: list[str]) -> list:
-    """--grad runs whose forward is at parity and whose loss or gradients are not: a bug of the
-    backward alone (no precision knob of the oracle's forward explains it), where it starts."""
-    from llmdiff.check import Finding
-    from llmdiff.diagnose import UNEXPLAINED
-
-    out = []
-    for run in report["runs"]:
-        if run["verdict"] != "divergence" or _forward_part(run, points)["verdict"] != "parity":
-            continue
-        first = run["first_divergence"]
-        p = next(r for r in run["points"] if r["name"] == first)
-        size = (f"rel L2 {p['rel_l2']:.3g}, {p['floor_ratio']:.3g} times the floor" if "floor_ratio" in p
-                else p.get("note", "not finite"))
-        out.append(Finding(
-            *UNEXPLAINED, run["candidate"], run["dtype"], first,
-            f"the backward diverges first at {first} ({size}) while every forward point is at parity",
-            {"point": first, "rel_l2": p.get("rel_l2"), "floor_ratio": p.get("floor_ratio"), "backward_only": True,
-             "divergent_points": sum(r["verdict"] == "divergence" for r in run["points"])},
-            False, "Read the backward of the op that makes this point in the candidate: a custom autograd"
-                   " function, a .detach() or no_grad inside the forward, an in-place op, a fused kernel's backward."))
-    return out
 
 
 def _forward_part(run: dict, points: list[str]) -> dict:

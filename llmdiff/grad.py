@@ -6,7 +6,13 @@ Every implementation computes, per prompt, the causal-LM loss (mean next-token c
 over the text-vocabulary logits; labels are the tokens shifted by one) and its gradients:
 - `grad:POINT` with respect to each canonical activation point (same shape as the point);
 - `grad:w:NAME` with respect to each canonical weight tensor (canonical layout);
-- `loss`, shape (1, prompts).
+- `loss`, shape (1, prompts);
+- the implementation's own loss function on the whole batch (`CASES`, each (1, 1)): `loss:batch`
+  (the prompts right-padded into one batch, padding labelled -100 and masked out),
+  `loss:ignore` (the same with the first half of each prompt's labels -100 too) and
+  `loss:accumulated` (each prompt one micro-batch given the batch's target-token count
+  `num_items_in_batch`, the losses summed). The reference for all three is the sum of the
+  target tokens' cross-entropies over the number of target tokens (`gemma_grad.own_loss`).
 Point gradients are concatenated over prompts along the sequence axis like the points; weight
 gradients are summed over prompts (the gradient of the summed per-prompt losses).
 
@@ -20,11 +26,13 @@ from __future__ import annotations
 LOSS = "loss"
 POINT = "grad:"
 WEIGHT = "grad:w:"
+BATCH, IGNORED, ACCUMULATED = "loss:batch", "loss:ignore", "loss:accumulated"
+CASES = (BATCH, IGNORED, ACCUMULATED)
 
 
 def is_grad(name: str) -> bool:
-    """Whether a capture name is the loss or a gradient."""
-    return name == LOSS or name.startswith(POINT)
+    """Whether a capture name is a loss or a gradient."""
+    return name == LOSS or name.startswith(POINT) or name in CASES
 
 
 def weight_order(names) -> list[str]:
@@ -44,11 +52,12 @@ def weight_order(names) -> list[str]:
 
 
 def grad_points(spec, points) -> list[str]:
-    """The compared names of a `--grad` run after the forward `points`: the loss, the gradient at
-    each of `points` from the last to the first, the gradient of every canonical weight."""
+    """The compared names of a `--grad` run after the forward `points`: the loss, the loss cases,
+    the gradient at each of `points` from the last to the first, the gradient of every
+    canonical weight."""
     from llmdiff.convert import canonical_shapes
 
-    return ([LOSS] + [POINT + p for p in reversed(list(points))]
+    return ([LOSS, *CASES] + [POINT + p for p in reversed(list(points))]
             + [WEIGHT + n for n in weight_order(canonical_shapes(spec))])
 
 
@@ -60,6 +69,9 @@ def combine(per_prompt: list[dict]) -> dict:
     for name in per_prompt[0]:
         if not is_grad(name):
             continue
+        if name in CASES:  # the whole batch's, given with the first prompt
+            out[name] = np.asarray(per_prompt[0][name]).reshape(1, 1)
+            continue
         parts = [np.asarray(p[name]) for p in per_prompt]
         if name.startswith(WEIGHT):
             wide = np.float64 if parts[0].dtype == np.float64 else np.float32
@@ -69,3 +81,29 @@ def combine(per_prompt: list[dict]) -> dict:
         else:
             out[name] = np.concatenate(parts, axis=1)
     return out
+
+
+IGNORE = -100   # the label of a position that is no target (padding, a masked prompt)
+
+
+def batch_labels(prompts: list[list[int]], pad_id: int = 0, ignore_prompt: bool = False):
+    """The padded batch of `prompts` as a training loop builds it: ids right-padded with
+    `pad_id` to the longest, the attention mask (1 on real tokens) and the labels (the ids,
+    IGNORE on padding; with `ignore_prompt` also on the first half of each prompt, the part an
+    instruction-tuning loop masks). numpy int64, shape (B, T) each."""
+    import numpy as np
+
+    B, T = len(prompts), max(map(len, prompts))
+    ids = np.full((B, T), pad_id, np.int64)
+    mask = np.zeros((B, T), np.int64)
+    labels = np.full((B, T), IGNORE, np.int64)
+    for b, t in enumerate(prompts):
+        ids[b, :len(t)], mask[b, :len(t)], labels[b, :len(t)] = t, 1, t
+        if ignore_prompt:
+            labels[b, :half(len(t))] = IGNORE
+    return ids, mask, labels
+
+
+def half(n: int) -> int:
+    """How many leading labels of an n-token prompt `ignore_prompt` masks."""
+    return max(1, n // 2)

@@ -141,6 +141,15 @@ class Precision:
     # Multiplies the attention output. Not a known bug: the selftest's stand-in for a bug no
     # check knows, which must be reported as unexplained.
     attn_out_scale: float = 1.0
+    # Training parity (`--grad`, references/gemma_grad.py): the implementation's own loss
+    # function (the `loss:*` cases), never the forward. Its denominator: "targets" (the labels
+    # not ignored) or every label position of the padded batch, "positions" (B*T, HF's labels
+    # padded by one) or "predicting_positions" (B*(T-1)); the target of position t is the token
+    # at t + `loss_label_shift` (1; 0: labels not shifted, 2: shifted twice); False: the loss
+    # reads the logits before the final soft-cap.
+    loss_denominator: str = "targets"
+    loss_label_shift: int = 1
+    loss_softcap: bool = True
     # Knobs that act on some layers only: ((scope, ((knob, value), ...)), ...), a scope being a
     # layer kind of the spec ("local": the sliding-window layers, "global") or one layer ("L3").
     # A port can be right on one kind of layer and wrong on the other (a mask built wrongly only
@@ -155,7 +164,8 @@ class Precision:
                "kv_repeat": ("grouped", "tiled"), "longrope_factors": ("by_length", "short", "long"),
                "mask_fill": ("min", "zero"), "autocast": (None, "bfloat16"), "rope_theta": ("spec", "default"),
                "qk_norm_order": ("before_rope", "after_rope"), "lm_head": ("spec", "embedding"),
-               "qk_norm_scope": ("head", "all_heads")}
+               "qk_norm_scope": ("head", "all_heads"),
+               "loss_denominator": ("targets", "positions", "predicting_positions")}
     UNSCOPED = UNSCOPED_KNOBS   # knobs of the whole model, never scoped
 
     def __post_init__(self):

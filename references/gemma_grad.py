@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from llmdiff import convert
+from llmdiff.grad import IGNORE, batch_labels
 from llmdiff.references import gemma
 from llmdiff.spec import ModelSpec
 
@@ -83,3 +84,76 @@ def loss_and_grads(canon: dict, tokens, spec: ModelSpec, p: gemma.Precision):
     (loss, caps), (g_weights, g_points) = jax.value_and_grad(_forward, argnums=(0, 1), has_aux=True)(
         canon, deltas, tokens, spec, p)
     return loss, caps, g_points, g_weights
+
+
+# --- the implementation's own loss function: padding, ignored labels, accumulation ----------
+
+def own_loss(logits: list, labels, p: gemma.Precision, num_items_in_batch: int | None = None):
+    """A causal-LM loss function over one batch, written out in full: `logits[b]` (T_b, V) the
+    text-vocabulary logits of prompt b (only its real positions: right padding never changes
+    them under a causal mask), `labels` (B, T) numpy with IGNORE where no target is.
+
+    Reference (`p.loss_*` at their defaults, HF's `ForCausalLMLoss`, the Trainer since PR
+    34191): position t predicts labels[t + 1]; the sum over every (t, target) pair whose label
+    is not IGNORE of logsumexp(logits[t]) - logits[t, target], in at least float32, divided by
+    the number of such pairs, or by `num_items_in_batch` when given (gradient accumulation: the
+    target tokens of every micro-batch). The knobs switch the known bugs on: the label shift
+    (`loss_label_shift`), the denominator (`loss_denominator`: padded and ignored positions
+    counted in the mean)."""
+    import numpy as np
+
+    s = p.loss_label_shift
+    total, count = None, 0
+    for b, x in enumerate(logits):
+        x = x.astype(gemma._wide(x.dtype))
+        T = x.shape[0]
+        rows = [t for t in range(T) if 0 <= t + s < labels.shape[1] and labels[b, t + s] != IGNORE]
+        if not rows:
+            continue
+        rows_a = np.asarray(rows)
+        targets = jnp.asarray(labels[b, rows_a + s])
+        picked_x = x[rows_a]                                                         # (n, V)
+        m = jax.lax.stop_gradient(jnp.max(picked_x, axis=-1, keepdims=True))
+        lse = (m + jnp.log(jnp.sum(jnp.exp(picked_x - m), axis=-1, keepdims=True)))[..., 0]
+        picked = jnp.take_along_axis(picked_x, targets[:, None], axis=-1)[:, 0]
+        part = jnp.sum(lse - picked)
+        total = part if total is None else total + part
+        count += len(rows)
+    if num_items_in_batch is not None:
+        denominator = num_items_in_batch
+    elif p.loss_denominator == "positions":
+        denominator = labels.size
+    elif p.loss_denominator == "predicting_positions":
+        denominator = labels.shape[0] * (labels.shape[1] - 1)
+    else:
+        denominator = count
+    return total / denominator
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "p"))
+def _loss_logits(canon: dict, tokens, spec: ModelSpec, p: gemma.Precision):
+    """The logits one prompt's loss reads: the model's, or before the final soft-cap when
+    `p.loss_softcap` is False (a loss computed on the output head's raw product)."""
+    import dataclasses
+
+    if spec.final_softcap and not p.loss_softcap:
+        p = dataclasses.replace(p, final_softcap=False)
+    return _forward(canon, None, tokens, spec, p)[1]["logits"]
+
+
+def loss_cases(canon: dict, prompts: list[list[int]], spec: ModelSpec, p: gemma.Precision) -> dict:
+    """The implementation's own loss function on the whole batch (`llmdiff/grad.py` CASES):
+    `loss:batch` (the padded batch, padding ignored), `loss:ignore` (the same with each prompt's
+    first half ignored too) and `loss:accumulated` (each prompt one micro-batch given the whole
+    batch's target-token count, the micro-batches' losses summed). In exact arithmetic
+    `loss:accumulated` is `loss:batch`; each is a (1, 1) array."""
+    from llmdiff import grad
+
+    logits = [_loss_logits(canon, jnp.asarray([t], jnp.int32), spec, p)[0] for t in prompts]
+    _, _, labels = batch_labels(prompts)
+    _, _, masked = batch_labels(prompts, ignore_prompt=True)
+    n = sum(len(t) - 1 for t in prompts)
+    accumulated = sum(own_loss([x], batch_labels([t])[2], p, num_items_in_batch=n) for x, t in zip(logits, prompts))
+    out = {grad.BATCH: own_loss(logits, labels, p), grad.IGNORED: own_loss(logits, masked, p),
+           grad.ACCUMULATED: accumulated}
+    return {k: jnp.reshape(v, (1, 1)) for k, v in out.items()}

@@ -341,7 +341,42 @@ class HFReference(Reference):
             host.update(self._grads_to_host(grads, loss))
             if own:
                 self._accumulate(ids)
+                if list(tokens) == list(self.job.tokens[0]):  # the whole batch's own-loss cases, once
+                    host.update(self._loss_cases())
         return host
+
+    def _loss_cases(self):
+        """The model's own loss function on the whole batch (`llmdiff/grad.py` CASES, the oracle's
+        `gemma_grad.loss_cases`): `model(ids, attention_mask=mask, labels=labels).loss` of the
+        prompts right-padded into one batch (padding labelled -100), the same with each prompt's
+        first half labelled -100, and the sum over prompts, each one micro-batch, of
+        `model(ids, labels=ids, num_items_in_batch=N)` (N: the batch's target tokens)."""
+        import torch
+
+        from llmdiff import grad as names
+
+        prompts = self.job.tokens
+        device = self.device_of("model.embed_tokens")
+        pad = self.spec.pad_id if self.spec.pad_id is not None else 0
+
+        def t(a):
+            return torch.from_numpy(a).to(device)
+
+        ids, mask, labels = map(t, names.batch_labels(prompts, pad))
+        masked = t(names.batch_labels(prompts, pad, ignore_prompt=True)[2])
+        n = sum(len(p) - 1 for p in prompts)
+        out = {}
+        with torch.no_grad(), self._autocast():
+            for name, lab in ((names.BATCH, labels), (names.IGNORED, masked)):
+                out[name] = float(self.model(input_ids=ids, attention_mask=mask, labels=lab, use_cache=False).loss)
+            try:
+                out[names.ACCUMULATED] = sum(
+                    float(self.model(input_ids=p, labels=p, use_cache=False,
+                                     num_items_in_batch=torch.tensor(n, device=device)).loss)
+                    for p in (torch.tensor([q], dtype=torch.long, device=device) for q in prompts))
+            except TypeError:  # a release whose forward takes no `num_items_in_batch`: no such point
+                pass
+        return {k: np.full((1, 1), v, np.float32) for k, v in out.items()}
 
     def _accumulate(self, ids):
         """Gradient accumulation as users of transformers write it: each prompt one micro-batch,

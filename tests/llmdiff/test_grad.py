@@ -17,8 +17,9 @@ def test_gradient_points_walk_back_from_the_loss():
     spec = shrink(get_spec("gemma-7b"))
     points = capture_points(spec)
     names = grad.grad_points(spec, points)
-    assert names[0] == "loss" and names[1] == "grad:logits" and names[2] == "grad:final_norm"
-    assert names[len(points)] == "grad:embed"   # the last point gradient
+    assert names[:4] == ["loss", "loss:batch", "loss:ignore", "loss:accumulated"]
+    assert names[4] == "grad:logits" and names[5] == "grad:final_norm"
+    assert names[len(points) + 3] == "grad:embed"   # the last point gradient
     weights = [n[len(grad.WEIGHT):] for n in names if n.startswith(grad.WEIGHT)]
     last = spec.num_layers - 1
     assert weights[0] == "final_norm" and weights[-1] == "embed"   # tied: no lm_head
@@ -35,9 +36,10 @@ def test_prompts_combine_points_along_the_sequence_and_weights_by_sum():
     a = {"loss": np.full((1, 1), 2.0, np.float32), "grad:L0.q": np.ones((1, 3, 2)), "grad:w:embed": np.ones((4, 2)),
          "L0.q": np.zeros((1, 3, 2))}
     b = {"loss": np.full((1, 1), 3.0, np.float32), "grad:L0.q": np.ones((1, 5, 2)), "grad:w:embed": np.ones((4, 2))}
+    a["loss:batch"] = np.full((1, 1), 2.5, np.float32)   # the whole batch's, with the first prompt
     out = grad.combine([a, b])
-    assert set(out) == {"loss", "grad:L0.q", "grad:w:embed"}
-    assert out["loss"].tolist() == [[2.0, 3.0]]
+    assert set(out) == {"loss", "loss:batch", "grad:L0.q", "grad:w:embed"}
+    assert out["loss"].tolist() == [[2.0, 3.0]] and out["loss:batch"].tolist() == [[2.5]]
     assert out["grad:L0.q"].shape == (1, 8, 2) and (out["grad:w:embed"] == 2).all()
 
 
@@ -161,7 +163,7 @@ def test_micro_batches_normalised_by_the_whole_batch_are_no_finding():
 def test_micro_batches_that_keep_their_own_means_are_named():
     means, lengths = [2.0, 4.0], [5, 13]
     (f,) = _ld602({"own_loss": means, "own_loss_accumulated": {"micro_batches": means}}, lengths)
-    assert (f.code, f.where) == ("LD602", "loss")
+    assert (f.code, f.where) == ("LD602", "loss:accumulated")
     ev = f.evidence
     assert ev["whole_batch"] == 3.5 and ev["accumulated"] == 6.0
     assert ev["matches"] == "the sum of the micro-batches' means" and ev["target_tokens"] == [4, 12]
@@ -178,3 +180,123 @@ def test_a_loss_that_drops_num_items_in_batch_is_ld602(llmdiff_cli, mutants_on_p
     assert run_by_candidate(report, impl, "float32")["verdict"] == "parity"
     (f,) = report["findings"]
     assert f["code"] == "LD602" and f["evidence"]["matches"] == "the sum of the micro-batches' means"
+
+
+def test_micro_batches_of_neither_normalisation_are_not_ld602():
+    """Per-prompt means that are themselves off (a loss counting ignored labels): the
+    accumulated sum is neither their sum nor their mean, and LD602 says nothing."""
+    means, lengths = [2.0, 4.0], [5, 13]
+    assert _ld602({"own_loss": means, "own_loss_accumulated": {"micro_batches": [2.2, 3.9]}}, lengths) == []
+
+
+# --- the own-loss cases: padding, ignore_index, accumulation (LD603-LD606) -------------------
+
+def test_the_batch_is_right_padded_with_ignored_labels():
+    ids, mask, labels = grad.batch_labels([[5, 6, 7], [8, 9, 10, 11, 12]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert labels.tolist() == [[5, 6, 7, -100, -100], [8, 9, 10, 11, 12]]
+    _, _, masked = grad.batch_labels([[5, 6, 7], [8, 9, 10, 11, 12]], ignore_prompt=True)
+    assert masked.tolist() == [[-100, 6, 7, -100, -100], [-100, -100, 10, 11, 12]]
+
+
+def _hf_loss(logits, labels, num_items=None, shift=1, mean_over_all=False):
+    """transformers' `ForCausalLMLoss` on float64 torch tensors, or a known bug's form of it."""
+    import torch
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    x, y = torch.from_numpy(logits), torch.from_numpy(labels)
+    if shift == 1 and not mean_over_all:
+        n = None if num_items is None else torch.tensor(num_items)
+        return float(ForCausalLMLoss(x, y, x.shape[-1], num_items_in_batch=n))
+    shifted = torch.nn.functional.pad(y, (0, shift), value=-100)[..., shift:]
+    per = torch.nn.functional.cross_entropy(x.reshape(-1, x.shape[-1]), shifted.reshape(-1), ignore_index=-100,
+                                            reduction="none")
+    if mean_over_all:
+        return float(per.mean())
+    return float(per.sum() / (num_items if num_items is not None else (shifted != -100).sum()))
+
+
+def test_the_oracle_loss_written_in_full_is_transformers_for_causal_lm_loss():
+    """No model: `gemma_grad.own_loss` (float64) of a padded batch, with ignored prompt halves,
+    and of micro-batches given `num_items_in_batch`, is transformers' `ForCausalLMLoss` of the
+    same logits and labels; each bug's knob is that bug's form of it; the micro-batches sum to
+    the whole batch (the reference since the Trainer's gradient accumulation fix)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    from llmdiff.references import gemma, gemma_grad
+
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(3, 50, 7)), list(rng.integers(3, 50, 12)), list(rng.integers(3, 50, 4))]
+    T, V = 12, 50
+    padded = rng.standard_normal((3, T, V)) * 3                     # the pads' logits: never read
+    logits = [jnp.asarray(padded[b, :len(t)]) for b, t in enumerate(prompts)]
+    p = gemma.Precision()
+
+    def own(labels, q=p, **kw):
+        return float(gemma_grad.own_loss(logits, labels, q, **kw))
+
+    _, _, labels = grad.batch_labels(prompts)
+    _, _, masked = grad.batch_labels(prompts, ignore_prompt=True)
+    for lab in (labels, masked):
+        assert abs(own(lab) - _hf_loss(padded, lab)) < 1e-6 * own(lab)   # HF upcasts to float32 only
+        pos = dataclasses.replace(p, loss_denominator="positions")
+        assert abs(own(lab, pos) - _hf_loss(padded, lab, mean_over_all=True)) < 1e-12
+        for s in (0, 2):
+            assert abs(own(lab, dataclasses.replace(p, loss_label_shift=s)) - _hf_loss(padded, lab, shift=s)) < 1e-12
+    n = sum(len(t) - 1 for t in prompts)
+    parts = [float(gemma_grad.own_loss([x], grad.batch_labels([t])[2], p, num_items_in_batch=n))
+             for x, t in zip(logits, prompts)]
+    hf_parts = [_hf_loss(padded[b:b + 1, :len(t)], grad.batch_labels([t])[2], num_items=n)
+                for b, t in enumerate(prompts)]
+    np.testing.assert_allclose(parts, hf_parts, rtol=1e-6)
+    assert abs(sum(parts) - own(labels)) < 1e-12                    # accumulation is the whole batch
+    assert own(labels, dataclasses.replace(p, loss_denominator="positions")) < 0.8 * own(labels)
+
+
+def test_every_training_check_names_a_knob_the_oracle_takes():
+    from llmdiff import registry
+    from llmdiff.grad_check import GradCheck
+    from llmdiff.references.gemma import Precision
+
+    checks = [c for c in registry.load_checks()[0] if isinstance(c, GradCheck)]
+    assert {c.code for c in checks} >= {"LD603", "LD604", "LD605", "LD606"}
+    for c in checks:
+        assert c.knob is None and c.kind == "dynamic"       # the forward diagnosis never tries it
+        for variant in c.grad_variants():
+            Precision.from_knobs(variant)                   # a field, a value it takes
+            assert all(k.startswith("loss_") for k in variant)
+
+
+@pytest.mark.slow
+def test_each_loss_bug_is_named_by_its_own_check(llmdiff_cli, mutants_on_path):
+    """Gemma 2 (its final soft-cap), float32: every mutant's forward, per-prompt loss and
+    gradients are HF's; its own loss diverges at loss:batch, and re-running the oracle's loss
+    with its check's knob, and no other, brings it back under the floor."""
+    expected = {"hf_mutants:LossMeanOverPadding": "LD603", "hf_mutants:LabelsNotShifted": "LD604",
+                "hf_mutants:LabelsShiftedTwice": "LD605", "hf_mutants:LossBeforeFinalSoftcap": "LD606",
+                "hf_mutants:LossKwargsDropped": "LD602"}
+    args = [a for impl in expected for a in ("--impl", impl)]
+    code, out, _, report = llmdiff_cli("compare", "gemma-2-2b", "--tiny", "--grad", "--impl", "hf", *args,
+                                       "--dtype", "float32", "--no-tokenizer-parity")
+    assert code == 1, out
+    assert run_by_candidate(report, "hf", "float32")["verdict"] == "parity"
+    points = report["options"]["points"]
+    for impl, code_ in expected.items():
+        run = run_by_candidate(report, impl, "float32")
+        by_name = {p["name"]: p for p in run["points"]}
+        assert all(by_name[p]["verdict"] == "parity" for p in points), impl           # the forward
+        assert by_name["loss"]["verdict"] == "parity" and by_name["grad:w:embed"]["verdict"] == "parity", impl
+        mine = [f for f in report["findings"] if f["implementation"] == impl]
+        assert [f["code"] for f in mine] == [code_], (impl, mine)
+        if code_ != "LD602":
+            assert run["first_divergence"] == "loss:batch" and by_name["loss:batch"]["floor_ratio"] > 1000, impl
+            (f,) = mine
+            assert f["confirmed"] and f["where"] == "loss:batch" and f["evidence"]["floor_ratio_after"] < 8
+        else:
+            assert run["first_divergence"] == "loss:accumulated"
+    assert "errors" not in report

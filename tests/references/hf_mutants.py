@@ -472,3 +472,91 @@ class LossKwargsDropped(HFReference):
 
         model.forward = without_loss_kwargs
         return model
+
+
+def _own_loss(model, loss):
+    """Give `model` the causal-LM loss function `loss(logits, shift_labels, num_items_in_batch)`
+    (`shift_labels`: HF's labels padded by one -100 and shifted, (B, T); the function's
+    `unshifted` attribute, when true, gets the labels as given instead), in place of
+    `ForCausalLMLoss` (`PreTrainedModel.loss_function` returns `_loss_function` when set)."""
+    import torch
+
+    def loss_function(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
+                      shift_labels=None, **kwargs):
+        if getattr(loss, "unshifted", False):
+            shift_labels = labels
+        elif shift_labels is None:
+            shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        return loss(logits.float(), shift_labels.to(logits.device), num_items_in_batch)
+
+    model._loss_function = loss_function
+    return model
+
+
+class LossMeanOverPadding(HFReference):
+    """The loss a mean over every label position of the batch, padded and ignored ones too
+    (`cross_entropy(..., reduction="none").mean()`: ignored positions add 0 but are counted);
+    with `num_items_in_batch` the sum over it, as HF. One prompt alone, with nothing to ignore,
+    is HF's loss: only the padded batch and the masked prompt halves see it (LD603)."""
+
+    def patch_model(self, model):
+        import torch
+
+        def loss(logits, labels, n):
+            per = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                    ignore_index=-100, reduction="none")
+            return per.sum() / n if n is not None else per.mean()
+
+        return _own_loss(model, loss)
+
+
+class LabelsNotShifted(HFReference):
+    """The loss compares the logits at position t with the label at t (the shift forgotten,
+    a loss written for labels the data pipeline already shifted): LD604."""
+
+    def patch_model(self, model):
+        import torch
+
+        def loss(logits, labels, n):   # the labels as given: position t scored against token t
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                     ignore_index=-100, reduction="sum" if n is not None else "mean") \
+                / (n if n is not None else 1)
+
+        loss.unshifted = True
+        return _own_loss(model, loss)
+
+
+class LabelsShiftedTwice(HFReference):
+    """Labels shifted by the data pipeline and again by the model: position t is scored against
+    the token at t + 2 (LD605)."""
+
+    def patch_model(self, model):
+        import torch
+
+        def loss(logits, shift_labels, n):
+            labels = torch.nn.functional.pad(shift_labels, (0, 1), value=-100)[..., 1:]   # one more shift
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                     ignore_index=-100, reduction="sum" if n is not None else "mean") \
+                / (n if n is not None else 1)
+
+        return _own_loss(model, loss)
+
+
+class LossBeforeFinalSoftcap(HFReference):
+    """Gemma 2's loss computed on the output head's raw product, before the final logit
+    soft-cap that the returned logits have (LD606). Forward and the compared gradients (of the
+    returned logits) are HF's."""
+
+    def patch_model(self, model):
+        import torch
+
+        raw = {}
+        model.lm_head.register_forward_hook(lambda m, a, out: raw.__setitem__("logits", out))
+
+        def loss(logits, labels, n):
+            x = raw["logits"].float()
+            return torch.nn.functional.cross_entropy(x.reshape(-1, x.shape[-1]), labels.reshape(-1),
+                                                     ignore_index=-100, reduction="sum" if n is not None else "mean") \
+                / (n if n is not None else 1)
+
+        return _own_loss(model, loss)
