@@ -255,7 +255,8 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
         source = WeightsSource(canonical=str(canonical_path), hf_dir=str(hf_dir))
         del canon
     weights_info["model"] = resolved.info
-    tokens, tokens_info, prompts = _prompts(spec, hf_dir, weights_info, seed, work, lengths, tokenizer_parity)
+    tokens, tokens_info, prompts = _prompts(spec, hf_dir, weights_info, seed, work, lengths, tokenizer_parity,
+                                            _tokenizer_python(chosen))
     selected = select_points(spec, points, layers)
     if capture == "auto":
         capture = "sketch" if _capture_bytes(spec, selected, tokens) > SKETCH_ABOVE_BYTES and not grad else "full"
@@ -352,10 +353,23 @@ def _capture_bytes(spec, points, tokens) -> int:
     return 4 * per_token * sum(len(t) for t in tokens)
 
 
-def _prompts(spec, hf_dir, weights_info, seed, work, lengths=None, parity: bool = True):
+def _tokenizer_python(chosen) -> str | None:
+    """The interpreter whose transformers tokenizer parity judges: that of the first implementation
+    built on transformers (`hf@PYTHON`: that release's tokenizer), else this one."""
+    for impl in chosen:
+        try:
+            if impl.name != ORACLE and getattr(impl.adapter_class(), "package", "") == "transformers":
+                return impl.python
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def _prompts(spec, hf_dir, weights_info, seed, work, lengths=None, parity: bool = True, python=None):
     """Token ids: real text through the checkpoint's tokenizer (tiny runs without one get the
     tiny tokenizer, never written into a user's directory), tokenizer parity started in the
-    background; synthetic ids when there is no tokenizer."""
+    background (under `python`, the compared transformers' interpreter); synthetic ids when there
+    is no tokenizer."""
     from llmdiff import tokenizer
     from llmdiff.tiny_tokenizer import has_tiny_tokenizer
 
@@ -370,7 +384,7 @@ def _prompts(spec, hf_dir, weights_info, seed, work, lengths=None, parity: bool 
         tiny_tokenizer = True
     if tokenizer_dir is not None:
         Path(tokenizer_dir).mkdir(parents=True, exist_ok=True)
-        prompts = tokenizer.Prompts(spec, tokenizer_dir, tiny_tokenizer=tiny_tokenizer)
+        prompts = tokenizer.Prompts(spec, tokenizer_dir, tiny_tokenizer=tiny_tokenizer, python=python)
         made = prompts.tokens(inputs.DEFAULT_LENGTHS)
         if made is not None:
             tokens, info = made

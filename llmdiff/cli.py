@@ -444,19 +444,23 @@ def _compare_options(tiny, dtypes, no_diagnose):
               help="The releases, e.g. transformers==4.57.6,transformers==5.0.0, or a range resolved against"
                    " the index, e.g. 'transformers>=4.50,<5.1' (the newest patch of each minor).")
 @click.option("--all", "every", is_flag=True, help="With a range: every release in it, not one per minor.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Write matrix.json, matrix.md and matrix.html into this directory.")
 @_release_compare_options
-def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, json_path):
+def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, json_path, out_dir):
     """Compare MODEL under several releases of an implementation: a release x dtype table of
     verdicts, first divergence and findings. Each release runs in a virtualenv of its own, kept
     and reused (torch shared). A release that cannot install or run says why in its cell.
 
     Exit codes: 0 every release at parity, 1 some diverge or have findings, 2 some could not run.
     """
+    from pathlib import Path
+
     from llmdiff import releases
     from llmdiff.report import write_json
 
     try:
-        _check_outputs(json_path)
+        _check_outputs(json_path, out_dir)
         wanted = releases.resolve(versions, every=every)
         options = _compare_options(tiny, dtypes, no_diagnose)
     except LLMDiffError as e:
@@ -466,8 +470,15 @@ def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, json_path):
     for line in releases.matrix_lines(cells):
         click.echo(line)
     code = 2 if any(c.error for c in cells) else 1 if any(releases.is_bad(c, None) for c in cells) else 0
+    result = {"model": model, "impl": impl, "releases": [c.__dict__ for c in cells], "exit_code": code}
     if json_path:
-        write_json({"model": model, "impl": impl, "releases": [c.__dict__ for c in cells], "exit_code": code}, json_path)
+        write_json(result, json_path)
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        write_json(result, Path(out_dir) / "matrix.json")
+        (Path(out_dir) / "matrix.md").write_text(f"# llmdiff matrix {model} --impl {impl}\n\n"
+                                                 + "\n".join(releases.matrix_lines(cells)) + "\n")
+        (Path(out_dir) / "matrix.html").write_text(releases.matrix_html(model, impl, cells))
     sys.exit(code)
 
 

@@ -33,6 +33,9 @@ from llmdiff.errors import UsageError
 # numpy 1 (measured here: 4.38–4.50 install and run with torch 2.13 and numpy<2).
 CONSTRAINTS = {
     ("transformers", "<4.51"): ("numpy<2",),
+    # DeepMind's gemma pulls TensorFlow, whose protobuf 6 cannot load sentencepiece 0.2.3's
+    # (made with protobuf 7): constraints/deepmind.txt pins it the same way.
+    ("gemma", ">=1"): ("sentencepiece<0.2.3",),
 }
 
 
@@ -163,6 +166,7 @@ class Cell:
     runs: list = field(default_factory=list)      # per dtype: verdict, first divergence, codes
     exit_code: int | None = None
     versions: dict = field(default_factory=dict)  # what the implementation reported it ran on
+    tokenizer: dict | None = None                 # its tokenizer parity: agree, findings, version, error
 
 
 def run_release(model: str, impl: str, release: Release | None, *, implementation=None, say=lambda m: None,
@@ -185,6 +189,7 @@ def run_release(model: str, impl: str, release: Release | None, *, implementatio
     failed = [i["error"] for i in report["implementations"] if not i["ok"]]
     if failed:
         cell.error = failed[0]
+    cell.tokenizer = _tokenizer_cell(report)
     for run in report["runs"]:
         codes = sorted({f["code"] for f in report["findings"]
                         if f["implementation"] == run["candidate"] and f["dtype"] in (run["dtype"], None)})
@@ -193,14 +198,37 @@ def run_release(model: str, impl: str, release: Release | None, *, implementatio
     return cell
 
 
+def _tokenizer_cell(report: dict) -> dict | None:
+    """The release's tokenizer parity (run under its interpreter): whether it agrees with the
+    reference, its LD0xx findings, the transformers release that tokenized; None when the model
+    has no tokenizer."""
+    parity = report.get("tokenizer")
+    error = next((e["error"] for e in report.get("errors", []) if e["stage"] == "tokenizer parity"), None)
+    if parity is None and error is None:
+        return None
+    hf = next((i for i in (parity or {}).get("implementations", []) if i["name"] == "hf"), {})
+    return {"agree": (parity or {}).get("agree"), "error": error or (parity or {}).get("error"),
+            "version": hf.get("version"),
+            "findings": sorted({f["code"] for f in report["findings"] if f["implementation"] == "tokenizer"})}
+
+
+def _tokenizer_text(t: dict | None) -> str:
+    if t is None:
+        return "-"
+    if t.get("error"):
+        return f"error: {t['error']}"
+    return ("agree" if t.get("agree") else "differ") + (f" ({', '.join(t['findings'])})" if t["findings"] else "")
+
+
 def is_bad(cell: Cell, finding: str | None) -> bool | None:
     """Whether a release shows the change looked for: the named finding, else a divergent run
     (or findings). None when the release could not run."""
     if cell.error and not cell.runs:
         return None
+    tok = cell.tokenizer or {}
     if finding:
-        return any(finding in r["findings"] for r in cell.runs)
-    return any(r["verdict"] != "parity" or r["findings"] for r in cell.runs)
+        return any(finding in r["findings"] for r in cell.runs) or finding in tok.get("findings", [])
+    return any(r["verdict"] != "parity" or r["findings"] for r in cell.runs) or bool(tok.get("findings"))
 
 
 def bisect(releases: list[str], evaluate, finding: str | None = None, say=lambda m: None) -> dict:
@@ -249,10 +277,13 @@ def bisect(releases: list[str], evaluate, finding: str | None = None, say=lambda
             "cells": {k: v.__dict__ for k, v in cells.items()}}
 
 
-def matrix_lines(cells: list[Cell]) -> list[str]:
-    """The release x dtype table as text lines (terminal and Markdown alike)."""
+def matrix_rows(cells: list[Cell]) -> tuple[list[str], list[list[str]]]:
+    """The release x dtype table (with a tokenizer column where any release has a tokenizer):
+    its header and its rows of cell texts."""
     dtypes = list(dict.fromkeys(r["dtype"] for c in cells for r in c.runs)) or ["float32"]
-    lines = ["| release | " + " | ".join(dtypes) + " |", "|---|" + "---|" * len(dtypes)]
+    tokenizer = any(c.tokenizer is not None for c in cells)
+    header = ["release", *dtypes] + (["tokenizer"] if tokenizer else [])
+    rows = []
     for c in cells:
         by = {r["dtype"]: r for r in c.runs}
         row = []
@@ -265,5 +296,31 @@ def matrix_lines(cells: list[Cell]) -> list[str]:
                 codes = f" ({', '.join(r['findings'])})" if r["findings"] else ""
                 row.append(f"{r['verdict']}{where}{codes}")
         pins = f" [{', '.join(c.pins)}]" if c.pins else ""
-        lines.append(f"| {c.release}{pins} | " + " | ".join(row) + " |")
-    return lines
+        rows.append([f"{c.release}{pins}", *row] + ([_tokenizer_text(c.tokenizer)] if tokenizer else []))
+    return header, rows
+
+
+def matrix_lines(cells: list[Cell]) -> list[str]:
+    """The table as text lines (terminal and Markdown alike)."""
+    header, rows = matrix_rows(cells)
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def matrix_html(model: str, impl: str, cells: list[Cell]) -> str:
+    """The table as a standalone HTML page, each cell coloured by its state."""
+    import html
+
+    header, rows = matrix_rows(cells)
+
+    def css(text: str) -> str:
+        return ("error" if text.startswith("error") else "bad" if text.startswith(("divergence", "differ")) or "(LD" in text
+                else "ok" if text.startswith(("parity", "agree")) else "")
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr><th>" + html.escape(r[0]) + "</th>" + "".join(
+        f'<td class="{css(t)}">{html.escape(t)}</td>' for t in r[1:]) + "</tr>" for r in rows)
+    title = html.escape(f"llmdiff matrix {model} --impl {impl}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
+            "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;padding:4px 8px;"
+            "text-align:left}.ok{background:#dfd}.bad{background:#fdd}.error{background:#eee;color:#700}"
+            f"</style></head><body><h1>{title}</h1><table><tr>{head}</tr>{body}</table></body></html>\n")

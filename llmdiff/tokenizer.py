@@ -9,6 +9,9 @@ LD0xx checks read), `tiny_tokenizer` (the tokenizer of `--tiny` checkpoints), `t
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -93,7 +96,32 @@ def check_tokenizer(model: str, *, tiny: bool = False, weights=None, text=None, 
 def write_tiny_family_tokenizer(path: Path, spec: ModelSpec) -> Path:
     """The tiny tokenizer of `spec`'s family into `path`: Gemma's SentencePiece, or the
     byte-level BPE of Llama 3 and Qwen."""
-    return write_family_tokenizer(path, spec)  # Gemma's, Llama 3's and Qwen's, Mistral's and Phi-3's
+    out = write_family_tokenizer(path, spec)  # Gemma's, Llama 3's and Qwen's, Mistral's and Phi-3's
+    as_published(Path(path))
+    return out
+
+
+def as_published(path: Path) -> None:
+    """Tiny tokenizer files in the form the released repos have, which every transformers
+    release `matrix` compares can read (as they read the published ones):
+    - a BPE tokenizer.json's merges as "a b" strings (Gemma's, Llama 3's and Qwen's repos), when
+      no piece holds a space: tokenizers >= 0.20 writes pairs (["a", "b"]), which the tokenizers
+      of transformers before 4.45 cannot read ("data did not match any variant of untagged enum
+      ModelWrapper");
+    - tokenizer_config.json's `tokenizer_class` "PreTrainedTokenizerFast" (Meta's Llama 3 repos)
+      where transformers 5 writes "TokenizersBackend", a class no 4.x release has."""
+    tokenizer_json, config = path / "tokenizer.json", path / "tokenizer_config.json"
+    if tokenizer_json.is_file():
+        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+        merges = (data.get("model") or {}).get("merges")
+        if merges and isinstance(merges[0], list) and not any(" " in a or " " in b for a, b in merges):
+            data["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+            tokenizer_json.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if data.get("tokenizer_class") == "TokenizersBackend":
+            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+            config.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 # --- for `compare`: prompts from real text, parity in the background -----------------------
@@ -102,8 +130,11 @@ class Prompts:
     """Token ids for `compare`, from real text through the checkpoint's tokenizer, and the parity
     report computed while the numeric workers run."""
 
-    def __init__(self, spec: ModelSpec, hf_dir, *, tiny_tokenizer: bool):
+    def __init__(self, spec: ModelSpec, hf_dir, *, tiny_tokenizer: bool, python: str | None = None):
         self.spec, self.hf_dir, self.tiny_tokenizer = spec, Path(hf_dir), tiny_tokenizer
+        # The interpreter whose transformers is compared (`hf@PYTHON`, a release of `matrix`):
+        # parity runs there, so each release's tokenizer is the one judged. None: this one.
+        self.python = None if python in (None, sys.executable) else python
         self._future = None
 
     def tokens(self, lengths) -> tuple[list[list[int]], dict] | None:
@@ -114,6 +145,7 @@ class Prompts:
         if self.tiny_tokenizer and (self.spec.family in BPE_STYLES or sp_style(self.spec) is not None):
             if not (self.hf_dir / "tokenizer.json").exists():
                 write_family_tokenizer(self.hf_dir, self.spec)
+                as_published(self.hf_dir)
         elif self.tiny_tokenizer and not model_file.exists():
             model_file.write_bytes(train_tiny_sentencepiece(self.spec.text_vocab_size))
         if model_file.exists():
@@ -148,9 +180,33 @@ class Prompts:
         try:
             if self.tiny_tokenizer and self.spec.family not in BPE_STYLES and not (self.hf_dir / "tokenizer.json").exists():
                 write_tiny_tokenizer_files(self.hf_dir, self.spec, (self.hf_dir / "tokenizer.model").read_bytes())
+                as_published(self.hf_dir)
+            if self.python:
+                return parity_under(self.python, self.hf_dir, self.spec)
             return tokenizer_parity(self.hf_dir, self.spec)
         except Exception as e:  # noqa: BLE001 - reported in the report, never a lost comparison
             return {"error": f"{type(e).__name__}: {e}"}
 
     def parity(self) -> dict | None:
         return self._future.result() if self._future else None
+
+
+def parity_under(python: str, path, spec: ModelSpec, timeout: float = 900) -> dict:
+    """`tokenizer_parity` run by another interpreter (its own transformers and tokenizers): the
+    spec goes in on stdin, the report comes back as JSON on stdout."""
+    import os
+
+    # llmdiff itself from where this one runs (an editable install's finder is not seen there).
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p))
+    proc = subprocess.run([python, "-m", "llmdiff.tokenizer", str(path)], input=json.dumps(spec.to_dict()),
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise RuntimeError(f"tokenizer parity under {python} failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
+    return json.loads(proc.stdout)
+
+
+if __name__ == "__main__":  # parity_under's other end
+    _spec = ModelSpec.from_dict(json.loads(sys.stdin.read()))
+    json.dump(tokenizer_parity(sys.argv[1], _spec), sys.stdout)

@@ -102,15 +102,33 @@ def test_matrix_over_two_real_transformers_releases(tmp_path, monkeypatch, llmdi
 
     from llmdiff.cli import main
 
-    out = tmp_path / "m.json"
+    out = tmp_path / "m"
     result = CliRunner().invoke(main, ["matrix", "gemma-7b", "--tiny", "--dtype", "float32", "--no-diagnose",
-                                       "--versions", "transformers==4.57.6,transformers==5.0.0", "--json", str(out)])
-    report = json.loads(out.read_text())
+                                       "--versions", "transformers==4.57.6,transformers==5.0.0", "--out", str(out)])
+    report = json.loads((out / "matrix.json").read_text())
+    assert "transformers==5.0.0" in (out / "matrix.html").read_text() and (out / "matrix.md").is_file()
+    # Each release's own tokenizer was compared (parity ran under its interpreter).
+    assert [c["tokenizer"]["version"] for c in report["releases"]] == ["4.57.6", "5.0.0"]
+    assert all(c["tokenizer"]["agree"] and not c["tokenizer"]["findings"] for c in report["releases"])
     assert result.exit_code == report["exit_code"] != 2, result.output
     assert [c["versions"]["transformers"] for c in report["releases"]] == ["4.57.6", "5.0.0"]
     # gemma-7b's published config says hidden_act "gelu": both releases build the MLP from
     # ACT2FN[config.hidden_act] with no remap (the remap to tanh came later in 5.x), so exact GELU.
     assert all(c["runs"][0]["verdict"] == "divergence" and c["runs"][0]["first_divergence"] == "L0.mlp_act"
                for c in report["releases"])
-    assert "| transformers==4.57.6 | divergence at L0.mlp_act |" in result.output
+    assert "| transformers==4.57.6 | divergence at L0.mlp_act | agree |" in result.output
     assert all(c["error"] is None for c in report["releases"])
+
+
+def test_the_table_has_a_tokenizer_column_and_an_html_form():
+    ok = releases.Cell("t==1", runs=[{"dtype": "float32", "verdict": "parity", "first_divergence": None,
+                                      "findings": []}],
+                       tokenizer={"agree": True, "error": None, "version": "1", "findings": []})
+    bad = releases.Cell("t==2", runs=ok.runs, tokenizer={"agree": False, "error": None, "version": "2",
+                                                         "findings": ["LD001"]})
+    lines = releases.matrix_lines([ok, bad])
+    assert lines[0] == "| release | float32 | tokenizer |"
+    assert lines[3] == "| t==2 | parity | differ (LD001) |"
+    assert releases.is_bad(bad, None) and releases.is_bad(bad, "LD001") and not releases.is_bad(ok, None)
+    page = releases.matrix_html("gemma-7b", "hf", [ok, bad])
+    assert '<td class="ok">parity</td>' in page and '<td class="bad">differ (LD001)</td>' in page

@@ -250,3 +250,38 @@ def test_compare_names_missing_bos_of_hf_tokenizer_config(tmp_path):
     assert (f["code"], f["name"], f["implementation"]) == ("LD001", "missing-bos", "hf")
     assert f["evidence"]["add_bos_token"] is False and f["evidence"]["ids"]
     assert out.index("LD001") > out.index("tokenizers")
+
+
+@pytest.mark.parametrize("model", ["gemma-7b", "llama-3.1-8b"])
+def test_tiny_tokenizer_files_are_in_the_published_form(tmp_path, model):
+    """Merges as "a b" strings and a tokenizer class every transformers 4.x has: the form old
+    releases read (`matrix`); the tokenizer itself is unchanged."""
+    import tokenizers
+
+    spec = get_spec(model, tiny=True)
+    tokenizer.write_tiny_family_tokenizer(tmp_path, spec)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert all(isinstance(m, str) and m.count(" ") == 1 for m in data["model"]["merges"])
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert config.get("tokenizer_class") != "TokenizersBackend"
+    pairs = dict(data, model=dict(data["model"], merges=[m.split(" ") for m in data["model"]["merges"]]))
+    a = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    b = tokenizers.Tokenizer.from_str(json.dumps(pairs))
+    text = "Hello, world! Ünïcödé   spaces\n12345 <start_of_turn>"
+    assert a.encode(text).ids == b.encode(text).ids and len(a.encode(text).ids) > 5
+
+
+def test_parity_under_another_interpreter_is_the_same_report(tmp_path):
+    """`hf@PYTHON` / a `matrix` release: parity runs under that interpreter (here this one, in a
+    child process) and gives the report the in-process run gives."""
+    import sys
+
+    spec = get_spec("gemma-7b", tiny=True)
+    tokenizer.write_tiny_family_tokenizer(tmp_path, spec)
+    here = tokenizer_parity.tokenizer_parity(tmp_path, spec)
+    there = tokenizer.parity_under(sys.executable, tmp_path, spec)
+    for r in (here, there):
+        r.pop("timings")
+    assert there == json.loads(json.dumps(here)) and there["agree"]
+    with pytest.raises(RuntimeError, match="tokenizer parity under .* failed"):
+        tokenizer.parity_under(sys.executable, tmp_path / "missing", spec)
