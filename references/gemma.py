@@ -43,7 +43,8 @@ class Precision:
 
     # GeGLU's GELU: "tanh" approximation (what Gemma was trained with; flax's nn.gelu
     # default, HF `gelu_pytorch_tanh`) or "exact" erf GELU (HF's `hidden_act="gelu"` before
-    # transformers 4.38.2).
+    # transformers 4.38.2), or "f16_table": tanh GELU looked up at the float16 rounding of x
+    # in a table of float16 results (llama.cpp's CPU backend, `gelu_f16_table`).
     gelu: str = "tanh"
     # RMSNorm: "fp32" multiplies the normalised x by (1 + w) in float32 and rounds once
     # (Gemma: HF after PR #29402, Keras); "compute" rounds the normalised x to the compute dtype
@@ -77,6 +78,10 @@ class Precision:
     sliding_window_offset: int = 0
     # False: no layer slides, every one attends globally (SDPA paths that lost the window).
     sliding_window: bool = True
+    # True: every layer slides by the window config.json carries but switches off
+    # (`spec.disabled_sliding_window`: Qwen 2.5's `sliding_window` under `use_sliding_window:
+    # false`), as a port that reads `sliding_window` alone does. Nothing on a model without one.
+    disabled_window_applied: bool = False
     # Layer i takes the attention type the spec gives layer i + shift of its pattern: 1 on
     # Gemma 2 puts the window on odd layers instead of even ones (the wrong parity); on Gemma 3
     # a global layer every 6th layer counted from 0 instead of from 1 is shift 1 too.
@@ -157,7 +162,7 @@ class Precision:
     scoped: tuple = ()
 
     # The values each knob that names a form takes: checked once, when a policy is made.
-    CHOICES = {"gelu": ("tanh", "exact"), "norm_scale": ("spec", "fp32", "compute"),
+    CHOICES = {"gelu": ("tanh", "exact", "f16_table"), "norm_scale": ("spec", "fp32", "compute"),
                "embed_scale": ("rounded", "python_float"), "rope_dtype": ("fp32", "compute", "table_compute"),
                "rope_form": ("div", "mul_reciprocal"), "constants_dtype": (None, "float32", "bfloat16"),
                "query_scale": ("spec", "head_dim", "hidden_over_heads"), "rope_layout": ("half", "interleaved"),
@@ -244,7 +249,21 @@ def activation(x, spec: ModelSpec, p: Precision):
         return jax.nn.gelu(x, approximate=True)
     if p.gelu == "exact":
         return jax.nn.gelu(x, approximate=False)
+    if p.gelu == "f16_table":
+        return gelu_f16_table(x)
     raise AssertionError(p.gelu)
+
+
+def gelu_f16_table(x):
+    """llama.cpp's CPU GELU of float32 activations (ggml/src/ggml-cpu/vec.h, GGML_GELU_FP16 on
+    by default: `ggml_vec_gelu_f32`, `ggml_vec_geglu_f32`): 0 at x <= -10, x at x >= 10, else
+    the tanh GELU of x rounded to float16, from a table of float16 results (`ggml_table_gelu_f16`,
+    filled at start-up with the float32 GELU of every float16 number, rounded to float16)."""
+    wide = _wide(x.dtype)
+    x16 = x.astype(jnp.float16).astype(wide)
+    table = jax.nn.gelu(x16, approximate=True).astype(jnp.float16).astype(wide)
+    xw = x.astype(wide)
+    return jnp.where(xw <= -10.0, 0.0, jnp.where(xw >= 10.0, xw, table)).astype(x.dtype)
 
 
 def llama3_rope_scales(H: int, base: float, llama3: tuple) -> np.ndarray:
@@ -316,6 +335,8 @@ def layer_types(spec: ModelSpec, p: Precision) -> tuple[str, ...]:
     types = spec.layer_types
     if not p.sliding_window:
         return ("global",) * spec.num_layers
+    if p.disabled_window_applied and spec.disabled_sliding_window:
+        return ("local",) * spec.num_layers
     period = pattern_period(types)
     return tuple(types[(i + p.layer_pattern_shift) % period] for i in range(spec.num_layers))
 
@@ -432,7 +453,7 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
     distance = positions[:, :, None] - positions[:, None, :]                       # (B, T, S): t - s
     visible = distance >= 0 if p.causal else jnp.ones_like(distance, bool)        # causal
     if local:  # a key is visible when it is less than `window` positions before the query
-        visible &= distance < spec.sliding_window + p.sliding_window_offset
+        visible &= distance < (spec.sliding_window or spec.disabled_sliding_window) + p.sliding_window_offset
     fill = jnp.finfo(logits.dtype).min if p.mask_fill == "min" else jnp.zeros((), logits.dtype)
     logits = jnp.where(visible[:, :, None, None, :], logits, fill)
     # Softmax in at least float32, probabilities back in the compute dtype (DeepMind and HF).
