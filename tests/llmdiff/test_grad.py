@@ -172,12 +172,15 @@ def test_micro_batches_that_keep_their_own_means_are_named():
 @pytest.mark.slow
 def test_a_loss_that_drops_num_items_in_batch_is_ld602(llmdiff_cli, mutants_on_path):
     """Forward and per-prompt gradients at parity; the accumulated loss is the sum of the
-    micro-batches' means (k times too large for equal lengths, mis-weighted otherwise)."""
+    micro-batches' means (k times too large for equal lengths, mis-weighted otherwise): the
+    run diverges at loss:accumulated alone, which LD602 explains (no LD000 left there)."""
     impl = "hf_mutants:LossKwargsDropped"
     code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--grad", "--impl", impl,
                                        "--dtype", "float32", "--no-tokenizer-parity")
     assert code == 1, out
-    assert run_by_candidate(report, impl, "float32")["verdict"] == "parity"
+    run = run_by_candidate(report, impl, "float32")
+    assert run["first_divergence"] == "loss:accumulated"
+    assert [p["name"] for p in run["points"] if p["verdict"] == "divergence"] == ["loss:accumulated"]
     (f,) = report["findings"]
     assert f["code"] == "LD602" and f["evidence"]["matches"] == "the sum of the micro-batches' means"
 
@@ -217,6 +220,7 @@ def _hf_loss(logits, labels, num_items=None, shift=1, mean_over_all=False):
     return float(per.sum() / (num_items if num_items is not None else (shifted != -100).sum()))
 
 
+@pytest.mark.slow   # ~13 s on a shared CPU: eager JAX compiles each slice's shape
 def test_the_oracle_loss_written_in_full_is_transformers_for_causal_lm_loss():
     """No model: `gemma_grad.own_loss` (float64) of a padded batch, with ignored prompt halves,
     and of micro-batches given `num_items_in_batch`, is transformers' `ForCausalLMLoss` of the
