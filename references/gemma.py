@@ -167,7 +167,7 @@ class Precision:
                "rope_form": ("div", "mul_reciprocal"), "constants_dtype": (None, "float32", "bfloat16"),
                "query_scale": ("spec", "head_dim", "hidden_over_heads"), "rope_layout": ("half", "interleaved"),
                "kv_repeat": ("grouped", "tiled"), "longrope_factors": ("by_length", "short", "long"),
-               "mask_fill": ("min", "zero"), "autocast": (None, "bfloat16"), "rope_theta": ("spec", "default"),
+               "mask_fill": ("min", "zero"), "autocast": (None, "bfloat16", "float16"), "rope_theta": ("spec", "default"),
                "qk_norm_order": ("before_rope", "after_rope"), "lm_head": ("spec", "embedding"),
                "qk_norm_scope": ("head", "all_heads"),
                "loss_denominator": ("targets", "positions", "predicting_positions")}
@@ -257,13 +257,24 @@ def activation(x, spec: ModelSpec, p: Precision):
 def gelu_f16_table(x):
     """llama.cpp's CPU GELU of float32 activations (ggml/src/ggml-cpu/vec.h, GGML_GELU_FP16 on
     by default: `ggml_vec_gelu_f32`, `ggml_vec_geglu_f32`): 0 at x <= -10, x at x >= 10, else
-    the tanh GELU of x rounded to float16, from a table of float16 results (`ggml_table_gelu_f16`,
-    filled at start-up with the float32 GELU of every float16 number, rounded to float16)."""
+    `ggml_table_gelu_f16` read at the float16 rounding of x (`_GELU_F16_TABLE`)."""
     wide = _wide(x.dtype)
-    x16 = x.astype(jnp.float16).astype(wide)
-    table = jax.nn.gelu(x16, approximate=True).astype(jnp.float16).astype(wide)
     xw = x.astype(wide)
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint16).astype(jnp.int32)
+    table = jnp.asarray(_gelu_f16_table()).astype(wide)[bits]
     return jnp.where(xw <= -10.0, 0.0, jnp.where(xw >= 10.0, xw, table)).astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _gelu_f16_table() -> np.ndarray:
+    """ggml's table, by float16 bit pattern (ggml-cpu.c fills it at start-up): the float32 tanh
+    GELU `0.5f*x*(1.0f + tanhf(SQRT_2_OVER_PI*x*(1.0f + GELU_COEF_A*x*x)))` of every float16
+    number, rounded to float16. Each float32 op as C does it; tanhf as float64 tanh rounded."""
+    f = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        inner = np.float32(0.79788456080286535587989211986876) * f * (np.float32(1.0) + np.float32(0.044715) * f * f)
+        tanh = np.tanh(inner.astype(np.float64)).astype(np.float32)
+        return (np.float32(0.5) * f * (np.float32(1.0) + tanh)).astype(np.float16)
 
 
 def llama3_rope_scales(H: int, base: float, llama3: tuple) -> np.ndarray:
