@@ -86,7 +86,7 @@ def test_unknown_model_suggests_close_names(llmdiff_cli):
 def test_unknown_implementation_lists_available(llmdiff_cli):
     code, _, err, _ = llmdiff_cli("compare", "gemma-7b", "--tiny", "--impl", "deepmnd")
     assert code == 2
-    assert "no implementation 'deepmnd'; available: deepmind, hf, llamacpp, oracle" in _one_error_line(err)
+    assert "no implementation 'deepmnd'; available: deepmind, hf, keras, llamacpp, oracle" in _one_error_line(err)
 
 
 def test_missing_weights_path(llmdiff_cli, tmp_path):

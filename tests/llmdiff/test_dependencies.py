@@ -17,7 +17,8 @@ PACKAGES = ("llmdiff", "references", "checks")
 # constraints/deepmind.txt): these are imported by that adapter only, never in the core's.
 # tokenizer_encoders.py uses DeepMind's tokenizer only where `gemma` is importable (that virtualenv).
 OWN_VENV = {"references/deepmind_gemma.py": {"gemma", "flax"}, "llmdiff/tokenizer_encoders.py": {"gemma"},
-            "references/llamacpp.py": {"llama_cpp"}}  # llama-cpp-python: `llamacpp install`
+            "references/llamacpp.py": {"llama_cpp"},  # llama-cpp-python: `llamacpp install`
+            "references/keras_gemma.py": {"keras", "keras_hub"}}  # `keras_gemma install`
 # Imported only by the pytest plugin, which pytest itself loads.
 PLUGIN_ONLY = {"llmdiff/pytest_plugin.py": {"pytest"}}
 

@@ -20,7 +20,7 @@ def test_registered_names_and_adapters():
 
 
 def test_unknown_name_and_bad_interpreter_are_usage_errors(tmp_path):
-    with pytest.raises(UsageError, match="no implementation 'nope'; available: .*deepmind, hf, llamacpp, oracle"):
+    with pytest.raises(UsageError, match="no implementation 'nope'; available: .*deepmind, hf, keras, llamacpp, oracle"):
         Implementation.parse("nope")
     with pytest.raises(UsageError, match="is not an executable Python interpreter"):
         Implementation.parse(f"hf@{tmp_path / 'python'}")
