@@ -212,6 +212,11 @@ class KerasReference(Reference):
             raise ValueError(f"keras runs float32 and bfloat16, not {dtype}")
         if self.job.weights.generated or not self.job.weights.canonical:
             raise ValueError("keras loads the canonical weights file; weights made from a seed on the device have none")
+        if self.options.device == "cuda":
+            import jax
+
+            if not any(d.platform == "gpu" for d in jax.devices()):
+                raise ValueError("--device cuda: the keras virtualenv's JAX sees no GPU (install builds it for the CPU)")
         spec = self.spec
         config = backbone_config(spec)
         models = self.keras_hub.models
