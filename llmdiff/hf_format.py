@@ -559,6 +559,9 @@ def spec_from_config(config: dict, name: str, file: str = "config.json"):
     window = layout.window if "local" in types else None
     if "local" in types and not is_int(window):
         refuse("sliding_window", f"is {json_kind(window)} but layers slide ({layout.types_field or 'every layer'})")
+    # A window config.json carries but switches off (Qwen: `use_sliding_window` false).
+    carried = cfg.get("sliding_window")
+    disabled = carried if family in ("qwen2", "qwen3") and "local" not in types and is_int(carried) else None
 
     eos = cfg.get("eos_token_id", template.eos_id)
     pad = cfg.get("pad_token_id") if "pad_token_id" in cfg else template.pad_id
@@ -573,7 +576,7 @@ def spec_from_config(config: dict, name: str, file: str = "config.json"):
         rope_llama3=fields.get("rope_llama3"), rope_longrope=fields.get("rope_longrope"),
         query_pre_attn_scalar=float(value("query_pre_attn_scalar") or 0) if family in ("gemma2", "gemma3") else 0.0,
         tie_embeddings=bool(value("tie_word_embeddings")),
-        attention_types=types if "local" in types else (), sliding_window=window,
+        attention_types=types if "local" in types else (), sliding_window=window, disabled_sliding_window=disabled,
         attn_softcap=value("attn_logit_softcapping") if family in ("gemma2", "gemma3") else None,
         final_softcap=value("final_logit_softcapping") if family in ("gemma2", "gemma3") else None,
         max_positions=int(cfg.get("max_position_embeddings") or template.max_positions),

@@ -49,6 +49,10 @@ class ModelSpec:
     # Gemma 2 / 3 features (the defaults are Gemma 1's: none of them).
     attention_types: tuple[str, ...] = ()  # per layer "global" | "local"; () means all global
     sliding_window: int | None = None      # local layers: a key is visible within this many positions
+    # A window config.json carries but switches off (Qwen 2.5: `sliding_window` under
+    # `use_sliding_window: false`): no layer slides by it; a port that reads `sliding_window`
+    # alone slides every layer by it (LD510).
+    disabled_sliding_window: int | None = None
     attn_softcap: float | None = None      # logits = cap * tanh(logits / cap), before the mask
     final_softcap: float | None = None     # the same on the output logits
     post_attn_norm: bool = False           # RMSNorm on the attention output before the residual add
@@ -232,6 +236,9 @@ def _qwen(name, family, hidden, layers, heads, kv, mlp, *, vocab=151_936, head_d
         num_heads=heads, num_kv_heads=kv, head_dim=head_dim or hidden // heads, mlp_dim=mlp, norm_eps=eps,
         rope_base=1_000_000.0, rope_base_local=1_000_000.0, tie_embeddings=tied,
         qkv_bias=family == "qwen2", qk_norm=family == "qwen3", max_positions=max_positions,
+        # Qwen 2.5's config.json: `sliding_window` as long as the context, `use_sliding_window`
+        # false (Qwen3's says null).
+        disabled_sliding_window=max_positions if family == "qwen2" else None,
         # Qwen3's repos are the post-trained models: they end a turn with <|im_end|> (151645).
         pad_id=151_643, bos_id=151_643, eos_id=151_645 if family == "qwen3" else 151_643, add_bos=False,
         **_LLAMA_LIKE)
@@ -423,11 +430,14 @@ def shrink(spec: ModelSpec) -> ModelSpec:
         window = min(spec.sliding_window, TINY_SLIDING_WINDOW)
     else:
         window = spec.sliding_window * max_positions // spec.max_positions
+    # A disabled window (Qwen 2.5's, as long as the context) is shrunk to slide over the long
+    # prompt: it acts in no layer of the model, so only a port that applies it anyway shows it.
+    disabled = min(spec.disabled_sliding_window, TINY_SLIDING_WINDOW) if spec.disabled_sliding_window else None
     return dataclasses.replace(
         spec, name=spec.name, vocab_size=vocab, hf_vocab_size=hf_vocab, hidden_size=hidden,
         num_layers=num_layers, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, mlp_dim=mlp,
         query_pre_attn_scalar=query_pre_attn_scalar, attention_types=attention_types,
-        sliding_window=window, rope_llama3=llama3, rope_longrope=longrope, max_positions=max_positions,
+        sliding_window=window, disabled_sliding_window=disabled, rope_llama3=llama3, rope_longrope=longrope, max_positions=max_positions,
         # The tiny vocabulary's special ids (those of the tiny tokenizer): pad 0, eos 1, bos 2.
         pad_id=0 if spec.pad_id is not None else None, eos_id=1, bos_id=2, tiny=True,
     )

@@ -292,6 +292,8 @@ def _llama_like_config(spec: ModelSpec, gemma: dict) -> dict:
         config["sliding_window"] = None
     if spec.family in ("qwen2", "qwen3"):
         config["use_sliding_window"] = False
+        if spec.disabled_sliding_window:   # Qwen 2.5: a window carried, switched off
+            config["sliding_window"] = spec.disabled_sliding_window
     if spec.family == "qwen2":
         config.pop("head_dim")  # Qwen2 derives it: hidden / heads
         if spec.head_dim * spec.num_heads != spec.hidden_size:

@@ -62,3 +62,22 @@ def test_an_untied_head_where_qwen_ties_is_named_by_lm_head_untied_only(llmdiff_
     (f,) = report["findings"]
     assert (f["code"], f["where"], f["implementation"]) == ("LD105", "logits", impl)
     assert f["evidence"]["tied_lm_head"] is False
+
+
+@pytest.mark.slow   # one compare with diagnosis (~45 s on 2 shared cores)
+def test_a_window_the_config_switches_off_applied_anyway_is_ld510_only(llmdiff_cli, mutants_on_path):
+    """Qwen 2.5's config.json carries `sliding_window` with `use_sliding_window: false` (the tiny
+    model's: 32, shorter than its long prompt). A port that slides every layer by it anyway is
+    LD510 alone, confirmed, diverging from the position equal to the window on."""
+    from llmdiff.spec import get_spec
+
+    window = get_spec("qwen2.5-0.5b", tiny=True).disabled_sliding_window
+    impl = "hf_mutants:DisabledSlidingWindowApplied"
+    rc, out, err, report = llmdiff_cli("compare", "qwen2.5-0.5b", "--tiny", "--impl", impl, "--dtype", "float32")
+    assert rc == 1, out + err
+    assert run_by_candidate(report, impl, "float32")["first_divergence"] == "L0.attn_out"
+    (f,) = report["findings"]
+    assert (f["code"], f["where"], f["confirmed"], f["implementation"]) == ("LD510", "L0.attn_out", True, impl)
+    assert f["evidence"]["knob"] == {"disabled_window_applied": True}
+    assert f["evidence"]["from_position"] == window == 32
+    assert f["evidence"]["after"]["floor_ratio"] <= 8 < f["evidence"]["before"]["floor_ratio"]   # the floor factor

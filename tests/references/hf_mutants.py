@@ -560,3 +560,49 @@ class LossBeforeFinalSoftcap(HFReference):
                 / (n if n is not None else 1)
 
         return _own_loss(model, loss)
+
+
+# --- a window switched off, applied anyway; llama.cpp's F16 GELU table (#17, #24) --------------
+
+class DisabledSlidingWindowApplied(HFReference):
+    """Qwen 2.5 with the window its config.json carries but switches off (`use_sliding_window:
+    false`) on every layer: a port that reads `sliding_window` alone, as config.json writes it
+    (transformers' Qwen2Config itself drops it: `sliding_window if use_sliding_window else None`)."""
+
+    def patch_model(self, model):
+        import json
+        from pathlib import Path
+
+        window = json.loads((Path(self.job.weights.hf_dir) / "config.json").read_text())["sliding_window"]
+        config = model.config
+        config.sliding_window = window                      # read by the sliding mask
+        config.layer_types = ["sliding_attention"] * config.num_hidden_layers   # masks are picked by type
+        model.model.has_sliding_layers = True
+        for layer in model.model.layers:
+            layer.self_attn.layer_type = "sliding_attention"
+            layer.self_attn.sliding_window = window
+        return model
+
+
+class GeluF16Table(HFReference):
+    """Gemma's GeGLU with llama.cpp's CPU GELU (ggml/src/ggml-cpu/vec.h, GGML_GELU_FP16): a
+    65536-entry table of the float32 tanh GELU of every float16 number, rounded to float16, read
+    at the float16 rounding of the input; 0 at x <= -10 and x at x >= 10."""
+
+    def patch_model(self, model):
+        import torch
+
+        f = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+        # ggml_gelu_f32, float32 op by op, of every float16 number, by bit pattern (+ 2**15)
+        table = (0.5 * f * (1.0 + torch.tanh(0.7978845608028654 * f * (1.0 + 0.044715 * f * f)))).half()
+
+        class F16TableGelu(torch.nn.Module):
+            def forward(self, x):
+                xf = x.float()
+                bits = xf.half().view(torch.int16).to(torch.int64) + 2 ** 15
+                looked_up = table.to(x.device)[bits].float()
+                return torch.where(xf <= -10, torch.zeros_like(xf), torch.where(xf >= 10, xf, looked_up)).to(x.dtype)
+
+        for layer in model.model.layers:
+            layer.mlp.act_fn = F16TableGelu()
+        return model
