@@ -81,3 +81,20 @@ def test_a_window_the_config_switches_off_applied_anyway_is_ld510_only(llmdiff_c
     assert f["evidence"]["knob"] == {"disabled_window_applied": True}
     assert f["evidence"]["from_position"] == window == 32
     assert f["evidence"]["after"]["floor_ratio"] <= 8 < f["evidence"]["before"]["floor_ratio"]   # the floor factor
+
+
+@pytest.mark.slow   # one compare with diagnosis (~3 min on 2 shared cores)
+@pytest.mark.xfail(strict=True, reason="diagnose judges a counterfactual against the clean noise floor; a table read "
+                                       "at a float16-rounded input turns float32 noise into float16 steps (the "
+                                       "knob-on oracle's own floor at L0.mlp_act is ~16x the clean one): LD302 "
+                                       "needs that floor (Check.own_floor in diagnose._best_trial), else LD000")
+def test_llama_cpp_f16_gelu_table_is_ld302_only(llmdiff_cli, mutants_on_path):
+    """Gemma's GeGLU with llama.cpp's CPU GELU (an F16 table at the F16 rounding of the input):
+    LD302 alone, confirmed at L0.mlp_act."""
+    impl = "hf_mutants:GeluF16Table"
+    rc, out, err, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--impl", impl, "--dtype", "float32")
+    assert rc == 1, out + err
+    assert run_by_candidate(report, impl, "float32")["first_divergence"] == "L0.mlp_act"
+    (f,) = report["findings"]
+    assert (f["code"], f["where"], f["confirmed"]) == ("LD302", "L0.mlp_act", True)
+    assert f["evidence"]["knob"] == {"gelu": "f16_table"}

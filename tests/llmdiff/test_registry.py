@@ -44,7 +44,7 @@ def test_contract_violations_are_named():
 
 def test_select_and_ignore_by_code_name_or_prefix():
     checks, _ = registry.load_checks()
-    assert [c.code for c in registry.select(checks, select=["LD3"])] == ["LD301"]
+    assert [c.code for c in registry.select(checks, select=["LD3"])] == ["LD301", "LD302"]
     assert [c.code for c in registry.select(checks, select=["gelu-exact-vs-tanh", "LD101"])] == ["LD101", "LD301"]
     assert "LD301" not in [c.code for c in registry.select(checks, ignore=["LD301"])]
     with pytest.raises(UsageError, match="no check matches 'LD9'"):

@@ -228,3 +228,22 @@ def test_gelu_is_an_f16_table_lookup(monkeypatch, tmp_path):
         return np.linalg.norm(a - b) / np.linalg.norm(b)
 
     assert rel(act, emulated) < 3e-6 < 1e-4 < rel(act, gelu(gate) * up)
+
+
+def test_oracle_gelu_f16_table_is_ggmls():
+    """The oracle's `gelu="f16_table"` (LD302's knob) is ggml's CPU GELU: 0 at x <= -10, x at
+    x >= 10, else the float32 tanh GELU of x's float16 rounding, rounded to float16."""
+    import jax.numpy as jnp
+
+    from llmdiff.references.gemma import gelu_f16_table
+
+    x = np.concatenate([np.random.default_rng(0).normal(0, 3, 20_000), [-10.0, -10.5, 10.0, 12.5]]).astype(np.float32)
+    got = np.asarray(gelu_f16_table(jnp.asarray(x)), np.float64)
+    h = x.astype(np.float16).astype(np.float64)
+    table = (0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))).astype(np.float16)
+    want = np.where(x <= -10, 0.0, np.where(x >= 10, x, table.astype(np.float64)))
+    assert list(got[-4:]) == [0.0, 0.0, 10.0, 12.5]
+    assert np.all(got[:-4].astype(np.float32).astype(np.float16) == got[:-4].astype(np.float16))  # float16 values
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-6      # float64's table: a tail entry apart
+    exact = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x.astype(np.float64) ** 3)))
+    assert 1e-4 < np.linalg.norm(got - exact) / np.linalg.norm(exact) < 1e-3   # float16's 2^-11, not float32's
