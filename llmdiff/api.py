@@ -598,9 +598,10 @@ def _diagnose(report, checks_and_broken, spec, lab, results, reference, say,
 
     findings += explain_backward(report, points, checks, spec, lab, results, thresholds)
     # A divergence that a static finding already explains where it starts is not unexplained.
-    explained = {(f.implementation, f.where) for f in findings if f.code != diagnose.UNEXPLAINED[0]}
-    findings = [f for f in findings if not (f.code == diagnose.UNEXPLAINED[0]
-                                            and (f.implementation, f.where) in explained)]
+    # (Of that run's dtype: a finding of another dtype at the same point explains nothing here.)
+    explained = {(f.implementation, f.where, f.dtype) for f in findings if f.code != diagnose.UNEXPLAINED[0]}
+    findings = [f for f in findings if not (f.code == diagnose.UNEXPLAINED[0] and (
+        (f.implementation, f.where, f.dtype) in explained or (f.implementation, f.where, None) in explained))]
     report["findings"] = [f.to_dict() for f in findings]
     report["checks"] = {"selected": [c.code for c in checks if c.kind != "audit"], "broken": [str(b) for b in broken],
                         "counterfactual_runs": lab.runs}

@@ -135,7 +135,10 @@ class Check:
         from llmdiff.job import autocast_of
 
         if dtype is not None and autocast_of(dtype) and dtype not in self.dtypes:
-            dtype = next((d for d in ("float32", autocast_of(dtype)) if d in self.dtypes), dtype)
+            # float16 is a run's low dtype only under autocast: a bug of the low compute dtype
+            # (listed as bfloat16, the pure low run dtype) acts there as in bfloat16.
+            low = (autocast_of(dtype), "bfloat16") if autocast_of(dtype) == "float16" else (autocast_of(dtype),)
+            dtype = next((d for d in ("float32", *low) if d in self.dtypes), dtype)
         return spec.family in self.families and (dtype is None or dtype in self.dtypes)
 
     def run(self, ctx: Context) -> Iterator[Finding]:

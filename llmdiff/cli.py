@@ -213,9 +213,9 @@ def _revision_option(f):
               help="Implementation to compare (repeatable): hf, oracle, deepmind (Google DeepMind's gemma; install:"
                    " python -m llmdiff.references.deepmind_gemma install), NAME@/path/to/python, module:Class;"
                    " LABEL= names it in the reports (old=hf@/venv/bin/python).")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16", "autocast-bfloat16"]),
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16", "autocast-bfloat16", "autocast-float16"]),
               help="Compute dtype (repeatable); default float32 and bfloat16. autocast-bfloat16: float32 weights"
-                   " under torch.autocast (the oracle: matrix products in bfloat16, the rest in float32).")
+                   " under torch.autocast (the oracle: matrix products in bfloat16, the rest in float32); autocast-float16 likewise.")
 @click.option("--weights", type=click.Path(), metavar="DIR|deepmind:DIR",
               help="A local HF checkpoint directory (safetensors), or deepmind:DIR, an Orbax checkpoint.")
 @click.option("--seed", type=int, default=None, help="Seed of random weights and prompts (default 0).")
@@ -422,9 +422,9 @@ def tokenize(model, tiny, revision, weights, text, select, ignore, json_path, no
 
 def _release_compare_options(f):
     f = click.option("--tiny", is_flag=True, help="A tiny model with every architectural feature kept.")(f)
-    f = click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16", "autocast-bfloat16"]),
+    f = click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16", "autocast-bfloat16", "autocast-float16"]),
                      help="Compute dtype (repeatable); default float32 and bfloat16. autocast-bfloat16: float32 weights"
-                   " under torch.autocast (the oracle: matrix products in bfloat16, the rest in float32).")(f)
+                   " under torch.autocast (the oracle: matrix products in bfloat16, the rest in float32); autocast-float16 likewise.")(f)
     f = click.option("--impl", "impl", default="hf", show_default=True,
                      help="The implementation each release runs (an entry-point name).")(f)
     f = click.option("--no-diagnose", is_flag=True, help="Verdicts only; name no findings.")(f)
@@ -562,7 +562,7 @@ def checks_explain(code_or_name):
 
 @main.command()
 @click.option("--model", default="gemma-7b", show_default=True)
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16", "autocast-bfloat16"]))
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16", "autocast-bfloat16", "autocast-float16"]))
 @click.option("--json", "json_path", type=click.Path(), help="Write the matrix as JSON here.")
 @click.option("--debug", is_flag=True)
 def selftest(model, dtypes, json_path, debug):

@@ -30,7 +30,7 @@ MIN_FLOOR = 0.02
 # An autocast run's points are float32 where no matrix product made them (its measured floors
 # carry the bfloat16 rounding where one did): float32's smallest floor.
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8,
-                 "autocast-bfloat16": 2.0**-24}
+                 "autocast-bfloat16": 2.0**-24, "autocast-float16": 2.0**-24}
 TOPK = 5
 
 

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 TRUTH_DTYPE = "float64"
 # Mixed precision as people train and evaluate: float32 weights, matrix products in bfloat16
-# (`torch.autocast`, a JAX bf16 compute policy with f32 params). A run dtype of its own.
-AUTOCAST_DTYPES = ("autocast-bfloat16",)
+# (`torch.autocast`, a JAX bf16 compute policy with f32 params), or in float16 (autocast on
+# GPUs without bfloat16, `fp16=True` training). A run dtype of its own.
+AUTOCAST_DTYPES = ("autocast-bfloat16", "autocast-float16")
 
 
 def autocast_of(dtype: str | None) -> str | None:

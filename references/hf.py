@@ -30,7 +30,8 @@ from llmdiff.references.base import Reference
 
 TOP_LOGITS = 8  # llmdiff.sketch.TOP
 # A run dtype -> the dtype the weights are loaded in (autocast: float32 weights, bfloat16 products).
-_TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float64": "float64", "autocast-bfloat16": "float32"}
+_TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float64": "float64", "autocast-bfloat16": "float32",
+                 "autocast-float16": "float32"}
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -47,7 +48,7 @@ def _first_tensor(args, kwargs, key):
 
 class HFReference(Reference):
     name = "hf"
-    dtypes = ("float32", "bfloat16", "autocast-bfloat16")
+    dtypes = ("float32", "bfloat16", "autocast-bfloat16", "autocast-float16")
     package = "transformers"
     has_bare_forward = True
     makes_weights = True

@@ -23,7 +23,7 @@ from llmdiff.references.base import Reference
 
 class OracleReference(Reference):
     name = "oracle"
-    dtypes = ("float32", "bfloat16", "float64", "autocast-bfloat16")
+    dtypes = ("float32", "bfloat16", "float64", "autocast-bfloat16", "autocast-float16")
     has_bare_forward = True
     makes_weights = True
 

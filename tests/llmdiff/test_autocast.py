@@ -15,15 +15,17 @@ def test_a_rope_table_made_under_autocast_is_named_there_only(llmdiff_cli, mutan
     pure bfloat16 are at parity (there the product is float32)."""
     impl = "hf_mutants:RopeAnglesUnderAutocast"
     code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--impl", impl,
-                                       "--dtype", "float32", "--dtype", "bfloat16", "--dtype", "autocast-bfloat16")
+                                       "--dtype", "float32", "--dtype", "bfloat16", "--dtype", "autocast-bfloat16",
+                                       "--dtype", "autocast-float16")
     assert code == 1, out
     assert run_by_candidate(report, impl, "float32")["verdict"] == "parity"
     assert run_by_candidate(report, impl, "bfloat16")["verdict"] == "parity"
-    mixed = run_by_candidate(report, impl, "autocast-bfloat16")
-    assert mixed["verdict"] == "divergence" and mixed["first_divergence"] == "L0.q"
-    (f,) = report["findings"]
-    assert (f["code"], f["dtype"], f["confirmed"]) == ("LD401", "autocast-bfloat16", True)
-    assert f["evidence"]["from_position"] > 0   # nothing at position 0; it grows along the sequence
+    for dtype in ("autocast-bfloat16", "autocast-float16"):   # float16's 11 bits: off from a later position
+        mixed = run_by_candidate(report, impl, dtype)
+        assert mixed["verdict"] == "divergence" and mixed["first_divergence"] == "L0.q"
+    found = sorted((f["code"], f["dtype"], f["confirmed"]) for f in report["findings"])
+    assert found == [("LD401", "autocast-bfloat16", True), ("LD401", "autocast-float16", True)]
+    assert all(f["evidence"]["from_position"] > 0 for f in report["findings"])  # grows along the sequence
 
 
 @pytest.mark.slow   # the default suite has autocast's mutant test; each family's clean run is here
@@ -36,6 +38,19 @@ def test_clean_models_are_at_parity_under_autocast(llmdiff_cli, model):
     # Mixed: the projections are bfloat16 (a floor of bfloat16's size), the embedding float32.
     floors = {p["name"]: p["noise_floor"] for p in run["points"]}
     assert floors["L0.v"] > 1e-4 and floors["embed"] < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gemma-7b", "llama-3.2-1b"])
+def test_clean_models_are_at_parity_under_float16_autocast(llmdiff_cli, model):
+    """float16 autocast (GPUs without bfloat16, `fp16=True` training): the projections in
+    float16, whose floor is 8 times smaller than bfloat16's, the rest float32."""
+    code, out, _, report = llmdiff_cli("compare", model, "--tiny", "--dtype", "autocast-float16")
+    assert code == 0, out
+    run = run_by_candidate(report, "hf", "autocast-float16")
+    assert run["verdict"] == "parity" and report["findings"] == []
+    floors = {p["name"]: p["noise_floor"] for p in run["points"]}
+    assert 1e-5 < floors["L0.v"] < 1e-3 and floors["embed"] < 1e-6
 
 
 def test_an_adapter_without_autocast_is_one_error_for_that_run(llmdiff_cli, mutants_on_path):
