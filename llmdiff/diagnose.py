@@ -76,25 +76,42 @@ class OracleLab:
         self.paths: dict[Variant, str] = {}
         self.errors: dict[str, str] = {}
         self.runs = 0
+        self._made = 0   # captures files named so far
 
     def run_many(self, wanted: list[Variant]) -> list:
-        """Captures for each variant, all missing ones in one worker."""
+        """Captures for each variant, all missing ones in one worker. Variants a worker did not
+        reach because it died (a crash of XLA's CPU compiler was seen after hundreds of
+        compilations in one process: signal 11) get a fresh worker, while each one gets further."""
         todo = list(dict.fromkeys(v for v in wanted if v not in self.cache))
-        if todo:
+        while todo:
             requests = []
             for v in todo:
-                out = self.work / f"oracle-variant-{len(self.cache) + len(requests):04d}"
+                out = self.work / f"oracle-variant-{self._made:04d}"
+                self._made += 1
                 options = self.job.options.with_(precision=dict(v.policy), forced_from=v.forced_from)
                 requests.append(RunRequest(v.run, str(out), options))
+            died, why = [], None
             for v, result in zip(todo, run_worker(Implementation.parse("oracle"), self.job, requests,
                                                   self.work, timeout=self.timeout)):
-                self.runs += 1
                 if result.ok:
+                    self.runs += 1
                     self.cache[v] = diff.load_captures(result.captures_path)
                     self.paths[v] = result.captures_path
+                elif result.meta.get("ok") is None and not died and "timed out" not in (result.error or ""):
+                    died.append(v)   # the first one the dead worker did not finish: its own crash?
+                    why = result.error
+                elif died:
+                    died.append(v)
                 else:
+                    self.runs += 1
                     self.cache[v] = None
                     self.errors[v.key] = result.error
+            if died and died[0] is todo[0]:   # it died on the first one: that one's own crash
+                v = died.pop(0)
+                self.runs += 1
+                self.cache[v] = None
+                self.errors[v.key] = f"{why} (on this run, in a fresh worker)"
+            todo = died
         return [self.cache[v] for v in wanted]
 
     def captures(self, dtype: str, policies: list[dict], constants_dtype: str | None = None,
@@ -218,8 +235,17 @@ def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
         # three together, of the checks whose knob alone changes the oracle's value there (the
         # bugs that act at that point; the others need not be tried: this keeps the runs few).
         scope = _scope_of(case.spec, first)
-        singles = [((c,), {**policy, **v}) for c in remaining for v in _variants(c, scope)]
-        best, moved = _best_trial(case, current, first, floors, forced_from, singles, policy)
+        # Each check's whole-model forms; then, on a model with two kinds of layer, the forms
+        # scoped to `first`'s kind of only the checks whose whole form moved the oracle's value
+        # there (a scoped knob changes `first` only where its whole form does): half the runs.
+        scored, moved = _trials(case, current, first, floors, forced_from,
+                                [((c,), {**policy, **v}) for c in remaining for v in c.variants()], policy)
+        if scope is not None:
+            more, _ = _trials(case, current, first, floors, forced_from,
+                              [((c,), {**policy, **v}) for c in remaining if c in moved
+                               for v in _variants(c, scope)[len(c.variants()):]], policy)
+            scored += more
+        best = _best(scored)
         acting = [c for c in remaining if c in moved]
         for size in range(2, min(MAX_TOGETHER, len(acting)) + 1):
             if best is not None:
@@ -317,6 +343,21 @@ def _best_trial(case: Case, current: dict, first: str, floors: dict, forced_from
     """Of `tries` ((checks, policy), ...), the one whose oracle brings `first` back to parity and
     shrinks the divergence most: (checks, comparison, policy), or None; and the checks whose knob
     changes the oracle's own value at `first` (on top of `policy`): the bugs that act there."""
+    scored, moved = _trials(case, current, first, floors, forced_from, tries, policy)
+    return _best(scored), moved
+
+
+def _best(scored: list):
+    """The best of `_trials`' scored explanations, or None."""
+    if not scored:
+        return None
+    _, _, checks, trial, trial_policy = min(scored, key=lambda s: s[:2])
+    return checks, trial, trial_policy
+
+
+def _trials(case: Case, current: dict, first: str, floors: dict, forced_from, tries: list, policy: dict):
+    """`tries` run and scored: the explanations among them (ranked by `_best`), and the checks
+    whose knob moves the oracle's value at `first`."""
     dtype = current["dtype"]
     base, = case.lab.captures(dtype, [policy], forced_from=forced_from)
     scored, moved = [], set()
@@ -336,10 +377,7 @@ def _best_trial(case: Case, current: dict, first: str, floors: dict, forced_from
             # floor ratio: nearer is a truer form of the bug), then by the excess left everywhere.
             closeness = float(f"{_point(trial, first).get('floor_ratio') or 0.0:.1g}")
             scored.append(((closeness, excess(trial)), [c.code for c in checks], checks, trial, trial_policy))
-    if not scored:
-        return None, moved
-    _, _, checks, trial, trial_policy = min(scored, key=lambda s: s[:2])
-    return (checks, trial, trial_policy), moved
+    return scored, moved
 
 
 def _diverges_before(run: dict, point: str) -> bool:

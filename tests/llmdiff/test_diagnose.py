@@ -158,3 +158,34 @@ def _screenshot_where_chromium_exists(page, png):
 
     pixels = imread(png)
     assert pixels.shape[0] >= 3000 and pixels.std() > 0.05   # drawn, not a blank page
+
+
+def test_a_dead_oracle_worker_is_retried_past_the_run_that_kills_it(monkeypatch, tmp_path):
+    """The runs a crashed worker never reached get a fresh worker; a run that kills every worker
+    it starts in is that run's error alone (signal 11 of XLA's CPU compiler was seen here)."""
+    from llmdiff import diagnose
+    from llmdiff.job import Job, WeightsSource
+    from llmdiff.runner import RunResult
+
+    workers = []
+
+    def fake_worker(impl, job, requests, workdir, timeout=None):
+        workers.append(len(requests))
+        out, dead = [], False
+        for r in requests:
+            dead = dead or dict(r.options.precision).get("poison", False)
+            out.append(RunResult("oracle", r.id, False, "worker for 'oracle' was killed by signal 11", None,
+                                 {"python": "x"}, r.out) if dead else
+                       RunResult("oracle", r.id, True, None, r.out, {"ok": True}, r.out))
+        return out
+
+    monkeypatch.setattr(diagnose, "run_worker", fake_worker)
+    monkeypatch.setattr(diagnose.diff, "load_captures", lambda path: {"path": path})
+    lab = diagnose.OracleLab(Job(spec={}, tokens=[[1]], weights=WeightsSource(canonical="w")), tmp_path)
+    policies = [{"a": 1}, {"poison": True}, {"b": 2}, {"c": 3}]
+    caps = lab.captures("float32", policies)
+    assert [c is not None for c in caps] == [True, False, True, True]
+    assert workers == [4, 3, 2]      # all four; then from the poison one; then past it
+    (error,) = lab.errors.values()
+    assert "signal 11" in error and "fresh worker" in error
+    assert len({c["path"] for c in caps if c}) == 3 and lab.runs == 4
