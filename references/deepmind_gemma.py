@@ -71,10 +71,16 @@ def _import_gemma():
     except ImportError as exc:
         if getattr(exc, "name", None) and exc.name.split(".")[0] != "gemma" and "gemma" in sys.modules:
             raise  # gemma is there but one of its own dependencies is broken: show that
+        if "gemma" in sys.modules and getattr(sys.modules["gemma"], "__version__", None):
+            # Another release (`llmdiff matrix --impl deepmind`) without a module the adapter drives.
+            raise MissingExtra(f"gemma {sys.modules['gemma'].__version__} has no {exc.name or 'gemma.gm'},"
+                               " which the deepmind adapter drives") from None
         raise MissingExtra(f"implementation 'deepmind' needs the deepmind extra: {INSTALL}") from None
-    if gemma.__version__ != GEMMA_VERSION:
-        raise MissingExtra(f"implementation 'deepmind' needs gemma {GEMMA_VERSION} (found {gemma.__version__}):"
-                           f" {INSTALL}")
+    # The extra pins GEMMA_VERSION; another 3.x release (`llmdiff matrix --impl deepmind`) has the
+    # same `gemma.gm` modules and is run as it is: where it lacks something, its run says what.
+    if int(gemma.__version__.split(".")[0]) < 3:
+        raise MissingExtra(f"implementation 'deepmind' needs gemma 3.x, whose gemma.gm API it drives"
+                           f" (found {gemma.__version__}): {INSTALL}")
     return _config, _modules, _transformer, _positional_embeddings
 
 
