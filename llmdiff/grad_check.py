@@ -11,6 +11,10 @@ candidate's first divergent loss or gradient falls back under its noise floor (t
 run itself: the clean oracle against its float64 run) and the divergence as a whole shrinks.
 Several at once are explained greedily, as `llmdiff.diagnose` does for the forward. What is left
 is one unexplained finding where it starts (`evidence.backward_only`).
+
+A `GradEvidenceCheck` is decided from the run's own numbers instead (no oracle re-run): a
+gradient that is NaN or infinite where the oracle's is finite cannot be brought under any floor
+by a knob, so what it says is judged from the captures (`judge`), before the counterfactuals.
 """
 
 from __future__ import annotations
@@ -35,6 +39,35 @@ class GradCheck(Check):
     def grad_variants(self) -> list[dict]:
         base = {self.grad_knob[0]: self.grad_knob[1]}
         return [base] + [{**base, **extra} for extra in self.grad_also]
+
+
+class GradEvidenceCheck(Check):
+    """A check of the training path decided from the `--grad` run's captures (`judge`): the
+    candidate's and the oracle's (the run's dtype and its float64 answer), the prompts' token ids
+    and the spec. The forward diagnosis and the selftest never try it (no knob)."""
+
+    @property
+    def kind(self) -> str:
+        return "dynamic"
+
+    def judge(self, ev: "Evidence") -> list[Finding]:
+        raise NotImplementedError
+
+
+class Evidence:
+    """What a `GradEvidenceCheck` looks at for one run: `run` (its compared rows, loss and
+    gradients only), the captures (numpy, by name) of the candidate, of the oracle at the run's
+    dtype and of its float64 answer, the prompts' ids (`tokens`, one list per prompt: point
+    captures put them one after another along axis 1) and the spec."""
+
+    def __init__(self, candidate, dtype, run, cand_caps, oracle_caps, truth_caps, tokens, spec):
+        self.implementation, self.dtype, self.run = candidate, dtype, run
+        self.cand, self.oracle, self.truth = cand_caps, oracle_caps, truth_caps
+        self.tokens, self.spec = tokens, spec
+
+    def positions(self) -> list[tuple[int, int, int]]:
+        """(prompt, position in it, token id) of each position of a point capture, in order."""
+        return [(b, t, int(i)) for b, ids in enumerate(self.tokens) for t, i in enumerate(ids)]
 
 
 def grad_part(run: dict, names: list[str]) -> dict:
@@ -82,7 +115,15 @@ def explain_backward(report: dict, points: list[str], checks, spec, lab, results
         cand_caps = _load_caps(results.get((candidate, RunId(d))))
         oracle_caps = _load_caps(results.get((ORACLE, RunId(d))))
         truth_caps = _load_caps(results.get((ORACLE, RunId(TRUTH_DTYPE, d))))
-        if remaining and cand_caps and oracle_caps and truth_caps and current["verdict"] == "divergence":
+        if cand_caps and oracle_caps and truth_caps:
+            ev = Evidence(candidate, d, current, cand_caps, oracle_caps, truth_caps, lab.job.tokens, spec)
+            for c in checks:
+                if isinstance(c, GradEvidenceCheck) and c.applies(spec, d):
+                    found += c.judge(ev)
+        # No knob brings a NaN or infinite gradient under a floor: no counterfactual is tried
+        # when the first divergence is not finite.
+        finite = _row(current, start).get("finite", True) if start else True
+        if remaining and cand_caps and oracle_caps and truth_caps and current["verdict"] == "divergence" and finite:
             if grad_lab is None:
                 work = Path(lab.work) / "grad-counterfactuals"
                 work.mkdir(parents=True, exist_ok=True)
@@ -119,7 +160,7 @@ def explain_backward(report: dict, points: list[str], checks, spec, lab, results
                 policy, current = pol, r
                 remaining.remove(c)
         out += found
-        if current["verdict"] != "divergence":
+        if current["verdict"] != "divergence" or any(f.where == current["first_divergence"] for f in found):
             continue
         first = current["first_divergence"]
         p = _row(current, first)

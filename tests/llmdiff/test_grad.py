@@ -264,16 +264,19 @@ def test_the_oracle_loss_written_in_full_is_transformers_for_causal_lm_loss():
 
 def test_every_training_check_names_a_knob_the_oracle_takes():
     from llmdiff import registry
-    from llmdiff.grad_check import GradCheck
+    from llmdiff.grad_check import GradCheck, GradEvidenceCheck
     from llmdiff.references.gemma import Precision
 
     checks = [c for c in registry.load_checks()[0] if isinstance(c, GradCheck)]
-    assert {c.code for c in checks} >= {"LD603", "LD604", "LD605", "LD606"}
+    assert {c.code for c in checks} >= {"LD603", "LD604", "LD605", "LD606", "LD608"}
     for c in checks:
         assert c.knob is None and c.kind == "dynamic"       # the forward diagnosis never tries it
         for variant in c.grad_variants():
             Precision.from_knobs(variant)                   # a field, a value it takes
-            assert all(k.startswith("loss_") for k in variant)
+            # read only by gemma_grad: the loss function's knobs, the norms' backward
+            assert all(k.startswith("loss_") or k == "norm_backward" for k in variant)
+    evidence = [c for c in registry.load_checks()[0] if isinstance(c, GradEvidenceCheck)]
+    assert {c.code for c in evidence} >= {"LD607"} and all(c.knob is None for c in evidence)
 
 
 @pytest.mark.slow
@@ -304,3 +307,125 @@ def test_each_loss_bug_is_named_by_its_own_check(llmdiff_cli, mutants_on_path):
         else:
             assert run["first_divergence"] == "loss:accumulated"
     assert "errors" not in report
+
+
+# --- LD607: NaN/Inf gradients through untrained (zero or near-zero) embedding rows -----------
+
+def _evidence(cand_nan_at, rows_scale, tokens=((2, 5, 6, 7), (2, 8, 9))):
+    """Captures of one run: `embed` (1, T, 4) with the rows of `rows_scale` ({token: factor})
+    scaled, the candidate's grad:embed NaN at the positions `cand_nan_at` and grad:w:embed NaN
+    at their tokens' rows; the oracle finite everywhere."""
+    from llmdiff.grad_check import Evidence
+
+    rng = np.random.default_rng(0)
+    flat = [t for p in tokens for t in p]
+    embed = rng.standard_normal((1, len(flat), 4))
+    for k, t in enumerate(flat):
+        embed[0, k] *= rows_scale.get(t, 1.0)
+    g = rng.standard_normal((1, len(flat), 4))
+    gw = rng.standard_normal((16, 4))
+    cand_g, cand_gw = g.copy(), gw.copy()
+    for k in cand_nan_at:
+        cand_g[0, k] = np.nan
+        cand_gw[flat[k]] = np.nan
+    oracle = {"embed": embed, "grad:embed": g, "grad:w:embed": gw, "grad:L0.out": g}
+    cand = {**oracle, "grad:embed": cand_g, "grad:w:embed": cand_gw}
+    run = {"points": [{"name": n} for n in ("loss", "grad:L0.out", "grad:embed", "grad:w:embed")]}
+    return Evidence("cand", "float32", run, cand, oracle, oracle, [list(p) for p in tokens],
+                    shrink(get_spec("llama-3.1-8b")))
+
+
+def _ld607(ev):
+    from llmdiff.checks.non_finite_gradient_at_untrained_rows import NonFiniteGradientAtUntrainedRows
+
+    return NonFiniteGradientAtUntrainedRows().judge(ev)
+
+
+def test_nan_gradients_at_zero_rows_are_named_with_the_rows():
+    (f,) = _ld607(_evidence([1, 6], {5: 0.0, 9: 1e-22}))   # token 5 (prompt 0 pos 1), token 9 (prompt 1 pos 2)
+    assert (f.code, f.where, f.implementation) == ("LD607", "grad:embed", "cand")
+    ev = f.evidence
+    assert [(r["token"], r["prompt"], r["position"]) for r in ev["rows"]] == [(5, 0, 1), (9, 1, 2)]
+    assert ev["rows"][0]["relative_norm"] == 0.0 and 0 < ev["rows"][1]["relative_norm"] < 1e-20
+    assert ev["non_finite_points"] == {"grad:embed": [[0, 1], [1, 2]]}
+    assert ev["non_finite_embedding_rows"] == [5, 9] and ev["non_finite_weights"] == {"grad:w:embed": 8}
+
+
+def test_nan_gradients_that_start_at_trained_rows_are_not_ld607():
+    assert _ld607(_evidence([1, 5], {5: 0.0})) == []     # token 8's row (position 5) is an ordinary one
+    assert _ld607(_evidence([], {5: 0.0})) == []         # zero rows, finite gradients: nothing
+    ev = _evidence([1], {5: 0.0})
+    ev.oracle = {**ev.oracle, "grad:embed": ev.cand["grad:embed"]}   # the oracle non-finite too
+    ev.truth = ev.oracle
+    (f,) = _ld607(ev)                                    # only the table's rows are left
+    assert f.where == "grad:w:embed" and f.evidence["non_finite_embedding_rows"] == [5]
+
+
+def _zero_row_checkpoint(tmp_path):
+    """Tiny Llama 3.1 8B whose embedding rows of two prompt tokens are untrained: one zero, one
+    1e-22 times its random row (`--tokens 16,24` synthetic prompts, seed 0)."""
+    from llmdiff import inputs, weights
+
+    spec = get_spec("llama-3.1-8b", tiny=True)
+    canon = weights.random_weights(spec, seed=0)
+    prompts = inputs.synthetic_prompts(spec, 0, [16, 24])
+    zero, tiny = prompts[0][5], prompts[1][9]
+    canon["embed"] = canon["embed"].copy()
+    canon["embed"][zero] = 0
+    canon["embed"][tiny] *= 1e-22
+    return weights.write_hf_checkpoint(tmp_path / "zero-rows", spec, canon, dtype="float32"), zero, tiny
+
+
+@pytest.mark.slow   # ~70 s on a shared CPU
+def test_a_norm_backward_without_eps_gives_nan_at_untrained_rows_and_is_ld607(llmdiff_cli, mutants_on_path, tmp_path):
+    """Untrained rows hit by the prompts: HF's own backward stays finite and at parity (its
+    eps is in the backward too); the mutant's (the projection term over mean(x^2), no eps) is
+    NaN at those positions of grad:embed and those rows of grad:w:embed, every other gradient at
+    parity; LD607 names it with the rows, in both dtypes, and nothing else is said."""
+    ckpt, zero, tiny = _zero_row_checkpoint(tmp_path)
+    impl = "hf_mutants:NormBackwardDividesByRms"
+    code, out, _, report = llmdiff_cli("compare", "llama-3.1-8b", "--tiny", "--weights", str(ckpt), "--tokens", "16,24",
+                                       "--grad", "--impl", "hf", "--impl", impl, "--dtype", "float32",
+                                       "--dtype", "bfloat16", "--no-tokenizer-parity")
+    assert code == 1, out
+    for dtype in ("float32", "bfloat16"):
+        clean = run_by_candidate(report, "hf", dtype)
+        assert clean["verdict"] == "parity" and _worst(_grad_rows(clean))["floor_ratio"] < 8
+        run = run_by_candidate(report, impl, dtype)
+        bad = [p["name"] for p in run["points"] if p["verdict"] == "divergence"]
+        assert bad == ["grad:embed", "grad:w:embed"], (dtype, bad)
+    assert {(f["code"], f["implementation"], f["where"]) for f in report["findings"]} == {("LD607", impl, "grad:embed")}
+    assert len(report["findings"]) == 2 and "errors" not in report
+    ev = report["findings"][0]["evidence"]
+    assert [(r["token"], r["prompt"], r["position"]) for r in ev["rows"]] == [(zero, 0, 5), (tiny, 1, 9)]
+    assert ev["non_finite_embedding_rows"] == sorted([zero, tiny])
+
+
+# --- LD608: RMSNorm's backward in the compute dtype -----------------------------------------
+
+@pytest.mark.slow   # ~17 s on a shared CPU: four compiles of the whole --grad run
+def test_the_norm_backward_knob_changes_only_a_low_dtype_backward():
+    """`norm_backward="compute"`: the forward (every point, the loss) is the clean oracle's bit
+    for bit; in bfloat16 the gradients at the last norm's input move, its output's do not; in
+    float32 nothing moves (the knob acts where the compute dtype is a low one)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from llmdiff import weights
+    from llmdiff.references import gemma, gemma_grad
+
+    spec = shrink(get_spec("gemma-7b"))
+    tokens = jnp.asarray([[2, 17, 5, 99, 3, 42, 7, 11]], jnp.int32)
+    p = gemma.Precision()
+    knob = dataclasses.replace(p, norm_backward="compute")
+    for dt, moves in ((ml_dtypes.bfloat16, True), (np.float32, False)):
+        canon = {k: jnp.asarray(np.asarray(v).astype(dt)) for k, v in weights.random_weights(spec, 0).items()}
+        loss, caps, gp, gw = gemma_grad.loss_and_grads(canon, tokens, spec, p)
+        loss2, caps2, gp2, gw2 = gemma_grad.loss_and_grads(canon, tokens, spec, knob)
+        assert float(loss) == float(loss2) and all(np.array_equal(caps[n], caps2[n]) for n in caps)
+        assert np.array_equal(gp["final_norm"], gp2["final_norm"])          # the last norm's output
+        last = f"L{spec.num_layers - 1}.out"                               # its input
+        assert (not np.array_equal(gp[last], gp2[last])) == moves
+        assert (not np.array_equal(gw["final_norm"], gw2["final_norm"])) == moves

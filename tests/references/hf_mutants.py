@@ -606,3 +606,72 @@ class GeluF16Table(HFReference):
         for layer in model.model.layers:
             layer.mlp.act_fn = F16TableGelu()
         return model
+
+
+# --- the backward of RMSNorm (#23): a custom autograd function, as fused-kernel ports have -----
+
+def _norm_backward(model, backward_dtype=None, projection_without_eps=False):
+    """Every RMSNorm of `model` (the modules whose class name ends in RMSNorm) made a custom
+    autograd function: the forward is the module's own, bit for bit; the backward recomputes the
+    norm from its saved input and weight and differentiates that, in `backward_dtype` (None: float32,
+    as HF's upcast forward differentiates) and, with `projection_without_eps`, with the
+    projection term of d/dx written as x * mean(x * g) / mean(x^2) with no epsilon (a kernel
+    that divides by the RMS it recomputes)."""
+    import torch
+
+    class Norm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, module, original):
+            ctx.save_for_backward(x, weight)
+            ctx.module = module
+            return original(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            x, weight = ctx.saved_tensors
+            m = ctx.module
+            dt = backward_dtype or torch.float32
+            eps = getattr(m, "variance_epsilon", None) or getattr(m, "eps", 1e-6)
+            plus_one = type(m).__name__.startswith("Gemma")
+            with torch.enable_grad():
+                xd, wd = x.detach().to(dt).requires_grad_(), weight.detach().to(dt).requires_grad_()
+                ms = xd.pow(2).mean(-1, keepdim=True)
+                r = torch.rsqrt(ms + eps)
+                if projection_without_eps:
+                    # d/dx [x r] = r g - x r mean(x g) / mean(x^2): the last factor's eps dropped
+                    y = (wd + 1 if plus_one else wd) * (xd * r).detach()
+                    gw, = torch.autograd.grad(y, (wd,), g.to(dt))
+                    gn = (g.to(dt) * (wd + 1 if plus_one else wd)).detach()
+                    gx = r * gn - xd.detach() * r * (xd.detach() * gn).mean(-1, keepdim=True) / ms.detach()
+                else:
+                    y = (xd * r) * (wd + 1 if plus_one else wd)
+                    gx, gw = torch.autograd.grad(y, (xd, wd), g.to(dt))
+            return gx.to(x.dtype), gw.to(weight.dtype), None, None
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
+            original = module.forward
+            module.forward = lambda x, module=module, original=original: Norm.apply(x, module.weight, module, original)
+    return model
+
+
+class NormBackwardDividesByRms(HFReference):
+    """RMSNorm's backward (a custom autograd function; the forward HF's bit for bit) writes the
+    projection term of d/dx as x * mean(x * g) / mean(x^2), the epsilon left out: at a row of
+    zeros (an untrained embedding row: Llama 3 base's reserved special tokens) it is 0 / 0, NaN,
+    and at a near-zero row mean(x^2) underflows to 0 (Inf); elsewhere it is HF's gradient to
+    within eps / mean(x^2) of a term D times smaller than the gradient."""
+
+    def patch_model(self, model):
+        return _norm_backward(model, projection_without_eps=True)
+
+
+class NormBackwardInBFloat16(HFReference):
+    """RMSNorm's backward in the compute dtype (bfloat16) while its forward is HF's float32
+    upcast, bit for bit: a custom autograd function as fused-kernel ports have, its backward the
+    norm recomputed and differentiated in bfloat16 (every op rounded to bfloat16)."""
+
+    def patch_model(self, model):
+        import torch
+
+        return _norm_backward(model, backward_dtype=model.dtype if model.dtype != torch.float32 else None)
