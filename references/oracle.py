@@ -48,6 +48,12 @@ class OracleReference(Reference):
             # Every step, however quick to compile: the counterfactual runs of a diagnosis and a
             # CI job's repeated runs compile the same small steps again and again otherwise.
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+            # A bounded cache is a locked one: without a size JAX reads and writes entries with
+            # no lock and no atomic rename, so a worker reading an entry another process is
+            # writing (two compares at once; a selftest next to a test run) deserialises half an
+            # executable and dies (measured here: signal 6 and 11 in 4414 of 7950 selftest runs).
+            # With a size, every get and put holds `.lockfile` (filelock) and old entries go first.
+            jax.config.update("jax_compilation_cache_max_size", 4 << 30)
         device = self.options.device
         if device == "cpu" and jax.config.jax_platforms != "cpu":
             jax.config.update("jax_platforms", "cpu")  # before the first computation of this worker
