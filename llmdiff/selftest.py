@@ -154,6 +154,7 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
                 acts = run["verdict"] == "divergence" or forced["verdict"] == "divergence"
                 if not acts and name not in ("clean", "unknown"):
                     expected = []
+                before = lab.runs
                 found = diagnose.explain(diagnose.Case(lab, spec, name, caps, path, floors, points), checks, run)
                 diff.attach_forced(run, forced)
                 codes = sorted(f.code for f in found)
@@ -161,7 +162,8 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
                     expected_point is None or any(f.where == expected_point for f in found))
                 rows.append({"dtype": dtype, "mutant": name, "policy": policy, "expected": sorted(expected),
                              "found": codes, "where": [f.where for f in found], "ok": ok,
-                             "first_divergence": run["first_divergence"], "acts": acts})
+                             "first_divergence": run["first_divergence"], "acts": acts,
+                             "oracle_runs": lab.runs - before})   # the diagnosis' own, not cached before
         return {"model": spec.name, "dtypes": list(dtypes), "checks": [c.code for c in checks], "rows": rows,
                 "diagonal": all(r["ok"] for r in rows), "oracle_runs": lab.runs, "errors": lab.errors}
     finally:
