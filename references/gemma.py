@@ -155,10 +155,6 @@ class Precision:
     loss_denominator: str = "targets"
     loss_label_shift: int = 1
     loss_softcap: bool = True
-    # RMSNorm's backward (`--grad` only): "fp32", the derivative of the forward as written
-    # (statistics in float32); "compute": the norm recomputed and differentiated in the compute
-    # dtype (bfloat16) while the forward stays float32-upcast (a fused kernel's backward).
-    norm_backward: str = "fp32"
     # Knobs that act on some layers only: ((scope, ((knob, value), ...)), ...), a scope being a
     # layer kind of the spec ("local": the sliding-window layers, "global") or one layer ("L3").
     # A port can be right on one kind of layer and wrong on the other (a mask built wrongly only
@@ -174,8 +170,7 @@ class Precision:
                "mask_fill": ("min", "zero"), "autocast": (None, "bfloat16", "float16"), "rope_theta": ("spec", "default"),
                "qk_norm_order": ("before_rope", "after_rope"), "lm_head": ("spec", "embedding"),
                "qk_norm_scope": ("head", "all_heads"),
-               "loss_denominator": ("targets", "positions", "predicting_positions"),
-               "norm_backward": ("fp32", "compute")}
+               "loss_denominator": ("targets", "positions", "predicting_positions")}
     UNSCOPED = UNSCOPED_KNOBS   # knobs of the whole model, never scoped
 
     def __post_init__(self):

@@ -14,7 +14,6 @@ come out under canonical names.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -63,64 +62,8 @@ def params_from_canonical(canon: dict, spec: ModelSpec) -> dict:
     return params
 
 
-def _norm_in_compute_dtype(x, w, spec: ModelSpec, p: gemma.Precision):
-    """RMSNorm as a fused kernel's backward computes it: every op in x's dtype (bfloat16), the
-    statistics too; (x * rsqrt(mean(x^2) + eps)) * (1 + w) or * w."""
-    one = 1.0 if spec.norm_plus_one and p.norm_plus_one else 0.0
-    w = w.astype(x.dtype)
-    r = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + (p.norm_eps or spec.norm_eps))
-    return (x * r) * (w + one if one else w)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _norm_low_backward(x, w, spec, p):
-    return _RMS_NORM(x, w, spec, p)
-
-
-def _norm_low_backward_fwd(x, w, spec, p):
-    return _RMS_NORM(x, w, spec, p), (x, w)
-
-
-def _norm_low_backward_bwd(spec, p, saved, g):
-    x, w = saved
-    _, vjp = jax.vjp(lambda a, b: _norm_in_compute_dtype(a, b, spec, p), x, w.astype(x.dtype))
-    gx, gw = vjp(g.astype(x.dtype))
-    return gx, gw.astype(w.dtype)
-
-
-_norm_low_backward.defvjp(_norm_low_backward_fwd, _norm_low_backward_bwd)
-_RMS_NORM = gemma.rms_norm
-
-
-def _rms_norm(x, w, spec: ModelSpec, p: gemma.Precision):
-    """`gemma.rms_norm`, its backward in the compute dtype where `p.norm_backward` says so and
-    the compute dtype is a low one (the forward is `gemma.rms_norm`'s, bit for bit)."""
-    if p.norm_backward == "compute" and jnp.dtype(x.dtype).itemsize < 4:
-        return _norm_low_backward(x, w, spec, p)
-    return _RMS_NORM(x, w, spec, p)
-
-
-@contextlib.contextmanager
-def _norms(p: gemma.Precision):
-    """`gemma`'s norms (read as a module global by `block` and `head`) with `p.norm_backward`,
-    while a `--grad` forward is traced."""
-    if p.norm_backward == "fp32":
-        yield
-        return
-    gemma.rms_norm = _rms_norm
-    try:
-        yield
-    finally:
-        gemma.rms_norm = _RMS_NORM
-
-
 def _forward(canon, deltas, tokens, spec: ModelSpec, p: gemma.Precision):
     """`gemma.forward` on a `GradTape`: (loss, the recorded points)."""
-    with _norms(p):
-        return _traced_forward(canon, deltas, tokens, spec, p)
-
-
-def _traced_forward(canon, deltas, tokens, spec: ModelSpec, p: gemma.Precision):
     params = params_from_canonical(canon, spec)
     cap = GradTape(deltas)
     B, T = tokens.shape

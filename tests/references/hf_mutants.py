@@ -610,11 +610,11 @@ class GeluF16Table(HFReference):
 
 # --- the backward of RMSNorm (#23): a custom autograd function, as fused-kernel ports have -----
 
-def _norm_backward(model, backward_dtype=None, projection_without_eps=False):
+def _norm_backward(model, projection_without_eps=False):
     """Every RMSNorm of `model` (the modules whose class name ends in RMSNorm) made a custom
     autograd function: the forward is the module's own, bit for bit; the backward recomputes the
-    norm from its saved input and weight and differentiates that, in `backward_dtype` (None: float32,
-    as HF's upcast forward differentiates) and, with `projection_without_eps`, with the
+    norm from its saved input and weight and differentiates that in float32 (as HF's upcast
+    forward differentiates) and, with `projection_without_eps`, with the
     projection term of d/dx written as x * mean(x * g) / mean(x^2) with no epsilon (a kernel
     that divides by the RMS it recomputes)."""
     import torch
@@ -630,7 +630,7 @@ def _norm_backward(model, backward_dtype=None, projection_without_eps=False):
         def backward(ctx, g):
             x, weight = ctx.saved_tensors
             m = ctx.module
-            dt = backward_dtype or torch.float32
+            dt = torch.float32
             eps = getattr(m, "variance_epsilon", None) or getattr(m, "eps", 1e-6)
             plus_one = type(m).__name__.startswith("Gemma")
             with torch.enable_grad():
@@ -664,14 +664,3 @@ class NormBackwardDividesByRms(HFReference):
 
     def patch_model(self, model):
         return _norm_backward(model, projection_without_eps=True)
-
-
-class NormBackwardInBFloat16(HFReference):
-    """RMSNorm's backward in the compute dtype (bfloat16) while its forward is HF's float32
-    upcast, bit for bit: a custom autograd function as fused-kernel ports have, its backward the
-    norm recomputed and differentiated in bfloat16 (every op rounded to bfloat16)."""
-
-    def patch_model(self, model):
-        import torch
-
-        return _norm_backward(model, backward_dtype=model.dtype if model.dtype != torch.float32 else None)
