@@ -115,6 +115,11 @@ class Check:
     also: tuple[dict, ...] = ()
     # The dtypes in which the bug acts (a bfloat16-only bug is invisible in float32).
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    # True where the knob amplifies the oracle's own rounding noise (a table read at a rounded
+    # input: one last bit of the input flips the entry, a float32 difference becomes a float16
+    # step): an oracle with it on is judged against its own floor, at every point the larger of
+    # the clean floor and that oracle's at the run dtype against float64 (`diagnose.Case.judge`).
+    own_floor: bool = False
 
     @property
     def kind(self) -> str:

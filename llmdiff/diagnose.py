@@ -14,6 +14,7 @@ and shared by every candidate (and by the selftest's mutants).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -136,11 +137,45 @@ class Case:
     thresholds: diff.Thresholds = diff.DEFAULT_THRESHOLDS
     lengths: list | None = None      # the prompts' lengths: errors per position
     pos_floors: dict | None = None   # the free-running floors per position (`diff.position_floors`)
+    # The knobs ((name, value), ...) that amplify the oracle's own rounding noise (`Check.own_floor`):
+    # an oracle with one of them on is judged against its own floor (`judge`). `explain` fills it.
+    amplifiers: tuple = ()
 
-    def compare(self, caps: dict, floors: dict, dtype: str, forced: bool) -> dict:
-        """The candidate against oracle captures `caps`, judged with `floors`."""
+    def compare(self, caps: dict, floors: dict, dtype: str, forced: bool, pos_floors: dict | None = None) -> dict:
+        """The candidate against oracle captures `caps`, judged with `floors` (and free-running,
+        per position with `pos_floors`, by default the clean ones)."""
         return diff.compare_captures(self.cand_caps, caps, floors, dtype, self.points, self.thresholds,
-                                     self.lengths, None if forced else self.pos_floors)
+                                     self.lengths, None if forced else (pos_floors if pos_floors is not None
+                                                                        else self.pos_floors))
+
+    def amplifies(self, policy: dict) -> bool:
+        """Whether `policy` switches on a knob that amplifies the oracle's own rounding noise (on
+        the whole model or scoped: `knob@local`)."""
+        return any(k.partition("@")[0] == name and v == value
+                   for k, v in policy.items() for name, value in self.amplifiers)
+
+    def judge(self, policy: dict, caps: dict, floors: dict, dtype: str, forced_from: str | None) -> dict:
+        """The candidate against the oracle run with `policy` (`caps`), judged against the noise
+        floor of that oracle: `floors` (the clean oracle's), or where `policy` switches on a knob
+        that amplifies rounding noise (a table read at a float16-rounded input turns float32's
+        last-bit noise into float16 steps), at every point the larger of `floors` and the floor
+        of the oracle with `policy` on, `dtype` against float64 (the hypothesis' own floor: the
+        amplified noise propagates, so every later point gets it too). Without that float64 run
+        (it failed) the clean floors stand: a hypothesis is never judged more leniently unmeasured."""
+        forced = forced_from is not None
+        if not self.amplifies(policy):
+            return self.compare(caps, floors, dtype, forced)
+        truth, = self.lab.captures("float64", [policy], constants_dtype=dtype, forced_from=forced_from)
+        if truth is None:
+            return self.compare(caps, floors, dtype, forced)
+        own = diff.noise_floors(caps, truth, dtype)
+        floors = {k: max(floors.get(k, 0.0), own.get(k, 0.0)) for k in {*floors, *own}}
+        pos_floors = None
+        if not forced and self.pos_floors and self.lengths:
+            own_pos = diff.position_floors(caps, truth, dtype, self.lengths)
+            pos_floors = {k: np.maximum(v, own_pos[k]) if k in own_pos and len(own_pos[k]) == len(v) else v
+                          for k, v in self.pos_floors.items()}
+        return self.compare(caps, floors, dtype, forced, pos_floors)
 
 
 def teacher_forced(lab: OracleLab, cand_caps: dict, cand_path: str, dtype: str, points: list[str],
@@ -165,6 +200,7 @@ def explain(case: Case, checks: list[Check], run: dict) -> list[Finding]:
     """
     dtype, candidate = run["dtype"], case.candidate
     remaining = [c for c in checks if c.knob and c.applies(case.spec, dtype)]
+    case = dataclasses.replace(case, amplifiers=tuple(c.knob for c in remaining if c.own_floor))
     findings: list[Finding] = []
     policy: dict = {}
     free = _as_run(run["points"], dtype)
@@ -187,7 +223,7 @@ def explain(case: Case, checks: list[Check], run: dict) -> list[Finding]:
             _, forced_floors = done
             caps, = case.lab.captures(dtype, [policy], forced_from=case.cand_path)
             if caps is not None:
-                forced = dict(case.compare(caps, forced_floors, dtype, True), dtype=dtype)
+                forced = dict(case.judge(policy, caps, forced_floors, dtype, case.cand_path), dtype=dtype)
                 if forced["verdict"] == "divergence":
                     policy, current = _greedy(case, remaining, forced, forced_floors, case.cand_path, policy,
                                               findings)
@@ -274,6 +310,12 @@ def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
             "before": [_short(p.get("rel_l2")) for p in current["points"]],
             "after": [_short(after_by_name.get(p["name"], {}).get("rel_l2")) for p in current["points"]],
             "floor": [_short(p.get("noise_floor")) for p in current["points"]]}
+        own_note = ""
+        if case.amplifies(knob) and after.get("noise_floor") and before.get("noise_floor"):
+            # Judged against the hypothesis' own floor (`Case.judge`): say how much larger it is.
+            evidence["hypothesis_floor"] = after["noise_floor"]
+            own_note = (f"; the knob amplifies rounding noise, so the floor there is that of the oracle with it on,"
+                        f" {dtype} against float64: {after['noise_floor'] / before['noise_floor']:.3g}x the clean one")
         if before.get("diverges_from"):   # nothing at the first positions: a bug that grows along the sequence
             evidence["from_position"] = before["diverges_from"]
         ctx = Context(case.spec, case.candidate, {}, dtype, run)
@@ -288,7 +330,7 @@ def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
             message = (f"{check.summary()} At {first}{where}{forced_note}: rel L2 {before.get('rel_l2'):.3g} "
                        f"({before.get('floor_ratio'):.3g}x the noise floor) falls to {after.get('rel_l2'):.3g} "
                        f"({after.get('floor_ratio'):.3g}x) with the oracle's "
-                       f"{', '.join(f'{k}={v!r}' for k, v in knob.items())}{also}.")
+                       f"{', '.join(f'{k}={v!r}' for k, v in knob.items())}{also}{own_note}.")
             findings.append(check.finding(ctx, first, message, {**evidence, **({"together_with": together}
                                                                                 if together else {}),
                                                                **({"scope": scope} if scope else {})},
@@ -361,13 +403,18 @@ def _trials(case: Case, current: dict, first: str, floors: dict, forced_from, tr
     dtype = current["dtype"]
     base, = case.lab.captures(dtype, [policy], forced_from=forced_from)
     scored, moved = [], set()
-    for (checks, trial_policy), caps in zip(tries, case.lab.captures(dtype, [t[1] for t in tries],
-                                                                    forced_from=forced_from)):
+    runs = case.lab.captures(dtype, [t[1] for t in tries], forced_from=forced_from)
+    # The float64 runs of the trials judged against their own floor (`Case.judge`), in one worker.
+    case.lab.captures("float64", [p for (_, p), caps in zip(tries, runs) if caps is not None and case.amplifies(p)],
+                      constants_dtype=dtype, forced_from=forced_from)
+    for (checks, trial_policy), caps in zip(tries, runs):
         if caps is None:
             continue
         if base is None or first not in caps or diff.point_metrics(caps[first], base[first])["rel_l2"] > 0:
             moved.update(checks)
-        trial = case.compare(caps, floors, dtype, forced_from is not None)
+        # Judged against the oracle's floor under the hypothesis (its own, for a knob that
+        # amplifies rounding noise, on this trial or found in an earlier round: `Case.judge`).
+        trial = case.judge(trial_policy, caps, floors, dtype, forced_from)
         # An explanation brings `first` back without breaking a point before it (the candidate
         # agreed with the oracle there): a knob acting on every layer does not explain a bug
         # on one kind of layer only, whose form on that kind does.

@@ -189,3 +189,63 @@ def test_a_dead_oracle_worker_is_retried_past_the_run_that_kills_it(monkeypatch,
     (error,) = lab.errors.values()
     assert "signal 11" in error and "fresh worker" in error
     assert len({c["path"] for c in caps if c}) == 3 and lab.runs == 4
+
+
+def test_a_noise_amplifying_knob_is_judged_against_its_own_floor(tmp_path):
+    """A knob that reads a table at a float16-rounded input (LD302's) turns float32 noise into
+    float16 steps: the oracle with it on is itself far from its float64 run. Its trial is judged
+    against that floor, at the first divergent point and every later one (the amplified noise
+    propagates); the same data with the clean floor alone is no explanation."""
+    import numpy as np
+
+    from llmdiff import diff, diagnose
+    from llmdiff.check import Check
+    from llmdiff.spec import get_spec
+
+    class Table(Check):
+        """## What it finds
+        x."""
+        code, name, knob, dtypes, own_floor = "LD999", "table-lookup", ("gelu", "f16_table"), ("float32",), True
+
+    rng = np.random.default_rng(0)
+    shape, points = (1, 16, 256), ["L0.mlp_act", "L1.mlp_act"]
+    x = rng.normal(size=shape)
+    step = 2.0 ** -8
+
+    def table(v, flips):   # a step function of v; `flips` of its entries one step off
+        out = np.round(v / step) * step
+        out.ravel()[flips] += step
+        return out
+
+    flips = [rng.choice(x.size, 40, replace=False) for _ in range(3)]
+    clean32 = {p: (x * (i + 1)).astype(np.float32) for i, p in enumerate(points)}
+    clean64 = {p: x * (i + 1) + 1e-9 for i, p in enumerate(points)}
+    knob64 = {p: table(x * (i + 1), []) for i, p in enumerate(points)}
+    knob32 = {p: table(x * (i + 1), flips[0]).astype(np.float32) for i, p in enumerate(points)}
+    cand = {p: table(x * (i + 1), flips[1 + i % 2]).astype(np.float32) for i, p in enumerate(points)}
+    floors = diff.noise_floors(clean32, clean64, "float32")
+
+    class Lab:
+        def captures(self, dtype, policies, constants_dtype=None, forced_from=None):
+            return [(knob64 if dtype == "float64" else knob32) if p.get("gelu") == "f16_table"
+                    else clean32 if not p else None for p in policies]
+
+    spec = get_spec("gemma-7b", tiny=True)
+    run = diff.compare_captures(cand, clean32, floors, "float32", points)
+    assert run["first_divergence"] == "L0.mlp_act"
+    for own_floor in (True, False):
+        Table.own_floor = own_floor
+        case = diagnose.Case(Lab(), spec, "cand", cand, None, floors, points)
+        (f,) = diagnose.explain(case, [Table()], run)
+        if not own_floor:   # against the clean floor the knob brings nothing back: unexplained
+            assert f.code == "LD000" and f.where == "L0.mlp_act"
+            continue
+        assert (f.code, f.where, f.confirmed) == ("LD999", "L0.mlp_act", True)
+        own = diff.noise_floors(knob32, knob64, "float32")
+        assert f.evidence["hypothesis_floor"] == own["L0.mlp_act"] > 100 * floors["L0.mlp_act"]
+        assert f.evidence["after"]["floor_ratio"] <= 8 and f.evidence["divergent_points"]["after"] == 0
+        assert "amplifies rounding noise" in f.message
+        # The later point too is judged against the knob-on oracle's own floor there.
+        judged = diagnose.Case(Lab(), spec, "cand", cand, None, floors, points, amplifiers=(Table.knob,)).judge(
+            {"gelu": "f16_table"}, knob32, floors, "float32", None)
+        assert [p["noise_floor"] for p in judged["points"]] == [own[p] for p in points]
