@@ -10,6 +10,10 @@ One call measures, for hf and the oracle:
             run, times a bare forward (no hooks, no capture) and a capturing one, and records its
             peak GPU memory; the parent times the diff;
   profile   torch.profiler over the HF worker's sketched capture (DIR/profile-hf-DTYPE.txt);
+  gradbench (`--grad`) the HF worker's `run_grad` (loss, every point's and weight's gradient,
+            whole, copied to the host) against a bare forward + backward of the same loss
+            (`model(ids, labels=ids).loss.backward()`), each the fastest of three after a warm-up,
+            with peak GPU memory;
   debugger  the peer a porter uses today on the same model and prompt: HF's
             `model_addition_debugger_context`, and plain hooks copying every module output to the
             host (the naive capture).
@@ -97,7 +101,7 @@ def bench(model, tokens, dtypes) -> dict:
             "runs": [{k: r.get(k) for k in ("candidate", "dtype", "verdict", "first_divergence")} for r in report["runs"]]}
 
 
-def _hf_job(model, tokens, capture):
+def _hf_job(model, tokens, capture, device="cuda"):
     """The job llmdiff's HF worker gets for MODEL with weights made on the GPU, one prompt."""
     from llmdiff import inputs, weights
     from llmdiff.job import Job, Options, WeightsSource
@@ -107,9 +111,65 @@ def _hf_job(model, tokens, capture):
     work = Path(tempfile.mkdtemp(prefix="llmdiff-bench-"))
     hf_dir = weights.write_hf_config(work / "hf-config", spec)
     ids = inputs.synthetic_prompts(spec, 0, (tokens,))[0]
-    job = Job(spec=spec.to_dict(), tokens=[ids], options=Options(device="cuda", stream=False),
+    job = Job(spec=spec.to_dict(), tokens=[ids], options=Options(device=device, stream=False),
               weights=WeightsSource(hf_dir=str(hf_dir), seed=0), capture=capture)
     return job, ids, work
+
+
+def gradbench(model, tokens, dtypes) -> dict:
+    """`--grad`'s cost in the HF worker: run_grad against a bare forward + backward."""
+    import torch
+
+    from llmdiff.job import RunId, RunRequest
+    from llmdiff.references.hf import HFReference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: a smoke test of this script
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    job, ids, work = _hf_job(model, tokens, "full", device)
+    job = job.with_(grad=True)
+    rows = []
+    for dtype in dtypes:
+        adapter = HFReference(job)
+        request = RunRequest(RunId(dtype), str(work / dtype), job.options)
+        adapter.begin(request)
+        adapter.load(request)
+        model_ = adapter.model
+        x = torch.tensor([ids], device=device)
+
+        for p in model_.parameters():   # as run_grad does: the adapter loads for inference
+            p.requires_grad_(True)
+
+        def bare():
+            model_.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                model_(input_ids=x, labels=x).loss.backward()
+            sync()
+
+        def timed(fn, n=3):
+            fn()
+            best = float("inf")
+            for _ in range(n):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+            return best
+
+        peak = torch.cuda.max_memory_allocated if device == "cuda" else (lambda: 0)
+        reset = torch.cuda.reset_peak_memory_stats if device == "cuda" else (lambda: None)
+        reset()
+        bare_s = timed(bare)
+        bare_peak = peak()
+        model_.zero_grad(set_to_none=True)
+        reset()
+        grad_s = timed(lambda: adapter.run_grad(ids))
+        rows.append({"dtype": dtype, "bare_forward_backward_s": round(bare_s, 4), "run_grad_s": round(grad_s, 4),
+                     "ratio": round(grad_s / bare_s, 2), "bare_peak_gb": round(bare_peak / 1e9, 2),
+                     "run_grad_peak_gb": round(peak() / 1e9, 2),
+                     "weight_gb": round(sum(p.numel() * p.element_size() for p in model_.parameters()) / 1e9, 2)})
+        adapter.model = model_ = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return {"rows": rows}
 
 
 def profile(model, tokens, dtypes, out: Path) -> dict:
@@ -210,7 +270,7 @@ def main() -> int:
     ap.add_argument("--model", default="gemma-7b")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--dtype", dest="dtypes", action="append")
-    ap.add_argument("--only", action="append", choices=["e2e", "bench", "debugger", "profile"],
+    ap.add_argument("--only", action="append", choices=["e2e", "bench", "debugger", "profile", "gradbench"],
                     help="parts to run, in this order (repeatable; e2e twice measures a cold and a warm start)")
     ap.add_argument("--e2e-arg", dest="e2e_args", action="append", default=[],
                     help="extra argument for the end-to-end compare, e.g. --e2e-arg=--timeout --e2e-arg=400"
@@ -233,6 +293,8 @@ def main() -> int:
                 results[key] = bench(args.model, args.tokens, dtypes)
             elif part == "profile":
                 results[key] = profile(args.model, args.tokens, dtypes, out)
+            elif part == "gradbench":
+                results[key] = gradbench(args.model, args.tokens, dtypes)
             else:
                 results[key] = debugger(args.model, args.tokens, dtypes, out)
         except Exception as e:  # noqa: BLE001 - keep what the other parts measured
