@@ -61,9 +61,9 @@ class CompareResult:
         return "\n".join(lines)
 
 
-def _load_weights(spec: ModelSpec, weights, seed: int):
+def _load_weights(spec: ModelSpec, weights, seed: int, say=lambda m: None):
     if weights is None:
-        return weights_mod.random_weights(spec, seed), {"source": "random", "path": None, "seed": seed}
+        return weights_mod.random_weights(spec, seed, say), {"source": "random", "path": None, "seed": seed}
     if str(weights).startswith("deepmind:"):  # an Orbax/Flax checkpoint directory, as Google ships them
         from llmdiff import deepmind_checkpoint
 
@@ -124,24 +124,25 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     `_run_workers` -> `_judge` (the report) -> `_diagnose_stages` -> the exit code (`report.settle`).
     """
     t_start = time.perf_counter()
-    say = progress or (lambda msg: None)
     temporary = workdir is None
     if not temporary and Path(workdir).exists() and not Path(workdir).is_dir():
         raise UsageError(f"--workdir {workdir} is a file, not a directory")
     work = Path(tempfile.mkdtemp(prefix="llmdiff-") if temporary else workdir)
     try:
         work.mkdir(parents=True, exist_ok=True)
+        say = _live_log(work / "progress.log", progress, t_start)
         plan = _plan(model, impls, dtypes=dtypes, tiny=tiny, weights=weights, seed=seed, reference=reference,
                      work=work, temporary=temporary, attn=attn, timeout=timeout, select=select, ignore=ignore,
                      diagnose=diagnose, thresholds=thresholds, points=points, layers=layers, device=device,
                      capture=capture, stream=stream, lengths=lengths, bench=bench, generate=generate,
                      devices=devices, tokenizer_parity=tokenizer_parity, revision=revision, config=config,
-                     grad=grad)
+                     grad=grad, say=say)
         results: dict[tuple[str, RunId], RunResult] = {}
         report = None
         try:
             _run_workers(plan, results, say)
             t_diff = time.perf_counter()
+            say("comparing every point with its noise floor")
             report = _judge(plan, results)
             report["timings"]["diff_s"] = round(time.perf_counter() - t_diff, 3)
             _diagnose_stages(plan, report, results, say)
@@ -155,6 +156,19 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     finally:
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _live_log(path: Path, progress, t_start: float):
+    """The run's progress: each event to `progress` (the terminal) and, time-stamped, to the live
+    log `path` (`tail -f WORKDIR/progress.log`), the workers' progress lines among them."""
+    log = open(path, "a", buffering=1, encoding="utf-8")
+
+    def say(message: str) -> None:
+        log.write(f"{time.perf_counter() - t_start:8.1f} s  {message}\n")
+        if progress is not None:
+            progress(message)
+
+    return say
 
 
 @dataclass
@@ -188,7 +202,7 @@ class Plan:
 
 def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, temporary, attn, timeout, select,
           ignore, diagnose, thresholds, points, layers, device, capture, stream, lengths, bench, generate,
-          devices, tokenizer_parity, revision, config, grad=False) -> Plan:
+          devices, tokenizer_parity, revision, config, grad=False, say=lambda m: None) -> Plan:
     """Every input checked, the weights and prompts made ready, the job decided."""
     if config not in model_source.CONFIG_MODES:
         raise UsageError(f"unknown config {config!r}; choose {' or '.join(model_source.CONFIG_MODES)}")
@@ -241,7 +255,9 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
         weights_info["config"] = config
         source = WeightsSource(hf_dir=str(hf_dir), seed=seed)
     else:
-        canon, weights_info = _load_weights(spec, weights, seed)
+        if weights is None and not spec.tiny:
+            say(f"making {spec.name}'s random weights on the host (an implementation here cannot make them on its device)")
+        canon, weights_info = _load_weights(spec, weights, seed, say)
         weights_mod.refuse_non_finite(canon, weights_info.get("path"))
         weights_info["fingerprint"] = weights_mod.weights_fingerprint(canon)
         canonical_path = work / "canonical.safetensors"
@@ -303,7 +319,7 @@ def _diagnose_stages(plan: Plan, report: dict, results: dict, say) -> None:
 
     # The lab's oracle runs (teacher forcing, counterfactuals) are forward runs: the diagnosis
     # explains forward points; a divergence in the gradients alone is reported, not diagnosed.
-    lab = diagnose.OracleLab(plan.job.with_(grad=False), plan.work, plan.timeout)
+    lab = diagnose.OracleLab(plan.job.with_(grad=False), plan.work, plan.timeout, progress=say)
     if plan.reference == ORACLE and plan.checks is not None and plan.job.capture == "full":
         say("teacher forcing: the oracle fed each candidate's own value of every point")
         _stage(report, "teacher forcing", "--no-diagnose",
@@ -312,6 +328,7 @@ def _diagnose_stages(plan: Plan, report: dict, results: dict, say) -> None:
         _stage(report, "diagnosis", "--no-diagnose",
                lambda: _diagnose(report, plan.checks, plan.spec, lab, results, plan.reference, say, plan.thresholds))
     if plan.prompts is not None:
+        say("tokenizer parity (started in the background)")
         _stage(report, "tokenizer parity", "--no-tokenizer-parity",
                lambda: _tokenizer_parity(report, plan.prompts, plan.checks, plan.spec))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -65,6 +66,27 @@ def _check_outputs(json_path=None, out=None, workdir=None) -> None:
 
 
 _signals = []
+
+
+@contextlib.contextmanager
+def _progress(console, quiet: bool):
+    """What a compare is doing, as it happens (the same events go to its live log,
+    WORKDIR/progress.log). On a terminal: each event on its own line with the time since the
+    start, under a spinner naming the phase it is in; otherwise (a pipe, CI) plain lines."""
+    import time
+
+    if quiet:
+        yield None
+        return
+    if not console.is_terminal:
+        yield lambda m: console.print(f"[dim]{m}[/dim]")
+        return
+    t0 = time.perf_counter()
+    with console.status("starting", spinner="dots") as status:
+        def say(message: str) -> None:
+            console.print(f"[dim]{time.perf_counter() - t0:7.1f} s  {message}[/dim]")
+            status.update(message.strip())
+        yield say
 
 
 def _on_sigterm(signum, frame):
@@ -273,19 +295,20 @@ def compare(model, tiny, revision, config_mode, impls, dtypes, weights, seed, re
         _check_outputs(json_path, out, workdir)
         thresholds = _thresholds(floor_factor, thresholds, config)
         baseline = _load_baseline(baseline, baseline_factor)
-        result = api.compare(
-            model, impls or config.get("implementations", ("hf",)), dtypes=dtypes or config.get("dtypes", api.DTYPES),
-            tiny=tiny, weights=weights, seed=seed if seed is not None else config.get("seed", 0),
-            reference=reference or config.get("reference", api.ORACLE), attn=attn or config.get("attn", "eager"),
-            workdir=(f"{out}/captures" if save_captures else workdir),
-            timeout=timeout if timeout is not None else config.get("timeout"),
-            select=select or config.get("select", ()), ignore=ignore or config.get("ignore", ()),
-            diagnose=not no_diagnose, thresholds=thresholds,
-            device=device, points=points or None, layers=_layers(layers), capture=capture,
-            stream="auto" if stream is None else stream,
-            lengths=_lengths(lengths), devices=devices, tokenizer_parity=not no_tokenizer_parity,
-            revision=revision, config=config_mode, grad=grad,
-            progress=None if quiet else (lambda m: console.print(f"[dim]{m}[/dim]")))
+        with _progress(console, quiet) as say:
+            result = api.compare(
+                model, impls or config.get("implementations", ("hf",)), dtypes=dtypes or config.get("dtypes", api.DTYPES),
+                tiny=tiny, weights=weights, seed=seed if seed is not None else config.get("seed", 0),
+                reference=reference or config.get("reference", api.ORACLE), attn=attn or config.get("attn", "eager"),
+                workdir=(f"{out}/captures" if save_captures else workdir),
+                timeout=timeout if timeout is not None else config.get("timeout"),
+                select=select or config.get("select", ()), ignore=ignore or config.get("ignore", ()),
+                diagnose=not no_diagnose, thresholds=thresholds,
+                device=device, points=points or None, layers=_layers(layers), capture=capture,
+                stream="auto" if stream is None else stream,
+                lengths=_lengths(lengths), devices=devices, tokenizer_parity=not no_tokenizer_parity,
+                revision=revision, config=config_mode, grad=grad,
+                progress=say)
         _finish(result, console, out=out, json_path=json_path, baseline=baseline, baseline_factor=baseline_factor,
                 quiet=quiet, all_points=all_points, config=config, interrupt_code=_interrupt_code())
     except LLMDiffError as e:

@@ -71,8 +71,9 @@ class Variant:
 class OracleLab:
     """Runs the oracle under precision policies, one worker per batch, caching the captures."""
 
-    def __init__(self, job: Job, work: Path, timeout: float | None = None):
+    def __init__(self, job: Job, work: Path, timeout: float | None = None, progress=None):
         self.job, self.work, self.timeout = job, Path(work), timeout
+        self.progress = progress   # callable(str): each batch and, every 2 s, how far it is
         self.cache: dict[Variant, dict | None] = {}
         self.paths: dict[Variant, str] = {}
         self.errors: dict[str, str] = {}
@@ -93,7 +94,7 @@ class OracleLab:
                 requests.append(RunRequest(v.run, str(out), options))
             died, why = [], None
             for v, result in zip(todo, run_worker(Implementation.parse("oracle"), self.job, requests,
-                                                  self.work, timeout=self.timeout)):
+                                                  self.work, timeout=self.timeout, progress=self._counter(len(todo)))):
                 if result.ok:
                     self.runs += 1
                     self.cache[v] = diff.load_captures(result.captures_path)
@@ -114,6 +115,23 @@ class OracleLab:
                 self.errors[v.key] = f"{why} (on this run, in a fresh worker)"
             todo = died
         return [self.cache[v] for v in wanted]
+
+    def _counter(self, n: int):
+        """The worker's progress lines, told as "k/n oracle runs" at most every 2 s."""
+        import time
+
+        if self.progress is None:
+            return None
+        self.progress(f"  {n} oracle run(s) (counterfactuals, teacher forcing)")
+        state = {"done": 0, "said": time.perf_counter()}
+
+        def hear(line: str) -> None:
+            if ": loaded in " in line:
+                state["done"] += 1
+                if time.perf_counter() - state["said"] >= 2.0:
+                    state["said"] = time.perf_counter()
+                    self.progress(f"  {state['done']}/{n} oracle runs done")
+        return hear
 
     def captures(self, dtype: str, policies: list[dict], constants_dtype: str | None = None,
                  forced_from: str | None = None) -> list:

@@ -181,9 +181,23 @@ def to_bf16_values(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
-def random_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
-    return {name: generate_numpy(spec, name, shape, seed)
-            for name, shape in convert.canonical_shapes(spec).items()}
+def random_weights(spec: ModelSpec, seed: int = 0, progress=None) -> dict[str, np.ndarray]:
+    """Every canonical tensor, made on the host. `progress(str)`, if given, hears how far it is
+    at most every 2 s (a full-size model is billions of values: minutes on a small machine)."""
+    import time
+
+    shapes = convert.canonical_shapes(spec)
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    out, done, t0, said = {}, 0, time.perf_counter(), time.perf_counter()
+    for i, (name, shape) in enumerate(shapes.items()):
+        out[name] = generate_numpy(spec, name, shape, seed)
+        done += out[name].size
+        now = time.perf_counter()
+        if progress is not None and now - said >= 2.0:
+            said = now
+            progress(f"weights: {i + 1}/{len(shapes)} tensors, {done / 1e9:.2f} of {total / 1e9:.2f} billion values"
+                     f" ({done / (now - t0) / 1e6:.0f} M values/s)")
+    return out
 
 
 # --- Hugging Face checkpoints -------------------------------------------------------------

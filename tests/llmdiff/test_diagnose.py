@@ -11,10 +11,14 @@ def _findings(report, code):
     return [f for f in report["findings"] if f["code"] == code]
 
 
-def test_exact_gelu_is_named_and_confirmed(llmdiff_cli, mutants_on_path):
-    code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--impl", "hf_mutants:ExactGelu",
-                                       "--dtype", "float32")
+def test_exact_gelu_is_named_and_confirmed(llmdiff_cli, mutants_on_path, tmp_path):
+    code, out, err, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--impl", "hf_mutants:ExactGelu",
+                                         "--dtype", "float32", "--workdir", str(tmp_path / "work"))
     assert code == 1
+    # Every phase is told as it happens (a pipe gets plain lines), and the live log has them timed.
+    log = (tmp_path / "work" / "progress.log").read_text()
+    for phase in ("running oracle", "comparing every point", "teacher forcing", "diagnosing", "oracle run(s)"):
+        assert phase in log and phase in out + err, phase
     run = run_by_candidate(report, "hf_mutants:ExactGelu", "float32")
     assert run["verdict"] == "divergence"
     assert run["first_divergence"] == "L0.mlp_act"  # gate and up are still right; act(gate)*up is not
@@ -169,7 +173,7 @@ def test_a_dead_oracle_worker_is_retried_past_the_run_that_kills_it(monkeypatch,
 
     workers = []
 
-    def fake_worker(impl, job, requests, workdir, timeout=None):
+    def fake_worker(impl, job, requests, workdir, timeout=None, progress=None):
         workers.append(len(requests))
         out, dead = [], False
         for r in requests:
