@@ -451,14 +451,16 @@ def _release_compare_options(f):
     f = click.option("--impl", "impl", default="hf", show_default=True,
                      help="The implementation each release runs (an entry-point name).")(f)
     f = click.option("--no-diagnose", is_flag=True, help="Verdicts only; name no findings.")(f)
+    f = click.option("--attn", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
+                     help="HF's attention implementation in every release.")(f)
     f = click.option("--json", "json_path", type=click.Path(), help="Write the result as JSON here.")(f)
     return f
 
 
-def _compare_options(tiny, dtypes, no_diagnose):
+def _compare_options(tiny, dtypes, no_diagnose, attn="eager"):
     from llmdiff import api
 
-    return {"tiny": tiny, "dtypes": dtypes or api.DTYPES, "diagnose": not no_diagnose}
+    return {"tiny": tiny, "dtypes": dtypes or api.DTYPES, "diagnose": not no_diagnose, "attn": attn}
 
 
 @main.command()
@@ -470,7 +472,7 @@ def _compare_options(tiny, dtypes, no_diagnose):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Write matrix.json, matrix.md and matrix.html into this directory.")
 @_release_compare_options
-def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, json_path, out_dir):
+def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, attn, json_path, out_dir):
     """Compare MODEL under several releases of an implementation: a release x dtype table of
     verdicts, first divergence and findings. Each release runs in a virtualenv of its own, kept
     and reused (torch shared). A release that cannot install or run says why in its cell.
@@ -485,7 +487,7 @@ def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, json_path, o
     try:
         _check_outputs(json_path, out_dir)
         wanted = releases.resolve(versions, every=every)
-        options = _compare_options(tiny, dtypes, no_diagnose)
+        options = _compare_options(tiny, dtypes, no_diagnose, attn)
     except LLMDiffError as e:
         _fail(str(e), False, json_path)
     say = lambda m: click.echo(m, err=True)  # noqa: E731
@@ -511,7 +513,7 @@ def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, json_path, o
 @click.option("--bad", required=True, metavar="PKG==V", help="A release known bad.")
 @click.option("--finding", default=None, metavar="CODE", help="Look for this finding, not any divergence.")
 @_release_compare_options
-def bisect(model, good, bad, finding, tiny, dtypes, impl, no_diagnose, json_path):
+def bisect(model, good, bad, finding, tiny, dtypes, impl, no_diagnose, attn, json_path):
     """Find the first release between GOOD and BAD whose verdict (or FINDING) changes; print the two
     adjacent releases and the evidence from both.
 
@@ -526,7 +528,7 @@ def bisect(model, good, bad, finding, tiny, dtypes, impl, no_diagnose, json_path
         g, b = releases.Release.parse(good), releases.Release.parse(bad)
         if g.package != b.package:
             raise LLMDiffError(f"--good and --bad name two packages ({g.package}, {b.package})")
-        options = _compare_options(tiny, dtypes, no_diagnose and not finding)  # a finding needs diagnosis
+        options = _compare_options(tiny, dtypes, no_diagnose and not finding, attn)  # a finding needs diagnosis
         order = releases.between(g.package, g.version, b.version)
         result = releases.bisect(
             [f"{g.package}=={v}" for v in order],
