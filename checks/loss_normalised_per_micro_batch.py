@@ -3,6 +3,9 @@ from llmdiff.check import ALL_FAMILIES, Check
 # The micro-batches' summed losses and the whole batch's mean token loss are the same float32
 # cross-entropies added in another order: 1e-4 of the loss is far above that, far below a bug.
 RELATIVE = 1e-4
+# The Trainer's step gradient is confirmed to be a per-micro-batch form when it is this much
+# closer to it than to the whole batch's gradient (both built from the same per-prompt gradients).
+GRADIENT_MATCH = 0.1
 
 
 class LossNormalisedPerMicroBatch(Check):
@@ -28,7 +31,12 @@ class LossNormalisedPerMicroBatch(Check):
     mean of the former is the whole batch's loss; the sum of the latter must equal it. The
     evidence gives both, the mean and the sum of the per-micro-batch means, and which one the
     accumulated loss is; an accumulated loss that is neither is no finding of this check (its
-    per-prompt means are off: the `loss:accumulated` point against the oracle shows it).
+    per-prompt means are off: the `loss:accumulated` point against the oracle shows it). The
+    same test reads transformers' own `Trainer` step (`details["trainer"]`: one optimizer step
+    with `gradient_accumulation_steps` = the prompts, the loss of each micro-batch as
+    `training_step` returns it), named at `loss:trainer`: a Trainer that passes no
+    `num_items_in_batch` and divides each micro-batch's mean by the accumulation steps
+    (transformers before 4.46) gives the mean of the micro-batches' means.
 
     ## Fix
     Sum each micro-batch's per-token losses and divide by the target tokens of the whole batch
@@ -46,11 +54,22 @@ class LossNormalisedPerMicroBatch(Check):
     families = ALL_FAMILIES
 
     def run(self, ctx):
-        accumulated = (ctx.details or {}).get("own_loss_accumulated") or {}
-        means, parts = ctx.details.get("own_loss"), accumulated.get("micro_batches")
-        lengths = (ctx.tokens or {}).get("lengths")
-        if not (means and parts and lengths) or not len(means) == len(parts) == len(lengths):
+        details = ctx.details or {}
+        means, lengths = details.get("own_loss"), (ctx.tokens or {}).get("lengths")
+        if not (means and lengths) or len(means) != len(lengths):
             return
+        accumulated = details.get("own_loss_accumulated") or {}
+        trainer = details.get("trainer") or {}
+        sources = (("loss:accumulated", accumulated.get("micro_batches"), "accumulated micro-batches"),
+                   ("loss:trainer", trainer.get("micro_batches"),
+                    f"transformers' Trainer (gradient_accumulation_steps={trainer.get('gradient_accumulation_steps')})"
+                    " micro-batches"))
+        for where, parts, what in sources:
+            if parts and len(parts) == len(lengths):
+                yield from self._judge(ctx, where, what, means, parts, lengths,
+                                       trainer if where == "loss:trainer" else None)
+
+    def _judge(self, ctx, where, what, means, parts, lengths, trainer):
         targets = [n - 1 for n in lengths]
         total = sum(targets)
         whole = sum(n * m for n, m in zip(targets, means)) / total
@@ -65,11 +84,24 @@ class LossNormalisedPerMicroBatch(Check):
             # loss that counts ignored labels or misplaces them): not this bug, the `loss:*`
             # points and their own checks say what it is.
             return
+        evidence = {"micro_batches": len(parts), "target_tokens": targets, "num_items_in_batch": total,
+                    "accumulated": summed, "whole_batch": whole, "sum_of_means": sum(means),
+                    "mean_of_means": sum(means) / len(means), "matches": closest,
+                    "ratio": summed / whole if whole else None}
+        confirmed, said = False, ""
+        if trainer:  # what the Trainer itself said of the step
+            evidence["trainer"] = {k: trainer.get(k) for k in
+                                   ("transformers", "micro_batches", "logged_loss", "model_accepts_loss_kwargs",
+                                    "norm_gradient_rel_l2")}
+            # Its gradient too: the norms' scales, against HF's per-prompt gradients put together
+            # each way. The step's gradient is the matched form's, far from the whole batch's.
+            rel = trainer.get("norm_gradient_rel_l2") or {}
+            mine, right = rel.get(closest), rel.get("the whole batch's")
+            if mine is not None and right is not None and mine <= GRADIENT_MATCH * right:
+                confirmed = True
+                said = (f"; its gradient too (norm scales: rel L2 {mine:.2g} to {closest} form, {right:.2g} to the"
+                        f" whole batch's)")
         yield self.finding(
-            ctx, "loss:accumulated",
-            f"{len(parts)} accumulated micro-batches give a loss of {summed:.6g}, the whole batch's is"
-            f" {whole:.6g}: it is {closest}",
-            {"micro_batches": len(parts), "target_tokens": targets, "num_items_in_batch": total,
-             "accumulated": summed, "whole_batch": whole, "sum_of_means": sum(means),
-             "mean_of_means": sum(means) / len(means), "matches": closest,
-             "ratio": summed / whole if whole else None})
+            ctx, where,
+            f"{len(parts)} {what} give a loss of {summed:.6g}, the whole batch's is {whole:.6g}: it is {closest}"
+            + said, evidence, confirmed=confirmed)

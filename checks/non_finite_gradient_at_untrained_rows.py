@@ -77,7 +77,7 @@ class NonFiniteGradientAtUntrainedRows(GradEvidenceCheck):
             bad = ~np.isfinite(c) & np.isfinite(o) & np.isfinite(t)
             if not bad.any():
                 continue
-            if name.startswith(names.WEIGHT):
+            if names.is_weight(name):
                 weights[name] = bad
             elif c.ndim >= 2 and c.shape[1] == len(positions):
                 points[name] = np.flatnonzero(bad.reshape(bad.shape[0], bad.shape[1], -1).any(axis=(0, 2)))

@@ -511,7 +511,7 @@ def _build_report(spec, weights_info, tokens_info, chosen, dtypes, reference, re
                 continue
             run = diff.compare_captures(cand_caps, ref_caps, floors, d, compared, thresholds, lengths, pos_floors)
             for row in run["points"]:  # a weight's gradient has no position axis, whatever its shape
-                if row["name"].startswith(grad_names.WEIGHT):
+                if grad_names.is_weight(row["name"]):
                     row.pop("by_position", None)
                     row.pop("diverges_from", None)
             runs.append({"dtype": d, "reference": reference, "candidate": impl.name, **run})

@@ -12,7 +12,14 @@ over the text-vocabulary logits; labels are the tokens shifted by one) and its g
   `loss:ignore` (the same with the first half of each prompt's labels -100 too) and
   `loss:accumulated` (each prompt one micro-batch given the batch's target-token count
   `num_items_in_batch`, the losses summed). The reference for all three is the sum of the
-  target tokens' cross-entropies over the number of target tokens (`gemma_grad.own_loss`).
+  target tokens' cross-entropies over the number of target tokens (`gemma_grad.own_loss`);
+- transformers' own `Trainer`, one optimizer step with `gradient_accumulation_steps` = the number
+  of prompts, each prompt one micro-batch (HF only; absent, with the reason in the details,
+  where the Trainer cannot run): `loss:trainer` (the loss it reports for the step, the sum of
+  `training_step`'s) and `grad:trainer:w:NAME` (each weight's accumulated `.grad` just before
+  `optimizer.step()`). The reference: the whole batch's loss (the micro-batches given the
+  batch's target-token count, summed) and its gradient, the sum over prompts of each prompt's
+  mean-loss gradient times its share of the batch's target tokens.
 Point gradients are concatenated over prompts along the sequence axis like the points; weight
 gradients are summed over prompts (the gradient of the summed per-prompt losses).
 
@@ -28,11 +35,20 @@ POINT = "grad:"
 WEIGHT = "grad:w:"
 BATCH, IGNORED, ACCUMULATED = "loss:batch", "loss:ignore", "loss:accumulated"
 CASES = (BATCH, IGNORED, ACCUMULATED)
+TRAINER = "loss:trainer"
+TRAINER_WEIGHT = "grad:trainer:w:"
+SCALARS = (*CASES, TRAINER)   # the whole batch's, given once (with the first prompt)
 
 
 def is_grad(name: str) -> bool:
     """Whether a capture name is a loss or a gradient."""
-    return name == LOSS or name.startswith(POINT) or name in CASES
+    return name == LOSS or name.startswith(POINT) or name in SCALARS
+
+
+def is_weight(name: str) -> bool:
+    """Whether a capture name is a weight's gradient (no position axis): `grad:w:NAME` or the
+    Trainer's `grad:trainer:w:NAME`."""
+    return name.startswith(WEIGHT) or name.startswith(TRAINER_WEIGHT)
 
 
 def weight_order(names) -> list[str]:
@@ -53,12 +69,13 @@ def weight_order(names) -> list[str]:
 
 def grad_points(spec, points) -> list[str]:
     """The compared names of a `--grad` run after the forward `points`: the loss, the loss cases,
-    the gradient at each of `points` from the last to the first, the gradient of every
-    canonical weight."""
+    the Trainer's loss, the gradient at each of `points` from the last to the first, the
+    gradient of every canonical weight, then the Trainer's accumulated gradient of each."""
     from llmdiff.convert import canonical_shapes
 
-    return ([LOSS, *CASES] + [POINT + p for p in reversed(list(points))]
-            + [WEIGHT + n for n in weight_order(canonical_shapes(spec))])
+    weights = weight_order(canonical_shapes(spec))
+    return ([LOSS, *SCALARS] + [POINT + p for p in reversed(list(points))]
+            + [WEIGHT + n for n in weights] + [TRAINER_WEIGHT + n for n in weights])
 
 
 def combine(per_prompt: list[dict]) -> dict:
@@ -66,14 +83,16 @@ def combine(per_prompt: list[dict]) -> dict:
     import numpy as np
 
     out = {}
-    for name in per_prompt[0]:
+    for name in dict.fromkeys(n for p in per_prompt for n in p):
         if not is_grad(name):
             continue
-        if name in CASES:  # the whole batch's, given with the first prompt
-            out[name] = np.asarray(per_prompt[0][name]).reshape(1, 1)
+        if name in SCALARS:  # the whole batch's, given once (with the first prompt, the Trainer's the last)
+            out[name] = np.asarray(next(p[name] for p in per_prompt if name in p)).reshape(1, 1)
             continue
-        parts = [np.asarray(p[name]) for p in per_prompt]
-        if name.startswith(WEIGHT):
+        # The Trainer's gradient: the whole step's with the last prompt (HF), or each prompt's
+        # share of it with each (the oracle)
+        parts = [np.asarray(p[name]) for p in per_prompt if name in p]
+        if is_weight(name):
             wide = np.float64 if parts[0].dtype == np.float64 else np.float32
             out[name] = np.sum([a.astype(wide) for a in parts], axis=0)
         elif name == LOSS:

@@ -232,6 +232,9 @@ def render(report: dict, console, *, all_points: bool = False) -> None:
         versions = ", ".join(f"{k} {v}" for k, v in impl["versions"].items())
         state = "[green]ok[/green]" if impl["ok"] else f"[red]error[/red]: {impl['error']}"
         console.print(f"  {impl['name']:<10} {versions:<40} {state}")
+        trainer = (impl.get("details") or {}).get("trainer") or {}
+        if trainer.get("error"):  # --grad: why loss:trainer and grad:trainer:w:* are absent
+            console.print(f"  {'':<10} no Trainer step (loss:trainer, grad:trainer:w:*): {trainer['error']}")
     for run in report["runs"]:
         title = f"{run['candidate']} vs {run['reference']}  ({run['dtype']})"
         if run["verdict"] == "error":
@@ -262,7 +265,10 @@ def render(report: dict, console, *, all_points: bool = False) -> None:
         if spark:
             console.print(f"  per-layer rel L2: {spark}")
         if run["missing_points"]:
-            console.print(f"  not captured: {', '.join(run['missing_points'])}")
+            missing = [n for n in run["missing_points"] if not n.startswith("grad:trainer:w:")]
+            if len(missing) < len(run["missing_points"]):  # one entry for the Trainer's weights
+                missing.append("grad:trainer:w:*")
+            console.print(f"  not captured: {', '.join(missing)}")
         if not all_points:
             console.print("  (embeddings, block outputs, final norm, logits and divergent points shown; --all-points for all)")
         if any(p.get("estimated") for p in run["points"]):

@@ -88,6 +88,22 @@ def loss_and_grads(canon: dict, tokens, spec: ModelSpec, p: gemma.Precision):
 
 # --- the implementation's own loss function: padding, ignored labels, accumulation ----------
 
+def trainer_part(canon: dict, tokens: list[int], prompts: list[list[int]], spec: ModelSpec, p: gemma.Precision) -> dict:
+    """One micro-batch's part of the Trainer's accumulated gradient (`grad.TRAINER_WEIGHT`): the
+    gradient, with respect to every canonical weight, of the prompt's own loss (`own_loss`, labels
+    the ids) given the whole batch's target-token count (`num_items_in_batch`), as the Trainer's
+    `training_step` backpropagates it; summed over prompts, the gradient of the whole batch's
+    token-weighted loss. The loss-function knobs act on it as on the `loss:*` cases."""
+    n = sum(len(t) - 1 for t in prompts)
+    labels = batch_labels([tokens])[2]
+
+    def loss(c):
+        return own_loss([_loss_logits(c, jnp.asarray([tokens], jnp.int32), spec, p)[0]], labels, p,
+                        num_items_in_batch=n)
+
+    return jax.grad(loss)(canon)
+
+
 def own_loss(logits: list, labels, p: gemma.Precision, num_items_in_batch: int | None = None):
     """A causal-LM loss function over one batch, written out in full: `logits[b]` (T_b, V) the
     text-vocabulary logits of prompt b (only its real positions: right padding never changes
@@ -145,7 +161,8 @@ def loss_cases(canon: dict, prompts: list[list[int]], spec: ModelSpec, p: gemma.
     """The implementation's own loss function on the whole batch (`llmdiff/grad.py` CASES):
     `loss:batch` (the padded batch, padding ignored), `loss:ignore` (the same with each prompt's
     first half ignored too) and `loss:accumulated` (each prompt one micro-batch given the whole
-    batch's target-token count, the micro-batches' losses summed). In exact arithmetic
+    batch's target-token count, the micro-batches' losses summed), and `loss:trainer` (the
+    Trainer's step over the same micro-batches: the same number). In exact arithmetic
     `loss:accumulated` is `loss:batch`; each is a (1, 1) array."""
     from llmdiff import grad
 
@@ -154,6 +171,7 @@ def loss_cases(canon: dict, prompts: list[list[int]], spec: ModelSpec, p: gemma.
     _, _, masked = batch_labels(prompts, ignore_prompt=True)
     n = sum(len(t) - 1 for t in prompts)
     accumulated = sum(own_loss([x], batch_labels([t])[2], p, num_items_in_batch=n) for x, t in zip(logits, prompts))
+    # The Trainer's step (`grad.TRAINER`): the same micro-batches, the same reference
     out = {grad.BATCH: own_loss(logits, labels, p), grad.IGNORED: own_loss(logits, masked, p),
-           grad.ACCUMULATED: accumulated}
+           grad.ACCUMULATED: accumulated, grad.TRAINER: accumulated}
     return {k: jnp.reshape(v, (1, 1)) for k, v in out.items()}

@@ -67,6 +67,7 @@ class HFReference(Reference):
         dtype = request.dtype
         self.model = self._weights = None  # the last run's model leaves the device first
         self._own_losses, self._accumulated, self._accumulated_error = [], [], None
+        self._trainer, self._norm_grads = None, {"plain": {}, "whole_batch": {}}
         device = self.options.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -320,9 +321,15 @@ class HFReference(Reference):
             if grad:
                 if own:
                     self._own_losses.append(float(out.loss))
+                    last = len(self._own_losses) == len(self.job.tokens)   # the Trainer's step after the last
+                elif list(tokens) == list(self.job.tokens[0]):
+                    self._trainer = {"error": "no Trainer step: HF's logits are wider than the text vocabulary,"
+                                              " so its own loss is not the compared one"}
                 # Not `F`: that is the MLP width here, which Phi-3's slices read.
                 loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
                 loss.backward()
+                if own:
+                    self._keep_norm_gradients(len(tokens) - 1)
         finally:
             modeling.apply_rotary_pos_emb = original_rope
             for h in handles:
@@ -344,7 +351,132 @@ class HFReference(Reference):
                 self._accumulate(ids)
                 if list(tokens) == list(self.job.tokens[0]):  # the whole batch's own-loss cases, once
                     host.update(self._loss_cases())
+                if last:  # transformers' Trainer over every prompt, once
+                    host.update(self._trainer_step())
         return host
+
+    def _keep_norm_gradients(self, targets: int):
+        """Each prompt's gradient of its own mean loss for the norms' scales (small tensors),
+        summed over prompts plain and weighted by the prompt's share of the batch's target
+        tokens: what the Trainer's step gives for them if it normalises per micro-batch (the
+        sum, or the sum over the accumulation steps) or over the whole batch (LD602's evidence)."""
+        import torch
+
+        share = targets / sum(len(t) - 1 for t in self.job.tokens)
+        sums = self.__dict__.setdefault("_norm_grads", {"plain": {}, "whole_batch": {}})
+        for n, p in self.model.named_parameters():
+            if "norm" in n and p.grad is not None:
+                g = p.grad.detach().to(torch.float64).cpu()
+                sums["plain"][n] = sums["plain"].get(n, 0) + g
+                sums["whole_batch"][n] = sums["whole_batch"].get(n, 0) + g * share
+
+    def patch_trainer(self, trainer):
+        """Return the Trainer to run (`_trainer_step`). Tests' mutants change it here."""
+        return trainer
+
+    def _trainer_step(self):
+        """transformers' own `Trainer`, as fine-tuners run it: ONE optimizer step with
+        `gradient_accumulation_steps` = the number of prompts, each prompt one micro-batch
+        (`per_device_train_batch_size=1`, `labels` = the ids, in order: a sequential sampler),
+        no gradient clipping. A callback keeps each parameter's accumulated `.grad` at
+        `on_pre_optimizer_step` and then drops it, so that the step changes no weight. Gives
+        `loss:trainer` (the sum of `training_step`'s returns: what the Trainer adds up and logs
+        for the step) and `grad:trainer:w:NAME` (through `convert.from_hf`). Where the Trainer
+        cannot run, nothing: the reason, one line, is in `details["trainer"]["error"]`."""
+        import tempfile
+
+        import torch
+
+        from llmdiff import convert
+        from llmdiff import grad as names
+
+        prompts = self.job.tokens
+        try:
+            import transformers
+            from transformers import Trainer, TrainerCallback, TrainingArguments
+        except Exception as e:  # noqa: BLE001 - accelerate missing, an old release: said, not skipped
+            self._trainer = {"error": f"transformers' Trainer cannot be imported: {type(e).__name__}: {e}".splitlines()[0]}
+            return {}
+        model, device = self.model, self.device_of("model.embed_tokens")
+        kept: dict = {}
+        adapter = self
+
+        class KeepGradients(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                for n, p in model.named_parameters():
+                    kept[n] = (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                    p.grad = None  # the optimizer then leaves every weight as it is
+
+        class Sequential(Trainer):
+            micro_batches: list = []
+
+            def _get_train_sampler(self, *args, **kwargs):  # the prompts in order, whatever the release
+                return torch.utils.data.SequentialSampler(self.train_dataset)
+
+            def compute_loss_context_manager(self, *args, **kwargs):
+                import contextlib
+
+                stack = contextlib.ExitStack()
+                stack.enter_context(super().compute_loss_context_manager(*args, **kwargs))
+                stack.enter_context(adapter._autocast())
+                return stack
+
+            def training_step(self, *args, **kwargs):
+                loss = super().training_step(*args, **kwargs)
+                self.micro_batches.append(float(loss))
+                return loss
+
+        data = [{"input_ids": torch.tensor(t, dtype=torch.long), "labels": torch.tensor(t, dtype=torch.long)}
+                for t in prompts]
+        try:
+            with tempfile.TemporaryDirectory() as out_dir:
+                args = TrainingArguments(
+                    output_dir=out_dir, per_device_train_batch_size=1, gradient_accumulation_steps=len(prompts),
+                    max_steps=1, learning_rate=0.0, optim="sgd", weight_decay=0.0, max_grad_norm=0.0,
+                    lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+                    dataloader_num_workers=0, disable_tqdm=True, seed=0, use_cpu=str(device) == "cpu",
+                    remove_unused_columns=False)  # a forward patched to (*args, **kwargs) keeps its ids
+                trainer = self.patch_trainer(Sequential(model=model, args=args, train_dataset=data,
+                                                        callbacks=[KeepGradients()]))
+                trainer.micro_batches = []
+                trainer.train()
+        except Exception as e:  # noqa: BLE001 - the reason, in one line, instead of the points
+            self._trainer = {"error": f"transformers' Trainer did not run: {type(e).__name__}: {e}".splitlines()[0]}
+            return {}
+        finally:
+            model.eval()
+            for p in model.parameters():
+                p.grad = None
+        if not kept:
+            self._trainer = {"error": "transformers' Trainer made no optimizer step (no on_pre_optimizer_step)"}
+            return {}
+        logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        # The step's gradient of the norms' scales against HF's own per-prompt gradients put
+        # together each way (relative L2): which normalisation the Trainer's gradient is.
+        sums, k = getattr(self, "_norm_grads", {"plain": {}}), len(prompts)
+        norms = sorted(sums["plain"])
+        gradient_rel_l2 = None
+        if norms:
+            step = torch.cat([kept[n].to(torch.float64).cpu().reshape(-1) for n in norms])
+            forms = {"the whole batch's": torch.cat([sums["whole_batch"][n].reshape(-1) for n in norms]),
+                     "the sum of the micro-batches' means": torch.cat([sums["plain"][n].reshape(-1) for n in norms])}
+            forms["the mean of the micro-batches' means"] = forms["the sum of the micro-batches' means"] / k
+            gradient_rel_l2 = {f: float(torch.linalg.vector_norm(step - g) / torch.linalg.vector_norm(g))
+                               for f, g in forms.items()}
+        self._trainer = {
+            "transformers": transformers.__version__, "gradient_accumulation_steps": len(prompts),
+            "micro_batches": list(trainer.micro_batches), "loss": sum(trainer.micro_batches),
+            "model_accepts_loss_kwargs": getattr(trainer, "model_accepts_loss_kwargs", None),
+            "logged_loss": logged[0] if logged else None,
+            "norm_gradient_rel_l2": gradient_rel_l2}
+
+        def host(t):
+            return t.detach().cpu().to(torch.float64 if t.dtype == torch.float64 else torch.float32).numpy()
+
+        out = {names.TRAINER: np.full((1, 1), self._trainer["loss"], np.float32)}
+        out.update({names.TRAINER_WEIGHT + n: g for n, g in convert.from_hf(
+            self.spec, {n: host(g) for n, g in kept.items()}, "the Trainer's gradients").items()})
+        return out
 
     def _loss_cases(self):
         """The model's own loss function on the whole batch (`llmdiff/grad.py` CASES, the oracle's
@@ -469,6 +601,8 @@ class HFReference(Reference):
                 {"error": self._accumulated_error} if self._accumulated_error else
                 {"num_items_in_batch": sum(len(t) - 1 for t in self.job.tokens),
                  "micro_batches": list(self._accumulated)})
+        if getattr(self, "_trainer", None):  # --grad: transformers' Trainer step, or why it did not run
+            details["trainer"] = dict(self._trainer)
         return details
 
 

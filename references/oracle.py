@@ -196,6 +196,8 @@ class OracleReference(Reference):
         out = {k: v for k, v in caps.items() if self.wants(k)}
         out.update({grad.POINT + k: v for k, v in g_points.items() if self.wants(k)})
         out.update({grad.WEIGHT + k: v for k, v in g_weights.items()})
+        out.update({grad.TRAINER_WEIGHT + k: v for k, v in gemma_grad.trainer_part(
+            self._canon, tokens, self.job.tokens, self.spec, self.precision).items()})
         out[grad.LOSS] = jnp.reshape(loss, (1, 1))
         if list(tokens) == list(self.job.tokens[0]):  # the whole batch's own-loss cases, once
             out.update(gemma_grad.loss_cases(self._canon, self.job.tokens, self.spec, self.precision))

@@ -17,10 +17,13 @@ def test_gradient_points_walk_back_from_the_loss():
     spec = shrink(get_spec("gemma-7b"))
     points = capture_points(spec)
     names = grad.grad_points(spec, points)
-    assert names[:4] == ["loss", "loss:batch", "loss:ignore", "loss:accumulated"]
-    assert names[4] == "grad:logits" and names[5] == "grad:final_norm"
-    assert names[len(points) + 3] == "grad:embed"   # the last point gradient
+    assert names[:5] == ["loss", "loss:batch", "loss:ignore", "loss:accumulated", "loss:trainer"]
+    assert names[5] == "grad:logits" and names[6] == "grad:final_norm"
+    assert names[len(points) + 4] == "grad:embed"   # the last point gradient
     weights = [n[len(grad.WEIGHT):] for n in names if n.startswith(grad.WEIGHT)]
+    # the Trainer's accumulated weight gradients last, in the same order
+    assert names[-len(weights):] == [grad.TRAINER_WEIGHT + w for w in weights]
+    assert all(grad.is_weight(n) for n in names[-2 * len(weights):]) and not grad.is_weight("grad:embed")
     last = spec.num_layers - 1
     assert weights[0] == "final_norm" and weights[-1] == "embed"   # tied: no lm_head
     assert weights.index(f"L{last}.down") < weights.index(f"L{last}.q") < weights.index("L0.down")
@@ -41,6 +44,15 @@ def test_prompts_combine_points_along_the_sequence_and_weights_by_sum():
     assert set(out) == {"loss", "loss:batch", "grad:L0.q", "grad:w:embed"}
     assert out["loss"].tolist() == [[2.0, 3.0]] and out["loss:batch"].tolist() == [[2.5]]
     assert out["grad:L0.q"].shape == (1, 8, 2) and (out["grad:w:embed"] == 2).all()
+
+    # The Trainer's: its loss given once (HF: with the last prompt), its weight gradients summed
+    # over the prompts that give them (HF the whole step once, the oracle each prompt's part)
+    b["loss:trainer"] = np.full((1, 1), 2.9, np.float32)
+    b["grad:trainer:w:embed"] = np.full((4, 2), 0.5)
+    out = grad.combine([a, b])
+    assert out["loss:trainer"].tolist() == [[np.float32(2.9)]] and (out["grad:trainer:w:embed"] == 0.5).all()
+    a["grad:trainer:w:embed"] = np.full((4, 2), 0.25)
+    assert (grad.combine([a, b])["grad:trainer:w:embed"] == 0.75).all()
 
 
 # --- the oracle's loss and gradients, in-process --------------------------------------------
@@ -180,9 +192,63 @@ def test_a_loss_that_drops_num_items_in_batch_is_ld602(llmdiff_cli, mutants_on_p
     assert code == 1, out
     run = run_by_candidate(report, impl, "float32")
     assert run["first_divergence"] == "loss:accumulated"
-    assert [p["name"] for p in run["points"] if p["verdict"] == "divergence"] == ["loss:accumulated"]
+    bad = [p["name"] for p in run["points"] if p["verdict"] == "divergence"]
+    # The Trainer's step through the same forward: its loss and gradients are the sums' too
+    assert bad[:2] == ["loss:accumulated", "loss:trainer"] and all(n.startswith(grad.TRAINER_WEIGHT) for n in bad[2:])
+    assert {(f["code"], f["where"]) for f in report["findings"]} == {("LD602", "loss:accumulated"),
+                                                                    ("LD602", "loss:trainer")}
+    for f in report["findings"]:
+        assert f["evidence"]["matches"] == "the sum of the micro-batches' means"
+    assert next(f for f in report["findings"] if f["where"] == "loss:trainer")["confirmed"]
+
+
+def _trainer(micro_batches, rel=None):
+    return {"gradient_accumulation_steps": len(micro_batches), "micro_batches": micro_batches,
+            "loss": sum(micro_batches), "norm_gradient_rel_l2": rel}
+
+
+def test_a_trainer_step_normalised_per_micro_batch_is_named_at_loss_trainer():
+    """transformers' Trainer before 4.46: each micro-batch's mean over the accumulation steps
+    (the mean of the means); confirmed when the step's gradient is that form's too."""
+    means, lengths = [2.0, 4.0], [5, 13]                     # whole batch 3.5, mean of means 3.0
+    right = {"own_loss": means, "own_loss_accumulated": {"micro_batches": [0.5, 3.0]}}
+    assert _ld602({**right, "trainer": _trainer([0.5, 3.0])}, lengths) == []
+    rel = {"the whole batch's": 0.4, "the sum of the micro-batches' means": 0.6,
+           "the mean of the micro-batches' means": 1e-7}
+    (f,) = _ld602({**right, "trainer": _trainer([1.0, 2.0], rel)}, lengths)
+    assert (f.code, f.where, f.confirmed) == ("LD602", "loss:trainer", True)
+    assert f.evidence["matches"] == "the mean of the micro-batches' means" and f.evidence["accumulated"] == 3.0
+    (f,) = _ld602({**right, "trainer": _trainer([1.0, 2.0])}, lengths)   # no gradient evidence: named only
+    assert f.where == "loss:trainer" and not f.confirmed
+    far = {**rel, "the mean of the micro-batches' means": 0.3}           # a gradient of neither: not confirmed
+    assert not _ld602({**right, "trainer": _trainer([1.0, 2.0], far)}, lengths)[0].confirmed
+    assert _ld602({**right, "trainer": {"error": "no Trainer"}}, lengths) == []
+
+
+@pytest.mark.slow   # ~70 s on a shared CPU
+def test_the_trainer_step_is_at_parity_and_per_micro_batch_normalisation_is_ld602(llmdiff_cli, mutants_on_path):
+    """transformers' Trainer, one step accumulating one micro-batch per prompt: its loss and
+    every weight's accumulated gradient at parity (float32 and bfloat16); the Trainer before PR
+    34191 (no num_items_in_batch, each micro-batch's mean over the steps) diverges first at
+    loss:trainer, then only at its own gradients, and LD602 alone names it, confirmed."""
+    impl = "hf_mutants:TrainerLossPerMicroBatch"
+    code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--grad", "--impl", "hf", "--impl", impl,
+                                       "--dtype", "float32", "--dtype", "bfloat16", "--no-tokenizer-parity")
+    assert code == 1, out
+    details = {i["name"]: i["details"] for i in report["implementations"]}
+    assert details["hf"]["trainer"]["gradient_accumulation_steps"] == report["tokens"]["prompts"] > 1
+    for dtype in ("float32", "bfloat16"):
+        clean = run_by_candidate(report, "hf", dtype)
+        trainer = [p for p in clean["points"] if p["name"].startswith(("loss:trainer", grad.TRAINER_WEIGHT))]
+        assert clean["verdict"] == "parity" and clean["missing_points"] == []
+        assert len(trainer) > 10 and _worst(trainer)["floor_ratio"] < 8
+        run = run_by_candidate(report, impl, dtype)
+        bad = [p["name"] for p in run["points"] if p["verdict"] == "divergence"]
+        assert run["first_divergence"] == "loss:trainer" and bad[0] == "loss:trainer"
+        assert all(n.startswith(grad.TRAINER_WEIGHT) for n in bad[1:]) and len(bad) == len(trainer)
     (f,) = report["findings"]
-    assert f["code"] == "LD602" and f["evidence"]["matches"] == "the sum of the micro-batches' means"
+    assert (f["code"], f["implementation"], f["where"], f["confirmed"]) == ("LD602", impl, "loss:trainer", True)
+    assert f["evidence"]["matches"] == "the mean of the micro-batches' means" and "errors" not in report
 
 
 def test_micro_batches_of_neither_normalisation_are_not_ld602():
@@ -299,13 +365,14 @@ def test_each_loss_bug_is_named_by_its_own_check(llmdiff_cli, mutants_on_path):
         assert all(by_name[p]["verdict"] == "parity" for p in points), impl           # the forward
         assert by_name["loss"]["verdict"] == "parity" and by_name["grad:w:embed"]["verdict"] == "parity", impl
         mine = [f for f in report["findings"] if f["implementation"] == impl]
-        assert [f["code"] for f in mine] == [code_], (impl, mine)
+        assert {f["code"] for f in mine} == {code_}, (impl, mine)
         if code_ != "LD602":
             assert run["first_divergence"] == "loss:batch" and by_name["loss:batch"]["floor_ratio"] > 1000, impl
             (f,) = mine
             assert f["confirmed"] and f["where"] == "loss:batch" and f["evidence"]["floor_ratio_after"] < 8
-        else:
+        else:   # the model's accumulated loss, and the Trainer's through the same forward
             assert run["first_divergence"] == "loss:accumulated"
+            assert {f["where"] for f in mine} == {"loss:accumulated", "loss:trainer"}
     assert "errors" not in report
 
 
@@ -393,7 +460,7 @@ def test_a_norm_backward_without_eps_gives_nan_at_untrained_rows_and_is_ld607(ll
         assert clean["verdict"] == "parity" and _worst(_grad_rows(clean))["floor_ratio"] < 8
         run = run_by_candidate(report, impl, dtype)
         bad = [p["name"] for p in run["points"] if p["verdict"] == "divergence"]
-        assert bad == ["grad:embed", "grad:w:embed"], (dtype, bad)
+        assert bad == ["grad:embed", "grad:w:embed", "grad:trainer:w:embed"], (dtype, bad)
     assert {(f["code"], f["implementation"], f["where"]) for f in report["findings"]} == {("LD607", impl, "grad:embed")}
     assert len(report["findings"]) == 2 and "errors" not in report
     ev = report["findings"][0]["evidence"]

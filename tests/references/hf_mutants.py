@@ -664,3 +664,16 @@ class NormBackwardDividesByRms(HFReference):
 
     def patch_model(self, model):
         return _norm_backward(model, projection_without_eps=True)
+
+
+class TrainerLossPerMicroBatch(HFReference):
+    """transformers' Trainer as it was before 4.46 (PR 34191): it passes no
+    `num_items_in_batch` to the model, so each micro-batch's loss is its own mean, and divides
+    it by the accumulation steps: the step's loss and gradient are the mean of the
+    micro-batches' means, not the whole batch's token-weighted ones (LD602 at loss:trainer).
+    Forward, per-prompt gradients and the model's own loss cases are HF's."""
+
+    def patch_trainer(self, trainer):
+        trainer.model_accepts_loss_kwargs = False
+        return trainer
+
