@@ -143,6 +143,15 @@ class Precision:
     # `torch/csrc/autograd/autocast_mode` / `aten/src/ATen/autocast_mode.cpp`, CPU and CUDA
     # alike for these): norms, softmax, RoPE, activations and residual adds are not on it.
     autocast: str | None = None
+    # K and V rounded to float16 before q.k and probs.v (a float16 KV cache in a float32 model;
+    # llama.cpp's flash attention casts an F32 cache's K and V to F16, src/llama-graph.cpp
+    # `build_attn_mha`), everything else as it was. With `kv_f16_short` too, a prompt shorter
+    # than 64 tokens takes ggml's CPU one-chunk kernel instead of its tiled one
+    # (ggml-cpu/ops.cpp `ggml_compute_forward_flash_attn_ext_f16_one_chunk`, used below
+    # `GGML_FA_TILE_Q` query rows): the scaled q rounded to float16 as well, and probs.v summed
+    # key by key in a float16 accumulator through an online softmax (float32 max and sum).
+    kv_f16: bool = False
+    kv_f16_short: bool = False
     # Multiplies the attention output. Not a known bug: the selftest's stand-in for a bug no
     # check knows, which must be reported as unexplained.
     attn_out_scale: float = 1.0
@@ -408,6 +417,41 @@ def qk_rms_norm(x, w, spec: ModelSpec, p: Precision):
     return rms_norm(x.reshape(B, T, N * H), jnp.tile(w, N), spec, p).reshape(B, T, N, H)
 
 
+GGML_FA_TILE_Q = 64   # ggml's CPU flash attention: prompts of fewer query rows take the one-chunk kernel
+
+
+def _f16(x):
+    """x rounded to float16, kept in its dtype."""
+    return x.astype(jnp.float16).astype(x.dtype)
+
+
+def _ggml_one_chunk(logits, v, visible):
+    """probs.v as ggml's CPU one-chunk flash attention computes it with an F16 V: for each query,
+    keys in order, an online softmax (running max M and sum S in float32) whose V accumulator is
+    float16, rounded after every rescale and every multiply-add; masked keys skipped; divided by
+    S at the end. logits (B, T, K, G, S) already scaled, capped and masked; v (B, S, K, H)."""
+    B, T, K, G, S = logits.shape
+    wide = _wide(v.dtype)
+    logits = logits.astype(wide)
+    vis = jnp.broadcast_to(visible[:, :, None, None, :], logits.shape)
+
+    def step(carry, j):
+        M, total, acc = carry
+        s, seen = logits[..., j], vis[..., j]
+        new_max = seen & (s > M)
+        ms = jnp.where(new_max, jnp.exp(M - s), 1.0).astype(wide)
+        vs = jnp.where(new_max, 1.0, jnp.exp(s - M)).astype(wide)
+        scaled = jnp.where(new_max[..., None], _f16(acc * ms[..., None]), acc)
+        added = _f16(scaled + v[:, j].astype(wide)[:, None, :, None, :] * vs[..., None])
+        return (jnp.where(seen, jnp.where(new_max, s, M), M), jnp.where(seen, total * ms + vs, total),
+                jnp.where(seen[..., None], added, acc)), None
+
+    init = (jnp.full((B, T, K, G), -jnp.inf, wide), jnp.zeros((B, T, K, G), wide),
+            jnp.zeros((B, T, K, G, v.shape[-1]), wide))
+    (_, total, acc), _ = jax.lax.scan(step, init, jnp.arange(S))
+    return (acc / total[..., None]).astype(v.dtype)
+
+
 def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", pre: str, kind: str):
     N, K, G, H = spec.num_heads, spec.num_kv_heads, spec.kv_groups, spec.head_dim
     attn = params["attn"]
@@ -450,6 +494,9 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
         query_scale = (spec.hidden_size // N) ** -0.5
     else:
         raise AssertionError(p.query_scale)
+    one_chunk = p.kv_f16 and p.kv_f16_short and T < GGML_FA_TILE_Q
+    if one_chunk and not spec.family.startswith("gemma"):
+        q = _f16(q)   # llama.cpp scales q in its graph for Gemma only; ggml rounds the others unscaled
     q = q * jnp.asarray(query_scale, q.dtype)  # scaled in the compute dtype, as DeepMind
     if p.kv_repeat == "grouped":  # query head n = k * G + g reads kv head k
         q = q.reshape(B, T, K, G, -1)                                              # (B, T, K, G, H)
@@ -457,6 +504,9 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
         q = q.reshape(B, T, G, K, -1).swapaxes(2, 3)
     else:
         raise AssertionError(p.kv_repeat)
+    if p.kv_f16:  # a float16 KV cache: K and V (and in ggml's one-chunk kernel q) at float16
+        k, v = _f16(k), _f16(v)
+        q = _f16(q) if one_chunk and spec.family.startswith("gemma") else q
     logits = matmul("BTKGH,BSKH->BTKGS", q, k, p)
     if spec.attn_softcap and p.attn_softcap:  # Gemma 2: before the mask
         logits = softcap(logits, spec.attn_softcap)
@@ -467,9 +517,12 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
         visible &= distance < (spec.sliding_window or spec.disabled_sliding_window) + p.sliding_window_offset
     fill = jnp.finfo(logits.dtype).min if p.mask_fill == "min" else jnp.zeros((), logits.dtype)
     logits = jnp.where(visible[:, :, None, None, :], logits, fill)
-    # Softmax in at least float32, probabilities back in the compute dtype (DeepMind and HF).
-    probs = jax.nn.softmax(logits.astype(_wide(logits.dtype)), axis=-1).astype(v.dtype)
-    encoded = matmul("BTKGS,BSKH->BTKGH", probs, v, p)                         # (B, T, K, G, H)
+    if one_chunk:
+        encoded = _ggml_one_chunk(logits, v, visible)
+    else:
+        # Softmax in at least float32, probabilities back in the compute dtype (DeepMind and HF).
+        probs = jax.nn.softmax(logits.astype(_wide(logits.dtype)), axis=-1).astype(v.dtype)
+        encoded = matmul("BTKGS,BSKH->BTKGH", probs, v, p)                     # (B, T, K, G, H)
     if p.kv_repeat == "tiled":
         encoded = encoded.swapaxes(2, 3)                                           # back to head order
     encoded = encoded.reshape(B, T, N, -1)                                         # (B, T, N, H)

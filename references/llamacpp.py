@@ -49,11 +49,14 @@ place in llama.cpp's code:
 - Flash attention (llama.cpp's default `auto` turns it on on the CPU) casts an F32 K and V to
   F16 before `ggml_flash_attn_ext` (src/llama-graph.cpp, `build_attn_mha`): every family's
   first divergence is `L0.attn_out` at rel L2 ~3.5e-4; with `LLMDIFF_LLAMACPP_FLASH_ATTN=off`
-  attention is at parity.
+  attention is at parity. The CPU kernel (ggml/src/ggml-cpu/ops.cpp) is the tiled one from 64
+  query rows (F32 q, F16 K and V: K and V rounded alone, to 1.9e-7) and the one-chunk one below
+  (q at F16 too, an F16 V accumulator): LD511 kv-rounded-to-f16 names both (`kv_f16`,
+  `kv_f16_short`).
 - GELU on the CPU is a 65536-entry F16 table read at the F16 rounding of its input
   (ggml/src/ggml-cpu/vec.h: `GGML_GELU_FP16`, `ggml_vec_geglu_f32`, `ggml_vec_gelu_f32`): Gemma
-  1/2/3's `mlp_act` is off by rel L2 ~3e-4 while everything before it is at parity (llmdiff
-  reports it as unexplained, LD000, at `L0.mlp_act`). SwiGLU (Llama, Qwen, Mistral) computes
+  1/2/3's `mlp_act` is off by rel L2 ~3e-4 while everything before it is at parity (LD302
+  gelu-f16-table). SwiGLU (Llama, Qwen, Mistral) computes
   SiLU in F32: Llama 3.1, Qwen 2.5 and Qwen 3 are at parity at every point with flash attention off.
 - Mistral converts as the `llama` architecture: the converter writes no window and the graph
   (src/models/llama.cpp, `build_attn_inp_kv`) has no sliding-window mask, so every layer attends

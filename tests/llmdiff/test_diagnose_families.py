@@ -101,3 +101,23 @@ def test_llama_cpp_f16_gelu_table_is_ld302_only(llmdiff_cli, mutants_on_path):
     assert ev["after"]["floor_ratio"] <= 8 < ev["before"]["floor_ratio"]
     assert ev["hypothesis_floor"] > 8 * ev["noise_floor"]   # the knob-on oracle's own floor, far above the clean one
     assert ev["divergent_points"]["after"] == 0
+
+
+@pytest.mark.slow   # one compare with diagnosis (~65 s on 2 shared cores)
+def test_kv_rounded_to_f16_is_ld511_only(llmdiff_cli, mutants_on_path):
+    """K and V rounded to float16 before attention in a float32 model (a float16 KV cache):
+    LD511 alone, confirmed at L0.attn_out with the plain knob (q, k and v as captured agree).
+    The rounding turns float32 noise into float16 steps, so the candidate is judged against
+    the floor of the oracle with the knob on (~54x the clean one there: against the clean floor
+    it stays ~45x, an LD000)."""
+    impl = "hf_mutants:KvRoundedToF16"
+    rc, out, err, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--impl", impl, "--dtype", "float32")
+    assert rc == 1, out + err
+    assert run_by_candidate(report, impl, "float32")["first_divergence"] == "L0.attn_out"
+    (f,) = report["findings"]
+    assert (f["code"], f["where"], f["confirmed"]) == ("LD511", "L0.attn_out", True)
+    ev = f["evidence"]
+    assert ev["knob"] == {"kv_f16": True}
+    assert ev["after"]["floor_ratio"] <= 1 < 100 < ev["before"]["floor_ratio"]
+    assert ev["hypothesis_floor"] > 8 * ev["noise_floor"]
+    assert ev["divergent_points"]["after"] == 0

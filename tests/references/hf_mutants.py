@@ -677,3 +677,32 @@ class TrainerLossPerMicroBatch(HFReference):
         trainer.model_accepts_loss_kwargs = False
         return trainer
 
+
+class KvRoundedToF16(HFReference):
+    """K and V rounded to float16 before attention, everything else float32: a float16 KV cache
+    in a float32 model (llama.cpp's flash attention casts an F32 cache's K and V to F16). The
+    attention function the modeling module looks up (eager or SDPA) gets K and V rounded; q, k
+    and v as captured (after RoPE) are the model's own."""
+
+    def patch_model(self, model):
+        import sys
+
+        import torch
+
+        modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
+        functions = modeling.ALL_ATTENTION_FUNCTIONS
+
+        class RoundingInterface:
+            def get_interface(self, name, default):
+                attend = functions.get_interface(name, default)
+
+                def rounded(module, query, key, value, *args, **kwargs):
+                    return attend(module, query, key.to(torch.float16).to(key.dtype),
+                                  value.to(torch.float16).to(value.dtype), *args, **kwargs)
+                return rounded
+
+            def __getattr__(self, attr):
+                return getattr(functions, attr)
+
+        modeling.ALL_ATTENTION_FUNCTIONS = RoundingInterface()
+        return model

@@ -247,3 +247,63 @@ def test_oracle_gelu_f16_table_is_ggmls():
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-6      # float64's table: a tail entry apart
     exact = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x.astype(np.float64) ** 3)))
     assert 1e-4 < np.linalg.norm(got - exact) / np.linalg.norm(exact) < 1e-3   # float16's 2^-11, not float32's
+
+
+@needs_llamacpp
+@pytest.mark.slow   # one compare with diagnosis (~150 s on 2 shared cores)
+def test_default_flash_attention_gemma_is_ld511_and_ld302(monkeypatch, tmp_path):
+    """llama.cpp as it runs by default (flash attention on, the F16 GELU table), gemma-7b tiny in
+    float32, fully explained: LD511 kv-rounded-to-f16 at L0.attn_out with llama.cpp's CPU kernel
+    (`kv_f16_short`: the 42-token prompt takes ggml's one-chunk kernel, F16 q and accumulator;
+    the 192-token one the tiled kernel, K and V alone at F16), then LD302 at L0.mlp_act, and no
+    divergent point left after both."""
+    import llmdiff
+    from llmdiff.references.llamacpp import FLASH_ATTN_ENV
+
+    monkeypatch.setenv(FLASH_ATTN_ENV, "auto")
+    report = llmdiff.compare("gemma-7b", ["llamacpp"], tiny=True, dtypes=["float32"],
+                             workdir=str(tmp_path / "work")).report
+    assert run_by_candidate(report, "llamacpp", "float32")["first_divergence"] == "L0.attn_out"
+    found = {f["code"]: f for f in report["findings"]}
+    assert sorted(found) == ["LD302", "LD511"], report["findings"]
+    kv, gelu = found["LD511"], found["LD302"]
+    assert (kv["where"], kv["confirmed"], gelu["where"], gelu["confirmed"]) == ("L0.attn_out", True, "L0.mlp_act", True)
+    assert kv["evidence"]["knob"] == {"kv_f16": True, "kv_f16_short": True}
+    assert kv["evidence"]["before"]["floor_ratio"] > 100 and kv["evidence"]["after"]["floor_ratio"] <= 1
+    assert gelu["evidence"]["divergent_points"]["after"] == 0
+
+
+def test_oracle_one_chunk_flash_attention_is_ggmls():
+    """The oracle's `kv_f16_short` kernel (LD511's llama.cpp form) is ggml's CPU one-chunk flash
+    attention with an F16 V: keys in order, running max and sum in float32, the V accumulator
+    rounded to float16 after every rescale and multiply-add; here against that loop written out
+    in numpy, and against the exact softmax . v at float16's distance, not float32's."""
+    import jax.numpy as jnp
+
+    from llmdiff.references.gemma import _ggml_one_chunk
+
+    rng = np.random.default_rng(0)
+    T, H = 9, 8
+    logits = rng.normal(0, 2, (1, T, 1, 1, T)).astype(np.float32)
+    v = rng.normal(0, 1, (1, T, 1, H)).astype(np.float16).astype(np.float32)
+    visible = np.tril(np.ones((T, T), bool))[None]
+    got = np.asarray(_ggml_one_chunk(jnp.asarray(np.where(visible[:, :, None, None], logits, -3e38)),
+                                     jnp.asarray(v), jnp.asarray(visible)))[0, :, 0, 0]
+    f16 = lambda x: np.float32(x).astype(np.float16).astype(np.float32)
+    want, exact = np.zeros((T, H), np.float32), np.zeros((T, H))
+    for t in range(T):
+        M, S, acc = -np.inf, np.float32(0), np.zeros(H, np.float32)
+        for j in range(t + 1):
+            s = logits[0, t, 0, 0, j]
+            if s > M:
+                ms, vs, M = np.exp(np.float32(M - s)), np.float32(1), s
+                acc = f16(acc * ms)
+            else:
+                ms, vs = np.float32(1), np.exp(np.float32(s - M))
+            acc = f16(acc + v[0, j, 0] * vs)
+            S = np.float32(S * ms + vs)
+        want[t] = acc / S
+        p = np.exp(logits[0, t, 0, 0, :t + 1].astype(np.float64))
+        exact[t] = (p / p.sum()) @ v[0, :t + 1, 0].astype(np.float64)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()     # the same loop, to float32 rounding
+    assert 1e-5 < np.linalg.norm(got - exact) / np.linalg.norm(exact) < 3e-3
