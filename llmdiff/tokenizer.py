@@ -109,7 +109,9 @@ def as_published(path: Path) -> None:
       of transformers before 4.45 cannot read ("data did not match any variant of untagged enum
       ModelWrapper");
     - tokenizer_config.json's `tokenizer_class` "PreTrainedTokenizerFast" (Meta's Llama 3 repos)
-      where transformers 5 writes "TokenizersBackend", a class no 4.x release has."""
+      where transformers 5 writes "TokenizersBackend", a class no 4.x release has;
+    - its extra special tokens under `additional_special_tokens` (Qwen's repos), where
+      transformers 5 writes a list `extra_special_tokens`, which 4.x reads as a dict (`.keys()`)."""
     tokenizer_json, config = path / "tokenizer.json", path / "tokenizer_config.json"
     if tokenizer_json.is_file():
         data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
@@ -119,8 +121,12 @@ def as_published(path: Path) -> None:
             tokenizer_json.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
     if config.is_file():
         data = json.loads(config.read_text(encoding="utf-8"))
+        changed = False
         if data.get("tokenizer_class") == "TokenizersBackend":
-            data["tokenizer_class"] = "PreTrainedTokenizerFast"
+            data["tokenizer_class"], changed = "PreTrainedTokenizerFast", True
+        if isinstance(data.get("extra_special_tokens"), list) and "additional_special_tokens" not in data:
+            data["additional_special_tokens"], changed = data.pop("extra_special_tokens"), True
+        if changed:
             config.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
