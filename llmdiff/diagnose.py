@@ -304,10 +304,14 @@ def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
         for size in range(2, min(MAX_TOGETHER, len(acting)) + 1):
             if best is not None:
                 break
+            # Bugs acting together, all on the whole model or all on `first`'s kind of layer (not
+            # every mix of the two: 2 forms a combination instead of 2^size).
             best, _ = _best_trial(case, current, first, floors, forced_from, [
                 (combo, {**policy, **{k: v for variant in variants for k, v in variant.items()}})
                 for combo in itertools.combinations(acting, size)
-                for variants in itertools.product(*(_variants(c, scope) for c in combo))
+                for forms in ([c.variants() for c in combo],
+                              *([[_variants(c, scope)[len(c.variants()):] for c in combo]] if scope else []))
+                for variants in itertools.product(*forms)
                 if len({k for v in variants for k in v}) == sum(len(v) for v in variants)], policy)
         if best is None:
             break
