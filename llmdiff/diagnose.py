@@ -292,23 +292,26 @@ def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
         # Each check's whole-model forms; then, on a model with two kinds of layer, the forms
         # scoped to `first`'s kind of only the checks whose whole form moved the oracle's value
         # there (a scoped knob changes `first` only where its whole form does): half the runs.
-        scored, moved = _trials(case, current, first, floors, forced_from,
-                                [((c,), {**policy, **v}) for c in remaining for v in c.variants()], policy)
+        scored, moved, closer = _trials(case, current, first, floors, forced_from,
+                                        [((c,), {**policy, **v}) for c in remaining for v in c.variants()], policy)
         if scope is not None:
-            more, _ = _trials(case, current, first, floors, forced_from,
-                              [((c,), {**policy, **v}) for c in remaining if c in moved
-                               for v in _variants(c, scope)[len(c.variants()):]], policy)
-            scored += more
+            more, _, nearer = _trials(case, current, first, floors, forced_from,
+                                      [((c,), {**policy, **v}) for c in remaining if c in moved
+                                       for v in _variants(c, scope)[len(c.variants()):]], policy)
+            scored, closer = scored + more, closer | nearer
         best = _best(scored)
         acting = [c for c in remaining if c in moved]
         for size in range(2, min(MAX_TOGETHER, len(acting)) + 1):
             if best is not None:
                 break
             # Bugs acting together, all on the whole model or all on `first`'s kind of layer (not
-            # every mix of the two: 2 forms a combination instead of 2^size).
+            # every mix of the two: 2 forms a combination instead of 2^size), at least one of which
+            # alone brings the oracle nearer the candidate at `first` (RoPE's layout does, with its
+            # dtype bug left: a combination none of whose bugs moves towards the candidate is not
+            # tried; an unknown bug's every combination was, at hundreds of runs).
             best, _ = _best_trial(case, current, first, floors, forced_from, [
                 (combo, {**policy, **{k: v for variant in variants for k, v in variant.items()}})
-                for combo in itertools.combinations(acting, size)
+                for combo in itertools.combinations(acting, size) if closer.intersection(combo)
                 for forms in ([c.variants() for c in combo],
                               *([[_variants(c, scope)[len(c.variants()):] for c in combo]] if scope else []))
                 for variants in itertools.product(*forms)
@@ -407,7 +410,7 @@ def _best_trial(case: Case, current: dict, first: str, floors: dict, forced_from
     """Of `tries` ((checks, policy), ...), the one whose oracle brings `first` back to parity and
     shrinks the divergence most: (checks, comparison, policy), or None; and the checks whose knob
     changes the oracle's own value at `first` (on top of `policy`): the bugs that act there."""
-    scored, moved = _trials(case, current, first, floors, forced_from, tries, policy)
+    scored, moved, _ = _trials(case, current, first, floors, forced_from, tries, policy)
     return _best(scored), moved
 
 
@@ -420,11 +423,12 @@ def _best(scored: list):
 
 
 def _trials(case: Case, current: dict, first: str, floors: dict, forced_from, tries: list, policy: dict):
-    """`tries` run and scored: the explanations among them (ranked by `_best`), and the checks
-    whose knob moves the oracle's value at `first`."""
+    """`tries` run and scored: the explanations among them (ranked by `_best`), the checks whose
+    knob moves the oracle's value at `first`, and those whose knob brings it nearer the candidate."""
     dtype = current["dtype"]
     base, = case.lab.captures(dtype, [policy], forced_from=forced_from)
-    scored, moved = [], set()
+    scored, moved, closer = [], set(), set()
+    before = _point(current, first).get("rel_l2")
     runs = case.lab.captures(dtype, [t[1] for t in tries], forced_from=forced_from)
     # The float64 runs of the trials judged against their own floor (`Case.judge`), in one worker.
     case.lab.captures("float64", [p for (_, p), caps in zip(tries, runs) if caps is not None and case.amplifies(p)],
@@ -437,6 +441,9 @@ def _trials(case: Case, current: dict, first: str, floors: dict, forced_from, tr
         # Judged against the oracle's floor under the hypothesis (its own, for a knob that
         # amplifies rounding noise, on this trial or found in an earlier round: `Case.judge`).
         trial = case.judge(trial_policy, caps, floors, dtype, forced_from)
+        after = _point(trial, first).get("rel_l2")
+        if before is not None and after is not None and after < before:
+            closer.update(checks)
         # An explanation brings `first` back without breaking a point before it (the candidate
         # agreed with the oracle there): a knob acting on every layer does not explain a bug
         # on one kind of layer only, whose form on that kind does.
@@ -446,7 +453,7 @@ def _trials(case: Case, current: dict, first: str, floors: dict, forced_from, tr
             # floor ratio: nearer is a truer form of the bug), then by the excess left everywhere.
             closeness = float(f"{_point(trial, first).get('floor_ratio') or 0.0:.1g}")
             scored.append(((closeness, excess(trial)), [c.code for c in checks], checks, trial, trial_policy))
-    return scored, moved
+    return scored, moved, closer
 
 
 def _diverges_before(run: dict, point: str) -> bool:

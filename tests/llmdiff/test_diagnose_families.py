@@ -39,13 +39,14 @@ def test_a_port_bug_is_named_by_its_check_only(llmdiff_cli, mutants_on_path, mod
     assert f["evidence"]["after"]["floor_ratio"] < f["evidence"]["before"]["floor_ratio"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow   # 1.5-7 min each here: gemma-2-2b's is the longest (1560 oracle runs)
 @pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b-v0.1",
-                                   "phi-3-mini-128k-instruct", "phi-3-mini-4k-instruct"])
+                                   "phi-3-mini-128k-instruct", "phi-3-mini-4k-instruct",
+                                   "gemma-2-2b", "gemma-3-1b"])
 def test_selftest_is_diagonal_for_each_family(llmdiff_cli, model):
-    """Every dynamic check's bug as an oracle mutant, three at once, and a bug no check knows:
-    each named by its own check only (three bugs at one point included: Llama's RoPE layout,
-    dtype and frequency scaling all act at L0.q)."""
+    """Every dynamic check's bug as an oracle mutant, three at once, and a bug no check knows;
+    on Gemma 2/3 (local and global layers) a bug on global layers only and two bugs each on its
+    own kind: each named by its own check only."""
     rc, out, err, _ = llmdiff_cli("selftest", "--model", model)
     assert rc == 0, out + err
     assert "diagonal" in out and "NOT diagonal" not in out
@@ -121,3 +122,32 @@ def test_kv_rounded_to_f16_is_ld511_only(llmdiff_cli, mutants_on_path):
     assert ev["after"]["floor_ratio"] <= 1 < 100 < ev["before"]["floor_ratio"]
     assert ev["hypothesis_floor"] > 8 * ev["noise_floor"]
     assert ev["divergent_points"]["after"] == 0
+
+
+@pytest.mark.slow   # ~40 oracle runs
+def test_two_bugs_at_one_point_are_named_together(tmp_path):
+    """RoPE's interleaved layout and its angles in bfloat16 both act at L0.q and neither knob
+    alone brings it back: the two are tried together (one of them alone comes nearer) and both
+    named, each with the other in `together_with`."""
+    from llmdiff import diagnose, diff, inputs, registry, weights
+    from llmdiff.job import Job, WeightsSource
+    from llmdiff.selftest import selftest_lengths
+    from llmdiff.spec import capture_points, get_spec
+
+    spec = get_spec("llama-3.1-8b", tiny=True)
+    canonical = tmp_path / "w.safetensors"
+    weights.save_canonical(canonical, weights.random_weights(spec, 0))
+    job = Job(spec=spec.to_dict(), tokens=inputs.synthetic_prompts(spec, 0, selftest_lengths(spec)),
+              weights=WeightsSource(canonical=str(canonical)))
+    lab = diagnose.OracleLab(job, tmp_path)
+    checks = [c for c in registry.load_checks()[0] if c.knob and c.applies(spec)]
+    bug, points = {"rope_layout": "interleaved", "rope_dtype": "compute"}, capture_points(spec)
+    clean, truth, caps = (lab.captures(d, [p], constants_dtype=c)[0] for d, p, c in
+                          (("bfloat16", {}, None), ("float64", {}, "bfloat16"), ("bfloat16", bug, None)))
+    floors = diff.noise_floors(clean, truth, "bfloat16")
+    run = dict(diff.compare_captures(caps, clean, floors, "bfloat16", points), dtype="bfloat16")
+    path = lab.path(diagnose.Variant.of("bfloat16", bug))
+    found = diagnose.explain(diagnose.Case(lab, spec, "m", caps, path, floors, points), checks, run)
+    assert sorted((f.code, f.where) for f in found) == [("LD401", "L0.q"), ("LD405", "L0.q")]
+    assert all(f.confirmed and f.evidence["knob"] == bug for f in found)
+    assert {tuple(f.evidence["together_with"]) for f in found} == {("LD401",), ("LD405",)}
