@@ -35,4 +35,5 @@ class GeluF16Table(Check):
     name = "gelu-f16-table"
     knob = ("gelu", "f16_table")
     dtypes = ("float32",)
+    acts_under_autocast = False
     own_floor = True   # a table at a rounded input: judged against the floor of the oracle with it on

@@ -43,4 +43,5 @@ class KvRoundedToF16(Check):
     knob = ("kv_f16", True)
     also = ({"kv_f16_short": True},)
     dtypes = ("float32",)
+    acts_under_autocast = False
     own_floor = True   # a float16 rounding of a float32 value: judged against the floor of the oracle with it on

@@ -120,6 +120,10 @@ class Check:
     # step): an oracle with it on is judged against its own floor, at every point the larger of
     # the clean floor and that oracle's at the run dtype against float64 (`diagnose.Case.judge`).
     own_floor: bool = False
+    # Whether the bug can act under autocast (where it acts in float32 or the low dtype). False
+    # for an inference kernel's float16 rounding of a float32 value (LD302, LD511): under
+    # autocast that value comes out of a matrix product in the low dtype already.
+    acts_under_autocast: bool = True
 
     @property
     def kind(self) -> str:
@@ -139,6 +143,8 @@ class Check:
         float32 and the low dtype: a check acting in either applies there too."""
         from llmdiff.job import autocast_of
 
+        if dtype is not None and autocast_of(dtype) and not self.acts_under_autocast:
+            return False
         if dtype is not None and autocast_of(dtype) and dtype not in self.dtypes:
             # float16 is a run's low dtype only under autocast: a bug of the low compute dtype
             # (listed as bfloat16, the pure low run dtype) acts there as in bfloat16.

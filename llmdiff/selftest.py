@@ -24,7 +24,9 @@ from llmdiff.spec import capture_points, get_spec
 
 # A bug no check knows: the attention output scaled. 1% is far above float32 noise; bfloat16
 # rounds each op to 0.4%, so there it takes 10% to stand out of the noise.
-UNKNOWN_BUG = {"float32": {"attn_out_scale": 1.01}, "bfloat16": {"attn_out_scale": 1.1}}
+UNKNOWN_BUG = {"float32": {"attn_out_scale": 1.01}, "bfloat16": {"attn_out_scale": 1.1},
+               # Under autocast the attention output is a matrix product's, in the low dtype.
+               "autocast-bfloat16": {"attn_out_scale": 1.1}, "autocast-float16": {"attn_out_scale": 1.01}}
 UNKNOWN_BUG_POINT = "L0.attn_out"
 SELFTEST_LENGTHS = (160,)
 
@@ -99,7 +101,7 @@ def _three_that_act_together(lab, acting, policies, dtype) -> list:
 
 
 def _mutants(lab, checks, dtype, clean, spec):
-    acting = [c for c in checks if dtype in c.dtypes]
+    acting = [c for c in checks if c.applies(spec, dtype)]   # autocast: where float32's or the low dtype's
     policies = {c.code: _first_acting_variant(lab, c, dtype, clean) for c in acting}
     out = [("clean", {}, [], None)]
     out += [(c.code, policies[c.code], [c.code], None) for c in acting]
@@ -138,6 +140,7 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
                 diagnose.Variant.of(dtype, forced_from=lab.path(diagnose.Variant.of(dtype, m[1]))),
                 diagnose.Variant.of("float64", constants_dtype=dtype,
                                     forced_from=lab.path(diagnose.Variant.of(dtype, m[1]))))])
+            silent = set()   # bugs under the noise alone at this dtype: optional where they come together
             for name, policy, expected, expected_point in mutants:
                 caps, = lab.captures(dtype, [policy])
                 if caps is None:
@@ -153,12 +156,15 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
                 # cannot be named here: the matrix expects nothing and says so.
                 acts = run["verdict"] == "divergence" or forced["verdict"] == "divergence"
                 if not acts and name not in ("clean", "unknown"):
+                    silent.update(expected)
                     expected = []
                 before = lab.runs
                 found = diagnose.explain(diagnose.Case(lab, spec, name, caps, path, floors, points), checks, run)
                 diff.attach_forced(run, forced)
                 codes = sorted(f.code for f in found)
-                ok = codes == sorted(expected) and (
+                # A bug under the noise alone may stay so next to others (exact GELU under autocast):
+                # it is not required, and named it is no false finding.
+                ok = set(expected) - silent <= set(codes) <= set(expected) and len(codes) == len(set(codes)) and (
                     expected_point is None or any(f.where == expected_point for f in found))
                 rows.append({"dtype": dtype, "mutant": name, "policy": policy, "expected": sorted(expected),
                              "found": codes, "where": [f.where for f in found], "ok": ok,
