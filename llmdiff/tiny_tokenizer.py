@@ -72,9 +72,17 @@ def train_tiny_sentencepiece(vocab_size: int, *, control_turn_markers: bool = Fa
 
     text = corpus.read_bytes()
     options = _training_options(vocab_size, control_turn_markers)
+    return _trained(text, options, "tiny")
+
+
+def _trained(text: bytes, options: dict, prefix: str) -> bytes:
+    """A SentencePiece model trained on `text` with `options`, cached by their hash (and
+    sentencepiece's version) in the temp directory: the same bytes every time."""
+    import sentencepiece as spm
+
     key = hashlib.sha256(text + json.dumps(options, sort_keys=True).encode()
                          + spm.__version__.encode()).hexdigest()[:16]
-    cache = Path(tempfile.gettempdir()) / "llmdiff-tokenizers" / f"tiny-{key}.model"
+    cache = Path(tempfile.gettempdir()) / "llmdiff-tokenizers" / f"{prefix}-{key}.model"
     if cache.exists():
         return cache.read_bytes()
     model = io.BytesIO()
@@ -417,16 +425,7 @@ def train_tiny_llama_sentencepiece(spec: ModelSpec, *, corpus: Path = TRAINING_C
         byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
         add_dummy_prefix=True, normalization_rule_name="identity", max_sentencepiece_length=16, hard_vocab_limit=False,
         num_threads=1, shuffle_input_sentence=False, input_sentence_size=0, minloglevel=2)
-    key = hashlib.sha256(text + json.dumps(options, sort_keys=True).encode()
-                         + spm.__version__.encode()).hexdigest()[:16]
-    cache = Path(tempfile.gettempdir()) / "llmdiff-tokenizers" / f"tiny-llama-sp-{key}.model"
-    if cache.exists():
-        return cache.read_bytes()
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text.decode("utf-8").splitlines()),
-                                   model_writer=model, **options)
-    _write_cache(cache, model.getvalue())
-    return model.getvalue()
+    return _trained(text, options, "tiny-llama-sp")
 
 
 def write_llama_sp_tokenizer_files(path, spec: ModelSpec, *, sp_model: bytes | None = None,
