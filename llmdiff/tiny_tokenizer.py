@@ -68,8 +68,6 @@ def train_tiny_sentencepiece(vocab_size: int, *, control_turn_markers: bool = Fa
     Deterministic (one thread, no sampling); cached in the temp dir keyed by the corpus and the
     options, so only the first call of a machine trains (about 10 ms anyway).
     """
-    import sentencepiece as spm
-
     text = corpus.read_bytes()
     options = _training_options(vocab_size, control_turn_markers)
     return _trained(text, options, "tiny")
@@ -414,8 +412,6 @@ def sp_style(spec: ModelSpec) -> SpStyle | None:
 def train_tiny_llama_sentencepiece(spec: ModelSpec, *, corpus: Path = TRAINING_CORPUS) -> bytes:
     """tokenizer.model of `spec`'s family (Llama's conventions), trained on the shipped corpus:
     deterministic, cached in the temp dir like `train_tiny_sentencepiece`."""
-    import sentencepiece as spm
-
     style = sp_style(spec)
     text = corpus.read_bytes()
     options = dict(
