@@ -17,8 +17,10 @@ from conftest import MUTANTS_DIR, run_by_candidate
 from llmdiff.spec import capture_points, get_spec
 
 BOTH_DTYPES = {"gemma-2-2b", "gemma-3-4b"}  # one per family, bfloat16 too
-MODELS = ["gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-270m", "gemma-3-1b", "gemma-3-4b",
-          "gemma-3-12b", "gemma-3-27b"]
+# The larger shapes run with the slow cases (the default suite keeps one per layer pattern).
+_SLOW = pytest.mark.slow
+MODELS = ["gemma-2-2b", "gemma-2-9b", pytest.param("gemma-2-27b", marks=_SLOW), "gemma-3-270m", "gemma-3-1b",
+          "gemma-3-4b", pytest.param("gemma-3-12b", marks=_SLOW), pytest.param("gemma-3-27b", marks=_SLOW)]
 
 
 @functools.lru_cache(maxsize=None)
