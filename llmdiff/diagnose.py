@@ -304,17 +304,15 @@ def _greedy(case: Case, remaining, run, floors, forced_from, policy, findings):
         for size in range(2, min(MAX_TOGETHER, len(acting)) + 1):
             if best is not None:
                 break
-            # Bugs acting together, all on the whole model or all on `first`'s kind of layer (not
-            # every mix of the two: 2 forms a combination instead of 2^size), at least one of which
-            # alone brings the oracle nearer the candidate at `first` (RoPE's layout does, with its
-            # dtype bug left: a combination none of whose bugs moves towards the candidate is not
-            # tried; an unknown bug's every combination was, at hundreds of runs).
+            # Bugs acting together, each on the whole model or on `first`'s kind of layer (every
+            # mix: a soft-cap gone everywhere with a mask broken on local layers only), at least
+            # one of which alone brings the oracle nearer the candidate at `first` (RoPE's layout
+            # does, with its dtype bug left: a combination none of whose bugs moves towards the
+            # candidate is not tried; an unknown bug's every combination was, at hundreds of runs).
             best, _ = _best_trial(case, current, first, floors, forced_from, [
                 (combo, {**policy, **{k: v for variant in variants for k, v in variant.items()}})
                 for combo in itertools.combinations(acting, size) if closer.intersection(combo)
-                for forms in ([c.variants() for c in combo],
-                              *([[_variants(c, scope)[len(c.variants()):] for c in combo]] if scope else []))
-                for variants in itertools.product(*forms)
+                for variants in itertools.product(*(_variants(c, scope) for c in combo))
                 if len({k for v in variants for k in v}) == sum(len(v) for v in variants)], policy)
         if best is None:
             break
