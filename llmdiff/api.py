@@ -128,6 +128,7 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     if not temporary and Path(workdir).exists() and not Path(workdir).is_dir():
         raise UsageError(f"--workdir {workdir} is a file, not a directory")
     work = Path(tempfile.mkdtemp(prefix="llmdiff-") if temporary else workdir)
+    say = None
     try:
         work.mkdir(parents=True, exist_ok=True)
         say = _live_log(work / "progress.log", progress, t_start)
@@ -154,6 +155,8 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
         report_mod.settle(report)
         return CompareResult(report)
     finally:
+        if say is not None:
+            say.close()   # the live log's file, before its folder goes
         if temporary:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -168,6 +171,7 @@ def _live_log(path: Path, progress, t_start: float):
         if progress is not None:
             progress(message)
 
+    say.close = log.close
     return say
 
 
