@@ -276,7 +276,7 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
         del canon
     weights_info["model"] = resolved.info
     tokens, tokens_info, prompts = _prompts(spec, hf_dir, weights_info, seed, work, lengths, tokenizer_parity,
-                                            _tokenizer_python(chosen))
+                                            _tokenizer_python(chosen), [i.name for i in chosen])
     selected = select_points(spec, points, layers)
     if capture == "auto":
         capture = "sketch" if _capture_bytes(spec, selected, tokens) > SKETCH_ABOVE_BYTES and not grad else "full"
@@ -354,13 +354,13 @@ def stage_error(report: dict, stage: str, error: str, skip: str | None = None) -
 
 
 def tokenize(model: str, *, tiny: bool = False, weights=None, text=None, select=(), ignore=(),
-             revision: str | None = None) -> dict:
+             revision: str | None = None, implementations=()) -> dict:
     """Tokenizer and chat-template parity of a checkpoint (`llmdiff tokenize`): a report dict
     with "tokenizer" (per-string ids, chat template), "findings" (LD0xx) and "exit_code"."""
     from llmdiff import tokenizer
 
     return tokenizer.check_tokenizer(model, tiny=tiny, weights=weights, text=text, select=select, ignore=ignore,
-                                     revision=revision)
+                                     revision=revision, implementations=implementations)
 
 
 SKETCH_ABOVE_BYTES = 1 << 30
@@ -386,7 +386,8 @@ def _tokenizer_python(chosen) -> str | None:
     return None
 
 
-def _prompts(spec, hf_dir, weights_info, seed, work, lengths=None, parity: bool = True, python=None):
+def _prompts(spec, hf_dir, weights_info, seed, work, lengths=None, parity: bool = True, python=None,
+             implementations=()):
     """Token ids: real text through the checkpoint's tokenizer (tiny runs without one get the
     tiny tokenizer, never written into a user's directory), tokenizer parity started in the
     background (under `python`, the compared transformers' interpreter); synthetic ids when there
@@ -405,7 +406,8 @@ def _prompts(spec, hf_dir, weights_info, seed, work, lengths=None, parity: bool 
         tiny_tokenizer = True
     if tokenizer_dir is not None:
         Path(tokenizer_dir).mkdir(parents=True, exist_ok=True)
-        prompts = tokenizer.Prompts(spec, tokenizer_dir, tiny_tokenizer=tiny_tokenizer, python=python)
+        prompts = tokenizer.Prompts(spec, tokenizer_dir, tiny_tokenizer=tiny_tokenizer, python=python,
+                                    implementations=implementations)
         made = prompts.tokens(inputs.DEFAULT_LENGTHS)
         if made is not None:
             tokens, info = made

@@ -415,12 +415,14 @@ def audit(path, revision, model, select, ignore, json_path, out_dir, quiet, no_c
 @_revision_option
 @click.option("--weights", type=click.Path(), help="A local HF checkpoint directory holding a tokenizer.")
 @click.option("--text", "text", type=click.Path(), help="A UTF-8 file of your own strings (the file and each line).")
+@click.option("--impl", "impls", multiple=True, type=click.Choice(["keras"]),
+              help="Also judge keras-hub's tokenizer (from the keras virtualenv; python -m llmdiff.references.keras_gemma install).")
 @click.option("--select", "select", multiple=True, metavar="CODE|NAME|PREFIX", help="Run only these checks.")
 @click.option("--ignore", "ignore", multiple=True, metavar="CODE|NAME|PREFIX", help="Skip these checks.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the JSON report here.")
 @click.option("--no-color", is_flag=True)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def tokenize(model, tiny, revision, weights, text, select, ignore, json_path, no_color, debug):
+def tokenize(model, tiny, revision, weights, text, impls, select, ignore, json_path, no_color, debug):
     """Tokenizer and chat-template parity of MODEL, before any numerics.
 
     Compares HF, sentencepiece (and DeepMind's tokenizer when importable) on a corpus of hard
@@ -434,7 +436,7 @@ def tokenize(model, tiny, revision, weights, text, select, ignore, json_path, no
     try:
         _check_outputs(json_path)
         result = api.tokenize(model, tiny=tiny, weights=weights, text=text, select=select, ignore=ignore,
-                              revision=revision)
+                              revision=revision, implementations=impls)
     except LLMDiffError as e:
         _fail(str(e), debug, json_path)
     if json_path:

@@ -55,7 +55,7 @@ def read_text_file(path) -> list[tuple[str, str]]:
 
 
 def check_tokenizer(model: str, *, tiny: bool = False, weights=None, text=None, select=(), ignore=(),
-                    revision: str | None = None) -> dict:
+                    revision: str | None = None, implementations=()) -> dict:
     """`llmdiff tokenize`: parity of every tokenizer implementation of a checkpoint, its chat
     template against the family's reference format, and the LD0xx findings. Exit code in the
     report: 0 agreement, 1 findings."""
@@ -85,7 +85,7 @@ def check_tokenizer(model: str, *, tiny: bool = False, weights=None, text=None, 
         else:
             raise UsageError(f"no tokenizer for {model}: pass --weights DIR (a checkpoint with tokenizer.model or"
                              " tokenizer.json) or --tiny for the built-in tiny tokenizer")
-        parity = tokenizer_parity(path, spec, extra)
+        parity = tokenizer_parity(path, spec, extra, implementations)
     parity["path"] = source["path"]
     found = [f.to_dict() for f in findings(parity, checks, spec)]
     return {"llmdiff_version": __version__, "model": spec.name, "tiny": spec.tiny, "tokenizer_source": source,
@@ -136,8 +136,10 @@ class Prompts:
     """Token ids for `compare`, from real text through the checkpoint's tokenizer, and the parity
     report computed while the numeric workers run."""
 
-    def __init__(self, spec: ModelSpec, hf_dir, *, tiny_tokenizer: bool, python: str | None = None):
+    def __init__(self, spec: ModelSpec, hf_dir, *, tiny_tokenizer: bool, python: str | None = None,
+                 implementations=()):
         self.spec, self.hf_dir, self.tiny_tokenizer = spec, Path(hf_dir), tiny_tokenizer
+        self.implementations = tuple(implementations)  # the compared ones (keras: its own tokenizer joins)
         # The interpreter whose transformers is compared (`hf@PYTHON`, a release of `matrix`):
         # parity runs there, so each release's tokenizer is the one judged. None: this one.
         self.python = None if python in (None, sys.executable) else python
@@ -189,7 +191,7 @@ class Prompts:
                 as_published(self.hf_dir)
             if self.python:
                 return parity_under(self.python, self.hf_dir, self.spec)
-            return tokenizer_parity(self.hf_dir, self.spec)
+            return tokenizer_parity(self.hf_dir, self.spec, implementations=self.implementations)
         except Exception as e:  # noqa: BLE001 - reported in the report, never a lost comparison
             return {"error": f"{type(e).__name__}: {e}"}
 

@@ -290,8 +290,9 @@ def _is_tiktoken_file(f: Path) -> bool:
         return False
 
 
-def load_encoders(path, spec: ModelSpec) -> list[Encoder]:
-    """Every implementation that exists for the checkpoint at `path`, reference first."""
+def load_encoders(path, spec: ModelSpec, implementations=()) -> list[Encoder]:
+    """Every implementation that exists for the checkpoint at `path`, reference first; those of
+    `implementations` that live in virtualenvs of their own (keras) only when named there."""
     path = Path(path)
     out: list[Encoder] = []
     model_file = path / "tokenizer.model"
@@ -310,6 +311,10 @@ def load_encoders(path, spec: ModelSpec) -> list[Encoder]:
         out.append(HFEncoder(path, slow=True))
     if model_file.is_file():
         out.append(DeepMindEncoder(model_file, spec.family))
+    if model_file.is_file() and "keras" in implementations:  # keras-hub's, run in the keras virtualenv
+        from llmdiff.references.keras_gemma import keras_tokenizers
+
+        out += keras_tokenizers(model_file, spec)
     if not out:
         raise UsageError(f"{path} holds no tokenizer (tokenizer.model or tokenizer.json)")
     return out

@@ -317,12 +317,12 @@ def _leading(ids: list[int], token: int) -> int:
     return n
 
 
-def tokenizer_parity(path, spec: ModelSpec, extra_strings=()) -> dict:
+def tokenizer_parity(path, spec: ModelSpec, extra_strings=(), implementations=()) -> dict:
     """Evidence for the LD0xx checks: implementations, per-string ids, chat template."""
     import time
 
     t0 = time.perf_counter()
-    encoders = load_encoders(path, spec)
+    encoders = load_encoders(path, spec, implementations)
     descriptions = {e.name: e.describe(spec) for e in encoders}
     strings = list(CORPUS) + list(extra_strings)
     ref = encoders[0]

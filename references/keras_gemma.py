@@ -54,13 +54,19 @@ with `query_head_dim_normalize=True` whatever the backbone was given, so a model
 `query_head_dim_normalize=False` for them. Likewise the blocks get no `layer_norm_epsilon`
 (every norm but the final one uses 1e-6; Gemma's is 1e-6, so no released model is affected).
 
-The tokenizer half of keras-hub (`GemmaTokenizer`, tensorflow-text) is not installed: runs
-feed ids. The implementation lives in a virtualenv of its own: `python -m
-llmdiff.references.keras_gemma install` (keras-hub without TensorFlow, see `install`).
+Runs feed the prompts' ids, as to every implementation. keras-hub's own tokenizer
+(`GemmaTokenizer`, `Gemma3Tokenizer`, built from the same tokenizer.model) is judged by tokenizer
+parity when keras is compared (`compare --impl keras`, `tokenize --impl keras`): `keras_tokenizers`
+runs it in the keras virtualenv (keras_tokenizer_server.py) in both of keras-hub 0.32's paths,
+`keras` (eager: native sentencepiece, in the base install) and `keras-tf` (the tf.data path:
+tensorflow-text, only with `install --tensorflow-text`, which adds TensorFlow). The
+implementation lives in a virtualenv of its own: `python -m llmdiff.references.keras_gemma
+install` (keras-hub without TensorFlow, see `install`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -327,8 +333,104 @@ class KerasReference(Reference):
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "tied_lm_head": True,   # ReversibleEmbedding(tie_weights=True): the logits read token_embedding
             # (not "tokenizer": that key is a tokenizer's report, which the LD0xx checks read)
-            "not_installed": "keras-hub's GemmaTokenizer (needs tensorflow-text): runs feed ids",
+            "inputs": "the prompts' ids; keras-hub's tokenizer is judged by tokenizer parity (keras, keras-tf)",
         }
+
+
+# --- its own tokenizer, for tokenizer parity (`--impl keras`) -------------------------------
+
+class _TokenizerServer:
+    """keras_tokenizer_server.py under the keras virtualenv's interpreter (or this one, where
+    keras-hub is importable): one process for the whole parity run, one JSON line a call."""
+
+    def __init__(self, python: str, model_file, family: str):
+        import subprocess
+        import tempfile
+        import weakref
+        from pathlib import Path
+
+        server = Path(__file__).with_name("keras_tokenizer_server.py")
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([python, str(server), str(model_file), family], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, encoding="utf-8",
+                                     env=dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3"))
+        weakref.finalize(self, _stop, self.proc, self.stderr)
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.stderr.seek(0)
+            lines = [x for x in self.stderr.read().splitlines() if x.strip()]
+            raise RuntimeError(lines[-1] if lines else f"exit {self.proc.returncode}")
+        self.hello = json.loads(line)["hello"]
+
+    def call(self, impl: str, op: str, arg):
+        self.proc.stdin.write(json.dumps({"impl": impl, "op": op, "arg": arg}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"keras-hub's tokenizer process ended (exit {self.proc.poll()})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"keras-hub's {impl} tokenizer, {op}: {reply['error']}")
+        return reply["ok"]
+
+
+def _stop(proc, stderr):
+    try:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    except Exception:  # noqa: BLE001 - already gone, or stuck: never hold the caller
+        proc.kill()
+    stderr.close()
+
+
+def keras_tokenizers(model_file, spec) -> list:
+    """keras-hub's Gemma tokenizer built from `model_file`, as tokenizer parity's encoders: `keras`
+    (its default eager path: native sentencepiece) and `keras-tf` (the tf.data path:
+    tensorflow-text), each unavailable, with the reason, where it cannot run. See
+    keras_tokenizer_server.py for how each is called."""
+    import importlib.util
+
+    from llmdiff.runner import venv_python
+    from llmdiff.tokenizer_encoders import Encoder
+
+    class KerasTokenizer(Encoder):
+        def __init__(self, name, server=None, reason=None):
+            super().__init__()
+            self.name, self.server = name, server
+            if server is None or reason:
+                self.available, self.reason = False, reason
+            else:
+                versions = server.hello["versions"]
+                self.version = f"keras-hub {versions['keras-hub']}" + (
+                    f", tensorflow-text {versions.get('tensorflow-text')}" if name == "keras-tf" else
+                    f", sentencepiece {versions['sentencepiece']}")
+
+        def encode(self, text):  # what causal_lm.generate(text) feeds the model
+            return self.server.call(self.name, "encode", text)
+
+        def encode_text(self, text):  # tokenizer(text)
+            return self.server.call(self.name, "encode_text", text)
+
+        def decode(self, ids):
+            return self.server.call(self.name, "decode", [int(i) for i in ids])
+
+        def piece(self, i):
+            return self.server.call(self.name, "piece", int(i))
+
+    if spec.family not in GLOBAL_ROPE_BASE:
+        return []
+    python = venv_python(VENV_NAME)
+    if python is None:
+        if importlib.util.find_spec("keras_hub") is None:
+            return [KerasTokenizer("keras", reason=f"keras-hub is not installed (it lives in its own virtualenv: {INSTALL})")]
+        python = sys.executable
+    try:
+        server = _TokenizerServer(python, model_file, spec.family)
+    except Exception as e:  # noqa: BLE001 - an optional implementation never stops the others
+        return [KerasTokenizer("keras", reason=f"cannot load keras-hub's tokenizer: {type(e).__name__}: {e}")]
+    reasons = server.hello["reasons"]
+    return [KerasTokenizer(name, server, reasons.get(name)) for name in ("keras", "keras-tf")]
 
 
 # --- installation -----------------------------------------------------------------------
@@ -339,7 +441,21 @@ def lock_file():
     return Path(__file__).resolve().parents[1] / "constraints" / "keras.txt"
 
 
-def install(venvs_root=None, quiet: bool = False) -> str:
+TF_MARKER = "# [tensorflow-text]"
+
+
+def lock_parts(lock) -> tuple[list[str], list[str]]:
+    """constraints/keras.txt's pins: the base set, and the tensorflow-text part after its marker."""
+    base, tf_part, part = [], [], None
+    for line in lock.read_text().splitlines():
+        if line.startswith(TF_MARKER):
+            part = tf_part
+        elif line.strip() and not line.startswith("#"):
+            (base if part is None else part).append(line.strip())
+    return base, tf_part
+
+
+def install(venvs_root=None, quiet: bool = False, tensorflow_text: bool = False) -> str:
     """Create the `keras` virtualenv: keras-hub without its declared tensorflow-text (and so
     without TensorFlow: its model code guards every TensorFlow import; only its tokenizers and
     preprocessing need it), Keras, JAX (CPU) and what keras-hub imports, all pinned in
@@ -363,15 +479,24 @@ def install(venvs_root=None, quiet: bool = False) -> str:
     t0 = time.perf_counter()
     try:
         venv_mod.create(venv, with_pip=True)
+        base, tf_part = lock_parts(lock)
+        pip = [str(python), "-m", "pip", "install", *q, "--disable-pip-version-check", "--no-deps"]
         # Every package pinned, none resolved: --no-deps keeps keras-hub's tensorflow-text out.
-        subprocess.run([str(python), "-m", "pip", "install", *q, "--disable-pip-version-check", "--no-deps",
-                        "-r", str(lock)], check=True)
-        subprocess.run([str(python), "-c", "import keras_hub; keras_hub.models.GemmaCausalLM; keras_hub.models.Gemma3CausalLM"],
+        subprocess.run([*pip, *base], check=True)
+        subprocess.run([str(python), "-c", "import keras_hub; keras_hub.models.GemmaCausalLM; keras_hub.models.Gemma3CausalLM;"
+                        " keras_hub.models.GemmaTokenizer; import sentencepiece"],
                        check=True, env=dict(os.environ, KERAS_BACKEND="jax"))
+        took = time.perf_counter() - t0
+        if tensorflow_text:
+            t1 = time.perf_counter()
+            subprocess.run([*pip, *tf_part], check=True)
+            subprocess.run([str(python), "-c", "import tensorflow_text"], check=True,
+                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+            print(f"keras: tensorflow-text added in {time.perf_counter() - t1:.0f} s", file=sys.stderr)
     except (subprocess.CalledProcessError, KeyboardInterrupt):
         shutil.rmtree(venv, ignore_errors=True)  # never leave a half-built venv for the runner to pick
         raise SystemExit("llmdiff: error: installing the keras extra failed (see above)") from None
-    print(f"keras: installed in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    print(f"keras: installed in {took:.0f} s (total {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return str(python)
 
 
@@ -385,6 +510,9 @@ if __name__ == "__main__":
     parser.add_argument("command", choices=["install"])
     parser.add_argument("--venvs", help="where llmdiff keeps implementation venvs (default: $LLMDIFF_VENVS"
                                         " or ~/.cache/llmdiff/venvs)")
+    parser.add_argument("--tensorflow-text", action="store_true",
+                        help="also tensorflow-text and TensorFlow (CPU, about 2 GB): keras-hub's tf.data tokenizer path,"
+                             " judged by tokenizer parity as keras-tf")
     parser.add_argument("-q", "--quiet", action="store_true")
     a = parser.parse_args()
-    print(f"keras: {install(a.venvs, a.quiet)}")
+    print(f"keras: {install(a.venvs, a.quiet, a.tensorflow_text)}")

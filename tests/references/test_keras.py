@@ -10,18 +10,29 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import run_by_candidate
-from llmdiff.references.keras_gemma import INSTALL, backbone_config, halves
+from llmdiff.references.keras_gemma import INSTALL, backbone_config, halves, lock_file, lock_parts
 from llmdiff.runner import venv_python
 from llmdiff.spec import capture_points, get_spec
 
 needs_keras = pytest.mark.skipif(
     venv_python("keras") is None,
     reason=f"the keras extra is not installed (no {os.path.join('$LLMDIFF_VENVS', 'keras')}): {INSTALL}")
+
+
+def _has_tensorflow_text() -> bool:
+    python = venv_python("keras")
+    return python is not None and any(Path(python).parents[1].glob("lib/python*/site-packages/tensorflow_text"))
+
+
+needs_keras_tf = pytest.mark.skipif(
+    not _has_tensorflow_text(),
+    reason="the keras extra has no tensorflow-text: python -m llmdiff.references.keras_gemma install --tensorflow-text")
 
 
 def _points(run):
@@ -121,6 +132,9 @@ def test_gemma_float32_at_parity(tmp_path):
     report = _compare(tmp_path, "gemma-7b", ["float32"])
     impl = next(i for i in report["implementations"] if i["name"] == "keras")
     assert impl["ok"] and impl["versions"]["keras-hub"] == "0.32.0"
+    # its own tokenizer joins the tokenizer parity of a compare that runs keras
+    tok = {i["name"]: i for i in report["tokenizer"]["implementations"]}
+    assert tok["keras"]["available"] and report["tokenizer"]["agree"]
     assert impl["python"] == venv_python("keras")                        # its own virtualenv, found by name
     run = _at_parity(report, "gemma-7b", "float32")
     assert _points(run)["logits"]["rel_l2"] <= 2e-6 and run["logits"]["top1_agreement"] == 1.0
@@ -159,3 +173,76 @@ def test_query_scale_ignored_by_the_decoder_blocks(tmp_path, model):
     out = subprocess.run([venv_python("keras"), "-c", probe], capture_output=True, text=True, check=True,
                          env=dict(os.environ, KERAS_BACKEND="jax"))
     assert out.stdout.split() == ["False", "True"]
+
+
+# --- its own tokenizer: keras-hub's GemmaTokenizer / Gemma3Tokenizer in tokenizer parity --------
+
+def test_lock_keeps_tensorflow_text_apart():
+    """The base install has no TensorFlow; --tensorflow-text adds the set pip resolved for it."""
+    base, tf_part = lock_parts(lock_file())
+    names = lambda pins: {p.split("==")[0].lower() for p in pins}  # noqa: E731
+    assert all("==" in p for p in base + tf_part)
+    assert "sentencepiece" in names(base) and "keras-hub" in names(base)
+    assert not names(base) & {"tensorflow", "tensorflow-text", "protobuf", "grpcio"}
+    assert {"tensorflow", "tensorflow-text", "h5py"} <= names(tf_part)
+
+
+def test_keras_tokenizer_without_the_extra_is_unavailable_not_an_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from llmdiff import tokenizer
+
+    if importlib.util.find_spec("keras_hub") is not None:
+        pytest.skip("keras-hub is importable in this interpreter")
+    monkeypatch.setenv("LLMDIFF_VENVS", str(tmp_path / "no-venvs"))
+    report = tokenizer.check_tokenizer("gemma-7b", tiny=True, implementations=["keras"])
+    impls = {i["name"]: i for i in report["tokenizer"]["implementations"]}
+    assert impls["keras"]["available"] is False and INSTALL in impls["keras"]["reason"]
+    assert report["tokenizer"]["agree"] and report["findings"] == []
+    # not named: not there at all (parity of a compare without --impl keras never starts it)
+    plain = tokenizer.check_tokenizer("gemma-7b", tiny=True)
+    assert "keras" not in {i["name"] for i in plain["tokenizer"]["implementations"]}
+
+
+def _keras_parity(model):
+    from llmdiff import tokenizer
+
+    report = tokenizer.check_tokenizer(model, tiny=True, implementations=["keras"])
+    parity = report["tokenizer"]
+    return report, parity, {i["name"]: i for i in parity["implementations"]}
+
+
+def _judged_like_the_others(report, parity, impls, name, spec):
+    impl = impls[name]
+    assert impl["available"], impl["reason"]
+    # causal_lm.generate(text)'s preprocessing puts BOS in front and nothing after; tokenizer(text) adds nothing
+    assert impl["adds_bos"] == 1 and impl["adds_eos"] == 0 and impl["probe_ids"][0] == spec.bos_id
+    for s in parity["strings"]:
+        assert s["ids"][name] == s["ids"]["sentencepiece"], (s["name"], s["differences"])
+        assert s["decoded"][name] == s["decoded"]["sentencepiece"], s["name"]
+    assert not [f for f in report["findings"] if f.get("implementation") == name]
+
+
+@needs_keras
+@pytest.mark.parametrize("model", ["gemma-7b", pytest.param("gemma-2-2b", marks=pytest.mark.slow),
+                                   pytest.param("gemma-3-1b", marks=pytest.mark.slow)])
+def test_keras_tokenizer_in_tokenizer_parity(model):
+    """keras-hub's own tokenizer (GemmaTokenizer; Gemma3Tokenizer for Gemma 3) built from the
+    same tokenizer.model, called in the keras virtualenv, judged by the same parity checks."""
+    report, parity, impls = _keras_parity(model)
+    spec = get_spec(model, tiny=True)
+    _judged_like_the_others(report, parity, impls, "keras", spec)
+    assert impls["keras"]["version"].startswith("keras-hub 0.32.0, sentencepiece ")
+    assert parity["agree"] and report["exit_code"] == 0
+    if not _has_tensorflow_text():
+        assert impls["keras-tf"]["available"] is False and "--tensorflow-text" in impls["keras-tf"]["reason"]
+
+
+@needs_keras_tf
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["gemma-7b", "gemma-3-1b"])
+def test_keras_tf_data_tokenizer_in_tokenizer_parity(model):
+    """keras-hub's tf.data path: tensorflow-text's SentencepieceTokenizer on the same file."""
+    report, parity, impls = _keras_parity(model)
+    _judged_like_the_others(report, parity, impls, "keras-tf", get_spec(model, tiny=True))
+    assert "tensorflow-text 2.21" in impls["keras-tf"]["version"]
