@@ -42,7 +42,9 @@ A point whose node is absent (a graph that fuses it away, a family whose graph n
 otherwise) is left out and reported missing. In bfloat16 runs llama.cpp computes in F32 with
 BF16 weights (the CPU matmul rounds its activation operand to BF16): not the same rounding as
 a bfloat16 PyTorch or JAX model, so expect differences the noise floor does not cover.
-The implementation lives in a virtualenv of its own: `python -m llmdiff.references.llamacpp install`.
+The implementation lives in a virtualenv of its own: `python -m llmdiff.references.llamacpp install`
+(llama-cpp-python built from its sdist once per machine into llmdiff's wheel cache, ~/.cache/llmdiff/wheels;
+later installs reuse that wheel).
 
 What tiny models show (llama-cpp-python 0.3.36, CPU, F32 GGUF, F32 KV cache), each from the
 place in llama.cpp's code:
@@ -418,18 +420,84 @@ def _pinned(lock, name: str) -> str:
     raise SystemExit(f"llmdiff: error: {lock} pins no {name}")
 
 
-def install(venvs_root=None, quiet: bool = False) -> str:
-    """Create the `llamacpp` virtualenv: llama-cpp-python built from its sdist for the CPU, the
-    converter's dependencies, and the converter itself (convert_hf_to_gguf.py and its
-    `conversion` package, copied from the same sdist into VENV/share/llama.cpp). Returns its
-    interpreter."""
+# The CPU build of the library alone: no llava/mtmd, no tools, tests or examples.
+CMAKE_ARGS = ("-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+              "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF",
+              "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF", "-DGGML_VULKAN=OFF")
+
+
+def wheel_cache_root() -> Path:
+    """llmdiff's wheel cache: $XDG_CACHE_HOME/llmdiff/wheels, else ~/.cache/llmdiff/wheels. Not
+    under $LLMDIFF_VENVS (CI points that at a temporary directory; the wheel outlives venvs)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llmdiff" / "wheels"
+
+
+def _cpu_signature() -> str:
+    """What the build's -march=native saw (ggml's GGML_NATIVE is on by default): the CPU flags
+    on Linux, the machine name elsewhere. A wheel built for another CPU may not run here."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("flags", "Features"):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def wheel_key(version: str, cmake_args, python_tag: str, platform_tag: str, cpu: str) -> str:
+    """The cache entry's name: llama-cpp-python's version, the CMAKE_ARGS, the Python tag, the
+    platform and the CPU the build targets (the last three hashed with the CMAKE_ARGS)."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join([" ".join(cmake_args), python_tag, platform_tag, cpu]).encode()).hexdigest()
+    return f"llama_cpp_python-{version}-{python_tag}-{platform_tag}-{digest[:16]}"
+
+
+def cached_wheel(entry: Path) -> Path | None:
+    wheels = sorted(entry.glob("*.whl")) if entry.is_dir() else []
+    return wheels[0] if wheels else None
+
+
+def build_wheel_into_cache(python: str, src: Path, entry: Path, env: dict, quiet: bool) -> Path:
+    """`pip wheel --no-deps SRC` into a temporary directory beside `entry`, then renamed to
+    `entry` (atomic on one filesystem: a reader sees no entry or a whole one). When another
+    install got there first, its wheel is used and this one dropped."""
     import shutil
-    import subprocess
+    import tempfile
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".", suffix=".tmp", dir=entry.parent))
+    try:
+        subprocess.run([python, "-m", "pip", "wheel", *(["-q"] if quiet else []), "--no-deps",
+                        "--no-cache-dir", str(src), "-w", str(tmp)], check=True, env=env)
+        if cached_wheel(tmp) is None:
+            raise RuntimeError(f"pip wheel wrote no wheel into {tmp}")
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if cached_wheel(entry) is None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cached_wheel(entry)
+
+
+def install(venvs_root=None, quiet: bool = False, wheels=None) -> str:
+    """Create the `llamacpp` virtualenv: llama-cpp-python for the CPU, the converter's
+    dependencies, and the converter itself (convert_hf_to_gguf.py and its `conversion` package,
+    copied from llama-cpp-python's sdist into VENV/share/llama.cpp). llama-cpp-python is built
+    from its sdist once per machine into llmdiff's wheel cache (`wheels`, default
+    `wheel_cache_root()`, keyed by `wheel_key`); later installs install that wheel. Returns the
+    venv's interpreter."""
+    import shutil
+    import sysconfig
     import tarfile
     import tempfile
     import time
     import venv as venv_mod
-    from pathlib import Path
 
     from llmdiff.runner import venvs_root as default_root
 
@@ -441,28 +509,37 @@ def install(venvs_root=None, quiet: bool = False) -> str:
         shutil.rmtree(venv)
     q = ["-q"] if quiet else []
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    pinned = _pinned(lock, "llama-cpp-python")
+    # the venv is made from this interpreter: its Python tag and platform are this one's
+    python_tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    entry = Path(wheels or wheel_cache_root()) / wheel_key(
+        pinned.split("==")[1], CMAKE_ARGS, python_tag, sysconfig.get_platform(), _cpu_signature())
+    wheel = cached_wheel(entry)
+    if wheel is None:
+        print(f"llamacpp: building llama-cpp-python from source, once on this machine (about 10 minutes"
+              f" on 2 cores); the wheel is kept in {entry}", file=sys.stderr)
     t0 = time.perf_counter()
+    built = False
     try:
         venv_mod.create(venv, with_pip=True)
         pip = [str(python), "-m", "pip", "install", *q, "-c", str(lock)]
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run([str(python), "-m", "pip", "download", *q, "--no-deps", "--no-binary", ":all:",
-                            "-d", tmp, _pinned(lock, "llama-cpp-python")], check=True)
+                            "-d", tmp, pinned], check=True)
             sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
             with tarfile.open(sdist) as tar:
                 tar.extractall(tmp, filter="data")
             src = next(p for p in Path(tmp).iterdir() if p.is_dir())
-            # The CPU build of the library alone: no llava/mtmd, no tools, tests or examples.
-            env = dict(os.environ, CMAKE_ARGS=" ".join([
-                "-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF",
-                "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF", "-DGGML_VULKAN=OFF"]),
-                CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1))
+            env = dict(os.environ, CMAKE_ARGS=" ".join(CMAKE_ARGS),
+                       CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1))
             others = [line.strip() for line in lock.read_text().splitlines()
                       if line.strip() and not line.startswith("#") and not line.startswith("llama-cpp-python")]
             subprocess.run([*pip, *others], check=True)
             t1 = time.perf_counter()
-            subprocess.run([*pip, "--no-cache-dir", str(src)], check=True, env=env)
+            if wheel is None:
+                wheel = build_wheel_into_cache(str(python), src, entry, env, quiet)
+                built = True
+            subprocess.run([*pip, str(wheel)], check=True)
             t2 = time.perf_counter()
             # The converter needs the gguf-py it ships with (PyPI's gguf of the same version
             # number lacks architectures the converter imports: MODEL_ARCH.DFLASH in 0.3.36).
@@ -475,10 +552,11 @@ def install(venvs_root=None, quiet: bool = False) -> str:
             if (vendor / "conversion").is_dir():
                 shutil.copytree(vendor / "conversion", share / "conversion")
         subprocess.run([str(python), "-c", "import llama_cpp, gguf, torch, transformers"], check=True)
-    except (subprocess.CalledProcessError, KeyboardInterrupt, StopIteration):
+    except (subprocess.CalledProcessError, KeyboardInterrupt, StopIteration, RuntimeError):
         shutil.rmtree(venv, ignore_errors=True)  # never leave a half-built venv for the runner to pick
         raise SystemExit("llmdiff: error: installing the llamacpp extra failed (see above)") from None
-    print(f"llamacpp: dependencies {t1 - t0:.0f} s, llama-cpp-python build {t2 - t1:.0f} s,"
+    how = "built into the wheel cache" if built else f"installed from the cached wheel {wheel}"
+    print(f"llamacpp: dependencies {t1 - t0:.0f} s, llama-cpp-python {t2 - t1:.0f} s ({how}),"
           f" total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return str(python)
 
@@ -488,11 +566,14 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(
         prog="python -m llmdiff.references.llamacpp",
-        description=f"Build llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (CPU) and llama.cpp's converter into"
-                    " llmdiff's 'llamacpp' virtualenv.")
+        description=f"Install llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (CPU) and llama.cpp's converter into"
+                    " llmdiff's 'llamacpp' virtualenv; the first install on a machine builds llama-cpp-python"
+                    " from source (about 10 minutes) into llmdiff's wheel cache, later ones reuse it.")
     parser.add_argument("command", choices=["install"])
     parser.add_argument("--venvs", help="where llmdiff keeps implementation venvs (default: $LLMDIFF_VENVS"
                                         " or ~/.cache/llmdiff/venvs)")
+    parser.add_argument("--wheels", help="llmdiff's wheel cache, where the llama-cpp-python wheel is built once"
+                                         " (default: $XDG_CACHE_HOME/llmdiff/wheels or ~/.cache/llmdiff/wheels)")
     parser.add_argument("-q", "--quiet", action="store_true")
     a = parser.parse_args()
-    print(f"llamacpp: {install(a.venvs, a.quiet)}")
+    print(f"llamacpp: {install(a.venvs, a.quiet, a.wheels)}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,6 +106,79 @@ def test_gguf_audit_llama3_rope_factors_absent(tmp_path):
     spec = get_spec("llama-3.1-8b", tiny=True)
     result = audit(_write_gguf(tmp_path / "l.gguf", spec), "llama-3.1-8b")
     assert [(f["code"], f["where"]) for f in result.findings] == [("LD707", "gguf:rope_freqs.weight")]
+
+
+# --- the install's wheel cache ------------------------------------------------------------------
+
+def test_wheel_cache_is_llmdiffs_and_keyed_by_what_the_build_depends_on(monkeypatch, tmp_path):
+    """The cache is $XDG_CACHE_HOME/llmdiff/wheels, never under $LLMDIFF_VENVS (CI's is a temporary
+    directory); an entry's name changes with each of version, CMAKE_ARGS, Python, platform, CPU."""
+    from llmdiff.references.llamacpp import CMAKE_ARGS, wheel_cache_root, wheel_key
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLMDIFF_VENVS", str(tmp_path / "venvs"))
+    assert wheel_cache_root() == tmp_path / "cache" / "llmdiff" / "wheels"
+    base = ("0.3.36", CMAKE_ARGS, "cp311", "linux-x86_64", "avx2 fma")
+    key = wheel_key(*base)
+    assert key == wheel_key(*base) and key.startswith("llama_cpp_python-0.3.36-cp311-linux-x86_64-")
+    changed = [("0.3.37",), (CMAKE_ARGS + ("-DGGML_NATIVE=OFF",),), ("cp312",), ("linux-aarch64",), ("avx2",)]
+    keys = {wheel_key(*(base[:i] + c + base[i + 1:])) for i, c in enumerate(changed)}
+    assert len(keys) == len(changed) and key not in keys
+
+
+def _fake_pip_wheel(calls, rc=0):
+    """subprocess.run standing in for `pip wheel ... -w DIR`: writes a wheel into DIR."""
+    def run(cmd, check=False, **kwargs):
+        calls.append(cmd)
+        if rc:
+            raise subprocess.CalledProcessError(rc, cmd)
+        out = cmd[cmd.index("-w") + 1]
+        (Path(out) / "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl").write_bytes(b"built %d" % len(calls))
+        return subprocess.CompletedProcess(cmd, 0)
+    return run
+
+
+def test_wheel_is_built_into_the_cache_atomically(monkeypatch, tmp_path):
+    """`pip wheel --no-deps SRC -w TMP` beside the entry, renamed into place; an entry another
+    install finished first is kept (its wheel used, this build dropped); a failed build leaves
+    nothing behind."""
+    from llmdiff.references import llamacpp
+
+    entry = tmp_path / "wheels" / "llama_cpp_python-0.3.36-cp311-linux-x86_64-0123"
+    calls = []
+    monkeypatch.setattr(llamacpp.subprocess, "run", _fake_pip_wheel(calls))
+    wheel = llamacpp.build_wheel_into_cache("py", tmp_path / "src", entry, {}, quiet=True)
+    assert wheel == entry / "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl" and wheel.read_bytes() == b"built 1"
+    assert calls[0][:6] == ["py", "-m", "pip", "wheel", "-q", "--no-deps"] and str(tmp_path / "src") in calls[0]
+    assert llamacpp.cached_wheel(entry) == wheel
+    again = llamacpp.build_wheel_into_cache("py", tmp_path / "src", entry, {}, quiet=True)   # lost a race
+    assert again == wheel and wheel.read_bytes() == b"built 1" and len(calls) == 2
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name]   # no temporary directory left
+    other = entry.parent / "other"
+    monkeypatch.setattr(llamacpp.subprocess, "run", _fake_pip_wheel(calls, rc=1))
+    with pytest.raises(subprocess.CalledProcessError):
+        llamacpp.build_wheel_into_cache("py", tmp_path / "src", other, {}, quiet=True)
+    assert sorted(p.name for p in entry.parent.iterdir()) == [entry.name] and llamacpp.cached_wheel(other) is None
+
+
+@needs_llamacpp
+def test_llama_cpp_python_installed_from_the_wheel_cache():
+    """The venv's llama-cpp-python is the wheel in the cache entry this machine's key names (pip's
+    direct_url.json), and that wheel is still there for the next install."""
+    import json
+    import sysconfig
+    from urllib.parse import unquote, urlparse
+
+    from llmdiff.references.llamacpp import CMAKE_ARGS, LLAMA_CPP_PYTHON_VERSION, _cpu_signature, wheel_key
+
+    out = subprocess.run([venv_python("llamacpp"), "-c", "import importlib.metadata as m;"
+                          " print(m.distribution('llama_cpp_python').read_text('direct_url.json'))"],
+                         capture_output=True, text=True, check=True).stdout
+    wheel = Path(unquote(urlparse(json.loads(out)["url"]).path))
+    key = wheel_key(LLAMA_CPP_PYTHON_VERSION, CMAKE_ARGS, f"cp{sys.version_info.major}{sys.version_info.minor}",
+                    sysconfig.get_platform(), _cpu_signature())
+    assert wheel.suffix == ".whl" and wheel.parent.name == key, f"{wheel} is not {key}'s wheel: {INSTALL}"
+    assert wheel.is_file()
 
 
 # --- llama.cpp itself ---------------------------------------------------------------------------
