@@ -18,7 +18,9 @@ PACKAGES = ("llmdiff", "references", "checks")
 # tokenizer_encoders.py uses DeepMind's tokenizer only where `gemma` is importable (that virtualenv).
 OWN_VENV = {"references/deepmind_gemma.py": {"gemma", "flax"}, "llmdiff/tokenizer_encoders.py": {"gemma"},
             "references/llamacpp.py": {"llama_cpp"},  # llama-cpp-python: `llamacpp install`
-            "references/keras_gemma.py": {"keras", "keras_hub"}}  # `keras_gemma install`
+            "references/keras_gemma.py": {"keras", "keras_hub"},  # `keras_gemma install`
+            # run in the keras virtualenv; tensorflow(-text): `keras_gemma install --tensorflow-text`
+            "references/keras_tokenizer_server.py": {"keras", "keras_hub", "tensorflow", "tensorflow_text"}}
 # Imported only by the pytest plugin, which pytest itself loads.
 PLUGIN_ONLY = {"llmdiff/pytest_plugin.py": {"pytest"}}
 
