@@ -19,6 +19,7 @@ import numpy as np
 
 from llmdiff import diagnose, diff, inputs, registry, weights
 from llmdiff.check import UNSCOPED_KNOBS
+from llmdiff.errors import LLMDiffError
 from llmdiff.job import Job, WeightsSource
 from llmdiff.spec import capture_points, get_spec
 
@@ -114,7 +115,10 @@ def _mutants(lab, checks, dtype, clean, spec):
     return out
 
 
-def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int = 0, progress=None) -> dict:
+def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int = 0, progress=None,
+             only=()) -> dict:
+    """The confusion matrix of `model`'s tiny oracle mutants; `only` (mutant names) diagnoses
+    just those rows (a row no mutant of a dtype has is an error: a typo would pass as diagonal)."""
     say = progress or (lambda m: None)
     spec = get_spec(model, tiny=True)
     checks = [c for c in registry.load_checks()[0] if c.knob and c.applies(spec)]
@@ -132,6 +136,12 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
             say(f"{dtype}: running every check's bug")
             clean, = lab.captures(dtype, [{}])
             mutants = _mutants(lab, checks, dtype, clean, spec)
+            if only:
+                unknown = set(only) - {m[0] for m in mutants}
+                if unknown:
+                    raise LLMDiffError(f"selftest {spec.name} {dtype} has no mutant {', '.join(sorted(unknown))}"
+                                       f" (it has: {', '.join(m[0] for m in mutants)})")
+                mutants = [m for m in mutants if m[0] in only]
             truth, = lab.captures("float64", [{}], constants_dtype=dtype)
             lab.captures(dtype, [m[1] for m in mutants])
             floors = diff.noise_floors(clean, truth, dtype)
