@@ -57,6 +57,7 @@ class Options:
     bench: bool = False              # also time a bare and a capturing forward (`bench/`)
     precision: dict = field(default_factory=dict)  # the oracle's precision knobs (counterfactuals)
     forced_from: str | None = None   # the oracle fed this captures file's values (teacher forcing)
+    grad_checkpointing: bool = False  # --grad: HF computes gradients with its gradient checkpointing on
 
     def with_(self, **changes) -> "Options":
         return replace(self, **changes)
