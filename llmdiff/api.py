@@ -81,7 +81,7 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
             device: str = "auto", capture: str = "auto", stream: bool | str = "auto", lengths=None,
             bench: bool = False, generate: bool | None = None, devices: int | None = None,
             tokenizer_parity: bool = True, revision: str | None = None, config: str = "published",
-            grad: bool = False, progress=None) -> CompareResult:
+            grad: bool = False, grad_checkpointing: bool = False, progress=None) -> CompareResult:
     """Run `model` in each implementation and the oracle, and compare every canonical point.
 
     model: a registered model (`gemma-7b`), a local HF checkpoint directory, or a hub id
@@ -116,6 +116,8 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     grad: training parity: every implementation also computes the causal-LM loss of each prompt
         and its gradients with respect to every point and every weight, compared like the points
         (`llmdiff/grad.py`); whole captures, one device, no streaming.
+    grad_checkpointing: with `grad`, HF computes its gradients with transformers' own gradient
+        checkpointing on (train mode, dropout as configured): its recompute path is compared.
     A stage that cannot run makes the run an error (exit code 2, listed under "errors");
     Ctrl-C keeps what finished, marked "incomplete" (exit code 130).
     progress: optional callable(str) told what is happening.
@@ -137,7 +139,7 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
                      diagnose=diagnose, thresholds=thresholds, points=points, layers=layers, device=device,
                      capture=capture, stream=stream, lengths=lengths, bench=bench, generate=generate,
                      devices=devices, tokenizer_parity=tokenizer_parity, revision=revision, config=config,
-                     grad=grad, say=say)
+                     grad=grad, grad_checkpointing=grad_checkpointing, say=say)
         results: dict[tuple[str, RunId], RunResult] = {}
         report = None
         try:
@@ -206,7 +208,8 @@ class Plan:
 
 def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, temporary, attn, timeout, select,
           ignore, diagnose, thresholds, points, layers, device, capture, stream, lengths, bench, generate,
-          devices, tokenizer_parity, revision, config, grad=False, say=lambda m: None) -> Plan:
+          devices, tokenizer_parity, revision, config, grad=False, grad_checkpointing=False,
+          say=lambda m: None) -> Plan:
     """Every input checked, the weights and prompts made ready, the job decided."""
     if config not in model_source.CONFIG_MODES:
         raise UsageError(f"unknown config {config!r}; choose {' or '.join(model_source.CONFIG_MODES)}")
@@ -228,6 +231,8 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
         raise UsageError(f"unknown capture mode {capture!r}; choose auto, full or sketch")
     if grad and capture == "sketch":
         raise UsageError("--grad compares whole captures; drop --capture sketch")
+    if grad_checkpointing and not grad:
+        raise UsageError("--grad-checkpointing acts on the gradients; add --grad")
     if not list(impls):
         raise UsageError("no implementation to compare; give one, e.g. hf")
     chosen = [Implementation.parse(i) for i in dict.fromkeys(impls)]
@@ -280,7 +285,8 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
     selected = select_points(spec, points, layers)
     if capture == "auto":
         capture = "sketch" if _capture_bytes(spec, selected, tokens) > SKETCH_ABOVE_BYTES and not grad else "full"
-    options = Options(attn=attn, device=device, stream=stream, devices=devices or 0, bench=bench)
+    options = Options(attn=attn, device=device, stream=stream, devices=devices or 0, bench=bench,
+                      grad_checkpointing=grad_checkpointing)
     job = Job(spec=spec.to_dict(), tokens=tokens, weights=source, options=options,
               points=None if selected == capture_points(spec) else selected, capture=capture, grad=grad)
     return Plan(spec, dtypes, chosen, reference, checks, thresholds, selected, job, work, temporary, timeout,
@@ -311,6 +317,8 @@ def _judge(plan: Plan, results: dict) -> dict:
     report = _build_report(plan.spec, plan.weights_info, plan.tokens_info, plan.chosen, plan.dtypes,
                            plan.reference, results, plan.attn, plan.thresholds, plan.selected, plan.job.grad)
     report["options"].update(capture=plan.job.capture, stream=plan.job.options.stream)
+    if plan.job.options.grad_checkpointing:
+        report["options"]["grad_checkpointing"] = True
     report["results"] = [{"impl": r.impl, "dtype": r.id.dtype, "constants_dtype": r.id.constants_dtype,
                           "file": Path(r.out).name} for r in results.values()]
     report["workdir"] = None if plan.temporary else str(plan.work)

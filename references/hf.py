@@ -105,7 +105,25 @@ class HFReference(Reference):
                 trust_remote_code=False, **{dtype_kw: self.torch_dtype})
             model.to(device)  # buffers too: RoPE's inv_freq keeps its float32 dtype through .to(device)
         model.eval()
+        self.checkpointing = None
+        if self.options.grad_checkpointing and self.job.grad:
+            self.checkpointing = self._enable_checkpointing(model)
         self.model = self.patch_model(model)
+
+    @staticmethod
+    def _enable_checkpointing(model) -> dict:
+        """transformers' own gradient checkpointing on every decoder layer, with its defaults
+        (`activation_checkpointing_enable` since 5.x, `gradient_checkpointing_enable` before): the
+        layers' forward runs again in the backward to give it the activations it did not keep.
+        It acts in train mode only (`_run` puts the model there for a `--grad` forward and
+        backward). What it resolved to, for the details."""
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+        func = getattr(model.model.layers[0], "_gradient_checkpointing_func", None)
+        return {"enabled": True, "function": getattr(getattr(func, "func", func), "__qualname__", repr(func)),
+                "kwargs": dict(getattr(func, "keywords", {}) or {}),
+                "dropout": {k: v for k, v in model.config.to_dict().items() if "dropout" in k},
+                "recomputed_layers": 0}   # counted over the run's prompts (`_run`)
 
     def device_of(self, name: str):
         """Where parameter or module `name` lives: its GPU in the device map, else the device."""
@@ -209,7 +227,9 @@ class HFReference(Reference):
         def save(name, t):
             # Kept on the device until the forward is done: then one copy to the host, not one
             # synchronising copy per point in the middle of the forward.
-            if not self.wants(name):
+            # Under gradient checkpointing the layers' forward runs again in the backward: the
+            # points are the forward's, not the recompute's.
+            if not self.wants(name) or current.get("backward"):
                 return
             t = t.detach()
             if self.sketching and name == "logits":  # the largest logits, values and ids
@@ -256,6 +276,8 @@ class HFReference(Reference):
 
             def enter(module, args, kwargs, i=i):
                 current["layer"] = i
+                if current.get("backward") and self.checkpointing:  # a layer recomputed for the backward
+                    self.checkpointing["recomputed_layers"] += 1
             handles += [
                 attn.register_forward_pre_hook(enter, with_kwargs=True),
                 layer.input_layernorm.register_forward_hook(on_output(f"L{i}.attn_norm")),
@@ -307,6 +329,8 @@ class HFReference(Reference):
             for p in model.parameters():
                 p.requires_grad_(True)
                 p.grad = None
+            if self.checkpointing:  # checkpointing acts in train mode (dropout as configured)
+                model.train()
         try:
             with (torch.enable_grad() if grad else torch.no_grad()), self._autocast():
                 ids = torch.tensor([tokens], dtype=torch.long, device=self.device_of("model.embed_tokens"))
@@ -327,6 +351,7 @@ class HFReference(Reference):
                                               " so its own loss is not the compared one"}
                 # Not `F`: that is the MLP width here, which Phi-3's slices read.
                 loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+                current["backward"] = True
                 loss.backward()
                 if own:
                     self._keep_norm_gradients(len(tokens) - 1)
@@ -334,6 +359,7 @@ class HFReference(Reference):
             modeling.apply_rotary_pos_emb = original_rope
             for h in handles:
                 h.remove()
+            model.eval()
         host = {}
         if sketches:
             names = list(sketches)
@@ -603,6 +629,8 @@ class HFReference(Reference):
                  "micro_batches": list(self._accumulated)})
         if getattr(self, "_trainer", None):  # --grad: transformers' Trainer step, or why it did not run
             details["trainer"] = dict(self._trainer)
+        if getattr(self, "checkpointing", None):  # --grad --grad-checkpointing
+            details["grad_checkpointing"] = dict(self.checkpointing)
         return details
 
 

@@ -155,6 +155,36 @@ def test_a_backward_that_differs_from_the_forward_is_found_where_it_acts(llmdiff
     assert f["evidence"]["backward_only"] is True and "errors" not in report
 
 
+# --- gradient checkpointing: HF's recompute path (--grad-checkpointing) ---------------------
+
+def test_grad_checkpointing_needs_grad(llmdiff_cli):
+    code, out, err, _ = llmdiff_cli("compare", "gemma-7b", "--tiny", "--grad-checkpointing")
+    assert code == 2 and "--grad-checkpointing acts on the gradients; add --grad" in out + err
+
+
+@pytest.mark.slow   # two compares of a whole --grad run, float32 and bfloat16
+@pytest.mark.parametrize("model", ["gemma-7b", "llama-3.2-1b"])
+def test_hf_with_gradient_checkpointing_is_at_parity(llmdiff_cli, model):
+    """transformers' own gradient checkpointing (train mode, its default checkpoint function):
+    every layer is recomputed in the backward, and the forward, the loss and every gradient stay
+    within the noise floors, float32 and bfloat16."""
+    code, out, _, report = llmdiff_cli("compare", model, "--tiny", "--grad", "--grad-checkpointing", "--no-diagnose",
+                                       "--no-tokenizer-parity", "--dtype", "float32", "--dtype", "bfloat16")
+    assert code == 0, out
+    assert report["options"]["grad_checkpointing"] is True
+    spec = ModelSpec.from_dict(report["spec"])
+    for dtype in ("float32", "bfloat16"):
+        run = run_by_candidate(report, "hf", dtype)
+        rows = _grad_rows(run)
+        assert run["verdict"] == "parity" and run["missing_points"] == []
+        assert [p["name"] for p in rows] == grad.grad_points(spec, report["options"]["points"])
+        assert _worst(rows)["floor_ratio"] < 8
+    gc = next(i for i in report["implementations"] if i["name"] == "hf")["details"]["grad_checkpointing"]
+    assert gc["enabled"] and gc["function"] == "checkpoint"
+    # the recompute did run: each layer once per prompt's backward (the last run's, bfloat16)
+    assert gc["recomputed_layers"] == spec.num_layers * report["tokens"]["prompts"]
+
+
 # --- LD602: accumulated micro-batches against the whole batch's loss ------------------------
 
 def _ld602(details, lengths):
