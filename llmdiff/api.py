@@ -81,7 +81,8 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
             device: str = "auto", capture: str = "auto", stream: bool | str = "auto", lengths=None,
             bench: bool = False, generate: bool | None = None, devices: int | None = None,
             tokenizer_parity: bool = True, revision: str | None = None, config: str = "published",
-            grad: bool = False, grad_checkpointing: bool = False, progress=None) -> CompareResult:
+            grad: bool = False, grad_checkpointing: bool = False, quant: str | None = None,
+            progress=None) -> CompareResult:
     """Run `model` in each implementation and the oracle, and compare every canonical point.
 
     model: a registered model (`gemma-7b`), a local HF checkpoint directory, or a hub id
@@ -118,6 +119,10 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
         (`llmdiff/grad.py`); whole captures, one device, no streaming.
     grad_checkpointing: with `grad`, HF computes its gradients with transformers' own gradient
         checkpointing on (train mode, dropout as configured): its recompute path is compared.
+    quant: "q8_0": llama.cpp (`impls` must be llamacpp alone) runs the checkpoint its converter
+        quantised to that type, against the oracle with the same quantisation (its weights rounded
+        as the converter rounds them, its matmul inputs as ggml's CPU kernels do: `llmdiff/quant.py`,
+        `Precision.matmul_q8_0`); float32 only (the default dtypes become float32).
     A stage that cannot run makes the run an error (exit code 2, listed under "errors");
     Ctrl-C keeps what finished, marked "incomplete" (exit code 130).
     progress: optional callable(str) told what is happening.
@@ -125,6 +130,10 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     The pipeline: `_plan` (inputs checked, weights and prompts ready, the job written) ->
     `_run_workers` -> `_judge` (the report) -> `_diagnose_stages` -> the exit code (`report.settle`).
     """
+    if quant is not None:   # before any work: a bad combination is one usage error
+        _check_quant(quant, impls, dtypes, grad)
+        if tuple(dtypes) == tuple(DTYPES):   # the default: a quantised run is float32
+            dtypes = ["float32"]
     t_start = time.perf_counter()
     temporary = workdir is None
     if not temporary and Path(workdir).exists() and not Path(workdir).is_dir():
@@ -139,7 +148,7 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
                      diagnose=diagnose, thresholds=thresholds, points=points, layers=layers, device=device,
                      capture=capture, stream=stream, lengths=lengths, bench=bench, generate=generate,
                      devices=devices, tokenizer_parity=tokenizer_parity, revision=revision, config=config,
-                     grad=grad, grad_checkpointing=grad_checkpointing, say=say)
+                     grad=grad, grad_checkpointing=grad_checkpointing, quant=quant, say=say)
         results: dict[tuple[str, RunId], RunResult] = {}
         report = None
         try:
@@ -209,7 +218,7 @@ class Plan:
 def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, temporary, attn, timeout, select,
           ignore, diagnose, thresholds, points, layers, device, capture, stream, lengths, bench, generate,
           devices, tokenizer_parity, revision, config, grad=False, grad_checkpointing=False,
-          say=lambda m: None) -> Plan:
+          quant=None, say=lambda m: None) -> Plan:
     """Every input checked, the weights and prompts made ready, the job decided."""
     if config not in model_source.CONFIG_MODES:
         raise UsageError(f"unknown config {config!r}; choose {' or '.join(model_source.CONFIG_MODES)}")
@@ -288,9 +297,33 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
     options = Options(attn=attn, device=device, stream=stream, devices=devices or 0, bench=bench,
                       grad_checkpointing=grad_checkpointing)
     job = Job(spec=spec.to_dict(), tokens=tokens, weights=source, options=options,
-              points=None if selected == capture_points(spec) else selected, capture=capture, grad=grad)
+              points=None if selected == capture_points(spec) else selected, capture=capture, grad=grad,
+              quant=quant)
     return Plan(spec, dtypes, chosen, reference, checks, thresholds, selected, job, work, temporary, timeout,
                 weights_info, tokens_info, prompts, attn)
+
+
+QUANT_IMPLS = ("llamacpp",)   # implementations that run a quantised checkpoint (`--quant`)
+
+
+def _check_quant(quant, impls, dtypes, grad) -> None:
+    """--quant's combinations, before any work: a known type, llama.cpp alone (the oracle, the
+    reference, is quantised to match it), float32, no --grad."""
+    from llmdiff.job import QUANT_TYPES
+
+    if quant not in QUANT_TYPES:
+        raise UsageError(f"unknown quantisation {quant!r}; choose from {', '.join(QUANT_TYPES)}")
+    kinds = [Implementation.parse(i) for i in impls]
+    others = [i.name for i in kinds if i.module.rsplit(".", 1)[-1] not in QUANT_IMPLS + (ORACLE,)]
+    if not any(i.module.rsplit(".", 1)[-1] in QUANT_IMPLS for i in kinds) or others:
+        raise UsageError(f"--quant {quant} runs llama.cpp's quantised checkpoint against a quantised oracle:"
+                         f" give --impl llamacpp and no other implementation"
+                         + (f" (not {', '.join(others)})" if others else ""))
+    if tuple(dtypes) != tuple(DTYPES) and list(dict.fromkeys(dtypes)) != ["float32"]:
+        raise UsageError(f"--quant {quant} runs in float32 (ggml's quantised matmuls take F32 activations);"
+                         f" drop --dtype {' '.join(d for d in dtypes if d != 'float32')}")
+    if grad:
+        raise UsageError(f"--quant {quant} compares a forward pass; drop --grad")
 
 
 def _makes_weights(impl: Implementation) -> bool:
@@ -317,6 +350,8 @@ def _judge(plan: Plan, results: dict) -> dict:
     report = _build_report(plan.spec, plan.weights_info, plan.tokens_info, plan.chosen, plan.dtypes,
                            plan.reference, results, plan.attn, plan.thresholds, plan.selected, plan.job.grad)
     report["options"].update(capture=plan.job.capture, stream=plan.job.options.stream)
+    if plan.job.quant:   # llama.cpp's quantised checkpoint against the oracle quantised the same way
+        report["options"]["quant"] = plan.job.quant
     if plan.job.options.grad_checkpointing:
         report["options"]["grad_checkpointing"] = True
     report["results"] = [{"impl": r.impl, "dtype": r.id.dtype, "constants_dtype": r.id.constants_dtype,

@@ -273,10 +273,14 @@ def _revision_option(f):
 @click.option("--grad-checkpointing", is_flag=True,
               help="With --grad: HF computes its gradients with transformers' own gradient checkpointing on"
                    " (train mode), so its recompute of each layer in the backward is what is compared.")
+@click.option("--quant", default=None, metavar="TYPE",
+              help="q8_0: llama.cpp (--impl llamacpp, alone) runs the checkpoint its converter quantised to Q8_0,"
+                   " against the oracle quantised the same way (weights, and matmul inputs as ggml rounds them);"
+                   " float32.")
 @_output_options
 def compare(model, tiny, revision, config_mode, impls, dtypes, weights, seed, reference, attn, workdir, save_captures, timeout,
             select, ignore, no_diagnose, device, points, layers, capture, stream, devices, lengths, no_tokenizer_parity,
-            grad, grad_checkpointing, json_path, out, floor_factor, thresholds, baseline, baseline_factor, all_points, quiet, no_color, debug):
+            grad, grad_checkpointing, quant, json_path, out, floor_factor, thresholds, baseline, baseline_factor, all_points, quiet, no_color, debug):
     """Compare MODEL across implementations, point by point, in float32 and bfloat16.
 
     Defaults come from [tool.llmdiff] in pyproject.toml or llmdiff.toml; options override them.
@@ -311,7 +315,7 @@ def compare(model, tiny, revision, config_mode, impls, dtypes, weights, seed, re
                 stream="auto" if stream is None else stream,
                 lengths=_lengths(lengths), devices=devices, tokenizer_parity=not no_tokenizer_parity,
                 revision=revision, config=config_mode, grad=grad, grad_checkpointing=grad_checkpointing,
-                progress=say)
+                quant=quant, progress=say)
         _finish(result, console, out=out, json_path=json_path, baseline=baseline, baseline_factor=baseline_factor,
                 quiet=quiet, all_points=all_points, config=config, interrupt_code=_interrupt_code())
     except LLMDiffError as e:

@@ -16,6 +16,10 @@ TRUTH_DTYPE = "float64"
 # (`torch.autocast`, a JAX bf16 compute policy with f32 params), or in float16 (autocast on
 # GPUs without bfloat16, `fp16=True` training). A run dtype of its own.
 AUTOCAST_DTYPES = ("autocast-bfloat16", "autocast-float16")
+# Weight quantisations a run may ask for (`--quant`): the type llama.cpp's converter writes
+# (`convert_hf_to_gguf.py --outtype q8_0`); the oracle rounds its weights the same way
+# (`llmdiff/quant.py`) and its matmul inputs as ggml's CPU kernels do (`Precision.matmul_q8_0`).
+QUANT_TYPES = ("q8_0",)
 
 
 def autocast_of(dtype: str | None) -> str | None:
@@ -111,6 +115,12 @@ class Job:
     references_dir: str = ""         # where `llmdiff.references` lives (for foreign interpreters)
     runs: tuple = ()                 # RunRequests
     grad: bool = False               # also the loss and its gradients (`llmdiff/grad.py`): `run_grad`
+    quant: str | None = None         # weights quantised to this type (QUANT_TYPES) by llama.cpp's converter,
+                                     # and the oracle run with the same quantisation; None: float weights
+
+    def __post_init__(self):
+        if self.quant is not None and self.quant not in QUANT_TYPES:
+            raise ValueError(f"unknown quantisation {self.quant!r}; choose from {', '.join(QUANT_TYPES)}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

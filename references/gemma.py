@@ -152,6 +152,15 @@ class Precision:
     # key by key in a float16 accumulator through an online softmax (float32 max and sum).
     kv_f16: bool = False
     kv_f16_short: bool = False
+    # The activation operand of every product with a weight matrix (q/k/v/o projections, gate,
+    # up, down, the output head; not q.k or probs.v) rounded to Q8_0 along the reduction axis:
+    # blocks of 32, scale max|x|/127 stored as float16, values round(x * 127/max) (half to even),
+    # as ggml's CPU matmul does before a Q8_0 x Q8_0 dot product (`vec_dot_type` of Q8_0 is Q8_0:
+    # ggml-cpu/ggml-cpu.c; `quantize_row_q8_0`, ggml-cpu/arch/x86/quants.c). A reduction that is
+    # not a multiple of 32 rounds to float16 instead (the converter then writes the weight F16,
+    # whose `vec_dot_type` is F16). Set by `--quant q8_0` (`Job.quant`); the weights' own rounding
+    # is the oracle's (references/oracle.py).
+    matmul_q8_0: bool = False
     # Multiplies the attention output. Not a known bug: the selftest's stand-in for a bug no
     # check knows, which must be reported as unexplained.
     attn_out_scale: float = 1.0
@@ -342,6 +351,28 @@ def matmul(subscripts: str, a, b, p: Precision):
     return jnp.einsum(subscripts, a, b)
 
 
+def q8_0_round(x, n_axes: int = 1):
+    """x with its last `n_axes` axes (flattened) rounded to Q8_0 blocks of 32 and back, in x's
+    dtype (`Precision.matmul_q8_0`)."""
+    shape = x.shape
+    flat = x.reshape(*shape[:len(shape) - n_axes], -1)
+    L = flat.shape[-1]
+    if L % 32:
+        return _f16(x)
+    b = flat.reshape(*flat.shape[:-1], L // 32, 32)
+    amax = jnp.max(jnp.abs(b), axis=-1, keepdims=True)
+    d = amax / jnp.asarray(127, b.dtype)
+    inv = jnp.where(amax != 0, jnp.asarray(127, b.dtype) / jnp.where(amax != 0, amax, 1), 0)
+    q = jnp.round(b * inv)                                        # half to even, as _MM_ROUND_NEAREST
+    return (q * d.astype(jnp.float16).astype(b.dtype)).reshape(shape)
+
+
+def wmatmul(subscripts: str, x, w, p: Precision, n_axes: int = 1):
+    """A product of activations `x` (reduced over their last `n_axes` axes) with a weight `w`:
+    under `matmul_q8_0`, x rounded to Q8_0 first."""
+    return matmul(subscripts, q8_0_round(x, n_axes) if p.matmul_q8_0 else x, w, p)
+
+
 def softcap(x, cap: float):
     """cap * tanh(x / cap), in the dtype of x (DeepMind and HF round after each step)."""
     c = jnp.asarray(cap, x.dtype)
@@ -456,10 +487,10 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
     N, K, G, H = spec.num_heads, spec.num_kv_heads, spec.kv_groups, spec.head_dim
     attn = params["attn"]
     if N == K:  # DeepMind fuses the three projections when there is one kv head per query head
-        q, k, v = matmul("BTD,SNDH->SBTNH", x, attn["qkv_einsum"]["w"], p)
+        q, k, v = wmatmul("BTD,SNDH->SBTNH", x, attn["qkv_einsum"]["w"], p)
     else:
-        q = matmul("BTD,NDH->BTNH", x, attn["q_einsum"]["w"], p)
-        k, v = matmul("BSD,CKDH->CBSKH", x, attn["kv_einsum"]["w"], p)
+        q = wmatmul("BTD,NDH->BTNH", x, attn["q_einsum"]["w"], p)
+        k, v = wmatmul("BSD,CKDH->CBSKH", x, attn["kv_einsum"]["w"], p)
     if spec.qkv_bias and p.qkv_bias:  # Qwen2: each projection's bias, in the compute dtype
         q, k, v = q + attn["q_bias"].astype(q.dtype), k + attn["k_bias"].astype(k.dtype), v + attn["v_bias"].astype(v.dtype)
     qk_norm = spec.qk_norm and p.qk_norm
@@ -526,7 +557,7 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
     if p.kv_repeat == "tiled":
         encoded = encoded.swapaxes(2, 3)                                           # back to head order
     encoded = encoded.reshape(B, T, N, -1)                                         # (B, T, N, H)
-    out = matmul("BTNH,NHD->BTD", encoded, attn["attn_vec_einsum"]["w"], p)
+    out = wmatmul("BTNH,NHD->BTD", encoded, attn["attn_vec_einsum"]["w"], p, 2)
     if p.attn_out_scale != 1.0:
         out = out * jnp.asarray(p.attn_out_scale, out.dtype)
     return out
@@ -534,12 +565,12 @@ def attention(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", 
 
 def mlp(x, params, spec: ModelSpec, p: Precision, cap: "Tape", pre: str):
     if spec.transpose_gating:  # the (2, F, D) layout of Gemma 2 9B/27B and Gemma 3
-        gate, up = matmul("BTD,CFD->CBTF", x, params["gating_einsum"], p)      # 2 x (B, T, F)
+        gate, up = wmatmul("BTD,CFD->CBTF", x, params["gating_einsum"], p)      # 2 x (B, T, F)
     else:
-        gate, up = matmul("BTD,CDF->CBTF", x, params["gating_einsum"], p)      # 2 x (B, T, F)
+        gate, up = wmatmul("BTD,CDF->CBTF", x, params["gating_einsum"], p)      # 2 x (B, T, F)
     gate, up = cap(f"{pre}mlp_gate", gate), cap(f"{pre}mlp_up", up)
     act = cap(f"{pre}mlp_act", activation(gate, spec, p) * up)
-    return matmul("BTF,FD->BTD", act, params["linear"], p)
+    return wmatmul("BTF,FD->BTD", act, params["linear"], p)
 
 
 def block(x, params, positions, spec: ModelSpec, p: Precision, cap: "Tape", pre: str, kind: str):
@@ -587,7 +618,7 @@ def head(x, final_scale, table, spec: ModelSpec, p: Precision, cap: "Tape"):
     # the output head's). Only the columns of ids a text token can take (not DeepMind's padding
     # rows), as in every implementation.
     table = table[: spec.text_vocab_size]                                          # (V, D)
-    logits = matmul("BTD,VD->BTV", x, table, p)
+    logits = wmatmul("BTD,VD->BTV", x, table, p)
     if spec.final_softcap and p.final_softcap:  # Gemma 2, in the compute dtype
         logits = softcap(logits, spec.final_softcap)
     cap("logits", logits)

@@ -67,6 +67,15 @@ place in llama.cpp's code:
 - bfloat16 (BF16 GGUF): llama.cpp keeps activations and the residual stream in F32, so only
   Gemma's `embed` (rows times sqrt(D), not rounded to bfloat16) is outside the bfloat16 floor;
   every later point is within it.
+- `--quant q8_0` (`Job.quant`): the converter writes `--outtype q8_0` (every 2-D weight Q8_0,
+  norms F32; `check_quantised_as_oracle` checks that against the oracle's set), llama.cpp runs it
+  with an F32 KV cache, and the reference is the oracle quantised the same way: its weights
+  round-tripped as the converter does (llmdiff/quant.py, bit-exact with gguf.quants) and the
+  activation operand of each weight matmul rounded to Q8_0 blocks as ggml's CPU matmul does
+  (`vec_dot_type` of Q8_0 is Q8_0, `quantize_row_q8_0`: `Precision.matmul_q8_0`). Fed llama.cpp's
+  own `L0.attn_norm`, that rounding reproduces its `L0.v` to 9e-8; every point is within the
+  quantised oracle's own float32-vs-float64 floor (tiny Llama 3.1 and Gemma), so the run is
+  judged per point like a float one.
 """
 
 from __future__ import annotations
@@ -172,23 +181,24 @@ _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"
                     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
-def _run_converter(src: Path, out: Path, dtype: str) -> str | None:
+def _run_converter(src: Path, out: Path, outtype: str) -> str | None:
     """None when convert_hf_to_gguf.py wrote `out`, else the end of what it said."""
     script = converter_dir() / "convert_hf_to_gguf.py"
     proc = subprocess.run([sys.executable, str(script), str(src), "--outfile", str(out), "--outtype",
-                           _OUTTYPE[dtype]], capture_output=True, text=True)
+                           outtype], capture_output=True, text=True)
     if proc.returncode == 0 and out.exists():
         return None
     lines = [line.strip() for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
     return lines[-1] if lines else f"exit status {proc.returncode}"
 
 
-def convert(hf_dir: str, out: Path, dtype: str, spec) -> tuple[Path, str]:
+def convert(hf_dir: str, out: Path, outtype: str, spec) -> tuple[Path, str]:
     """llama.cpp's convert_hf_to_gguf.py on the checkpoint, run under this interpreter; returns
     (the GGUF, where its vocab came from). A checkpoint without a tokenizer, or one the converter
     cannot read (a tiny checkpoint's tokenizer.json written by transformers 5, a BPE
     pre-tokenizer it does not know), is converted from a staging directory of links to its
     config and weights with a stand-in tokenizer.model: runs feed ids, never text."""
+    outtype = _OUTTYPE.get(outtype, outtype)   # a run dtype (float32) or an --outtype (q8_0)
     script = converter_dir() / "convert_hf_to_gguf.py"
     if not script.exists():
         raise MissingExtra(f"implementation 'llamacpp': no converter at {script}: {INSTALL}")
@@ -196,7 +206,7 @@ def convert(hf_dir: str, out: Path, dtype: str, spec) -> tuple[Path, str]:
     out.parent.mkdir(parents=True, exist_ok=True)
     why = "the checkpoint has no tokenizer"
     if (src / "tokenizer.model").exists() or (src / "tokenizer.json").exists():
-        why = _run_converter(src, out, dtype)
+        why = _run_converter(src, out, outtype)
         if why is None:
             return out, "the checkpoint's tokenizer"
     stage = out.parent / "checkpoint"
@@ -206,10 +216,46 @@ def convert(hf_dir: str, out: Path, dtype: str, spec) -> tuple[Path, str]:
         if f.name not in _TOKENIZER_FILES and not link.exists():
             link.symlink_to(f.resolve())
     stand_in_tokenizer(stage / "tokenizer.model", spec)
-    failed = _run_converter(stage, out, dtype)
+    failed = _run_converter(stage, out, outtype)
     if failed is not None:
         raise RuntimeError(f"convert_hf_to_gguf.py failed on {hf_dir}: {failed}")
     return out, f"a stand-in SentencePiece model ({why})"
+
+
+def gguf_tensor_types(path) -> dict[str, list[str]]:
+    """The GGUF's tensors by type ("Q8_0": [names], "F32": [...]), as its writer chose them."""
+    import gguf
+
+    types: dict[str, list[str]] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        types.setdefault(t.tensor_type.name, []).append(t.name)
+    return types
+
+
+# GGUF tensor names (llama.cpp's gguf-py TENSOR_NAMES) -> canonical names (llmdiff/convert.py)
+_GGUF_TO_CANONICAL = {"token_embd": "embed", "output": "lm_head", "attn_q": "q", "attn_k": "k", "attn_v": "v",
+                      "attn_output": "o", "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down"}
+
+
+def check_quantised_as_oracle(tensor_types: dict, quant: str, spec) -> None:
+    """The converter quantised exactly the tensors the oracle rounds (`llmdiff.quant.round_trip`),
+    else the quantised oracle is not this GGUF's model: an error, not a verdict."""
+    from llmdiff import convert, quant as quant_mod
+
+    def canonical(name):
+        parts = name.split(".")
+        if parts[0] == "blk":
+            base = _GGUF_TO_CANONICAL.get(parts[2])
+            return f"L{parts[1]}.{base}" if base else name
+        return _GGUF_TO_CANONICAL.get(parts[0], name)
+
+    written = {canonical(n) for n in tensor_types.get(quant.upper(), [])}
+    shapes = convert.canonical_shapes(spec)
+    rounded = {n for n in shapes if n.split(".")[-1] in quant_mod.REDUCTION_AXES
+               and len(shapes[n]) > 1 and np.prod([shapes[n][a] for a in quant_mod.REDUCTION_AXES[n.split(".")[-1]]]) % 32 == 0}
+    if written != rounded:
+        raise RuntimeError(f"llama.cpp's converter wrote {quant.upper()} for {sorted(written - rounded) or 'no other'} tensors"
+                           f" and not for {sorted(rounded - written) or 'none'} of those the oracle rounds")
 
 
 class LlamaCppReference(Reference):
@@ -237,12 +283,19 @@ class LlamaCppReference(Reference):
         dtype = request.dtype
         if dtype not in _OUTTYPE:
             raise ValueError(f"llamacpp runs float32 (F32 GGUF) and bfloat16 (BF16 GGUF), not {dtype}")
+        quant = self.job.quant
+        if quant and dtype != "float32":
+            raise ValueError(f"--quant {quant} runs in float32 (F32 activations and KV cache), not {dtype}")
+        outtype = quant or _OUTTYPE[dtype]
         w = self.job.weights
         if w.generated or not w.hf_dir:
             raise ValueError("llamacpp converts an HF checkpoint with llama.cpp's converter; weights made"
                              " from a seed have none: give --weights DIR or compare a checkpoint")
-        out = Path(request.out).parent / "llamacpp" / f"model-{_OUTTYPE[dtype]}.gguf"
-        self.gguf_path, self.vocab_source = convert(w.hf_dir, out, dtype, self.spec)
+        out = Path(request.out).parent / "llamacpp" / f"model-{outtype}.gguf"
+        self.gguf_path, self.vocab_source = convert(w.hf_dir, out, outtype, self.spec)
+        self.outtype, self.tensor_types = outtype, gguf_tensor_types(self.gguf_path)
+        if quant:
+            check_quantised_as_oracle(self.tensor_types, quant, self.spec)
         lib = self.lib
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = 0
@@ -397,7 +450,8 @@ class LlamaCppReference(Reference):
         return {
             "model": "llama.cpp (llama-cpp-python ctypes API): llama_model_load_from_file, llama_decode",
             "gguf": str(self.gguf_path) if self.gguf_path else None,
-            "converter": "convert_hf_to_gguf.py --outtype " + _OUTTYPE.get(getattr(self, "dtype", ""), "?"),
+            "converter": "convert_hf_to_gguf.py --outtype " + getattr(self, "outtype", "?"),
+            "tensor_types": {k: len(v) for k, v in (getattr(self, "tensor_types", None) or {}).items()},
             "vocab": getattr(self, "vocab_source", None),
             "kv_cache": getattr(self, "dtype", None),
             "flash_attn": os.environ.get(FLASH_ATTN_ENV, "auto"),

@@ -69,6 +69,8 @@ class OracleReference(Reference):
         from llmdiff.job import autocast_of, params_dtype
 
         knobs = dict(self.options.precision)
+        if self.job.quant == "q8_0":  # ggml rounds the matmul inputs to Q8_0 too (gemma.Precision)
+            knobs.setdefault("matmul_q8_0", True)
         if constants_dtype:  # an autocast run's constants are float32 (its weights' dtype)
             knobs["constants_dtype"] = params_dtype(constants_dtype)
         if autocast_of(dtype):
@@ -120,10 +122,16 @@ class OracleReference(Reference):
 
         source = self.job.weights
         if source.generated:
+            if self.job.quant:
+                raise ValueError(f"--quant {self.job.quant} rounds weights read from a file, not made from a seed")
             shapes = convert.canonical_shapes(self.spec)
             return {n: weights.generate_jax(self.spec, n, shapes[n], source.seed, self.dtype) for n in names}
-        return {n: jnp.asarray(np.asarray(a), self.dtype)
-                for n, a in safetensors_file.load(source.canonical, names).items()}
+        loaded = safetensors_file.load(source.canonical, names).items()
+        if self.job.quant:  # the weights as llama.cpp's converter quantises them (llmdiff/quant.py)
+            from llmdiff import quant
+
+            loaded = [(n, quant.round_trip(n, np.asarray(a, np.float32), self.job.quant)) for n, a in loaded]
+        return {n: jnp.asarray(np.asarray(a), self.dtype) for n, a in loaded}
 
     def _layer(self, i):
         import jax

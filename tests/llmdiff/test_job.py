@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from llmdiff.job import Job, Options, RunId, RunRequest, WeightsSource
 
 
@@ -22,3 +24,15 @@ def test_a_run_has_one_label():
 
 def test_weights_source_says_whether_made_on_the_device():
     assert WeightsSource(hf_dir="/c", seed=0).generated and not WeightsSource(canonical="/w").generated
+
+
+def test_a_quantised_job_round_trips_and_an_unknown_type_is_refused():
+    import pytest
+
+    job = Job(spec={"name": "x"}, tokens=[[2, 5]], weights=WeightsSource(canonical="/w", hf_dir="/hf"), quant="q8_0")
+    assert Job.from_json(job.to_json()) == job and Job.from_json(job.to_json()).quant == "q8_0"
+    assert Job(spec={}, tokens=[], weights=WeightsSource()).quant is None
+    with pytest.raises(ValueError, match="unknown quantisation 'q4_k'"):
+        Job(spec={}, tokens=[], weights=WeightsSource(), quant="q4_k")
+    with pytest.raises(ValueError, match="unknown quantisation"):
+        Job.from_dict({**json.loads(job.to_json()), "quant": "Q8_0"})

@@ -382,3 +382,124 @@ def test_oracle_one_chunk_flash_attention_is_ggmls():
         exact[t] = (p / p.sum()) @ v[0, :t + 1, 0].astype(np.float64)
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()     # the same loop, to float32 rounding
     assert 1e-5 < np.linalg.norm(got - exact) / np.linalg.norm(exact) < 3e-3
+
+
+# --- --quant q8_0 ---------------------------------------------------------------------------
+
+def test_q8_0_weight_round_trip_is_the_converters():
+    """llmdiff.quant rounds a tensor bit for bit as gguf.quants (the converter's quantiser) does,
+    along the axis the GGUF blocks it on (the HF tensor's last: a Linear's input features)."""
+    import gguf
+
+    from llmdiff import quant
+
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((6, 96)) * np.logspace(-3, 1, 96)).astype(np.float32)
+    a[1, :32] = 0.0                                       # a zero block: scale 0
+    a[2, 32:64] = np.concatenate([[127.0], 0.5 + np.arange(-15, 16)])   # scale 1: exact halves, roundf's ties
+    want = gguf.quants.dequantize(gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                                  gguf.GGMLQuantizationType.Q8_0).reshape(a.shape)
+    assert np.array_equal(quant.q8_0_round_trip_rows(a), want)
+    # canonical o (N, H, D) is HF's o_proj (D, N*H) transposed: blocks along N*H
+    N, H, D = 2, 32, 8
+    o = rng.standard_normal((N, H, D)).astype(np.float32)
+    hf = o.reshape(N * H, D).T
+    got = quant.round_trip("L3.o", o, "q8_0").reshape(N * H, D).T
+    assert np.array_equal(got, quant.q8_0_round_trip_rows(hf))
+    assert not np.array_equal(got, hf)                                  # it did round
+    norm = rng.standard_normal(64).astype(np.float32)
+    assert quant.round_trip("L0.attn_norm", norm, "q8_0") is norm         # norms stay F32
+
+
+def test_oracle_matmul_input_rounding_is_ggml_x86s():
+    """`Precision.matmul_q8_0`'s rounding is ggml-cpu/arch/x86/quants.c `quantize_row_q8_0`
+    (AVX2): id = 127 / max|x| (not 1 / d), _MM_ROUND_NEAREST (half to even), d stored as f16; on
+    a block built so that the other forms differ."""
+    import jax.numpy as jnp
+
+    from llmdiff.references import gemma
+
+    x = np.zeros((1, 32), np.float32)
+    x[0, 0] = 127.0
+    x[0, 1:6] = [0.5, 1.5, 2.5, -2.5, 3.7]               # ties: half-even gives 0, 2, 2, -2
+    got = np.asarray(gemma.q8_0_round(jnp.asarray(x)))
+    assert got[0, :5].tolist() == [127.0, 0.0, 2.0, 2.0, -2.0] and got[0, 5] == 4.0
+    assert np.array_equal(np.asarray(gemma.q8_0_round(jnp.zeros((2, 64)))), np.zeros((2, 64)))
+    odd = jnp.asarray(np.full((1, 48), 1.0 + 2.0 ** -12, np.float32))     # not a multiple of 32: F16
+    assert np.all(np.asarray(gemma.q8_0_round(odd)) == 1.0)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--quant", "q8_0"], "--impl llamacpp"),                                       # the default impl, hf
+    (["--quant", "q8_0", "--impl", "llamacpp", "--impl", "hf"], "not hf"),
+    (["--quant", "q4_k", "--impl", "llamacpp"], "unknown quantisation 'q4_k'"),
+    (["--quant", "q8_0", "--impl", "llamacpp", "--dtype", "bfloat16"], "float32"),
+    (["--quant", "q8_0", "--impl", "llamacpp", "--grad"], "--grad"),
+])
+def test_quant_bad_combinations_are_one_line_errors_before_any_work(llmdiff_cli, tmp_path, args, says):
+    work = tmp_path / "work"
+    code, _, err, _ = llmdiff_cli("compare", "gemma-7b", "--tiny", "--workdir", str(work), *args)
+    assert code == 2 and err.count("\n") == 1 and says in err, err
+    assert not work.exists()   # refused before the work directory was made
+
+
+def _quant_compare(monkeypatch, tmp_path, model):
+    import llmdiff
+    from llmdiff.references.llamacpp import FLASH_ATTN_ENV
+
+    monkeypatch.setenv(FLASH_ATTN_ENV, "off")
+    return llmdiff.compare(model, ["llamacpp"], tiny=True, quant="q8_0", diagnose=False,
+                           workdir=str(tmp_path / "work")).report
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("model", [   # 9 s and 13 s here; llama's parity is also asserted below
+    "gemma-7b", pytest.param("llama-3.1-8b", marks=pytest.mark.slow)])
+def test_q8_0_at_parity_with_the_quantised_oracle(monkeypatch, tmp_path, model):
+    """llama.cpp on its converter's Q8_0 GGUF against the oracle quantised the same way (weights
+    round-tripped, matmul inputs rounded to Q8_0 blocks as ggml's CPU kernel does): every point
+    within its noise floor, the floor being the quantised oracle's own float32-vs-float64 distance."""
+    report = _quant_compare(monkeypatch, tmp_path, model)
+    assert report["options"]["quant"] == "q8_0" and report["options"]["dtypes"] == ["float32"]
+    run = run_by_candidate(report, "llamacpp", "float32")
+    assert run["verdict"] == "parity", run["first_divergence"]
+    assert run["missing_points"] == []
+    details = next(i["details"] for i in report["implementations"] if i["name"] == "llamacpp")
+    assert details["converter"].endswith("--outtype q8_0") and details["tensor_types"]["Q8_0"] > 0
+
+
+@needs_llamacpp   # 21 s here
+def test_q8_0_judged_against_the_wrong_quantisation_diverges(monkeypatch, tmp_path):
+    """The same llama.cpp Q8_0 captures against the oracle with Q8_0 weights but float matmul
+    inputs (the weights-only round trip) diverges at the first projection, and against the float
+    oracle at the embedding already (llama.cpp's token table is Q8_0): the check can fail."""
+    from llmdiff import diagnose, diff
+    from llmdiff.job import Job, RunId
+
+    model = "llama-3.1-8b"
+    report = _quant_compare(monkeypatch, tmp_path, model)
+    assert run_by_candidate(report, "llamacpp", "float32")["verdict"] == "parity"
+    work = tmp_path / "work"
+    cand = diff.load_captures(str(work / "llamacpp-float32.safetensors"))
+    job = Job.from_json((work / "job-oracle.json").read_text())
+    points = capture_points(get_spec(model, tiny=True))
+    for wrong, policy, first in ((job, {"matmul_q8_0": False}, "L0.q"), (job.with_(quant=None), {}, "embed")):
+        lab = diagnose.OracleLab(wrong, work)
+        ref, truth = lab.run_many([diagnose.Variant.of("float32", policy), diagnose.Variant.of("float64", policy, "float32")])
+        run = diff.compare_captures(cand, ref, diff.noise_floors(ref, truth, "float32"), "float32", points)
+        assert run["verdict"] == "divergence" and run["first_divergence"] == first, (wrong.quant, policy)
+
+
+def test_a_gguf_quantised_otherwise_than_the_oracle_is_an_error():
+    """The oracle's rounded set is checked against the tensors the converter wrote as Q8_0."""
+    from llmdiff import convert
+    from llmdiff.references.llamacpp import check_quantised_as_oracle
+
+    spec = get_spec("llama-3.1-8b", tiny=True)
+    names = ["token_embd.weight", "output.weight"] + [f"blk.{i}.{t}.weight" for i in range(spec.num_layers)
+                                                      for t in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                                "ffn_gate", "ffn_up", "ffn_down")]
+    assert len(names) == sum(len(s) > 1 for s in convert.canonical_shapes(spec).values())
+    check_quantised_as_oracle({"Q8_0": names, "F32": ["output_norm.weight"]}, "q8_0", spec)   # as written
+    with pytest.raises(RuntimeError, match=r"not for \['L1.down'\]"):
+        check_quantised_as_oracle({"Q8_0": names[:-1], "F16": names[-1:]}, "q8_0", spec)
