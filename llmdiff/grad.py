@@ -20,6 +20,9 @@ over the text-vocabulary logits; labels are the tokens shifted by one) and its g
   `optimizer.step()`). The reference: the whole batch's loss (the micro-batches given the
   batch's target-token count, summed) and its gradient, the sum over prompts of each prompt's
   mean-loss gradient times its share of the batch's target tokens.
+- with `--grad-checkpointing` (HF only): `grad:plain:w:NAME`, the same weight gradients with
+  gradient checkpointing off (the forward's activations kept for the backward, nothing
+  recomputed), the implementation's own counterfactual. Not compared: LD608's evidence.
 Point gradients are concatenated over prompts along the sequence axis like the points; weight
 gradients are summed over prompts (the gradient of the summed per-prompt losses).
 
@@ -37,6 +40,7 @@ BATCH, IGNORED, ACCUMULATED = "loss:batch", "loss:ignore", "loss:accumulated"
 CASES = (BATCH, IGNORED, ACCUMULATED)
 TRAINER = "loss:trainer"
 TRAINER_WEIGHT = "grad:trainer:w:"
+PLAIN_WEIGHT = "grad:plain:w:"   # --grad-checkpointing: the weight gradients with checkpointing off
 SCALARS = (*CASES, TRAINER)   # the whole batch's, given once (with the first prompt)
 
 
@@ -46,9 +50,9 @@ def is_grad(name: str) -> bool:
 
 
 def is_weight(name: str) -> bool:
-    """Whether a capture name is a weight's gradient (no position axis): `grad:w:NAME` or the
-    Trainer's `grad:trainer:w:NAME`."""
-    return name.startswith(WEIGHT) or name.startswith(TRAINER_WEIGHT)
+    """Whether a capture name is a weight's gradient (no position axis): `grad:w:NAME`, the
+    Trainer's `grad:trainer:w:NAME` or the un-checkpointed `grad:plain:w:NAME`."""
+    return name.startswith(WEIGHT) or name.startswith(TRAINER_WEIGHT) or name.startswith(PLAIN_WEIGHT)
 
 
 def weight_order(names) -> list[str]:

@@ -373,6 +373,8 @@ class HFReference(Reference):
             host[name] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
         if grad:
             host.update(self._grads_to_host(grads, loss))
+            if self.checkpointing:  # the same backward with checkpointing off: LD608's counterfactual
+                host.update(self._plain_gradients(ids, logits.shape[-1]))
             if own:
                 self._accumulate(ids)
                 if list(tokens) == list(self.job.tokens[0]):  # the whole batch's own-loss cases, once
@@ -569,6 +571,39 @@ class HFReference(Reference):
               for n, p in self.model.named_parameters()}
         out.update({names.WEIGHT + n: g for n, g in convert.from_hf(self.spec, hf, "HF gradients").items()})
         return out
+
+    def _plain_gradients(self, ids, text_vocab: int) -> dict:
+        """`--grad-checkpointing`'s counterfactual: the prompt's loss (as `_run` computes it) and
+        its weight gradients with gradient checkpointing off (every layer's activations kept for
+        the backward, nothing recomputed), in train mode like the checkpointed run, as
+        `grad:plain:w:NAME` (`llmdiff/grad.py`; not compared, LD608's evidence). The parameters'
+        `.grad` are cleared before and after."""
+        import torch
+
+        from llmdiff import convert
+        from llmdiff import grad as names
+
+        model = self.model
+        checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+        for p in model.parameters():
+            p.grad = None
+        for m in checkpointed:
+            m.gradient_checkpointing = False
+        model.train()
+        try:
+            with torch.enable_grad(), self._autocast():
+                logits = model(input_ids=ids, use_cache=False).logits[..., :text_vocab]
+                torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).backward()
+            hf = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu().float().numpy()
+                  for n, p in model.named_parameters()}
+        finally:
+            for m in checkpointed:
+                m.gradient_checkpointing = True
+            model.eval()
+            for p in model.parameters():
+                p.grad = None
+        return {names.PLAIN_WEIGHT + n: g
+                for n, g in convert.from_hf(self.spec, hf, "HF gradients without checkpointing").items()}
 
     def _autocast(self):
         """torch.autocast to the run's low dtype, or nothing."""

@@ -185,6 +185,80 @@ def test_hf_with_gradient_checkpointing_is_at_parity(llmdiff_cli, model):
     assert gc["recomputed_layers"] == spec.num_layers * report["tokens"]["prompts"]
 
 
+def _recompute_evidence(cand_off: float, plain_off: float | None):
+    """One float32 run's weight gradients: the float64 answer, the oracle off it by float32
+    roundings, the candidate off the oracle by `cand_off` (relative) and, unless None, its
+    un-checkpointed gradients (`grad:plain:w:`) off by `plain_off`; compared as the run is."""
+    from llmdiff import diff
+    from llmdiff.grad_check import Evidence
+
+    rng = np.random.default_rng(0)
+    names = ["grad:w:final_norm", "grad:w:L0.down", "grad:w:embed"]
+    truth = {n: rng.standard_normal((8, 16)) for n in names}
+    oracle = {n: t.astype(np.float32).astype(np.float64) for n, t in truth.items()}
+
+    def off(caps, by):
+        return {n: (v * (1 + by * rng.standard_normal(v.shape))).astype(np.float32) for n, v in caps.items()}
+
+    cand = off(oracle, cand_off)
+    if plain_off is not None:
+        cand.update({grad.PLAIN_WEIGHT + n[len(grad.WEIGHT):]: v for n, v in off(oracle, plain_off).items()})
+    run = diff.compare_captures(cand, oracle, diff.noise_floors(oracle, truth, "float32"), "float32", names)
+    return Evidence("cand", "float32", run, cand, oracle, truth, [[2, 5, 6]], shrink(get_spec("llama-3.1-8b")))
+
+
+def _ld608(ev):
+    from llmdiff.checks.checkpoint_recompute_differs import CheckpointRecomputeDiffers
+
+    return CheckpointRecomputeDiffers().judge(ev)
+
+
+def test_gradients_that_recover_without_checkpointing_are_ld608():
+    ev = _recompute_evidence(1e-3, 0.0)
+    assert ev.run["verdict"] == "divergence"
+    (f,) = _ld608(ev)
+    assert (f.code, f.where, f.confirmed) == ("LD608", ev.run["first_divergence"], True)
+    e = f.evidence
+    assert e["divergent_weights"] == 3 and e["checkpointed_worst"]["floor_ratio"] > 100
+    assert e["plain_worst"]["floor_ratio"] <= ev.run["threshold"]["floor_factor"]
+    assert all(5e-4 < v < 2e-3 for v in e["recompute_rel_l2"].values())
+
+
+def test_gradients_off_without_checkpointing_too_are_not_ld608():
+    assert _ld608(_recompute_evidence(1e-3, 1e-3)) == []     # the bug is not the recompute
+    assert _ld608(_recompute_evidence(1e-3, None)) == []     # no un-checkpointed gradients
+    assert _ld608(_recompute_evidence(0.0, 0.0)) == []       # nothing diverges
+
+
+@pytest.mark.slow   # ~40 s on a shared CPU: one --grad compare of three HF runs, diagnosed
+def test_a_checkpoint_recompute_that_differs_is_ld608_alone(llmdiff_cli, mutants_on_path):
+    """Gradient checkpointing whose recompute differs from the forward, in precision (bfloat16
+    autocast in a float32 run) or dropout state (attention dropout on in the recompute only):
+    the forward and the loss are HF's, the gradients of the checkpointed layers are off; the
+    same adapter's gradients with checkpointing off are at parity, so LD608 names it, confirmed,
+    and nothing else does. A clean checkpointed HF: parity, no finding."""
+    mutants = ("hf_mutants:CheckpointRecomputeUnderAutocast", "hf_mutants:CheckpointRecomputeWithDropout")
+    code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--grad", "--grad-checkpointing",
+                                       "--impl", "hf", *[a for m in mutants for a in ("--impl", m)],
+                                       "--dtype", "float32", "--no-tokenizer-parity")
+    assert code == 1, out
+    assert run_by_candidate(report, "hf", "float32")["verdict"] == "parity"
+    assert not [f for f in report["findings"] if f["implementation"] == "hf"]
+    points = report["options"]["points"]
+    for impl in mutants:
+        run = run_by_candidate(report, impl, "float32")
+        by_name = {p["name"]: p for p in run["points"]}
+        assert all(by_name[p]["verdict"] == "parity" for p in points), impl              # the forward
+        assert all(by_name[n]["verdict"] == "parity" for n in ("loss", *grad.SCALARS)), impl
+        first = run["first_divergence"]
+        assert first.startswith("grad:L1.") and by_name[first]["floor_ratio"] > 100, (impl, first)
+        (f,) = [f for f in report["findings"] if f["implementation"] == impl]
+        assert (f["code"], f["where"], f["confirmed"]) == ("LD608", first, True), f
+        assert f["evidence"]["plain_worst"]["floor_ratio"] < by_name[first]["threshold"]
+        assert f["evidence"]["checkpointed_worst"]["floor_ratio"] > 100
+    assert "errors" not in report
+
+
 # --- LD602: accumulated micro-batches against the whole batch's loss ------------------------
 
 def _ld602(details, lengths):
@@ -372,7 +446,7 @@ def test_every_training_check_names_a_knob_the_oracle_takes():
             # read only by gemma_grad: the loss function's knobs, the norms' backward
             assert all(k.startswith("loss_") for k in variant)
     evidence = [c for c in registry.load_checks()[0] if isinstance(c, GradEvidenceCheck)]
-    assert {c.code for c in evidence} >= {"LD607"} and all(c.knob is None for c in evidence)
+    assert {c.code for c in evidence} >= {"LD607", "LD608"} and all(c.knob is None for c in evidence)
 
 
 @pytest.mark.slow

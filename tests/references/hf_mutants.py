@@ -706,3 +706,56 @@ class KvRoundedToF16(HFReference):
 
         modeling.ALL_ATTENTION_FUNCTIONS = RoundingInterface()
         return model
+
+
+# --- gradient checkpointing (#23): a recompute that differs from the forward ------------------
+
+class CheckpointRecomputeUnderAutocast(HFReference):
+    """Gradient checkpointing (`--grad-checkpointing`) through a checkpoint function that does
+    not carry the forward's autocast state into its recompute: each layer's forward runs as the
+    model's (no autocast in a float32 run), its recompute for the backward under
+    `torch.autocast(bfloat16)`, the state around `backward()` in a loop that calls it inside
+    the autocast region. A reentrant checkpoint (forward under no_grad, the layer run again with
+    grad in the backward: torch's `use_reentrant=True`, Megatron's and DeepSpeed's own), so no
+    recompute check of dtypes stands in its way; the forward is HF's bit for bit."""
+
+    def recompute(self, model, function, args):
+        import torch
+
+        with torch.autocast(device_type=args[0].device.type, dtype=torch.bfloat16):
+            return function(*args)
+
+    def patch_model(self, model):
+        import torch
+        from torch.utils.checkpoint import checkpoint
+
+        def checkpoint_differently(function, *args, **kwargs):
+            def run(*a):
+                if torch.is_grad_enabled():   # the recompute: the reentrant forward runs under no_grad
+                    return self.recompute(model, function, a)
+                return function(*a)
+            return checkpoint(run, *args, use_reentrant=True, **kwargs)
+
+        if not getattr(self, "checkpointing", None):
+            raise RuntimeError(f"{type(self).__name__} patches gradient checkpointing:"
+                               " run it with --grad --grad-checkpointing")
+        for layer in model.model.layers:
+            layer._gradient_checkpointing_func = checkpoint_differently
+        return model
+
+
+class CheckpointRecomputeWithDropout(CheckpointRecomputeUnderAutocast):
+    """The recompute with attention dropout on (p = 0.1) where the forward has the model's
+    (0): a dropout state the forward did not have, as a model switched to train mode between a
+    step's forward and its backward, or a recompute that draws its own dropout mask."""
+
+    def recompute(self, model, function, args):
+        attns = [layer.self_attn for layer in model.model.layers]
+        kept = [a.attention_dropout for a in attns]
+        for a in attns:
+            a.attention_dropout = 0.1
+        try:
+            return function(*args)
+        finally:
+            for a, p in zip(attns, kept):
+                a.attention_dropout = p
