@@ -39,6 +39,28 @@ class MissingExtra(ImportError):
     """The implementation's framework is not installed under the worker's interpreter."""
 
 
+def install_main(venv: str, description: str, install, options=()) -> None:
+    """`python -m llmdiff.references.MODULE install [--venvs DIR] [-q] [OPTIONS]`, the command
+    line of every extra with a virtualenv of its own: `install(venvs_root, quiet, **options)`
+    builds it and returns its interpreter. `options`: (flag, help) pairs; a flag with `=`
+    (`--wheels=DIR`) takes a value, one without is a switch."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=f"python -m {sys.modules['__main__'].__spec__.name}",
+                                     description=description)
+    parser.add_argument("command", choices=["install"])
+    parser.add_argument("--venvs", help="where llmdiff keeps implementation venvs (default: $LLMDIFF_VENVS"
+                                        " or ~/.cache/llmdiff/venvs)")
+    for flag, text in options:
+        name, _, value = flag.partition("=")
+        parser.add_argument(name, help=text, **({"metavar": value} if value else {"action": "store_true"}))
+    parser.add_argument("-q", "--quiet", action="store_true")
+    a = vars(parser.parse_args())
+    a.pop("command")
+    print(f"{venv}: {install(a.pop('venvs'), a.pop('quiet'), **a)}")
+
+
 class Reference:
     name = "reference"
     dtypes = ("float32", "bfloat16")

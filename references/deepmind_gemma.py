@@ -289,14 +289,7 @@ def install(venvs_root=None, quiet: bool = False) -> str:
 
 
 if __name__ == "__main__":
-    import argparse
+    from llmdiff.references.base import install_main
 
-    parser = argparse.ArgumentParser(
-        prog="python -m llmdiff.references.deepmind_gemma",
-        description=f"Install Google DeepMind's gemma {GEMMA_VERSION} into llmdiff's 'deepmind' virtualenv.")
-    parser.add_argument("command", choices=["install"])
-    parser.add_argument("--venvs", help="where llmdiff keeps implementation venvs (default: $LLMDIFF_VENVS"
-                                        " or ~/.cache/llmdiff/venvs)")
-    parser.add_argument("-q", "--quiet", action="store_true")
-    a = parser.parse_args()
-    print(f"deepmind: {install(a.venvs, a.quiet)}")
+    install_main("deepmind", f"Install Google DeepMind's gemma {GEMMA_VERSION} into llmdiff's 'deepmind' virtualenv.",
+                 install)

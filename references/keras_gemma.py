@@ -501,18 +501,9 @@ def install(venvs_root=None, quiet: bool = False, tensorflow_text: bool = False)
 
 
 if __name__ == "__main__":
-    import argparse
+    from llmdiff.references.base import install_main
 
-    parser = argparse.ArgumentParser(
-        prog="python -m llmdiff.references.keras_gemma",
-        description=f"Install keras-hub {KERAS_HUB_VERSION} (JAX backend, no TensorFlow) into llmdiff's"
-                    " 'keras' virtualenv.")
-    parser.add_argument("command", choices=["install"])
-    parser.add_argument("--venvs", help="where llmdiff keeps implementation venvs (default: $LLMDIFF_VENVS"
-                                        " or ~/.cache/llmdiff/venvs)")
-    parser.add_argument("--tensorflow-text", action="store_true",
-                        help="also tensorflow-text and TensorFlow (CPU, about 2 GB): keras-hub's tf.data tokenizer path,"
-                             " judged by tokenizer parity as keras-tf")
-    parser.add_argument("-q", "--quiet", action="store_true")
-    a = parser.parse_args()
-    print(f"keras: {install(a.venvs, a.quiet, a.tensorflow_text)}")
+    install_main("keras", f"Install keras-hub {KERAS_HUB_VERSION} (JAX backend, no TensorFlow) into llmdiff's"
+                          " 'keras' virtualenv.", install,
+                 [("--tensorflow-text", "also tensorflow-text and TensorFlow (CPU, about 2 GB): keras-hub's tf.data"
+                                        " tokenizer path, judged by tokenizer parity as keras-tf")])

@@ -616,18 +616,10 @@ def install(venvs_root=None, quiet: bool = False, wheels=None) -> str:
 
 
 if __name__ == "__main__":
-    import argparse
+    from llmdiff.references.base import install_main
 
-    parser = argparse.ArgumentParser(
-        prog="python -m llmdiff.references.llamacpp",
-        description=f"Install llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (CPU) and llama.cpp's converter into"
-                    " llmdiff's 'llamacpp' virtualenv; the first install on a machine builds llama-cpp-python"
-                    " from source (about 10 minutes) into llmdiff's wheel cache, later ones reuse it.")
-    parser.add_argument("command", choices=["install"])
-    parser.add_argument("--venvs", help="where llmdiff keeps implementation venvs (default: $LLMDIFF_VENVS"
-                                        " or ~/.cache/llmdiff/venvs)")
-    parser.add_argument("--wheels", help="llmdiff's wheel cache, where the llama-cpp-python wheel is built once"
-                                         " (default: $XDG_CACHE_HOME/llmdiff/wheels or ~/.cache/llmdiff/wheels)")
-    parser.add_argument("-q", "--quiet", action="store_true")
-    a = parser.parse_args()
-    print(f"llamacpp: {install(a.venvs, a.quiet, a.wheels)}")
+    install_main("llamacpp", f"Install llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (CPU) and llama.cpp's converter into"
+                             " llmdiff's 'llamacpp' virtualenv; the first install on a machine builds llama-cpp-python"
+                             " from source (about 10 minutes) into llmdiff's wheel cache, later ones reuse it.", install,
+                 [("--wheels=DIR", "llmdiff's wheel cache, where the llama-cpp-python wheel is built once"
+                                   " (default: $XDG_CACHE_HOME/llmdiff/wheels or ~/.cache/llmdiff/wheels)")])
