@@ -122,6 +122,13 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
     say = progress or (lambda m: None)
     spec = get_spec(model, tiny=True)
     checks = [c for c in registry.load_checks()[0] if c.knob and c.applies(spec)]
+    codes = {c.code for c in checks}
+    for name in only:   # a name no row can have fails before any oracle run, not minutes later
+        parts = [p.partition("@")[0] for p in name.split("+")]
+        if name not in ("clean", "unknown") and not set(parts) <= codes:
+            raise LLMDiffError(f"selftest {spec.name} has no mutant {name!r}: rows are clean, unknown and"
+                               f" the checks' codes ({', '.join(sorted(codes))}), alone, joined by + or"
+                               f" scoped as CODE@local / CODE@global")
     work = Path(tempfile.mkdtemp(prefix="llmdiff-selftest-"))
     try:
         canonical = work / "canonical.safetensors"
