@@ -267,6 +267,28 @@ def test_float32_at_parity_without_flash_attention(monkeypatch, tmp_path, model)
 
 @needs_llamacpp
 @pytest.mark.slow
+@pytest.mark.parametrize("model", ["gemma-2-2b", "gemma-3-1b"])
+def test_gemma_2_and_3_are_fully_explained_by_the_gelu_table(monkeypatch, tmp_path, model):
+    """Gemma 2/3 on llama.cpp (flash attention off): soft-caps, sliding windows (the prompts go
+    past the tiny windows), Gemma 3's q/k norms and local RoPE base all agree with the oracle;
+    the one divergence is GELU's F16 table (LD302) at the first MLP, and with it on the oracle
+    no point is left divergent."""
+    import llmdiff
+    from llmdiff.references.llamacpp import FLASH_ATTN_ENV
+
+    monkeypatch.setenv(FLASH_ATTN_ENV, "off")
+    report = llmdiff.compare(model, ["llamacpp"], tiny=True, dtypes=["float32"],
+                             workdir=str(tmp_path / "work")).report
+    run = run_by_candidate(report, "llamacpp", "float32")
+    assert run["missing_points"] == [] and run["first_divergence"] == "L0.mlp_act"
+    assert max(len(p) for p in report["tokens"]["ids"]) > get_spec(model, tiny=True).sliding_window
+    (f,) = report["findings"]
+    assert (f["code"], f["where"], f["confirmed"]) == ("LD302", "L0.mlp_act", True)
+    assert f["evidence"]["divergent_points"]["after"] == 0 < f["evidence"]["divergent_points"]["before"]
+
+
+@needs_llamacpp
+@pytest.mark.slow
 def test_flash_attention_rounds_k_and_v_to_f16(monkeypatch, tmp_path):
     """llama.cpp's default (flash attention auto: on, on the CPU) casts an F32 KV cache's K and V
     to F16 (src/llama-graph.cpp, build_attn_mha): the first divergence is the attention output."""
