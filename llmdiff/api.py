@@ -74,7 +74,7 @@ def _load_weights(spec: ModelSpec, weights, seed: int, say=lambda m: None):
     return canon, {"source": "hf", "path": str(weights), "seed": None, **weights_mod.checkpoint_notes(weights)}
 
 
-def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, weights=None,
+def compare(model: str, impls=("hf",), *, dtypes=None, tiny: bool = False, weights=None,
             seed: int = 0, reference: str = ORACLE, workdir=None, attn: str = "eager",
             timeout: float | None = None, select=(), ignore=(), diagnose: bool = True,
             thresholds: diff.Thresholds = diff.DEFAULT_THRESHOLDS, points=None, layers=None,
@@ -90,6 +90,7 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
         spec its config.json describes (`llmdiff.model_source`).
     impls: implementation names (`hf`, `oracle`), `NAME@PYTHON`, `LABEL=NAME@PYTHON`, or adapters
         `module:Class`.
+    dtypes: the run dtypes (`RUN_DTYPES`); None: float32 and bfloat16 (float32 alone with `quant`).
     weights: None for seeded random weights (or a checkpoint's own), or a local HF checkpoint
         directory.
     config: the config.json of a registered model's random-weight checkpoint: "published" (the
@@ -132,8 +133,8 @@ def compare(model: str, impls=("hf",), *, dtypes=DTYPES, tiny: bool = False, wei
     """
     if quant is not None:   # before any work: a bad combination is one usage error
         _check_quant(quant, impls, dtypes, grad)
-        if tuple(dtypes) == tuple(DTYPES):   # the default: a quantised run is float32
-            dtypes = ["float32"]
+    if dtypes is None:   # the default: float32 and bfloat16; a quantised run is float32
+        dtypes = ["float32"] if quant is not None else list(DTYPES)
     t_start = time.perf_counter()
     temporary = workdir is None
     if not temporary and Path(workdir).exists() and not Path(workdir).is_dir():
@@ -319,7 +320,7 @@ def _check_quant(quant, impls, dtypes, grad) -> None:
         raise UsageError(f"--quant {quant} runs llama.cpp's quantised checkpoint against a quantised oracle:"
                          f" give --impl llamacpp and no other implementation"
                          + (f" (not {', '.join(others)})" if others else ""))
-    if tuple(dtypes) != tuple(DTYPES) and list(dict.fromkeys(dtypes)) != ["float32"]:
+    if dtypes is not None and list(dict.fromkeys(dtypes)) != ["float32"]:
         raise UsageError(f"--quant {quant} runs in float32 (ggml's quantised matmuls take F32 activations);"
                          f" drop --dtype {' '.join(d for d in dtypes if d != 'float32')}")
     if grad:

@@ -304,7 +304,7 @@ def compare(model, tiny, revision, config_mode, impls, dtypes, weights, seed, re
         baseline = _load_baseline(baseline, baseline_factor)
         with _progress(console, quiet) as say:
             result = api.compare(
-                model, impls or config.get("implementations", ("hf",)), dtypes=dtypes or config.get("dtypes", api.DTYPES),
+                model, impls or config.get("implementations", ("hf",)), dtypes=dtypes or config.get("dtypes"),
                 tiny=tiny, weights=weights, seed=seed if seed is not None else config.get("seed", 0),
                 reference=reference or config.get("reference", api.ORACLE), attn=attn or config.get("attn", "eager"),
                 workdir=(f"{out}/captures" if save_captures else workdir),

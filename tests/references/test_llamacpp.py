@@ -456,6 +456,7 @@ def test_oracle_matmul_input_rounding_is_ggml_x86s():
     (["--quant", "q8_0", "--impl", "llamacpp", "--impl", "hf"], "not hf"),
     (["--quant", "q4_k", "--impl", "llamacpp"], "unknown quantisation 'q4_k'"),
     (["--quant", "q8_0", "--impl", "llamacpp", "--dtype", "bfloat16"], "float32"),
+    (["--quant", "q8_0", "--impl", "llamacpp", "--dtype", "float32", "--dtype", "bfloat16"], "drop --dtype bfloat16"),
     (["--quant", "q8_0", "--impl", "llamacpp", "--grad"], "--grad"),
 ])
 def test_quant_bad_combinations_are_one_line_errors_before_any_work(llmdiff_cli, tmp_path, args, says):
