@@ -68,8 +68,14 @@ def main(model_file: str, family: str) -> None:
     except ImportError as e:
         reasons["keras-tf"] = (f"keras-hub's tf.data path needs tensorflow-text, not installed in the keras virtualenv"
                                f" ({e}): python -m llmdiff.references.keras_gemma install --tensorflow-text")
-    preprocessors = {name: pre_cls(tokenizer=tok, **({"image_converter": None} if gemma3 else {}))
-                     for name, tok in tokenizers.items()}
+    preprocessors = {}
+    for name, tok in list(tokenizers.items()):
+        try:
+            preprocessors[name] = pre_cls(tokenizer=tok, **({"image_converter": None} if gemma3 else {}))
+        except (ImportError, RuntimeError) as e:   # keras-hub 0.32's Gemma3CausalLMPreprocessor needs tensorflow
+            del tokenizers[name]
+            reasons[name] = (f"keras-hub's {pre_cls.__name__} cannot be built here ({str(e).splitlines()[0]}):"
+                             f" python -m llmdiff.references.keras_gemma install --tensorflow-text")
 
     def encode(name, text):
         tok = tokenizers[name]

@@ -231,9 +231,15 @@ def test_keras_tokenizer_in_tokenizer_parity(model):
     same tokenizer.model, called in the keras virtualenv, judged by the same parity checks."""
     report, parity, impls = _keras_parity(model)
     spec = get_spec(model, tiny=True)
+    assert parity["agree"] and report["exit_code"] == 0
+    if model == "gemma-3-1b" and not _has_tensorflow_text():
+        # keras-hub 0.32's Gemma3CausalLMPreprocessor, which puts BOS in front for
+        # causal_lm.generate, refuses to be built without tensorflow: said, not guessed around
+        assert impls["keras"]["available"] is False
+        assert "Gemma3CausalLMPreprocessor" in impls["keras"]["reason"] and "--tensorflow-text" in impls["keras"]["reason"]
+        return
     _judged_like_the_others(report, parity, impls, "keras", spec)
     assert impls["keras"]["version"].startswith("keras-hub 0.32.0, sentencepiece ")
-    assert parity["agree"] and report["exit_code"] == 0
     if not _has_tensorflow_text():
         assert impls["keras-tf"]["available"] is False and "--tensorflow-text" in impls["keras-tf"]["reason"]
 
