@@ -24,10 +24,16 @@ from llmdiff.job import Job, RunId, RunRequest
 ENTRY_POINT_GROUP = "llmdiff.references"
 
 
+def cache_dir(*parts: str) -> str:
+    """llmdiff's cache: $XDG_CACHE_HOME/llmdiff/PARTS, else ~/.cache/llmdiff/PARTS (venvs, wheels,
+    compiled JAX steps)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "llmdiff", *parts)
+
+
 def venvs_root() -> str:
     """Where implementations with a virtualenv of their own live: $LLMDIFF_VENVS/NAME."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.environ.get("LLMDIFF_VENVS") or os.path.join(cache, "llmdiff", "venvs")
+    return os.environ.get("LLMDIFF_VENVS") or cache_dir("venvs")
 
 
 def venv_python(name: str) -> str | None:

@@ -483,8 +483,9 @@ CMAKE_ARGS = ("-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXA
 def wheel_cache_root() -> Path:
     """llmdiff's wheel cache: $XDG_CACHE_HOME/llmdiff/wheels, else ~/.cache/llmdiff/wheels. Not
     under $LLMDIFF_VENVS (CI points that at a temporary directory; the wheel outlives venvs)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llmdiff" / "wheels"
+    from llmdiff.runner import cache_dir
+
+    return Path(cache_dir("wheels"))
 
 
 def _cpu_signature() -> str:

@@ -41,8 +41,9 @@ class OracleReference(Reference):
         jax.config.update("jax_enable_x64", True)
         # Compiled steps are kept across runs (a full-size model's first compile takes tens of
         # seconds on a GPU); LLMDIFF_JAX_CACHE=off turns it off.
-        cache = os.environ.get("LLMDIFF_JAX_CACHE") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llmdiff", "jax")
+        from llmdiff.runner import cache_dir
+
+        cache = os.environ.get("LLMDIFF_JAX_CACHE") or cache_dir("jax")
         if cache != "off" and not jax.config.jax_compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", cache)
             # Every step, however quick to compile: the counterfactual runs of a diagnosis and a
