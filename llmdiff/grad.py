@@ -24,7 +24,10 @@ over the text-vocabulary logits; labels are the tokens shifted by one) and its g
   gradient checkpointing off (the forward's activations kept for the backward, nothing
   recomputed), the implementation's own counterfactual. Not compared: LD608's evidence.
 Point gradients are concatenated over prompts along the sequence axis like the points; weight
-gradients are summed over prompts (the gradient of the summed per-prompt losses).
+gradients are summed over prompts (the gradient of the summed per-prompt losses). With
+`--capture sketch` (`llmdiff/sketch.py`) every gradient is sketched, point gradients per
+position, weight gradients per row once the sum over prompts is made (`NAME:sketch`); the loss
+and the loss cases stay whole.
 
 The comparison lists them after the forward points in backward order: the loss, then the point
 gradients from the logits back to the embedding, then the weight gradients from the output head
@@ -96,6 +99,10 @@ def combine(per_prompt: list[dict]) -> dict:
         # The Trainer's gradient: the whole step's with the last prompt (HF), or each prompt's
         # share of it with each (the oracle)
         parts = [np.asarray(p[name]) for p in per_prompt if name in p]
+        if is_weight(name) and name.endswith(":sketch") and len(parts) > 1:
+            # |a + b|^2 is no sum of norms: a sketched weight gradient is the whole batch's, given once
+            raise ValueError(f"{name}: a sketched weight gradient is sketched once for the whole batch,"
+                             f" not per prompt ({len(parts)} parts)")
         if is_weight(name):
             wide = np.float64 if parts[0].dtype == np.float64 else np.float32
             out[name] = np.sum([a.astype(wide) for a in parts], axis=0)

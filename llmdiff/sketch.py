@@ -15,6 +15,15 @@ smallest floor llmdiff judges (~1e-9). The logits are sketched too, and each pos
 `TOP` largest logits (values and ids) come along: top-1 and top-k agreement stay exact; the KL
 divergence needs both implementations' every logit and is not reported.
 
+Gradients (`compare --grad`, `llmdiff/grad.py`) are sketched the same way: a point's gradient
+`grad:POINT` per position like the point itself; a weight's gradient `grad:w:NAME` (and the
+Trainer's, the un-checkpointed ones) per row: a canonical tensor of shape (a, b, ...) is an
+a x (b * ...) matrix whose rows (the first axis: embedding rows, attention heads, input or
+hidden features) are sketched like positions, (a, K + 1). Rows play the role of positions in
+`metrics`. 1-D tensors (norm scales, a few thousand values) leave whole: their metrics stay
+exact. A weight's gradient is summed over the prompts before it is sketched (a norm of a sum is
+no sum of norms), so an adapter sketches it once for the whole batch.
+
 Arrays here are numpy; workers apply `project` with their framework's ops.
 """
 
@@ -39,7 +48,8 @@ def projection(n: int, k: int = K) -> np.ndarray:
 
 
 class Sketch:
-    """A sketched point: data (B, T, K + 1) float64, columns [s_1..s_K, |x|^2] per position."""
+    """A sketched point: data (B, T, K + 1) float64, columns [s_1..s_K, |x|^2] per position
+    (a sketched weight gradient: (rows, K + 1), per row)."""
 
     def __init__(self, data: np.ndarray):
         self.data = np.asarray(data, np.float64)
@@ -47,6 +57,22 @@ class Sketch:
     @property
     def shape(self):
         return self.data.shape
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+
+def sketches_rows(shape) -> bool:
+    """Whether a weight gradient of this shape is sketched per row (else it leaves whole)."""
+    return len(shape) >= 2
+
+
+def rows(x: np.ndarray) -> np.ndarray:
+    """The numpy reference of a weight gradient's sketch: x (a, b, ...) as an a x (b * ...)
+    matrix, (a, K + 1) float64 [x R, |row|^2]. Workers do the same with their own ops."""
+    x = np.asarray(x, np.float64).reshape(x.shape[0], -1)
+    return np.concatenate([x @ projection(x.shape[1]), (x * x).sum(-1, keepdims=True)], axis=-1)
 
 
 def load(tensors: dict) -> dict:

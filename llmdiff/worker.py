@@ -66,17 +66,26 @@ def _say(message: str) -> None:
 
 def _sketch_on_host(caps: dict, round_to) -> dict:
     """Sketch what an adapter returned whole (one that cannot sketch on its device), so that
-    every implementation of a run is compared the same way (`llmdiff/sketch.py`)."""
+    every implementation of a run is compared the same way (`llmdiff/sketch.py`). Applied to a
+    run's captures once the prompts are put together (weight gradients summed first); the loss
+    and the loss cases stay whole, and so do 1-D weight gradients."""
     import numpy as np
 
-    from llmdiff import diff, sketch
+    from llmdiff import diff, grad, sketch
 
     out = {}
     for name, a in caps.items():
-        if ":" in name:  # sketched already
-            out[name] = a
+        if name.endswith(sketch.SUFFIX) or name.startswith("logits:") or name == grad.LOSS or name in grad.SCALARS:
+            out[name] = a  # sketched already, or whole by design
             continue
-        x = np.asarray(a).reshape(*a.shape[:2], -1)
+        x = np.asarray(a)
+        if grad.is_weight(name):
+            if not sketch.sketches_rows(x.shape):
+                out[name] = a
+                continue
+            x = x.reshape(x.shape[0], -1)
+        else:
+            x = x.reshape(*x.shape[:2], -1)
         if round_to:
             x = diff.round_to(x, round_to)
         x = x.astype(np.float64)
@@ -156,15 +165,17 @@ def main(job_path: str) -> int:
                 _bench(adapter, job.tokens, meta["timings"])
             t = time.perf_counter()
             per_prompt = [adapter.run_grad(tokens) if job.grad else adapter.run(tokens) for tokens in job.tokens]
-            if job.capture == "sketch":
-                per_prompt = [_sketch_on_host(p, adapter.round_to) for p in per_prompt]
+            # What the adapter gives once for the whole batch (sketched weight gradients)
+            whole_batch = adapter.finish_grad() if job.grad else {}
             meta["timings"]["run_s"] = round(time.perf_counter() - t, 3)
             _say(f"{job.impl} {run.id}: loaded in {meta['timings']['load_s']:.1f} s,"
                  f" ran {len(job.tokens)} prompt(s) in {meta['timings']['run_s']:.2f} s")
             names = sorted(n for n in per_prompt[0] if not is_grad(n) and adapter.wants(n.split(":")[0]))
             captures = {n: np.concatenate([p[n] for p in per_prompt], axis=1) for n in names}
             if job.grad:  # the loss and gradients: weight gradients summed over prompts
-                captures.update(combine(per_prompt))
+                captures.update(combine(per_prompt + [whole_batch]))
+            if job.capture == "sketch":  # what the adapter gave whole (every value went through the host)
+                captures = _sketch_on_host(captures, adapter.round_to)
             peak = adapter.peak_device_bytes()
             if peak is not None:  # one number, or {device: bytes} for a run over several devices
                 meta["peak_device_bytes"] = {k: int(v) for k, v in peak.items()} if isinstance(peak, dict) else int(peak)

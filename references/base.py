@@ -17,7 +17,8 @@ Optional capabilities, each with a default here:
 - `describe()`: what the implementation resolved (a dict in the report; static checks read it).
 - `run_bare(tokens)`, with `has_bare_forward = True`: the forward with no capture, for `bench/`.
 - `run_grad(tokens)`: `run`'s points plus the causal-LM loss and its gradients with respect to
-  every point and every canonical weight (`compare --grad`; names in `llmdiff/grad.py`).
+  every point and every canonical weight (`compare --grad`; names in `llmdiff/grad.py`); and
+  `finish_grad()` after the last prompt, for what is given once (sketched weight gradients).
 - `peak_device_bytes()`: the peak device memory of the last run (GPU workers), or None.
 - `makes_weights = True`: it can make seeded random weights on its own device
   (`llmdiff.weights.generate_*`, used for full-size models).
@@ -154,6 +155,13 @@ class Reference:
     def run_grad(self, tokens: list[int]) -> dict[str, np.ndarray]:
         """`run`'s points plus the causal-LM loss and its gradients (`llmdiff/grad.py`)."""
         raise NotImplementedError(f"{self.name} does not compute gradients (--grad)")
+
+    def finish_grad(self) -> dict[str, np.ndarray]:
+        """After `run_grad` of the last prompt: what is given once for the whole batch (a
+        sketched weight gradient `grad:w:NAME:sketch`, sketched after the sum over prompts:
+        `llmdiff/sketch.py`). Default: nothing (weight gradients come with each prompt and the
+        worker sums them, then sketches them when the job's capture is sketch)."""
+        return {}
 
     def run_bare(self, tokens: list[int]) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no bare forward (has_bare_forward is False)")

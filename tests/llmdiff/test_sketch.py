@@ -72,3 +72,38 @@ def test_worker_sketches_what_an_adapter_returned_whole():
     assert np.array_equal(ids, np.argsort(-caps["logits"], axis=-1)[..., :3])
     rounded = worker._sketch_on_host({"L0.q": caps["L0.q"].astype(np.float64)}, "bfloat16")["L0.q:sketch"]
     assert np.array_equal(rounded, _sketch(diff.round_to(caps["L0.q"], "bfloat16"), R).data)
+
+
+def test_weight_gradients_are_sketched_per_row_and_estimate_rel_l2():
+    """A weight gradient (a, b, ...) is an a x (b * ...) matrix sketched per row: exact row
+    norms, and the relative L2 of the whole tensor estimated as a point's is over positions."""
+    rng = np.random.default_rng(2)
+    ref = rng.standard_normal((300, 4, 24))
+    cand = ref + 1e-3 * rng.standard_normal(ref.shape)
+    s_ref, s_cand = sketch.rows(ref), sketch.rows(cand)
+    assert s_ref.shape == (300, sketch.K + 1)
+    assert np.allclose(s_ref[:, -1], (ref.reshape(300, -1) ** 2).sum(-1), rtol=1e-14)
+    exact = diff.point_metrics(cand, ref)
+    est = diff.point_metrics(sketch.Sketch(s_cand), sketch.Sketch(s_ref))
+    assert est["rel_l2"] == pytest.approx(exact["rel_l2"], rel=0.05) and est["estimated"]
+    assert sketch.sketches_rows((3, 4)) and not sketch.sketches_rows((7,))
+
+
+def test_worker_sketches_gradients_once_the_prompts_are_put_together():
+    """`--grad --capture sketch` for an adapter that gives whole gradients: point gradients per
+    position, weight gradients (summed over prompts first) per row; the loss, the loss cases and
+    1-D weight gradients stay whole."""
+    from llmdiff import grad, worker
+
+    rng = np.random.default_rng(3)
+    caps = {"loss": np.ones((1, 2), np.float32), "loss:batch": np.ones((1, 1), np.float32),
+            "grad:L0.q": rng.standard_normal((1, 5, 2, 4)), "grad:w:L0.q": rng.standard_normal((2, 6, 4)),
+            "grad:trainer:w:embed": rng.standard_normal((10, 6)), "grad:w:final_norm": rng.standard_normal(6)}
+    out = worker._sketch_on_host(caps, None)
+    assert set(out) == {"loss", "loss:batch", "grad:L0.q:sketch", "grad:w:L0.q:sketch",
+                        "grad:trainer:w:embed:sketch", "grad:w:final_norm"}
+    assert np.array_equal(out["grad:L0.q:sketch"], _sketch(caps["grad:L0.q"], sketch.projection(8)).data)
+    assert np.array_equal(out["grad:w:L0.q:sketch"], sketch.rows(caps["grad:w:L0.q"]))
+    assert out["grad:trainer:w:embed:sketch"].shape == (10, sketch.K + 1)
+    assert out["grad:w:final_norm"] is caps["grad:w:final_norm"] and out["loss"] is caps["loss"]
+    assert grad.is_weight("grad:w:L0.q:sketch") and grad.is_grad("grad:L0.q:sketch")
