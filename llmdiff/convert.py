@@ -63,9 +63,12 @@ def canonical_shapes(spec: ModelSpec, *, lm_head: bool = False) -> dict[str, tup
 
 
 def resize_rows(table: np.ndarray, rows: int) -> np.ndarray:
-    """The first `rows` rows of `table`, or `table` followed by zero rows up to `rows`."""
+    """The first `rows` rows of `table`, or `table` followed by zero rows up to `rows` (numpy,
+    or a torch tensor on its device)."""
     if table.shape[0] >= rows:
         return table[:rows]
+    if not isinstance(table, np.ndarray):  # torch
+        return _rows([table, table.new_zeros((rows - table.shape[0], *table.shape[1:]))])
     pad = np.zeros((rows - table.shape[0], *table.shape[1:]), table.dtype)
     return np.concatenate([table, pad])
 
@@ -195,6 +198,8 @@ def hf_shapes(spec: ModelSpec, *, lm_head: bool = False) -> dict[str, tuple[int,
 
 
 def from_hf(spec: ModelSpec, hf: dict, where: str = "HF checkpoint") -> dict[str, np.ndarray]:
+    """The canonical set from HF's tensors: numpy arrays, or torch tensors (gradients on the
+    device, `references/hf.py`), which come back as views of HF's where a view is enough."""
     check_tensors(hf, hf_shapes(spec, lm_head="lm_head.weight" in hf), where, spec)
     N, K, H, D, V = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size, spec.vocab_size
     out = {"embed": resize_rows(hf["model.embed_tokens.weight"], V), "final_norm": hf["model.norm.weight"]}
@@ -206,7 +211,7 @@ def from_hf(spec: ModelSpec, hf: dict, where: str = "HF checkpoint") -> dict[str
         split = _split_fused(spec, hf, p) if spec.hf_fused_projections else hf
         for name, heads in (("q", N), ("k", K), ("v", K)):
             w = split[f"{p}.self_attn.{name}_proj.weight"]
-            out[c + name] = w.reshape(heads, H, D).transpose(0, 2, 1)
+            out[c + name] = w.reshape(heads, H, D).swapaxes(1, 2)
             if spec.qkv_bias:
                 out[c + name + "_bias"] = hf[f"{p}.self_attn.{name}_proj.bias"].reshape(heads, H)
         out[c + "o"] = hf[f"{p}.self_attn.o_proj.weight"].T.reshape(N, H, D)
@@ -222,7 +227,8 @@ def from_hf(spec: ModelSpec, hf: dict, where: str = "HF checkpoint") -> dict[str
         out[c + "gate"] = split[f"{p}.mlp.gate_proj.weight"].T
         out[c + "up"] = split[f"{p}.mlp.up_proj.weight"].T
         out[c + "down"] = hf[f"{p}.mlp.down_proj.weight"].T
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    # torch tensors (gradients on the device) stay views of HF's: no second copy of the model
+    return {k: np.ascontiguousarray(v) if isinstance(v, np.ndarray) else v for k, v in out.items()}
 
 
 def _split_fused(spec: ModelSpec, hf: dict, p: str) -> dict:

@@ -68,6 +68,7 @@ class HFReference(Reference):
         self.model = self._weights = None  # the last run's model leaves the device first
         self._own_losses, self._accumulated, self._accumulated_error = [], [], None
         self._trainer, self._norm_grads = None, {"plain": {}, "whole_batch": {}}
+        self._grad_sums, self._grad_prompts = {}, 0   # sketched --grad: weight gradients summed on the device
         device = self.options.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -198,9 +199,8 @@ class HFReference(Reference):
         each point (a hook on the tensor the forward itself goes on with, its gradient given
         the point's own canonical transform) and of every weight (`named_parameters`, through
         `convert.from_hf`; a tied table is one tensor). `llmdiff/grad.py` names them."""
-        if self.stream or self.devices > 1 or self.sketching:
-            raise RuntimeError("--grad runs the whole model on one device, captures whole"
-                               " (not streamed, spread over GPUs or sketched)")
+        if self.stream or self.devices > 1:
+            raise RuntimeError("--grad runs the whole model on one device (not streamed or spread over GPUs)")
         return self._run(tokens, grad=True)
 
     def _run(self, tokens, grad: bool):
@@ -221,7 +221,11 @@ class HFReference(Reference):
                 return
 
             def keep(g):
-                grads[name] = (transform(g) if transform else g).detach()
+                g = (transform(g) if transform else g).detach()
+                if self.sketching:  # per position, on the device, as the point itself (llmdiff/sketch.py)
+                    grads[name + ":sketch"] = self._sketch_rows(g.reshape(g.shape[0], g.shape[1], -1))
+                else:
+                    grads[name] = g
             t.register_hook(keep)
 
         def save(name, t):
@@ -325,10 +329,13 @@ class HFReference(Reference):
             return q_embed, k_embed
 
         modeling.apply_rotary_pos_emb = rope_and_capture
+        per_prompt_norms = {}
         if grad:
             for p in model.parameters():
                 p.requires_grad_(True)
                 p.grad = None
+            if self.sketching:  # each weight's gradient added to the batch's sum on the device, then freed
+                handles += self._sum_gradients(per_prompt_norms)
             if self.checkpointing:  # checkpointing acts in train mode (dropout as configured)
                 model.train()
         try:
@@ -354,7 +361,7 @@ class HFReference(Reference):
                 current["backward"] = True
                 loss.backward()
                 if own:
-                    self._keep_norm_gradients(len(tokens) - 1)
+                    self._keep_norm_gradients(len(tokens) - 1, per_prompt_norms if self.sketching else None)
         finally:
             modeling.apply_rotary_pos_emb = original_rope
             for h in handles:
@@ -373,6 +380,13 @@ class HFReference(Reference):
             host[name] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
         if grad:
             host.update(self._grads_to_host(grads, loss))
+            self._grad_prompts += 1
+            if self.sketching and self._grad_prompts == len(self.job.tokens):
+                # The batch's sum, sketched and freed before the Trainer's step needs the memory
+                from llmdiff.grad import WEIGHT
+
+                host.update(self._sketch_weights(WEIGHT, self._grad_sums))
+                self._grad_sums = {}
             if self.checkpointing:  # the same backward with checkpointing off: LD608's counterfactual
                 host.update(self._plain_gradients(ids, logits.shape[-1]))
             if own:
@@ -383,7 +397,70 @@ class HFReference(Reference):
                     host.update(self._trainer_step())
         return host
 
-    def _keep_norm_gradients(self, targets: int):
+    def _sum_gradients(self, norms: dict) -> list:
+        """Sketched `--grad`: a hook on every parameter adds its gradient, once the backward has
+        made it, to the batch's sum (float32, float64 in a float64 run: as `grad.combine` adds
+        the prompts' on the host, in prompt order) and frees it, so the device holds the weights,
+        the sum and the gradients in flight, never a second whole set. The norms' per-prompt
+        gradients go to `norms` (`_keep_norm_gradients`). The hooks' handles."""
+        import torch
+
+        sums = self._grad_sums
+
+        def add(p, n):
+            g = p.grad.detach()
+            if "norm" in n:
+                norms[n] = g.to(torch.float64).cpu()
+            g = g.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
+            sums[n] = g if n not in sums else sums[n].add_(g)
+            p.grad = None
+
+        return [p.register_post_accumulate_grad_hook(lambda p, n=n: add(p, n))
+                for n, p in self.model.named_parameters()]
+
+    def _sketch_rows(self, x):
+        """x (..., n) on the device -> (..., K + 1) float64 [x R, |x|^2] (`llmdiff/sketch.py`),
+        rounded first to the dtype a float64 floor run measures."""
+        import torch
+
+        if self.round_to:
+            x = x.to(getattr(torch, self.round_to))
+        x = x.to(torch.float64)
+        R = self._projection_on_device(x.shape[-1], x.device)
+        return torch.cat([x @ R, torch.linalg.vector_norm(x, dim=-1, keepdim=True) ** 2], -1)
+
+    def _sketch_weights(self, prefix: str, hf: dict) -> dict:
+        """Weight gradients by HF parameter name (device tensors) in the canonical layout
+        (`convert.from_hf`, views on the device), each sketched per row (1-D ones whole), and
+        moved to the host in one copy: `PREFIX + NAME:sketch` (rows, K + 1) float64."""
+        import torch
+
+        from llmdiff import convert, sketch
+
+        hf = dict(hf)
+        for n, p in self.model.named_parameters():  # a parameter no loss reached: zeros, as whole
+            if n not in hf:
+                hf[n] = torch.zeros(p.shape, dtype=torch.float32 if p.dtype != torch.float64 else p.dtype,
+                                    device=p.device)
+        canon = convert.from_hf(self.spec, hf, "HF gradients")
+        out, parts = {}, []
+        for name, g in canon.items():
+            if sketch.sketches_rows(g.shape):
+                parts.append((prefix + name + sketch.SUFFIX, self._sketch_rows(g.reshape(g.shape[0], -1))))
+            else:
+                out[prefix + name] = g.detach().cpu().to(torch.float64 if g.dtype == torch.float64 else torch.float32
+                                                          ).numpy()
+        if parts:
+            stacked = torch.cat([t for _, t in parts])
+            host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=self.device == "cuda").copy_(stacked)
+            host = host.numpy()
+            start = 0
+            for name, t in parts:
+                out[name] = host[start:start + t.shape[0]]
+                start += t.shape[0]
+        return out
+
+    def _keep_norm_gradients(self, targets: int, grads: dict | None = None):
         """Each prompt's gradient of its own mean loss for the norms' scales (small tensors),
         summed over prompts plain and weighted by the prompt's share of the batch's target
         tokens: what the Trainer's step gives for them if it normalises per micro-batch (the
@@ -393,8 +470,9 @@ class HFReference(Reference):
         share = targets / sum(len(t) - 1 for t in self.job.tokens)
         sums = self.__dict__.setdefault("_norm_grads", {"plain": {}, "whole_batch": {}})
         for n, p in self.model.named_parameters():
-            if "norm" in n and p.grad is not None:
-                g = p.grad.detach().to(torch.float64).cpu()
+            g = grads.get(n) if grads is not None else p.grad
+            if "norm" in n and g is not None:
+                g = g.detach().to(torch.float64).cpu()
                 sums["plain"][n] = sums["plain"].get(n, 0) + g
                 sums["whole_batch"][n] = sums["whole_batch"].get(n, 0) + g * share
 
@@ -432,7 +510,10 @@ class HFReference(Reference):
         class KeepGradients(TrainerCallback):
             def on_pre_optimizer_step(self, args, state, control, **kwargs):
                 for n, p in model.named_parameters():
-                    kept[n] = (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                    if adapter.sketching:  # no copy: the step's gradient is taken, and sketched below
+                        kept[n] = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+                    else:
+                        kept[n] = (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
                     p.grad = None  # the optimizer then leaves every weight as it is
 
         class Sequential(Trainer):
@@ -502,6 +583,9 @@ class HFReference(Reference):
             return t.detach().cpu().to(torch.float64 if t.dtype == torch.float64 else torch.float32).numpy()
 
         out = {names.TRAINER: np.full((1, 1), self._trainer["loss"], np.float32)}
+        if self.sketching:  # on the device, per row (`llmdiff/sketch.py`)
+            out.update(self._sketch_weights(names.TRAINER_WEIGHT, kept))
+            return out
         out.update({names.TRAINER_WEIGHT + n: g for n, g in convert.from_hf(
             self.spec, {n: host(g) for n, g in kept.items()}, "the Trainer's gradients").items()})
         return out
@@ -567,6 +651,8 @@ class HFReference(Reference):
 
         out = {names.LOSS: np.full((1, 1), float(loss), np.float32)}
         out.update({names.POINT + n: host(g) for n, g in grads.items()})
+        if self.sketching:  # the weights' are summed over prompts on the device (`_sum_gradients`)
+            return out
         hf = {n: host(p.grad if p.grad is not None else torch.zeros_like(p))
               for n, p in self.model.named_parameters()}
         out.update({names.WEIGHT + n: g for n, g in convert.from_hf(self.spec, hf, "HF gradients").items()})
