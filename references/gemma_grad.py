@@ -157,16 +157,19 @@ def _loss_logits(canon: dict, tokens, spec: ModelSpec, p: gemma.Precision):
     return _forward(canon, None, tokens, spec, p)[1]["logits"]
 
 
-def loss_cases(canon: dict, prompts: list[list[int]], spec: ModelSpec, p: gemma.Precision) -> dict:
+def loss_cases(canon: dict | None, prompts: list[list[int]], spec: ModelSpec, p: gemma.Precision,
+               logits: list | None = None) -> dict:
     """The implementation's own loss function on the whole batch (`llmdiff/grad.py` CASES):
     `loss:batch` (the padded batch, padding ignored), `loss:ignore` (the same with each prompt's
     first half ignored too) and `loss:accumulated` (each prompt one micro-batch given the whole
     batch's target-token count, the micro-batches' losses summed), and `loss:trainer` (the
     Trainer's step over the same micro-batches: the same number). In exact arithmetic
-    `loss:accumulated` is `loss:batch`; each is a (1, 1) array."""
+    `loss:accumulated` is `loss:batch`; each is a (1, 1) array. `logits`: each prompt's (T, V)
+    logits its loss reads, where they are made already (`streamed_loss_and_grads`)."""
     from llmdiff import grad
 
-    logits = [_loss_logits(canon, jnp.asarray([t], jnp.int32), spec, p)[0] for t in prompts]
+    if logits is None:
+        logits = [_loss_logits(canon, jnp.asarray([t], jnp.int32), spec, p)[0] for t in prompts]
     _, _, labels = batch_labels(prompts)
     _, _, masked = batch_labels(prompts, ignore_prompt=True)
     n = sum(len(t) - 1 for t in prompts)
@@ -175,3 +178,165 @@ def loss_cases(canon: dict, prompts: list[list[int]], spec: ModelSpec, p: gemma.
     out = {grad.BATCH: own_loss(logits, labels, p), grad.IGNORED: own_loss(logits, masked, p),
            grad.ACCUMULATED: accumulated, grad.TRAINER: accumulated}
     return {k: jnp.reshape(v, (1, 1)) for k, v in out.items()}
+
+
+# --- the same gradients one decoder block at a time (models whose weights and gradients do not
+# fit the device together: gemma-7b in float64 is 68 GB of weights and 68 GB of gradients) ------
+
+def _layer_params(spec: ModelSpec, canon_i: dict) -> dict:
+    """A layer's oracle params from its canonical tensors named without the layer ("q", ...)."""
+    return convert.unflatten(convert.to_deepmind_layer(spec, 0, {"L0." + k: v for k, v in canon_i.items()},
+                                                       stack=jnp.stack))
+
+
+def _block(x, canon_i, deltas, spec: ModelSpec, p: gemma.Precision, kind: str):
+    cap = GradTape(deltas)
+    B, T = x.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    return gemma.block(x, _layer_params(spec, canon_i), positions, spec, p, cap, "", kind), dict(cap)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "p", "kind", "reduce"))
+def _block_forward(x, canon_i, aux, spec, p, kind, reduce):
+    y, caps = _block(x, canon_i, None, spec, p, kind)
+    return y, reduce(caps, aux)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "p", "kind", "reduce"))
+def _block_backward(x, canon_i, g, g_trainer, aux, spec, p, kind, reduce):
+    """The block's forward again from its input, then its vjp for the two cotangents of its
+    output (the mean loss's, the Trainer's): (input gradient, weight gradients, point gradients
+    reduced) for the first, (input gradient, weight gradients) for the second."""
+    shapes = jax.eval_shape(lambda: _block(x, canon_i, None, spec, p, kind)[1])
+    deltas = {n: jnp.zeros(s.shape, s.dtype) for n, s in shapes.items()}
+    _, vjp = jax.vjp(lambda x_, c_, d_: _block(x_, c_, d_, spec, p, kind)[0], x, canon_i, deltas)
+    gx, gw, gd = vjp(g)
+    gx_t, gw_t, _ = vjp(g_trainer)
+    return gx, gw, reduce(gd, aux), gx_t, gw_t
+
+
+def _embed(table, tokens, delta, spec, p):
+    cap = GradTape(None if delta is None else {"embed": delta})
+    return cap("embed", gemma.embed(table, tokens, spec, p))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "p", "reduce"))
+def _embed_forward(table, tokens, aux, spec, p, reduce):
+    x = _embed(table, tokens, None, spec, p)
+    return x, reduce({"embed": x}, aux)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "p"))
+def _embed_backward(table, tokens, g, g_trainer, spec, p):
+    """(the table's gradient, the embedding point's gradient) for the mean loss's cotangent, and
+    the table's gradient for the Trainer's."""
+    delta = jnp.zeros(tokens.shape + (table.shape[1],), table.dtype)
+    _, vjp = jax.vjp(lambda t, d: _embed(t, tokens, d, spec, p), table, delta)
+    g_table, g_point = vjp(g)
+    return g_table, g_point, vjp(g_trainer)[0]
+
+
+def _head(top: dict, x, deltas, prompt: list[int], n: int, spec: ModelSpec, p: gemma.Precision):
+    """(mean loss, the Trainer's micro-batch loss), (the head's points, the logits its own loss
+    reads): `_forward`'s head and `trainer_part`'s loss, from the last block's output. `prompt`:
+    the ids as a list (the labels are picked in Python)."""
+    import dataclasses
+
+    params = {"embedder": {"input_embedding": top["embed"]}, **({"lm_head": top["lm_head"]} if "lm_head" in top else {})}
+    cap = GradTape(deltas)
+    gemma.head(x, top["final_norm"], gemma.output_table(params, p), spec, p, cap)
+    loss = causal_lm_loss(cap.live["logits"], jnp.asarray([prompt], jnp.int32))
+    if spec.final_softcap and not p.loss_softcap:
+        raw = gemma.Tape(None)
+        gemma.head(x, top["final_norm"], gemma.output_table(params, p), spec,
+                   dataclasses.replace(p, final_softcap=False), raw)
+        logits = raw["logits"]
+    else:
+        logits = cap["logits"]
+    labels = batch_labels([list(prompt)])[2]
+    trainer = own_loss([logits[0]], labels, p, num_items_in_batch=n)
+    return (loss, trainer), (dict(cap), logits)
+
+
+def streamed_loss_and_grads(layer, top: dict, prompts: list[list[int]], spec: ModelSpec, p: gemma.Precision,
+                            reduce, aux, emit):
+    """`loss_and_grads` and `trainer_part` for every prompt, one decoder block at a time: the
+    forward keeps each block's input (all prompts'), the backward runs the blocks in reverse,
+    each block's forward again from its input and its vjp, with only its weights on the device.
+
+    layer(i): layer i's canonical tensors named without the layer ("q", ...), made or read when
+    asked; top: {"embed", "final_norm", "lm_head" when untied} canonical. reduce(caps, aux): what
+    is kept of each point and point gradient (names without the layer), as in
+    `gemma.forward_blocks`. emit(grads, trainer): called once per block in reverse (then for the
+    top tensors) with its weight gradients summed over the prompts, by canonical name, in float32
+    (float64 in a float64 run), summed in prompt order as `grad.combine` sums whole ones, and the
+    Trainer's share of each (`trainer_part`'s, summed); the caller sketches or copies them and
+    drops them. Returns, per prompt, {loss, points (reduced, canonical names), point gradients
+    (reduced, canonical names without `grad:`)} and the logits each prompt's own loss reads
+    (`loss_cases`)."""
+    def wide(a):
+        return a.astype(jnp.float64 if a.dtype == jnp.float64 else jnp.float32)
+
+    def add(sums, grads, prefix=""):
+        for k, v in grads.items():
+            sums[prefix + k] = wide(v) if prefix + k not in sums else sums[prefix + k] + wide(v)
+
+    n = sum(len(t) - 1 for t in prompts)
+    ids = [jnp.asarray([t], jnp.int32) for t in prompts]
+    out = [{"points": {}, "grads": {}} for _ in prompts]
+    inputs = []                                   # inputs[i][b]: block i's input for prompt b
+    xs = []
+    for b, tok in enumerate(ids):
+        x, caps = _embed_forward(top["embed"], tok, aux, spec, p, reduce)
+        xs.append(x)
+        out[b]["points"].update(caps)
+    kinds = []
+    for i, kind in enumerate(spec.layer_types):
+        pi = p.at(i, kind)
+        kinds.append((pi, gemma.layer_types(spec, pi)[i]))
+        canon_i = layer(i)
+        inputs.append(xs)
+        nxt = []
+        for b, x in enumerate(xs):
+            y, caps = _block_forward(x, canon_i, aux, spec, *kinds[i], reduce)
+            nxt.append(y)
+            out[b]["points"].update({f"L{i}.{k}": v for k, v in caps.items()})
+        xs = nxt
+        del canon_i
+    top_sums, top_trainer = {}, {}
+    gs, gts, logits = [], [], []
+    for b, (x, tok) in enumerate(zip(xs, prompts)):
+        shapes = jax.eval_shape(lambda: _head(top, x, None, tok, n, spec, p)[1][0])
+        deltas = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
+        (loss, _), vjp, (caps, loss_logits) = jax.vjp(
+            lambda t_, x_, d_: _head(t_, x_, d_, tok, n, spec, p), top, x, deltas, has_aux=True)
+        one, zero = jnp.ones((), loss.dtype), jnp.zeros((), loss.dtype)
+        g_top, g, g_points = vjp((one, zero))
+        g_top_t, g_t, _ = vjp((zero, one))
+        out[b]["loss"] = loss
+        out[b]["points"].update(reduce({k: v for k, v in caps.items()}, aux))
+        out[b]["grads"].update(reduce(g_points, aux))
+        add(top_sums, g_top)
+        add(top_trainer, g_top_t)
+        gs.append(g)
+        gts.append(g_t)
+        logits.append(loss_logits[0])
+    for i in reversed(range(len(spec.layer_types))):
+        canon_i = layer(i)
+        sums, trainer = {}, {}
+        for b in range(len(prompts)):
+            gs[b], gw, g_points, gts[b], gw_t = _block_backward(inputs[i][b], canon_i, gs[b], gts[b], aux, spec,
+                                                                *kinds[i], reduce)
+            out[b]["grads"].update({f"L{i}.{k}": v for k, v in g_points.items()})
+            add(sums, gw, f"L{i}.")
+            add(trainer, gw_t, f"L{i}.")
+        inputs[i] = None
+        del canon_i
+        emit(sums, trainer)
+    for b, tok in enumerate(ids):
+        g_table, g_point, g_table_t = _embed_backward(top["embed"], tok, gs[b], gts[b], spec, p)
+        out[b]["grads"].update(reduce({"embed": g_point}, aux))
+        add(top_sums, {"embed": g_table})
+        add(top_trainer, {"embed": g_table_t})
+    emit(top_sums, top_trainer)
+    return out, logits

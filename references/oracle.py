@@ -95,13 +95,21 @@ class OracleReference(Reference):
         if not self.spec.tie_embeddings:  # an untied output head (Llama 3.1, Qwen 7B and up, Mistral)
             self.top["lm_head"] = self._tensors(["lm_head"])["lm_head"]
         self._canon = None
-        if self.job.grad:  # the loss and its gradients: the whole model, from canonical tensors
-            if self.stream or self.layer_devices:
-                raise RuntimeError("--grad runs the whole model on one device; this run would stream or spread"
-                                   " its layers (--no-stream --devices 1, or a smaller model)")
+        self.__dict__.pop("_weight_sums", None)  # a failed run's sums go with it
+        self.__dict__.pop("_streamed_weights", None)
+        self._streamed = None
+        if self.job.grad:  # the loss and its gradients, from canonical tensors
+            if self.layer_devices:
+                raise RuntimeError("--grad runs on one device; this run would spread its layers (--devices 1)")
             from llmdiff import convert
 
-            self._canon = self._tensors(list(convert.canonical_shapes(self.spec)))
+            # Block-streamed (`gemma_grad.streamed_loss_and_grads`) when asked, when the weights
+            # would stream anyway, and with sketched captures (auto): a full-size run's weights,
+            # their gradients and the Trainer's would not fit the device together.
+            self.stream = self.options.stream is True or (self.options.stream == "auto" and (
+                self.stream or self.sketching))
+            if not self.stream:
+                self._canon = self._tensors(list(convert.canonical_shapes(self.spec)))
         elif not self.stream:
             self._layers = [self._layer(i) for i in range(self.spec.num_layers)]
         # Teacher forcing: another implementation's captures feed every op (see gemma.Tape).
@@ -191,7 +199,9 @@ class OracleReference(Reference):
 
     def run_grad(self, tokens):
         """The points, the causal-LM loss (`loss`, (1, 1)) and its gradients with respect to every
-        point (`grad:POINT`) and every canonical weight (`grad:w:NAME`) (`gemma_grad.py`)."""
+        point (`grad:POINT`) and every canonical weight (`grad:w:NAME`) (`gemma_grad.py`). With
+        sketched captures the points and their gradients leave sketched (`llmdiff/sketch.py`) and
+        the weight gradients are summed over prompts on the device, sketched by `finish_grad`."""
         import jax
         import jax.numpy as jnp
 
@@ -200,22 +210,86 @@ class OracleReference(Reference):
 
         if self._forced is not None:
             raise ValueError("teacher forcing and --grad do not go together")
+        if self.stream:
+            return self._run_grad_streamed(tokens)
         loss, caps, g_points, g_weights = gemma_grad.loss_and_grads(
             self._canon, jnp.asarray([tokens], jnp.int32), self.spec, self.precision)
+        trainer = gemma_grad.trainer_part(self._canon, tokens, self.job.tokens, self.spec, self.precision)
         out = {k: v for k, v in caps.items() if self.wants(k)}
-        out.update({grad.POINT + k: v for k, v in g_points.items() if self.wants(k)})
-        out.update({grad.WEIGHT + k: v for k, v in g_weights.items()})
-        out.update({grad.TRAINER_WEIGHT + k: v for k, v in gemma_grad.trainer_part(
-            self._canon, tokens, self.job.tokens, self.spec, self.precision).items()})
+        g_out = {grad.POINT + k: v for k, v in g_points.items() if self.wants(k)}
+        if self.sketching:
+            reduce, aux = self._reducer()
+            out, g_out = reduce(out, aux), reduce(g_out, aux)
+            self._sum_weights(grad.WEIGHT, g_weights)
+            self._sum_weights(grad.TRAINER_WEIGHT, trainer)
+        else:
+            out.update({grad.WEIGHT + k: v for k, v in g_weights.items()})
+            out.update({grad.TRAINER_WEIGHT + k: v for k, v in trainer.items()})
+        out.update(g_out)
         out[grad.LOSS] = jnp.reshape(loss, (1, 1))
         if list(tokens) == list(self.job.tokens[0]):  # the whole batch's own-loss cases, once
             out.update(gemma_grad.loss_cases(self._canon, self.job.tokens, self.spec, self.precision))
-        host = {}
-        for k, v in jax.device_get(out).items():
-            v = np.asarray(v)
-            host[k] = v if v.dtype == np.float64 else v.astype(np.float32)
-        return host
+        return _to_host(out)
 
+    def _run_grad_streamed(self, tokens):
+        """`run_grad` one decoder block at a time (`gemma_grad.streamed_loss_and_grads`): every
+        prompt at the first call (a weight's gradient is summed over the prompts before it is
+        sketched), each prompt's part returned by its own call; the weight gradients, sketched
+        or whole, leave the device block by block and come out of `finish_grad`."""
+        import jax.numpy as jnp
+
+        from llmdiff import convert, grad
+        from llmdiff.references import gemma_grad
+
+        if self._streamed is None:
+            prompts = [list(t) for t in self.job.tokens]
+            weights = self.__dict__.setdefault("_streamed_weights", {})
+
+            def layer(i):
+                prefix = f"L{i}."
+                return {k[len(prefix):]: v for k, v in self._tensors(convert.layer_names(self.spec, i)).items()}
+
+            def emit(grads, trainer):
+                named = {**{grad.WEIGHT + k: v for k, v in grads.items()},
+                         **{grad.TRAINER_WEIGHT + k: v for k, v in trainer.items()}}
+                weights.update(_to_host(sketch_weights(named, self.projection, self.round_to) if self.sketching
+                                        else named))
+
+            top = {"embed": self.top["embedder"]["input_embedding"], "final_norm": self.top["final_norm"]["scale"]}
+            if "lm_head" in self.top:
+                top["lm_head"] = self.top["lm_head"]
+            reduce, aux = self._reducer()
+            parts, logits = gemma_grad.streamed_loss_and_grads(layer, top, prompts, self.spec, self.precision,
+                                                               reduce, aux, emit)
+            cases = gemma_grad.loss_cases(None, prompts, self.spec, self.precision, logits=logits)
+            del logits
+            self._streamed = []
+            for b, part in enumerate(parts):
+                out = {k: v for k, v in part["points"].items() if self.wants(k.split(":")[0])}
+                out.update({grad.POINT + k: v for k, v in part["grads"].items() if self.wants(k.split(":")[0])})
+                out[grad.LOSS] = jnp.reshape(part["loss"], (1, 1))
+                if b == 0:
+                    out.update(cases)
+                self._streamed.append(_to_host(out))
+        return self._streamed.pop(0)
+
+    def _sum_weights(self, prefix: str, grads: dict) -> None:
+        """Weight gradients summed over prompts on the device, in float32 (float64 in a float64
+        run), in prompt order: what `grad.combine` does on the host with whole captures."""
+        import jax.numpy as jnp
+
+        sums = self.__dict__.setdefault("_weight_sums", {})
+        for k, v in grads.items():
+            wide = v.astype(jnp.float64 if v.dtype == jnp.float64 else jnp.float32)
+            sums[prefix + k] = wide if prefix + k not in sums else sums[prefix + k] + wide
+
+    def finish_grad(self):
+        """The weight gradients summed over the prompts, sketched per row on the device
+        (`llmdiff/sketch.py`; 1-D ones whole)."""
+        if self.stream:  # made block by block (`_run_grad_streamed`)
+            return self.__dict__.pop("_streamed_weights", {})
+        sums = self.__dict__.pop("_weight_sums", None) or {}
+        return _to_host(sketch_weights(sums, self.projection, self.round_to))
     def run_bare(self, tokens):
         import jax.numpy as jnp
 
@@ -238,6 +312,44 @@ class OracleReference(Reference):
     def describe(self):
         return {**dataclasses.asdict(self.precision), "device": self.device, "streamed": self.stream,
                 "devices": len(set(self.layer_devices)) if self.layer_devices else 1}
+
+
+def _to_host(out: dict) -> dict:
+    """Device arrays to numpy: float64 stays, the rest float32 (ids stay integers)."""
+    import jax
+
+    host = {}
+    for k, v in jax.device_get(out).items():
+        v = np.asarray(v)
+        host[k] = v if v.dtype == np.float64 or v.dtype.kind in "iu" else v.astype(np.float32)
+    return host
+
+
+def sketch_weights(grads: dict, projection, round_to: str | None) -> dict:
+    """Weight gradients (device arrays by capture name) as `llmdiff/sketch.py` sketches them per
+    row, on the device: (rows, K + 1) under `NAME:sketch`, 1-D ones whole; a float64 run that
+    measures a floor at another dtype rounds them to it first. `projection(n)`: numpy R (n, K)."""
+    import jax.numpy as jnp
+
+    from llmdiff import sketch
+
+    out = {}
+    for name, g in grads.items():
+        if not sketch.sketches_rows(g.shape):
+            out[name] = g
+            continue
+        out[name + sketch.SUFFIX] = _sketch_rows(g.reshape(g.shape[0], -1), jnp.asarray(projection(
+            int(np.prod(g.shape[1:])))), round_to)
+    return out
+
+
+def _sketch_rows(x, R, round_to):
+    import jax.numpy as jnp
+
+    if round_to:
+        x = x.astype(round_to)
+    x = x.astype(jnp.float64)
+    return jnp.concatenate([x @ R, jnp.sum(x * x, axis=-1, keepdims=True)], axis=-1)
 
 
 def _logits_only(caps, aux):
