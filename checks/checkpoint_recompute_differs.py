@@ -61,6 +61,8 @@ class CheckpointRecomputeDiffers(GradEvidenceCheck):
 
         from llmdiff import diff
         from llmdiff import grad as names
+        from llmdiff.diff import point_metrics
+        from llmdiff.sketch import Sketch
 
         plain = {names.WEIGHT + n[len(names.PLAIN_WEIGHT):]: v for n, v in ev.cand.items()
                  if n.startswith(names.PLAIN_WEIGHT)}
@@ -79,6 +81,8 @@ class CheckpointRecomputeDiffers(GradEvidenceCheck):
             return []   # without checkpointing it diverges too: not the recompute
 
         def rel(a, b):
+            if isinstance(a, Sketch) or isinstance(b, Sketch):  # --capture sketch: estimated
+                return point_metrics(a, b)["rel_l2"]
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             n = np.linalg.norm(b)
             return float(np.linalg.norm(a - b) / n) if n > 0 else float(np.linalg.norm(a - b))

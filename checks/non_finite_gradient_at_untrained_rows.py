@@ -53,12 +53,19 @@ class NonFiniteGradientAtUntrainedRows(GradEvidenceCheck):
         import numpy as np
 
         from llmdiff import grad as names
+        from llmdiff.sketch import Sketch
+
+        def values(a):
+            return a.data if isinstance(a, Sketch) else np.asarray(a)
 
         embed = ev.truth.get("embed")
         positions = ev.positions()
         if embed is None or embed.ndim < 2 or embed.shape[1] != len(positions):
             return []
-        norms = np.linalg.norm(np.asarray(embed, np.float64).reshape(embed.shape[1], -1), axis=-1)
+        if isinstance(embed, Sketch):  # --capture sketch: each position's exact |x|^2 is its last value
+            norms = np.sqrt(embed.data.reshape(embed.shape[1], -1)[:, -1])
+        else:
+            norms = np.linalg.norm(np.asarray(embed, np.float64).reshape(embed.shape[1], -1), axis=-1)
         median = float(np.median(norms))
         if not median > 0:
             return []
@@ -70,8 +77,9 @@ class NonFiniteGradientAtUntrainedRows(GradEvidenceCheck):
             name = row["name"]
             if not name.startswith(names.POINT) or name not in ev.cand or name not in ev.oracle:
                 continue
-            c, o = np.asarray(ev.cand[name]), np.asarray(ev.oracle[name])
-            t = np.asarray(ev.truth.get(name, o))
+            # A sketch's row (a position, a weight's row) is not finite where a value of it is not
+            c, o = values(ev.cand[name]), values(ev.oracle[name])
+            t = values(ev.truth.get(name, o))
             if c.shape != o.shape or o.shape != t.shape:
                 continue
             bad = ~np.isfinite(c) & np.isfinite(o) & np.isfinite(t)

@@ -117,7 +117,8 @@ def compare(model: str, impls=("hf",), *, dtypes=None, tiny: bool = False, weigh
     tokenizer_parity: compare the checkpoint's tokenizers on hard strings (when it has one).
     grad: training parity: every implementation also computes the causal-LM loss of each prompt
         and its gradients with respect to every point and every weight, compared like the points
-        (`llmdiff/grad.py`); whole captures, one device, no streaming.
+        (`llmdiff/grad.py`); one device, no streaming; sketched like the points with
+        `capture` sketch (auto: when the whole gradients would pass `SKETCH_ABOVE_BYTES` too).
     grad_checkpointing: with `grad`, HF computes its gradients with transformers' own gradient
         checkpointing on (train mode, dropout as configured): its recompute path is compared.
     quant: "q8_0": llama.cpp (`impls` must be llamacpp alone) runs the checkpoint its converter
@@ -239,8 +240,6 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
         raise UsageError(f"timeout {timeout} s: give a positive number of seconds per worker")
     if capture not in ("auto", "full", "sketch"):
         raise UsageError(f"unknown capture mode {capture!r}; choose auto, full or sketch")
-    if grad and capture == "sketch":
-        raise UsageError("--grad compares whole captures; drop --capture sketch")
     if grad_checkpointing and not grad:
         raise UsageError("--grad-checkpointing acts on the gradients; add --grad")
     if not list(impls):
@@ -294,7 +293,7 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
                                             _tokenizer_python(chosen), [i.name for i in chosen])
     selected = select_points(spec, points, layers)
     if capture == "auto":
-        capture = "sketch" if _capture_bytes(spec, selected, tokens) > SKETCH_ABOVE_BYTES and not grad else "full"
+        capture = "sketch" if _capture_bytes(spec, selected, tokens, grad) > SKETCH_ABOVE_BYTES else "full"
     options = Options(attn=attn, device=device, stream=stream, devices=devices or 0, bench=bench,
                       grad_checkpointing=grad_checkpointing)
     job = Job(spec=spec.to_dict(), tokens=tokens, weights=source, options=options,
@@ -410,12 +409,18 @@ def tokenize(model: str, *, tiny: bool = False, weights=None, text=None, select=
 SKETCH_ABOVE_BYTES = 1 << 30
 
 
-def _capture_bytes(spec, points, tokens) -> int:
-    """float32 bytes of one run's whole captures."""
+def _capture_bytes(spec, points, tokens, grad: bool = False) -> int:
+    """float32 bytes of one run's whole captures; with `grad` also the gradient at each point
+    and of every weight, and the Trainer's gradient of every weight (`llmdiff/grad.py`)."""
     D, N, K, H, F = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.mlp_dim
     width = {"q": N * H, "k": K * H, "v": K * H, "mlp_gate": F, "mlp_up": F, "mlp_act": F}
     per_token = sum(spec.text_vocab_size if p == "logits" else width.get(p.split(".")[-1], D) for p in points)
-    return 4 * per_token * sum(len(t) for t in tokens)
+    values = per_token * sum(len(t) for t in tokens)
+    if grad:
+        from llmdiff.convert import canonical_shapes
+
+        values = 2 * values + 2 * sum(int(np.prod(s)) for s in canonical_shapes(spec).values())
+    return 4 * values
 
 
 def _tokenizer_python(chosen) -> str | None:

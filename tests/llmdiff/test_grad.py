@@ -95,9 +95,53 @@ def test_oracle_gradients_are_the_loss_derivatives():
         assert abs(fd - float(jnp.sum(g_weights[name] * d))) < 1e-6 * max(1.0, abs(fd)), name
 
 
-def test_sketched_captures_are_refused_with_grad(llmdiff_cli):
-    code, out, err, _ = llmdiff_cli("compare", "gemma-7b", "--tiny", "--grad", "--capture", "sketch")
-    assert code == 2 and "--grad compares whole captures" in out + err
+def test_auto_capture_sketches_when_the_gradients_are_too_big():
+    """`capture="auto"` counts a --grad run's gradient bytes too: gemma-7b's weight gradients
+    alone (and the Trainer's) are 68 GB in float32; gemma-3-270m's forward captures of a short
+    prompt are small but its gradients are not; a tiny model's are small either way."""
+    from llmdiff.api import SKETCH_ABOVE_BYTES, _capture_bytes, select_points
+
+    def auto(spec, tokens, grad_):
+        return _capture_bytes(spec, select_points(spec), tokens, grad_) > SKETCH_ABOVE_BYTES
+
+    big = get_spec("gemma-7b")
+    assert _capture_bytes(big, select_points(big), [[1] * 512], True) > 2 * 4 * 8.5e9
+    small = get_spec("gemma-3-270m")
+    assert not auto(small, [[1] * 8], False) and auto(small, [[1] * 8], True)
+    assert not auto(shrink(big), [[1] * 512], True)
+
+
+def _verdicts(report):
+    return {(r["candidate"], r["dtype"]): (r["verdict"], r["first_divergence"],
+                                           [p["name"] for p in r["points"] if p["verdict"] == "divergence"])
+            for r in report["runs"]}
+
+
+@pytest.mark.slow   # ~3 min on a shared CPU: two --grad compares of two candidates, diagnosed
+def test_sketched_gradients_give_the_whole_captures_verdicts(llmdiff_cli, mutants_on_path):
+    """--grad with --capture sketch (every gradient sketched on the device: point gradients per
+    position, weight gradients per row) against whole captures: the same verdict, first
+    divergence and divergent points for a clean HF and for a backward mutant, and the same
+    finding; every sketched rel L2 within the estimate's error of the exact one."""
+    impl = "hf_mutants:NormBackwardDetached"
+    args = ("compare", "gemma-7b", "--tiny", "--grad", "--impl", "hf", "--impl", impl, "--dtype", "float32",
+            "--no-tokenizer-parity")
+    code_full, out_full, _, full = llmdiff_cli(*args, "--capture", "full")
+    code_sk, out_sk, _, sk = llmdiff_cli(*args, "--capture", "sketch")
+    assert code_full == code_sk == 1, out_full + out_sk
+    assert full["options"]["capture"] == "full" and sk["options"]["capture"] == "sketch"
+    assert _verdicts(sk) == _verdicts(full)
+    assert _verdicts(sk)[(impl, "float32")][1] == "grad:L1.resid_mid"
+    assert _verdicts(sk)[("hf", "float32")][0] == "parity"
+    for run in sk["runs"]:
+        exact = {p["name"]: p for p in run_by_candidate(full, run["candidate"], run["dtype"])["points"]}
+        for p in run["points"]:
+            e = exact[p["name"]]
+            assert p["rel_l2"] == pytest.approx(e["rel_l2"], rel=0.5, abs=1e-12), p["name"]
+            if p["name"].startswith(grad.WEIGHT) and p["name"] != grad.WEIGHT + "final_norm" \
+                    and "norm" not in p["name"]:
+                assert p.get("estimated") is True, p["name"]   # sketched per row
+    assert [(f["code"], f["where"]) for f in sk["findings"]] == [(f["code"], f["where"]) for f in full["findings"]]
 
 
 # --- HF against the oracle ------------------------------------------------------------------
@@ -576,3 +620,11 @@ def test_a_norm_backward_without_eps_gives_nan_at_untrained_rows_and_is_ld607(ll
     ev = report["findings"][0]["evidence"]
     assert [(r["token"], r["prompt"], r["position"]) for r in ev["rows"]] == [(zero, 0, 5), (tiny, 1, 9)]
     assert ev["non_finite_embedding_rows"] == sorted([zero, tiny])
+
+
+def test_a_sketched_weight_gradient_is_given_once_for_the_batch():
+    """|a + b|^2 is not |a|^2 + |b|^2: per-prompt sketches of a weight gradient cannot be summed."""
+    s = np.ones((4, 65))
+    assert (grad.combine([{"grad:w:embed:sketch": s}, {}])["grad:w:embed:sketch"] == s).all()
+    with pytest.raises(ValueError, match="once for the whole batch"):
+        grad.combine([{"grad:w:embed:sketch": s}, {"grad:w:embed:sketch": s}])
