@@ -157,6 +157,7 @@ def main(job_path: str) -> int:
             if run.dtype not in adapter.dtypes:
                 raise ValueError(f"{job.impl} does not run {run.dtype} (it runs {', '.join(adapter.dtypes)})")
             adapter.begin(run)  # its options, and the run's knobs (the oracle's counterfactuals)
+            adapter.phases = {}  # `Reference.phase`: this run's
             _say(f"{job.impl} {run.id}: loading")
             t = time.perf_counter()
             adapter.load(run)
@@ -182,6 +183,8 @@ def main(job_path: str) -> int:
             t = time.perf_counter()
             safetensors_file.save(run.out + ".safetensors", captures)
             meta["timings"]["save_s"] = round(time.perf_counter() - t, 3)
+            if getattr(adapter, "phases", None):
+                meta["timings"]["phases"] = adapter.phases
             meta.update(ok=True, points=sorted({n.split(":")[0] for n in names}), details=adapter.describe(),
                         capture=job.capture)
         except BaseException as exc:  # noqa: BLE001

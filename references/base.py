@@ -33,6 +33,9 @@ named on the command line as `module:Class`. docs/design.md has the whole contra
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import numpy as np
 
 
@@ -138,6 +141,25 @@ class Reference:
         if stream == "auto":
             stream = known and weights > sum(device_bytes[:count]) * (0.5 if count == 1 else 0.75)
         return count, bool(stream)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time a phase of a run (its seconds summed over calls) and the device's peak memory so
+        far at its end: the worker puts `phases` in the run's timings (`bench/`)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            row = self.__dict__.setdefault("phases", {}).setdefault(name, {"s": 0.0, "calls": 0})
+            row["s"] = round(row["s"] + time.perf_counter() - t, 3)
+            row["calls"] += 1
+            peak = self.peak_device_bytes()
+            if isinstance(peak, (int, float)):
+                row["peak_so_far_gb"] = round(peak / 1e9, 2)
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (timing a phase); GPU adapters override it."""
 
     def wants(self, point: str) -> bool:
         """Whether the run asked for `point` (`--points`, `--layers`): skip the copy when not."""

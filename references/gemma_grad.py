@@ -258,8 +258,23 @@ def _head(top: dict, x, deltas, prompt: list[int], n: int, spec: ModelSpec, p: g
     return (loss, trainer), (dict(cap), logits)
 
 
+@functools.partial(jax.jit, static_argnames=("prompt", "n", "spec", "p", "reduce"))
+def _head_backward(top, x, aux, prompt: tuple, n: int, spec, p, reduce):
+    """The head's forward from the last block's output and its vjp for the mean loss and for
+    the Trainer's: (loss, head points reduced, their gradients reduced, top tensors' gradients,
+    the block output's gradient, the same two for the Trainer's loss, the logits its loss reads)."""
+    shapes = jax.eval_shape(lambda: _head(top, x, None, prompt, n, spec, p)[1][0])
+    deltas = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
+    (loss, _), vjp, (caps, loss_logits) = jax.vjp(
+        lambda t_, x_, d_: _head(t_, x_, d_, prompt, n, spec, p), top, x, deltas, has_aux=True)
+    one, zero = jnp.ones((), loss.dtype), jnp.zeros((), loss.dtype)
+    g_top, g, g_points = vjp((one, zero))
+    g_top_t, g_t, _ = vjp((zero, one))
+    return loss, reduce(caps, aux), reduce(g_points, aux), g_top, g, g_top_t, g_t, loss_logits
+
+
 def streamed_loss_and_grads(layer, top: dict, prompts: list[list[int]], spec: ModelSpec, p: gemma.Precision,
-                            reduce, aux, emit):
+                            reduce, aux, emit, phase=None):
     """`loss_and_grads` and `trainer_part` for every prompt, one decoder block at a time: the
     forward keeps each block's input (all prompts'), the backward runs the blocks in reverse,
     each block's forward again from its input and its vjp, with only its weights on the device.
@@ -273,7 +288,11 @@ def streamed_loss_and_grads(layer, top: dict, prompts: list[list[int]], spec: Mo
     Trainer's share of each (`trainer_part`'s, summed); the caller sketches or copies them and
     drops them. Returns, per prompt, {loss, points (reduced, canonical names), point gradients
     (reduced, canonical names without `grad:`)} and the logits each prompt's own loss reads
-    (`loss_cases`)."""
+    (`loss_cases`). phase(name): a context timing each part (`Reference.phase`)."""
+    import contextlib
+
+    phase = phase or (lambda name: contextlib.nullcontext())
+
     def wide(a):
         return a.astype(jnp.float64 if a.dtype == jnp.float64 else jnp.float32)
 
@@ -286,6 +305,8 @@ def streamed_loss_and_grads(layer, top: dict, prompts: list[list[int]], spec: Mo
     out = [{"points": {}, "grads": {}} for _ in prompts]
     inputs = []                                   # inputs[i][b]: block i's input for prompt b
     xs = []
+    forward = phase("forward")
+    forward.__enter__()
     for b, tok in enumerate(ids):
         x, caps = _embed_forward(top["embed"], tok, aux, spec, p, reduce)
         xs.append(x)
@@ -303,24 +324,27 @@ def streamed_loss_and_grads(layer, top: dict, prompts: list[list[int]], spec: Mo
             out[b]["points"].update({f"L{i}.{k}": v for k, v in caps.items()})
         xs = nxt
         del canon_i
+    jax.block_until_ready(xs)
+    forward.__exit__(None, None, None)
     top_sums, top_trainer = {}, {}
+    head_phase = phase("head_and_loss")
+    head_phase.__enter__()
     gs, gts, logits = [], [], []
     for b, (x, tok) in enumerate(zip(xs, prompts)):
-        shapes = jax.eval_shape(lambda: _head(top, x, None, tok, n, spec, p)[1][0])
-        deltas = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
-        (loss, _), vjp, (caps, loss_logits) = jax.vjp(
-            lambda t_, x_, d_: _head(t_, x_, d_, tok, n, spec, p), top, x, deltas, has_aux=True)
-        one, zero = jnp.ones((), loss.dtype), jnp.zeros((), loss.dtype)
-        g_top, g, g_points = vjp((one, zero))
-        g_top_t, g_t, _ = vjp((zero, one))
+        loss, caps, g_points, g_top, g, g_top_t, g_t, loss_logits = _head_backward(
+            top, x, aux, tuple(int(t) for t in tok), n, spec, p, reduce)
         out[b]["loss"] = loss
-        out[b]["points"].update(reduce({k: v for k, v in caps.items()}, aux))
-        out[b]["grads"].update(reduce(g_points, aux))
+        out[b]["points"].update(caps)
+        out[b]["grads"].update(g_points)
         add(top_sums, g_top)
         add(top_trainer, g_top_t)
         gs.append(g)
         gts.append(g_t)
         logits.append(loss_logits[0])
+    jax.block_until_ready((gs, gts))
+    head_phase.__exit__(None, None, None)
+    backward = phase("backward_and_weight_gradients_out")
+    backward.__enter__()
     for i in reversed(range(len(spec.layer_types))):
         canon_i = layer(i)
         sums, trainer = {}, {}
@@ -339,4 +363,5 @@ def streamed_loss_and_grads(layer, top: dict, prompts: list[list[int]], spec: Mo
         add(top_sums, {"embed": g_table})
         add(top_trainer, {"embed": g_table_t})
     emit(top_sums, top_trainer)
+    backward.__exit__(None, None, None)
     return out, logits

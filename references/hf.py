@@ -339,7 +339,8 @@ class HFReference(Reference):
             if self.checkpointing:  # checkpointing acts in train mode (dropout as configured)
                 model.train()
         try:
-            with (torch.enable_grad() if grad else torch.no_grad()), self._autocast():
+            with (self.phase("forward") if grad else contextlib.nullcontext()), \
+                    (torch.enable_grad() if grad else torch.no_grad()), self._autocast():
                 ids = torch.tensor([tokens], dtype=torch.long, device=self.device_of("model.embed_tokens"))
                 text_vocab = min(self.spec.vocab_size or sys.maxsize, self.spec.hf_vocab_size or sys.maxsize)
                 # HF's own loss too, where its logits are the text vocabulary's (evidence, in details)
@@ -359,7 +360,8 @@ class HFReference(Reference):
                 # Not `F`: that is the MLP width here, which Phi-3's slices read.
                 loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
                 current["backward"] = True
-                loss.backward()
+                with self.phase("backward"):
+                    loss.backward()
                 if own:
                     self._keep_norm_gradients(len(tokens) - 1, per_prompt_norms if self.sketching else None)
         finally:
@@ -379,22 +381,27 @@ class HFReference(Reference):
             t = t.cpu()
             host[name] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
         if grad:
-            host.update(self._grads_to_host(grads, loss))
+            with self.phase("gradients_to_host"):
+                host.update(self._grads_to_host(grads, loss))
             self._grad_prompts += 1
-            if self.sketching and self._grad_prompts == len(self.job.tokens):
+            if self.sketching and self._grad_prompts % len(self.job.tokens) == 0:
                 # The batch's sum, sketched and freed before the Trainer's step needs the memory
                 from llmdiff.grad import WEIGHT
 
-                host.update(self._sketch_weights(WEIGHT, self._grad_sums))
+                with self.phase("weight_gradients_sketched"):
+                    host.update(self._sketch_weights(WEIGHT, self._grad_sums))
                 self._grad_sums = {}
             if self.checkpointing:  # the same backward with checkpointing off: LD608's counterfactual
-                host.update(self._plain_gradients(ids, logits.shape[-1]))
+                with self.phase("gradients_without_checkpointing"):
+                    host.update(self._plain_gradients(ids, logits.shape[-1]))
             if own:
-                self._accumulate(ids)
-                if list(tokens) == list(self.job.tokens[0]):  # the whole batch's own-loss cases, once
-                    host.update(self._loss_cases())
+                with self.phase("own_loss"):
+                    self._accumulate(ids)
+                    if list(tokens) == list(self.job.tokens[0]):  # the whole batch's own-loss cases, once
+                        host.update(self._loss_cases())
                 if last:  # transformers' Trainer over every prompt, once
-                    host.update(self._trainer_step())
+                    with self.phase("trainer_step"):
+                        host.update(self._trainer_step())
         return host
 
     def _sum_gradients(self, norms: dict) -> list:
@@ -577,7 +584,11 @@ class HFReference(Reference):
             "micro_batches": list(trainer.micro_batches), "loss": sum(trainer.micro_batches),
             "model_accepts_loss_kwargs": getattr(trainer, "model_accepts_loss_kwargs", None),
             "logged_loss": logged[0] if logged else None,
-            "norm_gradient_rel_l2": gradient_rel_l2}
+            "norm_gradient_rel_l2": gradient_rel_l2,
+            # SGD at learning rate 0: no optimizer state (AdamW's would be two more copies of the
+            # weights, 68 GB for gemma-7b in float32); the gradient is taken before the step
+            "optimizer": "sgd, learning rate 0, no state",
+            "gradient_kept": "sketched on the device" if self.sketching else "copied"}
 
         def host(t):
             return t.detach().cpu().to(torch.float64 if t.dtype == torch.float64 else torch.float32).numpy()
@@ -715,6 +726,12 @@ class HFReference(Reference):
         with torch.no_grad(), self._autocast():
             ids = torch.tensor([tokens], dtype=torch.long, device=self.device_of("model.embed_tokens"))
             self.model(input_ids=ids, use_cache=False)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def sync(self):
+        import torch
+
         if self.device == "cuda":
             torch.cuda.synchronize()
 

@@ -260,8 +260,10 @@ class OracleReference(Reference):
                 top["lm_head"] = self.top["lm_head"]
             reduce, aux = self._reducer()
             parts, logits = gemma_grad.streamed_loss_and_grads(layer, top, prompts, self.spec, self.precision,
-                                                               reduce, aux, emit)
-            cases = gemma_grad.loss_cases(None, prompts, self.spec, self.precision, logits=logits)
+                                                               reduce, aux, emit, self.phase)
+            with self.phase("loss_cases"):
+                cases = gemma_grad.loss_cases(None, prompts, self.spec, self.precision, logits=logits)
+                cases = _to_host(cases)
             del logits
             self._streamed = []
             for b, part in enumerate(parts):
