@@ -11,9 +11,10 @@ One call measures, for hf and the oracle:
             peak GPU memory; the parent times the diff;
   profile   torch.profiler over the HF worker's sketched capture (DIR/profile-hf-DTYPE.txt);
   gradbench (`--grad`) the HF worker's `run_grad` (loss, every point's and weight's gradient,
-            whole, copied to the host) against a bare forward + backward of the same loss
-            (`model(ids, labels=ids).loss.backward()`), each the fastest of three after a warm-up,
-            with peak GPU memory;
+            whole or, past 1 GiB, sketched on the GPU as `compare --grad` takes them) against a
+            bare forward + backward of the same loss (`model(ids, labels=ids).loss.backward()`):
+            the first run_grad (with the Trainer's step) with its phases, then the fastest of
+            two, with peak GPU memory;
   debugger  the peer a porter uses today on the same model and prompt: HF's
             `model_addition_debugger_context`, and plain hooks copying every module output to the
             host (the naive capture).
@@ -117,22 +118,32 @@ def _hf_job(model, tokens, capture, device="cuda"):
 
 
 def gradbench(model, tokens, dtypes) -> dict:
-    """`--grad`'s cost in the HF worker: run_grad against a bare forward + backward."""
+    """`--grad`'s cost in the HF worker: run_grad against a bare forward + backward. The
+    captures as `compare --grad` takes them (`capture="auto"`: sketched on the device when the
+    whole gradients pass 1 GiB, gemma-7b's are 68 GB). The first run_grad does the once-a-batch
+    work too (HF's own loss cases, the Trainer's step): timed apart, with its phases
+    (`Reference.phase`); then the fastest of two plain ones."""
     import torch
 
+    from llmdiff.api import SKETCH_ABOVE_BYTES, _capture_bytes, select_points
     from llmdiff.job import RunId, RunRequest
     from llmdiff.references.hf import HFReference
+    from llmdiff.spec import get_spec
 
     device = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: a smoke test of this script
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    job, ids, work = _hf_job(model, tokens, "full", device)
+    spec = get_spec(model)
+    capture = "sketch" if _capture_bytes(spec, select_points(spec), [[0] * tokens], True) > SKETCH_ABOVE_BYTES else "full"
+    job, ids, work = _hf_job(model, tokens, capture, device)
     job = job.with_(grad=True)
     rows = []
     for dtype in dtypes:
         adapter = HFReference(job)
         request = RunRequest(RunId(dtype), str(work / dtype), job.options)
         adapter.begin(request)
+        t = time.perf_counter()
         adapter.load(request)
+        load_s = time.perf_counter() - t
         model_ = adapter.model
         x = torch.tensor([ids], device=device)
 
@@ -145,8 +156,9 @@ def gradbench(model, tokens, dtypes) -> dict:
                 model_(input_ids=x, labels=x).loss.backward()
             sync()
 
-        def timed(fn, n=3):
-            fn()
+        def timed(fn, n=3, warm=True):
+            if warm:
+                fn()
             best = float("inf")
             for _ in range(n):
                 t = time.perf_counter()
@@ -161,11 +173,24 @@ def gradbench(model, tokens, dtypes) -> dict:
         bare_peak = peak()
         model_.zero_grad(set_to_none=True)
         reset()
-        grad_s = timed(lambda: adapter.run_grad(ids))
-        rows.append({"dtype": dtype, "bare_forward_backward_s": round(bare_s, 4), "run_grad_s": round(grad_s, 4),
-                     "ratio": round(grad_s / bare_s, 2), "bare_peak_gb": round(bare_peak / 1e9, 2),
-                     "run_grad_peak_gb": round(peak() / 1e9, 2),
+        adapter.phases = {}
+        t = time.perf_counter()
+        first = adapter.run_grad(ids)
+        first_s = time.perf_counter() - t
+        first_phases = json.loads(json.dumps(adapter.phases))  # later calls add to it
+        first_peak = peak()
+        host_mb = sum(a.nbytes for a in first.values()) / 1e6
+        del first
+        reset()
+        grad_s = timed(lambda: adapter.run_grad(ids), n=2, warm=False)
+        rows.append({"dtype": dtype, "capture": capture, "load_s": round(load_s, 2),
+                     "bare_forward_backward_s": round(bare_s, 4), "run_grad_s": round(grad_s, 4),
+                     "ratio": round(grad_s / bare_s, 2), "first_run_grad_s": round(first_s, 2),
+                     "first_run_grad_phases": first_phases, "bare_peak_gb": round(bare_peak / 1e9, 2),
+                     "first_run_grad_peak_gb": round(first_peak / 1e9, 2), "run_grad_peak_gb": round(peak() / 1e9, 2),
+                     "host_mb": round(host_mb, 1), "trainer": (adapter._trainer or {}).get("error") or "ran",
                      "weight_gb": round(sum(p.numel() * p.element_size() for p in model_.parameters()) / 1e9, 2)})
+        print(json.dumps(rows[-1]), flush=True)
         adapter.model = model_ = None
         if device == "cuda":
             torch.cuda.empty_cache()

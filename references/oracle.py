@@ -252,7 +252,7 @@ class OracleReference(Reference):
             def emit(grads, trainer):
                 named = {**{grad.WEIGHT + k: v for k, v in grads.items()},
                          **{grad.TRAINER_WEIGHT + k: v for k, v in trainer.items()}}
-                weights.update(_to_host(sketch_weights(named, self.projection, self.round_to) if self.sketching
+                weights.update(_to_host(sketch_weights(named, self._device_projection, self.round_to) if self.sketching
                                         else named))
 
             top = {"embed": self.top["embedder"]["input_embedding"], "final_norm": self.top["final_norm"]["scale"]}
@@ -275,6 +275,16 @@ class OracleReference(Reference):
                 self._streamed.append(_to_host(out))
         return self._streamed.pop(0)
 
+    def _device_projection(self, n: int):
+        """The sketch's R (n, K) on the device, made once per worker (gemma-7b's q rows are
+        786432 wide: 400 MB in float64, asked for by every layer)."""
+        import jax.numpy as jnp
+
+        cache = self.__dict__.setdefault("_device_projections", {})
+        if n not in cache:
+            cache[n] = jnp.asarray(self.projection(n))
+        return cache[n]
+
     def _sum_weights(self, prefix: str, grads: dict) -> None:
         """Weight gradients summed over prompts on the device, in float32 (float64 in a float64
         run), in prompt order: what `grad.combine` does on the host with whole captures."""
@@ -291,7 +301,7 @@ class OracleReference(Reference):
         if self.stream:  # made block by block (`_run_grad_streamed`)
             return self.__dict__.pop("_streamed_weights", {})
         sums = self.__dict__.pop("_weight_sums", None) or {}
-        return _to_host(sketch_weights(sums, self.projection, self.round_to))
+        return _to_host(sketch_weights(sums, self._device_projection, self.round_to))
     def run_bare(self, tokens):
         import jax.numpy as jnp
 
@@ -330,9 +340,8 @@ def _to_host(out: dict) -> dict:
 def sketch_weights(grads: dict, projection, round_to: str | None) -> dict:
     """Weight gradients (device arrays by capture name) as `llmdiff/sketch.py` sketches them per
     row, on the device: (rows, K + 1) under `NAME:sketch`, 1-D ones whole; a float64 run that
-    measures a floor at another dtype rounds them to it first. `projection(n)`: numpy R (n, K)."""
-    import jax.numpy as jnp
-
+    measures a floor at another dtype rounds them to it first. `projection(n)`: R (n, K) on the
+    device."""
     from llmdiff import sketch
 
     out = {}
@@ -340,8 +349,8 @@ def sketch_weights(grads: dict, projection, round_to: str | None) -> dict:
         if not sketch.sketches_rows(g.shape):
             out[name] = g
             continue
-        out[name + sketch.SUFFIX] = _sketch_rows(g.reshape(g.shape[0], -1), jnp.asarray(projection(
-            int(np.prod(g.shape[1:])))), round_to)
+        out[name + sketch.SUFFIX] = _sketch_rows(g.reshape(g.shape[0], -1), projection(int(np.prod(g.shape[1:]))),
+                                                 round_to)
     return out
 
 
