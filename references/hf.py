@@ -69,6 +69,7 @@ class HFReference(Reference):
         self._own_losses, self._accumulated, self._accumulated_error = [], [], None
         self._trainer, self._norm_grads = None, {"plain": {}, "whole_batch": {}}
         self._grad_sums, self._grad_prompts = {}, 0   # sketched --grad: weight gradients summed on the device
+        self.__dict__.pop("_plain_sums", None)
         device = self.options.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -691,14 +692,26 @@ class HFReference(Reference):
             with torch.enable_grad(), self._autocast():
                 logits = model(input_ids=ids, use_cache=False).logits[..., :text_vocab]
                 torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).backward()
-            hf = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu().float().numpy()
-                  for n, p in model.named_parameters()}
+            if self.sketching:  # summed over prompts on the device, sketched after the last (`_sketch_weights`)
+                sums = self.__dict__.setdefault("_plain_sums", {})
+                for n, p in model.named_parameters():
+                    g = (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+                    g = g.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
+                    sums[n] = g if n not in sums else sums[n].add_(g)
+                hf = None
+            else:
+                hf = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu().float().numpy()
+                      for n, p in model.named_parameters()}
         finally:
             for m in checkpointed:
                 m.gradient_checkpointing = True
             model.eval()
             for p in model.parameters():
                 p.grad = None
+        if hf is None:
+            if self._grad_prompts % len(self.job.tokens):
+                return {}
+            return self._sketch_weights(names.PLAIN_WEIGHT, self.__dict__.pop("_plain_sums"))
         return {names.PLAIN_WEIGHT + n: g
                 for n, g in convert.from_hf(self.spec, hf, "HF gradients without checkpointing").items()}
 

@@ -274,18 +274,21 @@ def test_gradients_off_without_checkpointing_too_are_not_ld608():
     assert _ld608(_recompute_evidence(0.0, 0.0)) == []       # nothing diverges
 
 
-@pytest.mark.slow   # ~40 s on a shared CPU: one --grad compare of three HF runs, diagnosed
-def test_a_checkpoint_recompute_that_differs_is_ld608_alone(llmdiff_cli, mutants_on_path):
+@pytest.mark.slow   # ~40 s on a shared CPU, each: one --grad compare of three HF runs, diagnosed
+@pytest.mark.parametrize("capture", ["full", "sketch"])
+def test_a_checkpoint_recompute_that_differs_is_ld608_alone(llmdiff_cli, mutants_on_path, capture):
     """Gradient checkpointing whose recompute differs from the forward, in precision (bfloat16
     autocast in a float32 run) or dropout state (attention dropout on in the recompute only):
     the forward and the loss are HF's, the gradients of the checkpointed layers are off; the
     same adapter's gradients with checkpointing off are at parity, so LD608 names it, confirmed,
-    and nothing else does. A clean checkpointed HF: parity, no finding."""
+    and nothing else does. A clean checkpointed HF: parity, no finding. Sketched too (the
+    gradients without checkpointing summed over prompts on the device, then sketched)."""
     mutants = ("hf_mutants:CheckpointRecomputeUnderAutocast", "hf_mutants:CheckpointRecomputeWithDropout")
     code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--grad", "--grad-checkpointing",
                                        "--impl", "hf", *[a for m in mutants for a in ("--impl", m)],
-                                       "--dtype", "float32", "--no-tokenizer-parity")
+                                       "--dtype", "float32", "--no-tokenizer-parity", "--capture", capture)
     assert code == 1, out
+    assert report["options"]["capture"] == capture
     assert run_by_candidate(report, "hf", "float32")["verdict"] == "parity"
     assert not [f for f in report["findings"] if f["implementation"] == "hf"]
     points = report["options"]["points"]
@@ -591,17 +594,21 @@ def _zero_row_checkpoint(tmp_path):
     return weights.write_hf_checkpoint(tmp_path / "zero-rows", spec, canon, dtype="float32"), zero, tiny
 
 
-@pytest.mark.slow   # ~70 s on a shared CPU
-def test_a_norm_backward_without_eps_gives_nan_at_untrained_rows_and_is_ld607(llmdiff_cli, mutants_on_path, tmp_path):
+@pytest.mark.slow   # ~70 s on a shared CPU, each
+@pytest.mark.parametrize("capture", ["full", "sketch"])
+def test_a_norm_backward_without_eps_gives_nan_at_untrained_rows_and_is_ld607(llmdiff_cli, mutants_on_path, tmp_path,
+                                                                             capture):
     """Untrained rows hit by the prompts: HF's own backward stays finite and at parity (its
     eps is in the backward too); the mutant's (the projection term over mean(x^2), no eps) is
     NaN at those positions of grad:embed and those rows of grad:w:embed, every other gradient at
-    parity; LD607 names it with the rows, in both dtypes, and nothing else is said."""
+    parity; LD607 names it with the rows, in both dtypes, and nothing else is said. Sketched
+    too: a non-finite value makes its position's (its row's) sketch non-finite."""
     ckpt, zero, tiny = _zero_row_checkpoint(tmp_path)
     impl = "hf_mutants:NormBackwardDividesByRms"
     code, out, _, report = llmdiff_cli("compare", "llama-3.1-8b", "--tiny", "--weights", str(ckpt), "--tokens", "16,24",
                                        "--grad", "--impl", "hf", "--impl", impl, "--dtype", "float32",
-                                       "--dtype", "bfloat16", "--no-tokenizer-parity")
+                                       "--dtype", "bfloat16", "--no-tokenizer-parity", "--capture", capture)
+    assert report["options"]["capture"] == capture
     assert code == 1, out
     for dtype in ("float32", "bfloat16"):
         clean = run_by_candidate(report, "hf", dtype)
