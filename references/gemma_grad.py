@@ -270,7 +270,9 @@ def _head_backward(top, x, aux, prompt: tuple, n: int, spec, p, reduce):
     one, zero = jnp.ones((), loss.dtype), jnp.zeros((), loss.dtype)
     g_top, g, g_points = vjp((one, zero))
     g_top_t, g_t, _ = vjp((zero, one))
-    return loss, reduce(caps, aux), reduce(g_points, aux), g_top, g, g_top_t, g_t, loss_logits
+    # Reduced under their `grad:` names: the logits' gradient is no logits (no top-k of it)
+    g_points = {k[len("grad:"):]: v for k, v in reduce({"grad:" + k: v for k, v in g_points.items()}, aux).items()}
+    return loss, reduce(caps, aux), g_points, g_top, g, g_top_t, g_t, loss_logits
 
 
 def streamed_loss_and_grads(layer, top: dict, prompts: list[list[int]], spec: ModelSpec, p: gemma.Precision,

@@ -118,7 +118,7 @@ def _verdicts(report):
 
 
 @pytest.mark.slow   # ~3 min on a shared CPU: two --grad compares of two candidates, diagnosed
-def test_sketched_gradients_give_the_whole_captures_verdicts(llmdiff_cli, mutants_on_path):
+def test_sketched_gradients_give_the_whole_captures_verdicts(llmdiff_cli, mutants_on_path, tmp_path):
     """--grad with --capture sketch (every gradient sketched on the device: point gradients per
     position, weight gradients per row) against whole captures: the same verdict, first
     divergence and divergent points for a clean HF and for a backward mutant, and the same
@@ -126,8 +126,8 @@ def test_sketched_gradients_give_the_whole_captures_verdicts(llmdiff_cli, mutant
     impl = "hf_mutants:NormBackwardDetached"
     args = ("compare", "gemma-7b", "--tiny", "--grad", "--impl", "hf", "--impl", impl, "--dtype", "float32",
             "--no-tokenizer-parity")
-    code_full, out_full, _, full = llmdiff_cli(*args, "--capture", "full")
-    code_sk, out_sk, _, sk = llmdiff_cli(*args, "--capture", "sketch")
+    code_full, out_full, _, full = llmdiff_cli(*args, "--capture", "full", "--workdir", str(tmp_path / "full"))
+    code_sk, out_sk, _, sk = llmdiff_cli(*args, "--capture", "sketch", "--workdir", str(tmp_path / "sketch"))
     assert code_full == code_sk == 1, out_full + out_sk
     assert full["options"]["capture"] == "full" and sk["options"]["capture"] == "sketch"
     assert _verdicts(sk) == _verdicts(full)
@@ -142,6 +142,22 @@ def test_sketched_gradients_give_the_whole_captures_verdicts(llmdiff_cli, mutant
                     and "norm" not in p["name"]:
                 assert p.get("estimated") is True, p["name"]   # sketched per row
     assert [(f["code"], f["where"]) for f in sk["findings"]] == [(f["code"], f["where"]) for f in full["findings"]]
+
+    # What HF sketched on its device (weight gradients summed over prompts there) and what the
+    # oracle's block-streamed float64 backward sketched are the whole runs' captures sketched
+    # on the host, to float64 rounding (the float64 run's values rounded to float32 first: a
+    # last-bit tie may round the other way)
+    from llmdiff import safetensors_file, worker
+
+    for run, rtol in (("hf-float32", 1e-9), ("oracle-float64-as-float32", 1e-6)):
+        whole = safetensors_file.load(tmp_path / "full" / f"{run}.safetensors")
+        want = worker._sketch_on_host(whole, "float32" if "as" in run else None)
+        got = safetensors_file.load(tmp_path / "sketch" / f"{run}.safetensors")
+        assert set(got) == set(want), run
+        for k in want:
+            if grad.is_grad(k):
+                a, b = np.asarray(got[k], np.float64), np.asarray(want[k], np.float64)
+                assert np.abs(a - b).max() <= rtol * max(np.abs(b).max(), 1e-300), (run, k)
 
 
 # --- HF against the oracle ------------------------------------------------------------------
