@@ -358,6 +358,10 @@ def _judge(plan: Plan, results: dict) -> dict:
     report["results"] = [{"impl": r.impl, "dtype": r.id.dtype, "constants_dtype": r.id.constants_dtype,
                           "file": Path(r.out).name} for r in results.values()]
     report["workdir"] = None if plan.temporary else str(plan.work)
+    for impl in report["implementations"]:  # --grad: a Trainer step asked for and not run is an error
+        trainer = impl["details"].get("trainer") or {}
+        if trainer.get("error"):
+            stage_error(report, "Trainer step", f"{impl['name']}: {trainer['error']}")
     return report
 
 

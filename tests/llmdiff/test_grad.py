@@ -355,6 +355,21 @@ def test_the_trainer_step_is_at_parity_and_per_micro_batch_normalisation_is_ld60
     assert f["evidence"]["matches"] == "the mean of the micro-batches' means" and "errors" not in report
 
 
+def test_a_trainer_step_that_cannot_run_is_an_error_not_a_quiet_gap(llmdiff_cli, mutants_on_path):
+    """--grad asks for transformers' Trainer step: where it cannot run (here it raises) the
+    compare says so as an error (exit 2), and every gradient it did compare is kept."""
+    impl = "hf_mutants:TrainerCannotRun"
+    code, out, err, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--grad", "--impl", impl, "--dtype",
+                                         "float32", "--no-diagnose", "--no-tokenizer-parity")
+    assert code == 2, out + err
+    (e,) = report["errors"]
+    assert e["stage"] == "Trainer step" and "needs accelerate>=0.26.0" in e["error"] and impl in e["error"]
+    run = run_by_candidate(report, impl, "float32")
+    assert run["verdict"] == "parity" and "loss:trainer" in run["missing_points"]
+    assert any(p["name"].startswith(grad.WEIGHT) for p in run["points"])
+    assert "Trainer step could not run" in out + err
+
+
 def test_micro_batches_of_neither_normalisation_are_not_ld602():
     """Per-prompt means that are themselves off (a loss counting ignored labels): the
     accumulated sum is neither their sum nor their mean, and LD602 says nothing."""

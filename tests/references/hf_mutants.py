@@ -706,6 +706,13 @@ class TrainerLossPerMicroBatch(HFReference):
         return trainer
 
 
+class TrainerCannotRun(HFReference):
+    """A release whose Trainer cannot make its step here (an old accelerate, a missing extra)."""
+
+    def patch_trainer(self, trainer):
+        raise RuntimeError("this Trainer needs accelerate>=0.26.0")
+
+
 class KvRoundedToF16(HFReference):
     """K and V rounded to float16 before attention, everything else float32: a float16 KV cache
     in a float32 model (llama.cpp's flash attention casts an F32 cache's K and V to F16). The
