@@ -8,6 +8,14 @@ RELATIVE = 1e-4
 GRADIENT_MATCH = 0.1
 
 
+def whole_batch_loss(means, lengths) -> tuple[float, int]:
+    """The whole batch's mean token loss from each prompt's own mean (a prompt of n tokens has
+    n - 1 targets), and the number of target tokens."""
+    targets = [n - 1 for n in lengths]
+    total = sum(targets)
+    return sum(n * m for n, m in zip(targets, means)) / total, total
+
+
 class LossNormalisedPerMicroBatch(Check):
     """## What it finds
     Gradient accumulation that does not give the loss of the whole batch: the implementation's
@@ -71,8 +79,7 @@ class LossNormalisedPerMicroBatch(Check):
 
     def _judge(self, ctx, where, what, means, parts, lengths, trainer):
         targets = [n - 1 for n in lengths]
-        total = sum(targets)
-        whole = sum(n * m for n, m in zip(targets, means)) / total
+        whole, total = whole_batch_loss(means, lengths)
         summed = sum(parts)
         if abs(summed - whole) <= RELATIVE * abs(whole):
             return

@@ -355,6 +355,24 @@ def test_the_trainer_step_is_at_parity_and_per_micro_batch_normalisation_is_ld60
     assert f["evidence"]["matches"] == "the mean of the micro-batches' means" and "errors" not in report
 
 
+def test_a_trainer_that_counts_unshifted_labels_is_ld609_alone(llmdiff_cli, mutants_on_path):
+    """The Trainer's token count with each sequence's first label in it (transformers 4.46.2):
+    the step's loss and gradient are the whole batch's times N / (N + S); LD609 names it,
+    confirmed by the gradient's scale, and LD602 (a per-micro-batch mean) does not."""
+    impl = "hf_mutants:TrainerCountsUnshiftedLabels"
+    code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--grad", "--impl", impl, "--dtype",
+                                       "float32", "--no-tokenizer-parity")
+    assert code == 1, out
+    run = run_by_candidate(report, impl, "float32")
+    assert run["first_divergence"] == "loss:trainer"
+    (f,) = report["findings"]
+    assert (f["code"], f["where"], f["confirmed"]) == ("LD609", "loss:trainer", True)
+    lengths = report["tokens"]["lengths"]
+    n = sum(x - 1 for x in lengths)
+    assert f["evidence"]["expected_ratio"] == n / (n + len(lengths))
+    assert abs(f["evidence"]["ratio"] - n / (n + len(lengths))) < 1e-6
+
+
 def test_a_trainer_step_that_cannot_run_is_an_error_not_a_quiet_gap(llmdiff_cli, mutants_on_path):
     """--grad asks for transformers' Trainer step: where it cannot run (here it raises) the
     compare says so as an error (exit 2), and every gradient it did compare is kept."""

@@ -706,6 +706,16 @@ class TrainerLossPerMicroBatch(HFReference):
         return trainer
 
 
+class TrainerCountsUnshiftedLabels(HFReference):
+    """transformers' Trainer as 4.46.2 was: `num_items_in_batch` counts every label that is not
+    -100 before the shift, each sequence's first one too (5.24 counts `labels[..., 1:]` where
+    the model's loss shifts; telling it the loss does not shift makes it count them all)."""
+
+    def patch_trainer(self, trainer):
+        trainer._loss_shifts_labels = False
+        return trainer
+
+
 class TrainerCannotRun(HFReference):
     """A release whose Trainer cannot make its step here (an old accelerate, a missing extra)."""
 
