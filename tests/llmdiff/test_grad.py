@@ -111,7 +111,8 @@ def _worst(rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["gemma-7b", "qwen3-0.6b", "llama-3.2-1b", "gemma-2-2b", "phi-3-mini-4k-instruct"])
+@pytest.mark.parametrize("model", ["gemma-7b", "qwen3-0.6b", "llama-3.2-1b", "gemma-2-2b", "phi-3-mini-4k-instruct",
+                                   "gemma-3-1b", "qwen2.5-0.5b"])
 def test_hf_gradients_are_at_parity(llmdiff_cli, model):
     code, out, _, report = llmdiff_cli("compare", model, "--tiny", "--grad", "--no-diagnose",
                                        "--no-tokenizer-parity", "--dtype", "float32", "--dtype", "bfloat16")
