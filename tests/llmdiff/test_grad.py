@@ -330,6 +330,20 @@ def test_a_trainer_step_normalised_per_micro_batch_is_named_at_loss_trainer():
     assert _ld602({**right, "trainer": {"error": "no Trainer"}}, lengths) == []
 
 
+def test_a_trainer_step_of_prompts_with_alike_losses_is_named_by_its_gradient():
+    """Random weights give every prompt a loss near log(vocab): the mean of the means is then
+    the whole batch's to 1e-5 (transformers 4.45.2 on tiny Llama 3.2: 6.28031 against 6.28042),
+    under what the losses can tell; the step's gradient is still the mean of the micro-batches'
+    means (rel L2 2.7e-8) and 0.73 from the whole batch's: LD602, confirmed."""
+    means, lengths = [6.28013277053833, 6.280488014221191], [38, 192]
+    rel = {"the whole batch's": 0.7300422189312004, "the sum of the micro-batches' means": 0.5000000013276255,
+           "the mean of the micro-batches' means": 2.681452951226417e-08}
+    (f,) = _ld602({"own_loss": means, "trainer": _trainer([3.140066385269165, 3.1402440071105957], rel)}, lengths)
+    assert (f.code, f.where, f.confirmed) == ("LD602", "loss:trainer", True)
+    assert f.evidence["matches"] == "the mean of the micro-batches' means"
+    assert abs(f.evidence["ratio"] - 1) < 1e-4        # the losses alone could not have said it
+
+
 @pytest.mark.slow   # ~70 s on a shared CPU
 def test_the_trainer_step_is_at_parity_and_per_micro_batch_normalisation_is_ld602(llmdiff_cli, mutants_on_path):
     """transformers' Trainer, one step accumulating one micro-batch per prompt: its loss and
