@@ -390,6 +390,24 @@ BLOCK_BYTES = 64 << 20   # float32 bytes per block of `HFCheckpoint.blocks`
 READ_AHEAD = 3           # blocks converted ahead of the caller
 
 
+_TILE = 128   # a transposed view is converted in TILE x TILE squares, which stay in cache
+
+
+def _float32(v: np.ndarray) -> np.ndarray:
+    """`np.ascontiguousarray(v, np.float32)`, the same values, faster for a transposed view (its
+    last axis strided in memory, as most canonical tensors are of their HF ones): copied square
+    by square, each read and written within the cache, instead of one strided sweep of the
+    whole (measured 3-4x faster on a bfloat16 (24576, 3072) transposed: 0.16 -> 0.6 GB/s on a
+    loaded 2-core VM)."""
+    if v.ndim < 2 or v.size < _TILE * _TILE or abs(v.strides[-1]) <= abs(v.strides[-2]):
+        return np.ascontiguousarray(v, np.float32)
+    out = np.empty(v.shape, np.float32)
+    for i in range(0, v.shape[-2], _TILE):
+        for j in range(0, v.shape[-1], _TILE):
+            out[..., i:i + _TILE, j:j + _TILE] = v[..., i:i + _TILE, j:j + _TILE]
+    return out
+
+
 def _group(name: str):
     """Canonical tensors converted together: a layer's (its HF tensors are read by one
     `convert.from_hf_layer`), or one top-level tensor alone."""
@@ -451,10 +469,12 @@ class HFCheckpoint:
             touched: list = []
             try:
                 views = self._views(group, touched)
+                if len(members) == len(views):   # the whole group: its bytes read ahead of the conversion
+                    _advise(touched, "MADV_WILLNEED")
                 for name in members:
                     if name not in views:
                         raise self._missing(name)
-                    out[name] = np.ascontiguousarray(views[name], np.float32)
+                    out[name] = _float32(views[name])
             finally:
                 _release(touched)
         return out
@@ -495,6 +515,7 @@ class HFCheckpoint:
                 touched: list = []
                 try:
                     views = self._views(group, touched)
+                    _advise(touched, "MADV_WILLNEED")   # the group's bytes read ahead of the conversion
                     for name in members:
                         if name not in views:
                             raise self._missing(name)
@@ -504,7 +525,7 @@ class HFCheckpoint:
                         for r0 in range(0, rows, per) if rows else (0,):
                             if stop.is_set():
                                 return
-                            block = np.ascontiguousarray(v[r0:r0 + per] if v.ndim else v, np.float32)
+                            block = _float32(v[r0:r0 + per] if v.ndim else v)
                             ready.put((name, block, _non_finite(block)))
                 finally:
                     _release(touched)
@@ -533,19 +554,26 @@ class _HFTensors:
         return self.checkpoint._hf(name, self.touched)
 
 
-def _release(touched: list) -> None:
-    """Hand the mapped pages of the tensors read back to the page cache: they leave this
-    process's resident memory (a later access reads them again, from the cache or the disk)."""
+def _advise(touched: list, advice: str) -> None:
+    """madvise the mapped bytes of the HF tensors in `touched`: "MADV_WILLNEED" starts reading
+    them from the disk ahead of their use; "MADV_DONTNEED" hands their pages back to the page
+    cache, out of this process's resident memory (a later access reads them again, from the
+    cache or the disk). Nothing where the platform lacks it."""
     import mmap
 
-    if not hasattr(mmap, "MADV_DONTNEED"):
+    flag = getattr(mmap, advice, None)
+    if flag is None:
         return
     for mapping, start, (lo, hi) in touched:
         if mapping is None or hi == lo:
             continue
         first = (start + lo) // mmap.PAGESIZE * mmap.PAGESIZE
         last = min(len(mapping), start + hi)
-        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+        mapping.madvise(flag, first, last - first)
+
+
+def _release(touched: list) -> None:
+    _advise(touched, "MADV_DONTNEED")
 
 
 @functools.lru_cache(maxsize=2)

@@ -282,3 +282,17 @@ def test_a_tensor_the_checkpoint_lacks_is_one_line(tmp_path):
     checkpoint = weights.HFCheckpoint(path, spec)
     for name in ("lm_head", "L9.q", "Lx.q"):
         assert f"no canonical tensor {name!r} for gemma-7b" in _error(lambda: checkpoint.read(["L0.q", name]))
+
+
+def test_transposed_views_convert_square_by_square_to_the_same_bits():
+    """The tiled copy of a transposed view (several tiles each way, ragged edges, a leading
+    heads axis as q's and o's views have) is `np.ascontiguousarray(v, np.float32)`."""
+    rng = np.random.default_rng(0)
+    hf = (rng.standard_normal((300, 517), dtype=np.float32) * 3).astype(ml_dtypes.bfloat16)
+    hf[5, 7] = np.nan
+    views = [hf.T, hf.T[100:400], hf.reshape(3, 100, 517).transpose(0, 2, 1), hf.T.reshape(11, 47, 300),
+             hf.astype(np.float32).T, hf]
+    for v in views:
+        got = weights._float32(v)
+        assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == v.shape
+        assert got.tobytes() == np.ascontiguousarray(v, np.float32).tobytes()
