@@ -33,8 +33,10 @@ class LossDenominatorCountsUnshiftedLabels(Check):
     computes drops the first label of each sequence.
 
     ## References
-    huggingface/transformers `Trainer.get_batch_samples` (4.46.2: `batch["labels"].ne(-100)`
-    counted before the shift); the follow-ups of PR 34191 (PRs 35438 and 35527).
+    huggingface/transformers `Trainer.get_batch_samples` (4.46.2 to 5.9.0: `batch["labels"].ne(-100)`
+    counted before the shift; 5.10.1 counts `labels[..., 1:]` where the model's loss shifts,
+    `Trainer._loss_shifts_labels`), found and bisected by `llmdiff bisect --grad` (bench/RESULTS.md);
+    PR 34191 (the per-micro-batch normalisation before it, LD602).
     """
 
     code = "LD609"
