@@ -6,8 +6,10 @@ checkpoints from disk, as users run them): wall time, peak host RSS, and the dis
 1. Writes the checkpoint as `bench/audit_full.py` does (random bfloat16, ~17 GB in 5 GB shards,
    with its index, config and tokenizer files; the writer holds ~0.3 GB).
 2. Cold: evicts the shards from the page cache, `cat SHARDS > /dev/null` (the disk's speed),
+   evicts again, the parent's part alone (`plan_from_disk.py --child DIR`: `api._plan`, which
+   checks the checkpoint and fingerprints it tensor by tensor; its own wall and peak RSS),
    evicts again, `llmdiff compare DIR --device DEVICE --tokens N --json R` (every implementation
-   reads the checkpoint itself). Warm: the compare again without evicting.
+   reads the checkpoint's own files; no canonical copy). Warm: the compare again without evicting.
 3. Prints one JSON line per phase (wall, GB/s of the checkpoint, peak RSS of the largest process,
    exit code, the report's per-run timings) and writes them to OUT/compare_from_disk.json.
 Peak RSS is `getrusage(RUSAGE_CHILDREN).ru_maxrss` after each command: the largest single
@@ -67,7 +69,8 @@ def main():
                    "--tokens", args.tokens, "--json", str(report), "--no-tokenizer-parity"]
         if shutil.which("llmdiff"):
             compare[:3] = [shutil.which("llmdiff")]
-        phases = [("cold", "cat", cat_cmd(files)), ("cold", "compare", compare)]
+        plan = [sys.executable, str(Path(__file__).with_name("plan_from_disk.py")), "--child", str(path)]
+        phases = [("cold", "cat", cat_cmd(files)), ("cold", "plan", plan), ("cold", "compare", compare)]
         if args.warm:
             phases.append(("warm", "compare", compare))
         for phase, what, cmd in phases:
@@ -76,6 +79,8 @@ def main():
             wall, rss, code, tail = run(cmd)
             row = {"phase": phase, "what": what, "evicted_by": how, "resident_before": resident, "wall_s": wall,
                    "gb_per_s": gb / wall, "peak_rss_mb": rss, "exit": code}
+            if what == "plan" and code == 0:   # the parent's own numbers (RUSAGE_CHILDREN is a running max)
+                row.update(json.loads(tail.strip().splitlines()[-1]))
             if what == "compare" and report.exists():
                 rep = json.loads(report.read_text())
                 row["verdicts"] = {f"{r['candidate']}/{r['dtype']}": r["verdict"] for r in rep.get("runs", [])}

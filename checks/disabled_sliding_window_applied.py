@@ -16,7 +16,9 @@ class DisabledSlidingWindowApplied(Check):
     ## How it is confirmed
     Dynamic: the first divergent point is layer 0's `attn_out`, from the position equal to the
     window on (`from_position`); re-running the oracle with `disabled_window_applied=True` (every
-    layer slides by the carried window) brings it back to the noise floor.
+    layer slides by the carried window) brings it back to the noise floor; its other forms apply
+    the window one key too wide or too narrow (`sliding_window_offset` +-1), as transformers
+    4.40's mask utility did (`t - s <= window`).
 
     ## Fix
     Apply `sliding_window` only where `use_sliding_window` is true (and, in Qwen2's own code,
@@ -34,6 +36,9 @@ class DisabledSlidingWindowApplied(Check):
     name = "disabled-sliding-window-applied"
     families = ("qwen2", "qwen3")
     knob = ("disabled_window_applied", True)
+    # transformers before 4.42 applied it counted as `t - s <= window` (its mask utility's
+    # `tril(diagonal=-window - 1)`), one key more than the window: 4.40.0's Qwen2, eager and SDPA.
+    also = ({"sliding_window_offset": 1}, {"sliding_window_offset": -1})
 
     def applies(self, spec, dtype=None):
         # Only a carried window shorter than the context can cut a query off (published Qwen

@@ -8,6 +8,14 @@ RELATIVE = 1e-4
 GRADIENT_MATCH = 0.1
 
 
+def whole_batch_loss(means, lengths) -> tuple[float, int]:
+    """The whole batch's mean token loss from each prompt's own mean (a prompt of n tokens has
+    n - 1 targets), and the number of target tokens."""
+    targets = [n - 1 for n in lengths]
+    total = sum(targets)
+    return sum(n * m for n, m in zip(targets, means)) / total, total
+
+
 class LossNormalisedPerMicroBatch(Check):
     """## What it finds
     Gradient accumulation that does not give the loss of the whole batch: the implementation's
@@ -71,14 +79,24 @@ class LossNormalisedPerMicroBatch(Check):
 
     def _judge(self, ctx, where, what, means, parts, lengths, trainer):
         targets = [n - 1 for n in lengths]
-        total = sum(targets)
-        whole = sum(n * m for n, m in zip(targets, means)) / total
+        whole, total = whole_batch_loss(means, lengths)
         summed = sum(parts)
-        if abs(summed - whole) <= RELATIVE * abs(whole):
-            return
         forms = {"the sum of the micro-batches' means": sum(means),
                  "the mean of the micro-batches' means": sum(means) / len(means)}
-        closest = min(forms, key=lambda k: abs(forms[k] - summed))
+        # The Trainer's gradient: the norms' scales, against HF's per-prompt gradients put
+        # together each way. Where the prompts' mean losses are alike (random weights: every
+        # prompt near log(vocab)) the losses cannot tell the forms apart, the gradients can.
+        rel = (trainer or {}).get("norm_gradient_rel_l2") or {}
+        right = rel.get("the whole batch's")
+        by_gradient = None
+        if right is not None:
+            near = {f: rel[f] for f in forms if rel.get(f) is not None}
+            best = min(near, key=near.get) if near else None
+            if best is not None and near[best] <= GRADIENT_MATCH * right:
+                by_gradient = best
+        if by_gradient is None and abs(summed - whole) <= RELATIVE * abs(whole):
+            return
+        closest = by_gradient or min(forms, key=lambda k: abs(forms[k] - summed))
         if abs(forms[closest] - summed) > RELATIVE * abs(summed):
             # Neither per-micro-batch normalisation: the per-prompt means themselves are off (a
             # loss that counts ignored labels or misplaces them): not this bug, the `loss:*`
@@ -88,20 +106,15 @@ class LossNormalisedPerMicroBatch(Check):
                     "accumulated": summed, "whole_batch": whole, "sum_of_means": sum(means),
                     "mean_of_means": sum(means) / len(means), "matches": closest,
                     "ratio": summed / whole if whole else None}
-        confirmed, said = False, ""
+        said = ""
         if trainer:  # what the Trainer itself said of the step
             evidence["trainer"] = {k: trainer.get(k) for k in
                                    ("transformers", "micro_batches", "logged_loss", "model_accepts_loss_kwargs",
                                     "norm_gradient_rel_l2")}
-            # Its gradient too: the norms' scales, against HF's per-prompt gradients put together
-            # each way. The step's gradient is the matched form's, far from the whole batch's.
-            rel = trainer.get("norm_gradient_rel_l2") or {}
-            mine, right = rel.get(closest), rel.get("the whole batch's")
-            if mine is not None and right is not None and mine <= GRADIENT_MATCH * right:
-                confirmed = True
-                said = (f"; its gradient too (norm scales: rel L2 {mine:.2g} to {closest} form, {right:.2g} to the"
-                        f" whole batch's)")
+        if by_gradient:  # the step's gradient is the matched form's, far from the whole batch's
+            said = (f"; its gradient too (norm scales: rel L2 {rel[closest]:.2g} to {closest} form, {right:.2g} to"
+                    f" the whole batch's)")
         yield self.finding(
             ctx, where,
             f"{len(parts)} {what} give a loss of {summed:.6g}, the whole batch's is {whole:.6g}: it is {closest}"
-            + said, evidence, confirmed=confirmed)
+            + said, evidence, confirmed=by_gradient is not None)

@@ -62,16 +62,21 @@ class CompareResult:
 
 
 def _load_weights(spec: ModelSpec, weights, seed: int, say=lambda m: None):
+    """The canonical set in memory: seeded random weights (`weights` None) or an Orbax/Flax
+    checkpoint directory as Google ships them (`deepmind:DIR`). An HF checkpoint directory is
+    not read whole (`_plan`, `weights.HFCheckpoint`)."""
     if weights is None:
         return weights_mod.random_weights(spec, seed, say), {"source": "random", "path": None, "seed": seed}
-    if str(weights).startswith("deepmind:"):  # an Orbax/Flax checkpoint directory, as Google ships them
-        from llmdiff import deepmind_checkpoint
+    from llmdiff import deepmind_checkpoint
 
-        path = str(weights)[len("deepmind:"):]
-        canon, info = deepmind_checkpoint.read_deepmind_checkpoint(path, spec)
-        return canon, {"source": "deepmind", "path": path, "seed": None, **info}
-    canon = weights_mod.read_hf_checkpoint(weights, spec)
-    return canon, {"source": "hf", "path": str(weights), "seed": None, **weights_mod.checkpoint_notes(weights)}
+    path = str(weights)[len("deepmind:"):]
+    canon, info = deepmind_checkpoint.read_deepmind_checkpoint(path, spec)
+    return canon, {"source": "deepmind", "path": path, "seed": None, **info}
+
+
+def _is_hf_dir(weights) -> bool:
+    """Weights given as an HF checkpoint directory (not random, not `deepmind:DIR`)."""
+    return weights is not None and not str(weights).startswith("deepmind:")
 
 
 def compare(model: str, impls=("hf",), *, dtypes=None, tiny: bool = False, weights=None,
@@ -151,6 +156,7 @@ def compare(model: str, impls=("hf",), *, dtypes=None, tiny: bool = False, weigh
                      capture=capture, stream=stream, lengths=lengths, bench=bench, generate=generate,
                      devices=devices, tokenizer_parity=tokenizer_parity, revision=revision, config=config,
                      grad=grad, grad_checkpointing=grad_checkpointing, quant=quant, say=say)
+        plan_s = round(time.perf_counter() - t_start, 3)
         results: dict[tuple[str, RunId], RunResult] = {}
         report = None
         try:
@@ -164,6 +170,7 @@ def compare(model: str, impls=("hf",), *, dtypes=None, tiny: bool = False, weigh
             # Ctrl-C or SIGTERM: the runs that finished are judged and kept; the rest is said.
             report = report or _judge(plan, results)
             report["incomplete"] = "interrupted before every stage finished"
+        report["timings"]["plan_s"] = plan_s   # inputs checked, weights and prompts made ready
         report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
         report_mod.settle(report)
         return CompareResult(report)
@@ -272,6 +279,15 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
                                              files=model_source.checkpoint_files(resolved, config))
         weights_info["config"] = config
         source = WeightsSource(hf_dir=str(hf_dir), seed=seed)
+    elif _is_hf_dir(weights):
+        # An HF checkpoint directory: checked and fingerprinted here one tensor at a time; each
+        # worker reads its tensors from the directory's own files (no canonical copy).
+        checkpoint = weights_mod.HFCheckpoint(weights, spec)
+        weights_info = {"source": "hf", "path": str(weights), "seed": None, **weights_mod.checkpoint_notes(weights)}
+        say(f"checking {spec.name}'s weights (finite, fingerprint), one tensor at a time")
+        weights_info["fingerprint"] = weights_mod.checked_fingerprint(checkpoint.blocks(), weights_info["path"])
+        hf_dir = str(weights)
+        source = WeightsSource(hf_dir=hf_dir, from_hf=True)
     else:
         if weights is None and not spec.tiny:
             say(f"making {spec.name}'s random weights on the host (an implementation here cannot make them on its device)")
@@ -280,12 +296,9 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
         weights_info["fingerprint"] = weights_mod.weights_fingerprint(canon)
         canonical_path = work / "canonical.safetensors"
         weights_mod.save_canonical(canonical_path, canon)
-        if weights_info["source"] == "hf":
-            hf_dir = str(weights)
-        else:
-            hf_dir = weights_mod.write_hf_checkpoint(work / "hf-checkpoint", spec, canon,
-                                                     files=model_source.checkpoint_files(resolved, config))
-            weights_info["config"] = config
+        hf_dir = weights_mod.write_hf_checkpoint(work / "hf-checkpoint", spec, canon,
+                                                 files=model_source.checkpoint_files(resolved, config))
+        weights_info["config"] = config
         source = WeightsSource(canonical=str(canonical_path), hf_dir=str(hf_dir))
         del canon
     weights_info["model"] = resolved.info
@@ -357,6 +370,10 @@ def _judge(plan: Plan, results: dict) -> dict:
     report["results"] = [{"impl": r.impl, "dtype": r.id.dtype, "constants_dtype": r.id.constants_dtype,
                           "file": Path(r.out).name} for r in results.values()]
     report["workdir"] = None if plan.temporary else str(plan.work)
+    for impl in report["implementations"]:  # --grad: a Trainer step asked for and not run is an error
+        trainer = impl["details"].get("trainer") or {}
+        if trainer.get("error"):
+            stage_error(report, "Trainer step", f"{impl['name']}: {trainer['error']}")
     return report
 
 

@@ -462,14 +462,17 @@ def _release_compare_options(f):
     f = click.option("--no-diagnose", is_flag=True, help="Verdicts only; name no findings.")(f)
     f = click.option("--attn", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
                      help="HF's attention implementation in every release.")(f)
+    f = click.option("--grad", is_flag=True,
+                     help="Training parity in every release: the loss, its gradients and transformers' Trainer"
+                          " step (compare --grad).")(f)
     f = click.option("--json", "json_path", type=click.Path(), help="Write the result as JSON here.")(f)
     return f
 
 
-def _compare_options(tiny, dtypes, no_diagnose, attn="eager"):
+def _compare_options(tiny, dtypes, no_diagnose, attn="eager", grad=False):
     from llmdiff import api
 
-    return {"tiny": tiny, "dtypes": dtypes or api.DTYPES, "diagnose": not no_diagnose, "attn": attn}
+    return {"tiny": tiny, "dtypes": dtypes or api.DTYPES, "diagnose": not no_diagnose, "attn": attn, "grad": grad}
 
 
 @main.command()
@@ -481,7 +484,7 @@ def _compare_options(tiny, dtypes, no_diagnose, attn="eager"):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Write matrix.json, matrix.md and matrix.html into this directory.")
 @_release_compare_options
-def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, attn, json_path, out_dir):
+def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, attn, grad, json_path, out_dir):
     """Compare MODEL under several releases of an implementation: a release x dtype table of
     verdicts, first divergence and findings. Each release runs in a virtualenv of its own, kept
     and reused (torch shared). A release that cannot install or run says why in its cell.
@@ -496,7 +499,7 @@ def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, attn, json_p
     try:
         _check_outputs(json_path, out_dir)
         wanted = releases.resolve(versions, every=every)
-        options = _compare_options(tiny, dtypes, no_diagnose, attn)
+        options = _compare_options(tiny, dtypes, no_diagnose, attn, grad)
     except LLMDiffError as e:
         _fail(str(e), False, json_path)
     say = lambda m: click.echo(m, err=True)  # noqa: E731
@@ -522,7 +525,7 @@ def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, attn, json_p
 @click.option("--bad", required=True, metavar="PKG==V", help="A release known bad.")
 @click.option("--finding", default=None, metavar="CODE", help="Look for this finding, not any divergence.")
 @_release_compare_options
-def bisect(model, good, bad, finding, tiny, dtypes, impl, no_diagnose, attn, json_path):
+def bisect(model, good, bad, finding, tiny, dtypes, impl, no_diagnose, attn, grad, json_path):
     """Find the first release between GOOD and BAD whose verdict (or FINDING) changes; print the two
     adjacent releases and the evidence from both.
 
@@ -537,7 +540,7 @@ def bisect(model, good, bad, finding, tiny, dtypes, impl, no_diagnose, attn, jso
         g, b = releases.Release.parse(good), releases.Release.parse(bad)
         if g.package != b.package:
             raise LLMDiffError(f"--good and --bad name two packages ({g.package}, {b.package})")
-        options = _compare_options(tiny, dtypes, no_diagnose and not finding, attn)  # a finding needs diagnosis
+        options = _compare_options(tiny, dtypes, no_diagnose and not finding, attn, grad)  # a finding needs diagnosis
         order = releases.between(g.package, g.version, b.version)
         result = releases.bisect(
             [f"{g.package}=={v}" for v in order],

@@ -201,34 +201,50 @@ def from_hf(spec: ModelSpec, hf: dict, where: str = "HF checkpoint") -> dict[str
     """The canonical set from HF's tensors: numpy arrays, or torch tensors (gradients on the
     device, `references/hf.py`), which come back as views of HF's where a view is enough."""
     check_tensors(hf, hf_shapes(spec, lm_head="lm_head.weight" in hf), where, spec)
-    N, K, H, D, V = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size, spec.vocab_size
-    out = {"embed": resize_rows(hf["model.embed_tokens.weight"], V), "final_norm": hf["model.norm.weight"]}
-    if "lm_head.weight" in hf:
-        out["lm_head"] = resize_rows(hf["lm_head.weight"], V)
+    out = from_hf_top(spec, hf)
     for i in range(spec.num_layers):
-        p, c = _hf_layer(i), f"L{i}."
-        out[c + "attn_norm"] = hf[f"{p}.input_layernorm.weight"]
-        split = _split_fused(spec, hf, p) if spec.hf_fused_projections else hf
-        for name, heads in (("q", N), ("k", K), ("v", K)):
-            w = split[f"{p}.self_attn.{name}_proj.weight"]
-            out[c + name] = w.reshape(heads, H, D).swapaxes(1, 2)
-            if spec.qkv_bias:
-                out[c + name + "_bias"] = hf[f"{p}.self_attn.{name}_proj.bias"].reshape(heads, H)
-        out[c + "o"] = hf[f"{p}.self_attn.o_proj.weight"].T.reshape(N, H, D)
-        if spec.qk_norm:
-            out[c + "q_norm"] = hf[f"{p}.self_attn.q_norm.weight"]
-            out[c + "k_norm"] = hf[f"{p}.self_attn.k_norm.weight"]
-        if _post_norms(spec):
-            out[c + "post_attn_norm"] = hf[f"{p}.post_attention_layernorm.weight"]
-            out[c + "mlp_norm"] = hf[f"{p}.pre_feedforward_layernorm.weight"]
-            out[c + "post_mlp_norm"] = hf[f"{p}.post_feedforward_layernorm.weight"]
-        else:
-            out[c + "mlp_norm"] = hf[f"{p}.post_attention_layernorm.weight"]
-        out[c + "gate"] = split[f"{p}.mlp.gate_proj.weight"].T
-        out[c + "up"] = split[f"{p}.mlp.up_proj.weight"].T
-        out[c + "down"] = hf[f"{p}.mlp.down_proj.weight"].T
+        out.update(from_hf_layer(spec, i, hf))
     # torch tensors (gradients on the device) stay views of HF's: no second copy of the model
     return {k: np.ascontiguousarray(v) if isinstance(v, np.ndarray) else v for k, v in out.items()}
+
+
+def from_hf_top(spec: ModelSpec, hf) -> dict:
+    """The canonical tensors outside the layers (`embed`, `final_norm`, `lm_head` where `hf` has
+    one) from the HF ones, as views where they can be (`from_hf` makes them contiguous)."""
+    out = {"embed": resize_rows(hf["model.embed_tokens.weight"], spec.vocab_size),
+           "final_norm": hf["model.norm.weight"]}
+    if "lm_head.weight" in hf:
+        out["lm_head"] = resize_rows(hf["lm_head.weight"], spec.vocab_size)
+    return out
+
+
+def from_hf_layer(spec: ModelSpec, i: int, hf) -> dict:
+    """Layer i's canonical tensors from its HF ones (`hf` needs only those): transposes,
+    reshapes and row slices, views of `hf`'s arrays (so of memory-mapped ones, nothing is read
+    until a value is)."""
+    N, K, H, D = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+    p, c = _hf_layer(i), f"L{i}."
+    out = {c + "attn_norm": hf[f"{p}.input_layernorm.weight"]}
+    split = _split_fused(spec, hf, p) if spec.hf_fused_projections else hf
+    for name, heads in (("q", N), ("k", K), ("v", K)):
+        w = split[f"{p}.self_attn.{name}_proj.weight"]
+        out[c + name] = w.reshape(heads, H, D).swapaxes(1, 2)   # numpy and torch alike
+        if spec.qkv_bias:
+            out[c + name + "_bias"] = hf[f"{p}.self_attn.{name}_proj.bias"].reshape(heads, H)
+    out[c + "o"] = hf[f"{p}.self_attn.o_proj.weight"].T.reshape(N, H, D)
+    if spec.qk_norm:
+        out[c + "q_norm"] = hf[f"{p}.self_attn.q_norm.weight"]
+        out[c + "k_norm"] = hf[f"{p}.self_attn.k_norm.weight"]
+    if _post_norms(spec):
+        out[c + "post_attn_norm"] = hf[f"{p}.post_attention_layernorm.weight"]
+        out[c + "mlp_norm"] = hf[f"{p}.pre_feedforward_layernorm.weight"]
+        out[c + "post_mlp_norm"] = hf[f"{p}.post_feedforward_layernorm.weight"]
+    else:
+        out[c + "mlp_norm"] = hf[f"{p}.post_attention_layernorm.weight"]
+    out[c + "gate"] = split[f"{p}.mlp.gate_proj.weight"].T
+    out[c + "up"] = split[f"{p}.mlp.up_proj.weight"].T
+    out[c + "down"] = hf[f"{p}.mlp.down_proj.weight"].T
+    return out
 
 
 def _split_fused(spec: ModelSpec, hf: dict, p: str) -> dict:

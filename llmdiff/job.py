@@ -70,11 +70,14 @@ class Options:
 @dataclass(frozen=True)
 class WeightsSource:
     """Where a worker gets the run's weights: `canonical` (and `hf_dir`, the same weights as an HF
-    checkpoint), or `seed` (and `hf_dir` with the config alone)."""
+    checkpoint); `hf_dir` alone with `from_hf` (the canonical tensors converted from its weight
+    files, no canonical file); or `seed` (and `hf_dir` with the config alone). A worker asks
+    `weights.canonical_tensors` for the canonical tensors by name, whichever it is."""
 
     canonical: str | None = None     # llmdiff's canonical safetensors file (float32)
     hf_dir: str | None = None        # an HF checkpoint of the same weights (config only with `seed`)
     seed: int | None = None          # made on the worker's device from this seed (`weights.generate_*`)
+    from_hf: bool = False            # the canonical tensors are `hf_dir`'s, converted tensor by tensor
 
     @property
     def generated(self) -> bool:

@@ -125,28 +125,41 @@ def _refuse_overlaps(path, header: dict) -> None:
         end, previous = hi, name
 
 
-def load(path, names=None) -> dict[str, np.ndarray]:
-    """Tensors of `path` (all, or `names`) as read-only memory-mapped numpy arrays (views of one
-    mapping of the file: a `np.memmap` per tensor costs 20x more, and captures have hundreds)."""
+def mapped(path):
+    """(header, data start, mapping): the validated header (`read_header`, no two tensors
+    sharing bytes) and a read-only mapping of the whole file, for `view`. Mapping costs no
+    memory; the pages of a tensor are read when its values are."""
     import mmap
 
     header, start = read_header(path)
     _refuse_overlaps(path, header)
     with os.fdopen(open_regular(path, "safetensors file"), "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    out = {}
-    for name in (header if names is None else names):
-        if name not in header:
-            raise WeightsError(f"{path}: no tensor {name!r}")
-        info = header[name]
-        dtype = _np_dtype(info["dtype"], path, name)
-        lo, hi = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if hi == lo:
-            out[name] = np.zeros(shape, dtype)
-            continue
-        out[name] = np.frombuffer(mapped, dtype, (hi - lo) // dtype.itemsize, start + lo).reshape(shape)
-    return out
+        size = os.fstat(f.fileno()).st_size
+        end = start + max((info["data_offsets"][1] for info in header.values()), default=0)
+        if size < end:   # changed since the header was read
+            raise WeightsError(f"{path}: truncated: its tensors end at byte {end} but the file has {size}")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    return header, start, mapped
+
+
+def view(path, header: dict, start: int, mapping, name: str) -> np.ndarray:
+    """Tensor `name` of a `mapped` file: a read-only numpy view of the mapping."""
+    if name not in header:
+        raise WeightsError(f"{path}: no tensor {name!r}")
+    info = header[name]
+    dtype = _np_dtype(info["dtype"], path, name)
+    lo, hi = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if hi == lo:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mapping, dtype, (hi - lo) // dtype.itemsize, start + lo).reshape(shape)
+
+
+def load(path, names=None) -> dict[str, np.ndarray]:
+    """Tensors of `path` (all, or `names`) as read-only memory-mapped numpy arrays (views of one
+    mapping of the file: a `np.memmap` per tensor costs 20x more, and captures have hundreds)."""
+    header, start, mapping = mapped(path)
+    return {name: view(path, header, start, mapping, name) for name in (header if names is None else names)}
 
 
 def save(path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:

@@ -134,7 +134,7 @@ class DeepMindReference(Reference):
         import jax
         import jax.numpy as jnp
 
-        from llmdiff import convert, safetensors_file
+        from llmdiff import convert, weights
 
         dtype = request.dtype
         if dtype not in ("float32", "bfloat16"):
@@ -146,7 +146,7 @@ class DeepMindReference(Reference):
             raise ValueError("DeepMind's gemma always ties the output projection to the embedding")
         self.config = transformer_config(spec, self._config, self._modules)
         self.model = self._transformer.Transformer(config=self.config, dtype=getattr(jnp, dtype))
-        canon = safetensors_file.load(self.job.weights.canonical)
+        canon = weights.canonical_tensors(spec, self.job.weights)
         flat = convert.to_deepmind(spec, canon)
         self.params = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), dtype=dtype),
                                              convert.unflatten(flat))

@@ -492,11 +492,12 @@ class HFReference(Reference):
         """transformers' own `Trainer`, as fine-tuners run it: ONE optimizer step with
         `gradient_accumulation_steps` = the number of prompts, each prompt one micro-batch
         (`per_device_train_batch_size=1`, `labels` = the ids, in order: a sequential sampler),
-        no gradient clipping. A callback keeps each parameter's accumulated `.grad` at
-        `on_pre_optimizer_step` and then drops it, so that the step changes no weight. Gives
+        no gradient clipping. A pre-hook on the optimizer's step keeps each parameter's
+        accumulated `.grad` and then drops it, so that the step changes no weight. Gives
         `loss:trainer` (the sum of `training_step`'s returns: what the Trainer adds up and logs
         for the step) and `grad:trainer:w:NAME` (through `convert.from_hf`). Where the Trainer
-        cannot run, nothing: the reason, one line, is in `details["trainer"]["error"]`."""
+        cannot run, nothing: the reason, one line, is in `details["trainer"]["error"]`, and the
+        compare reports it as an error."""
         import tempfile
 
         import torch
@@ -507,7 +508,7 @@ class HFReference(Reference):
         prompts = self.job.tokens
         try:
             import transformers
-            from transformers import Trainer, TrainerCallback, TrainingArguments
+            from transformers import Trainer, TrainingArguments
         except Exception as e:  # noqa: BLE001 - accelerate missing, an old release: said, not skipped
             self._trainer = {"error": f"transformers' Trainer cannot be imported: {type(e).__name__}: {e}".splitlines()[0]}
             return {}
@@ -515,17 +516,24 @@ class HFReference(Reference):
         kept: dict = {}
         adapter = self
 
-        class KeepGradients(TrainerCallback):
-            def on_pre_optimizer_step(self, args, state, control, **kwargs):
-                for n, p in model.named_parameters():
-                    if adapter.sketching:  # no copy: the step's gradient is taken, and sketched below
-                        kept[n] = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
-                    else:
-                        kept[n] = (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-                    p.grad = None  # the optimizer then leaves every weight as it is
+        def keep_gradients(*_):
+            for n, p in model.named_parameters():
+                if adapter.sketching:  # no copy: the step's gradient is taken, and sketched below
+                    kept[n] = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+                else:
+                    kept[n] = (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                p.grad = None  # the optimizer then leaves every weight as it is
 
         class Sequential(Trainer):
             micro_batches: list = []
+
+            def create_optimizer(self, *args, **kwargs):
+                # The accumulated gradients as the optimizer gets them (after any clipping):
+                # a hook on its step, which every release calls (the `on_pre_optimizer_step`
+                # callback only exists from 4.46 on).
+                optimizer = super().create_optimizer(*args, **kwargs)
+                optimizer.register_step_pre_hook(keep_gradients)
+                return optimizer
 
             def _get_train_sampler(self, *args, **kwargs):  # the prompts in order, whatever the release
                 return torch.utils.data.SequentialSampler(self.train_dataset)
@@ -553,8 +561,7 @@ class HFReference(Reference):
                     lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
                     dataloader_num_workers=0, disable_tqdm=True, seed=0, use_cpu=str(device) == "cpu",
                     remove_unused_columns=False)  # a forward patched to (*args, **kwargs) keeps its ids
-                trainer = self.patch_trainer(Sequential(model=model, args=args, train_dataset=data,
-                                                        callbacks=[KeepGradients()]))
+                trainer = self.patch_trainer(Sequential(model=model, args=args, train_dataset=data))
                 trainer.micro_batches = []
                 trainer.train()
         except Exception as e:  # noqa: BLE001 - the reason, in one line, instead of the points
@@ -565,7 +572,7 @@ class HFReference(Reference):
             for p in model.parameters():
                 p.grad = None
         if not kept:
-            self._trainer = {"error": "transformers' Trainer made no optimizer step (no on_pre_optimizer_step)"}
+            self._trainer = {"error": "transformers' Trainer made no optimizer step"}
             return {}
         logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         # The step's gradient of the norms' scales against HF's own per-prompt gradients put

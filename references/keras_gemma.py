@@ -209,15 +209,15 @@ class KerasReference(Reference):
         return {"keras-hub": self.keras_hub.__version__, "keras": self.keras.__version__, "jax": jax.__version__}
 
     def load(self, request):
-        from llmdiff import safetensors_file
+        from llmdiff import weights
 
         self.model = None
         self.keras.backend.clear_session()
         dtype = request.dtype
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"keras runs float32 and bfloat16, not {dtype}")
-        if self.job.weights.generated or not self.job.weights.canonical:
-            raise ValueError("keras loads the canonical weights file; weights made from a seed on the device have none")
+        if self.job.weights.generated:
+            raise ValueError("keras loads the weights from a file; weights made from a seed on the device have none")
         if self.options.device == "cuda":
             import jax
 
@@ -233,7 +233,7 @@ class KerasReference(Reference):
             backbone = models.GemmaBackbone(**config, dtype=dtype)
             self.model = models.GemmaCausalLM(backbone=backbone, preprocessor=None)
         self.backbone, self.config, self.dtype = backbone, config, dtype
-        canon = safetensors_file.load(self.job.weights.canonical)
+        canon = weights.canonical_tensors(spec, self.job.weights)
         values = keras_weights(spec, canon, backbone)
         variables = {v.path: v for v in backbone.weights}
         missing = sorted(set(variables) - set(values))

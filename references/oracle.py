@@ -124,10 +124,11 @@ class OracleReference(Reference):
         self._offset = 0  # where the next prompt starts in the forced captures (prompts are concatenated)
 
     def _tensors(self, names):
-        """Canonical tensors on the device: made by the seeded generator, or read from the file."""
+        """Canonical tensors on the device: made by the seeded generator, or read from the canonical
+        file or the HF checkpoint's own files (`weights.canonical_tensors`)."""
         import jax.numpy as jnp
 
-        from llmdiff import convert, safetensors_file, weights
+        from llmdiff import convert, weights
 
         source = self.job.weights
         if source.generated:
@@ -135,7 +136,7 @@ class OracleReference(Reference):
                 raise ValueError(f"--quant {self.job.quant} rounds weights read from a file, not made from a seed")
             shapes = convert.canonical_shapes(self.spec)
             return {n: weights.generate_jax(self.spec, n, shapes[n], source.seed, self.dtype) for n in names}
-        loaded = safetensors_file.load(source.canonical, names).items()
+        loaded = weights.canonical_tensors(self.spec, source, names).items()
         if self.job.quant:  # the weights as llama.cpp's converter quantises them (llmdiff/quant.py)
             from llmdiff import quant
 

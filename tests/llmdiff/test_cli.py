@@ -101,13 +101,18 @@ def tiny_checkpoint(tmp_path):
     return weights.write_hf_checkpoint(tmp_path / "ckpt", spec, weights.random_weights(spec, seed=3))
 
 
-def test_local_checkpoint_compares_at_parity(llmdiff_cli, tiny_checkpoint):
+def test_local_checkpoint_compares_at_parity(llmdiff_cli, tiny_checkpoint, tmp_path):
+    """Read where it is: every worker reads the checkpoint's own files, no canonical copy."""
+    work = tmp_path / "work"
     code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--weights", str(tiny_checkpoint), "--no-diagnose",
-                                       "--dtype", "float32")
+                                       "--dtype", "float32", "--workdir", str(work))
     assert code == 0, out
     assert report["weights"]["source"] == "hf"
     spec = get_spec("gemma-7b", tiny=True)
     assert report["weights"]["fingerprint"] == weights.weights_fingerprint(weights.random_weights(spec, seed=3))
+    assert not list(work.rglob("*.safetensors.tmp")) and not (work / "canonical.safetensors").exists()
+    job = json.loads((work / "job-oracle.json").read_text())
+    assert job["weights"] == {"canonical": None, "hf_dir": str(tiny_checkpoint), "seed": None, "from_hf": True}
 
 
 def test_truncated_safetensors(llmdiff_cli, tiny_checkpoint):

@@ -28,6 +28,8 @@ from conftest import run_by_candidate
     pytest.param("llama-3.1-8b", "TiedLmHead", "float32", "LD106", "logits", marks=pytest.mark.slow),
     pytest.param("qwen3-0.6b", "QkNormAcrossHeads", "float32", "LD210", "L0.q", marks=pytest.mark.slow),
     pytest.param("llama-3.1-8b", "RopeThetaIgnored", "bfloat16", "LD409", "L0.q", marks=pytest.mark.slow),
+    pytest.param("llama-3.1-8b", "Llama3LinearScaling", "float32", "LD406", "L0.q", marks=pytest.mark.slow),
+    pytest.param("qwen2.5-0.5b", "KvHeadsTiled", "float32", "LD506", "L0.attn_out", marks=pytest.mark.slow),
 ])
 def test_a_port_bug_is_named_by_its_check_only(llmdiff_cli, mutants_on_path, model, mutant, dtype, code, where):
     impl = f"hf_mutants:{mutant}"

@@ -171,7 +171,8 @@ def _worst(rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["gemma-7b", "qwen3-0.6b", "llama-3.2-1b", "gemma-2-2b", "phi-3-mini-4k-instruct"])
+@pytest.mark.parametrize("model", ["gemma-7b", "qwen3-0.6b", "llama-3.2-1b", "gemma-2-2b", "phi-3-mini-4k-instruct",
+                                   "gemma-3-1b", "qwen2.5-0.5b"])
 def test_hf_gradients_are_at_parity(llmdiff_cli, model):
     code, out, _, report = llmdiff_cli("compare", model, "--tiny", "--grad", "--no-diagnose",
                                        "--no-tokenizer-parity", "--dtype", "float32", "--dtype", "bfloat16")
@@ -392,6 +393,20 @@ def test_a_trainer_step_normalised_per_micro_batch_is_named_at_loss_trainer():
     assert _ld602({**right, "trainer": {"error": "no Trainer"}}, lengths) == []
 
 
+def test_a_trainer_step_of_prompts_with_alike_losses_is_named_by_its_gradient():
+    """Random weights give every prompt a loss near log(vocab): the mean of the means is then
+    the whole batch's to 1e-5 (transformers 4.45.2 on tiny Llama 3.2: 6.28031 against 6.28042),
+    under what the losses can tell; the step's gradient is still the mean of the micro-batches'
+    means (rel L2 2.7e-8) and 0.73 from the whole batch's: LD602, confirmed."""
+    means, lengths = [6.28013277053833, 6.280488014221191], [38, 192]
+    rel = {"the whole batch's": 0.7300422189312004, "the sum of the micro-batches' means": 0.5000000013276255,
+           "the mean of the micro-batches' means": 2.681452951226417e-08}
+    (f,) = _ld602({"own_loss": means, "trainer": _trainer([3.140066385269165, 3.1402440071105957], rel)}, lengths)
+    assert (f.code, f.where, f.confirmed) == ("LD602", "loss:trainer", True)
+    assert f.evidence["matches"] == "the mean of the micro-batches' means"
+    assert abs(f.evidence["ratio"] - 1) < 1e-4        # the losses alone could not have said it
+
+
 @pytest.mark.slow   # ~70 s on a shared CPU
 def test_the_trainer_step_is_at_parity_and_per_micro_batch_normalisation_is_ld602(llmdiff_cli, mutants_on_path):
     """transformers' Trainer, one step accumulating one micro-batch per prompt: its loss and
@@ -416,6 +431,39 @@ def test_the_trainer_step_is_at_parity_and_per_micro_batch_normalisation_is_ld60
     (f,) = report["findings"]
     assert (f["code"], f["implementation"], f["where"], f["confirmed"]) == ("LD602", impl, "loss:trainer", True)
     assert f["evidence"]["matches"] == "the mean of the micro-batches' means" and "errors" not in report
+
+
+def test_a_trainer_that_counts_unshifted_labels_is_ld609_alone(llmdiff_cli, mutants_on_path):
+    """The Trainer's token count with each sequence's first label in it (transformers 4.46.2):
+    the step's loss and gradient are the whole batch's times N / (N + S); LD609 names it,
+    confirmed by the gradient's scale, and LD602 (a per-micro-batch mean) does not."""
+    impl = "hf_mutants:TrainerCountsUnshiftedLabels"
+    code, out, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--grad", "--impl", impl, "--dtype",
+                                       "float32", "--no-tokenizer-parity")
+    assert code == 1, out
+    run = run_by_candidate(report, impl, "float32")
+    assert run["first_divergence"] == "loss:trainer"
+    (f,) = report["findings"]
+    assert (f["code"], f["where"], f["confirmed"]) == ("LD609", "loss:trainer", True)
+    lengths = report["tokens"]["lengths"]
+    n = sum(x - 1 for x in lengths)
+    assert f["evidence"]["expected_ratio"] == n / (n + len(lengths))
+    assert abs(f["evidence"]["ratio"] - n / (n + len(lengths))) < 1e-6
+
+
+def test_a_trainer_step_that_cannot_run_is_an_error_not_a_quiet_gap(llmdiff_cli, mutants_on_path):
+    """--grad asks for transformers' Trainer step: where it cannot run (here it raises) the
+    compare says so as an error (exit 2), and every gradient it did compare is kept."""
+    impl = "hf_mutants:TrainerCannotRun"
+    code, out, err, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--grad", "--impl", impl, "--dtype",
+                                         "float32", "--no-diagnose", "--no-tokenizer-parity")
+    assert code == 2, out + err
+    (e,) = report["errors"]
+    assert e["stage"] == "Trainer step" and "needs accelerate>=0.26.0" in e["error"] and impl in e["error"]
+    run = run_by_candidate(report, impl, "float32")
+    assert run["verdict"] == "parity" and "loss:trainer" in run["missing_points"]
+    assert any(p["name"].startswith(grad.WEIGHT) for p in run["points"])
+    assert "Trainer step could not run" in out + err
 
 
 def test_micro_batches_of_neither_normalisation_are_not_ld602():

@@ -24,6 +24,14 @@ def test_a_run_has_one_label():
 
 def test_weights_source_says_whether_made_on_the_device():
     assert WeightsSource(hf_dir="/c", seed=0).generated and not WeightsSource(canonical="/w").generated
+    assert not WeightsSource(hf_dir="/c", from_hf=True).generated
+
+
+def test_weights_read_from_an_hf_directory_round_trip_and_older_jobs_read_as_files():
+    job = Job(spec={"name": "x"}, tokens=[[2, 5]], weights=WeightsSource(hf_dir="/hf", from_hf=True))
+    assert Job.from_json(job.to_json()).weights == WeightsSource(hf_dir="/hf", from_hf=True)
+    older = {**json.loads(job.to_json()), "weights": {"canonical": "/w", "hf_dir": "/hf", "seed": None}}
+    assert Job.from_dict(older).weights.from_hf is False
 
 
 def test_a_quantised_job_round_trips_and_an_unknown_type_is_refused():

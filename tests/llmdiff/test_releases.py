@@ -132,3 +132,29 @@ def test_the_table_has_a_tokenizer_column_and_an_html_form():
     assert releases.is_bad(bad, None) and releases.is_bad(bad, "LD001") and not releases.is_bad(ok, None)
     page = releases.matrix_html("gemma-7b", "hf", [ok, bad])
     assert '<td class="ok">parity</td>' in page and '<td class="bad">differ (LD001)</td>' in page
+
+
+def test_matrix_and_bisect_hand_grad_to_every_release(monkeypatch):
+    """`--grad` reaches each release's compare (the Trainer's normalisation fixed in 4.46 is a
+    training bug: only a --grad compare sees it)."""
+    from click.testing import CliRunner
+
+    from llmdiff.cli import main
+
+    seen = []
+
+    def run_release(model, impl, release, say=lambda m: None, **options):
+        seen.append((str(release), options["grad"]))
+        return _cell(str(release), bad=str(release) < "t==1.5.0", finding="LD602")
+
+    monkeypatch.setattr(releases, "run_release", run_release)
+    monkeypatch.setattr(releases, "between", lambda package, a, b: VERSIONS)
+    result = CliRunner().invoke(main, ["bisect", "gemma-7b", "--tiny", "--grad", "--good", "t==1.7.0",
+                                       "--bad", "t==1.0.0", "--finding", "LD602"])
+    assert result.exit_code == 0, result.output
+    assert seen and all(grad for _, grad in seen)
+    assert "t==1.5.0" in result.output
+    monkeypatch.setattr(releases, "resolve", lambda versions, every=False: [releases.Release.parse("t==1.0.0")])
+    seen.clear()
+    result = CliRunner().invoke(main, ["matrix", "gemma-7b", "--tiny", "--versions", "t==1.0.0"])
+    assert seen == [("t==1.0.0", False)] and "LD602" in result.output

@@ -118,3 +118,181 @@ def test_generated_fingerprint_depends_on_seed_and_model():
     assert weights.generated_fingerprint(a, 0) == weights.generated_fingerprint(a, 0)
     assert weights.generated_fingerprint(a, 0) != weights.generated_fingerprint(a, 1)
     assert weights.generated_fingerprint(a, 0) != weights.generated_fingerprint(get_spec("gemma-2b"), 0)
+
+
+# --- an HF checkpoint directory, tensor by tensor ------------------------------------------
+
+# One tiny model of every family: its HF layout (fused Phi-3 projections, Qwen2 biases, q/k
+# norms, four norms, HF's smaller Gemma 2 table, untied heads).
+FAMILY_MODELS = ["gemma-7b", "gemma-2-2b", "gemma-3-1b", "llama-3.1-8b", "qwen2.5-0.5b", "qwen3-0.6b",
+                 "mistral-7b-v0.1", "phi-3-mini-4k-instruct"]
+
+
+def _joined(blocks) -> dict:
+    parts: dict = {}
+    for name, block, non_finite in blocks:
+        assert block.dtype == np.float32 and block.flags.c_contiguous and non_finite == 0
+        parts.setdefault(name, []).append(block)
+    return {n: np.concatenate(p) for n, p in parts.items()}
+
+
+def _assert_same_bits(got: dict, want: dict) -> None:
+    assert list(got) == list(want) or sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == np.float32 and got[name].shape == want[name].shape, name
+        assert got[name].tobytes() == want[name].tobytes(), name
+
+
+def test_family_models_cover_every_family():
+    from llmdiff import hf_format
+
+    assert {get_spec(n, tiny=True).family for n in FAMILY_MODELS} == set(hf_format.ARCHITECTURES)
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_checkpoint_tensor_by_tensor_is_read_hf_checkpoint_bit_for_bit(name, tmp_path):
+    """Each canonical tensor read alone, the parent's blocks, and what a worker gets from
+    either source are the whole-set read's values; the streamed fingerprint is the whole set's."""
+    from llmdiff.job import WeightsSource
+
+    spec = get_spec(name, tiny=True)
+    path = weights.write_hf_checkpoint(tmp_path / "c", spec, weights.random_weights(spec))
+    whole = weights.read_hf_checkpoint(path, spec)
+    checkpoint = weights.HFCheckpoint(path, spec)
+    assert checkpoint.names == sorted(whole)
+    alone = {}
+    for n in reversed(checkpoint.names):          # one at a time, out of order
+        alone.update(checkpoint.read([n]))
+    _assert_same_bits(alone, whole)
+    _assert_same_bits(_joined(checkpoint.blocks(block_bytes=1000)), whole)   # several blocks per tensor
+    fingerprint = weights.weights_fingerprint(whole)
+    assert weights.checked_fingerprint(checkpoint.blocks(block_bytes=1000), path) == fingerprint
+    assert weights.checked_fingerprint(checkpoint.blocks(), path) == fingerprint
+    layer = convert.layer_names(spec, 1)
+    from_dir = weights.canonical_tensors(spec, WeightsSource(hf_dir=str(path), from_hf=True), layer)
+    _assert_same_bits(from_dir, {n: whole[n] for n in layer})
+    weights.save_canonical(tmp_path / "canonical.safetensors", whole)
+    from_file = weights.canonical_tensors(spec, WeightsSource(canonical=str(tmp_path / "canonical.safetensors")))
+    _assert_same_bits(from_file, whole)
+
+
+def test_fingerprint_is_the_one_reports_always_had():
+    """sha256 of each sorted name then its float32 bytes, first 16 hex digits: reports of the
+    same checkpoint stay comparable across versions."""
+    import hashlib
+
+    canon = {"b": np.arange(6, dtype=np.float32).reshape(2, 3).T, "a": np.array([1.5], np.float32)}
+    h = hashlib.sha256(b"a" + np.float32(1.5).tobytes() + b"b" + np.array([0, 3, 1, 4, 2, 5], np.float32).tobytes())
+    assert weights.weights_fingerprint(canon) == h.hexdigest()[:16]
+    assert weights.checked_fingerprint([("a", canon["a"], 0), ("b", canon["b"][:1], 0), ("b", canon["b"][1:], 0)],
+                                       "x") == h.hexdigest()[:16]
+
+
+def test_sharded_float32_checkpoint_with_an_untied_head_of_a_tied_model(tmp_path):
+    """Two shards and their index, float32 (the tensors are then the files' own bytes), and an
+    `lm_head.weight` a tied model's checkpoint may carry."""
+    from llmdiff import checkpoint_files, safetensors_file
+
+    spec = get_spec("gemma-7b", tiny=True)
+    canon = weights.random_weights(spec)
+    canon["lm_head"] = canon["embed"] * 2
+    path = weights.write_hf_checkpoint(tmp_path / "c", spec, canon, dtype="float32")
+    tensors = safetensors_file.load(path / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for fname, part in shards.items():
+        safetensors_file.save(path / fname, {n: np.array(tensors[n]) for n in part})
+    (path / "model.safetensors").unlink()
+    (path / checkpoint_files.INDEX).write_text(json.dumps(
+        {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}))
+    whole = weights.read_hf_checkpoint(path, spec)
+    assert "lm_head" in whole
+    checkpoint = weights.HFCheckpoint(path, spec)
+    _assert_same_bits(checkpoint.read(checkpoint.names), whole)
+    assert weights.checked_fingerprint(checkpoint.blocks(block_bytes=4096), path) == weights.weights_fingerprint(whole)
+
+
+def _error(call) -> str:
+    from llmdiff.errors import WeightsError
+
+    with pytest.raises(WeightsError) as e:
+        call()
+    return str(e.value)
+
+
+def _rewrite(path, change) -> None:
+    from llmdiff import safetensors_file
+
+    f = path / "model.safetensors"
+    tensors = {k: np.array(v) for k, v in safetensors_file.load(f).items()}
+    change(tensors)
+    safetensors_file.save(f, tensors)
+
+
+@pytest.mark.parametrize("case", ["missing", "shape"])
+def test_checkpoint_errors_are_the_whole_reads_before_any_value_is_read(tmp_path, case):
+    spec = get_spec("gemma-7b", tiny=True)
+    path = weights.write_hf_checkpoint(tmp_path / "c", spec, weights.random_weights(spec))
+    name = "model.layers.1.mlp.up_proj.weight"
+    if case == "missing":
+        _rewrite(path, lambda t: t.pop(name))
+    else:
+        _rewrite(path, lambda t: t.update({name: t[name][:-1]}))
+    line = _error(lambda: weights.HFCheckpoint(path, spec))
+    assert line == _error(lambda: weights.read_hf_checkpoint(path, spec))
+    assert (f"missing tensor {name!r}" if case == "missing" else f"shape mismatch: {name} has shape (767, 96)") in line
+
+
+def test_non_finite_weights_are_refused_naming_the_first_tensor_and_its_count(tmp_path):
+    """NaN in two tensors, one of them over several blocks: the error of `refuse_non_finite` on
+    the whole set (the first tensor in sorted order, every bad value of it counted)."""
+    spec = get_spec("gemma-7b", tiny=True)
+    path = weights.write_hf_checkpoint(tmp_path / "c", spec, weights.random_weights(spec))
+
+    def poison(t):
+        down = t["model.layers.0.mlp.down_proj.weight"]   # canonical L0.down: (F, D), its transpose
+        down[0, :5] = np.nan                               # column 0 of L0.down: rows 0..4, one per block below
+        down[3, -1] = np.inf
+        t["model.embed_tokens.weight"][7, 7] = np.nan
+    _rewrite(path, poison)
+    want = _error(lambda: weights.refuse_non_finite(weights.read_hf_checkpoint(path, spec), str(path)))
+    assert "tensor L0.down holds 6 NaN/Inf values" in want
+    checkpoint = weights.HFCheckpoint(path, spec)
+    got = _error(lambda: weights.checked_fingerprint(checkpoint.blocks(block_bytes=96 * 4), str(path)))
+    assert got == want
+
+
+def test_blocks_stay_near_block_bytes(tmp_path):
+    spec = get_spec("gemma-7b", tiny=True)
+    path = weights.write_hf_checkpoint(tmp_path / "c", spec, weights.random_weights(spec))
+    shapes, sizes = convert.canonical_shapes(spec), {}
+    for name, block, _ in weights.HFCheckpoint(path, spec).blocks(block_bytes=8192):
+        sizes.setdefault(name, []).append(block.nbytes)
+    for name, got in sizes.items():   # whole rows: one row a block where a row is larger
+        row = int(np.prod(shapes[name][1:])) * 4
+        assert max(got) <= max(8192, row) and sum(got) == row * shapes[name][0], name
+    rows, width = shapes["embed"]
+    assert len(sizes["embed"]) == -(-rows // (8192 // (width * 4))) > 1   # as many whole rows as fit
+
+
+def test_a_tensor_the_checkpoint_lacks_is_one_line(tmp_path):
+    spec = get_spec("gemma-7b", tiny=True)  # tied: no lm_head
+    path = weights.write_hf_checkpoint(tmp_path / "c", spec, weights.random_weights(spec))
+    checkpoint = weights.HFCheckpoint(path, spec)
+    for name in ("lm_head", "L9.q", "Lx.q"):
+        assert f"no canonical tensor {name!r} for gemma-7b" in _error(lambda: checkpoint.read(["L0.q", name]))
+
+
+def test_transposed_views_convert_square_by_square_to_the_same_bits():
+    """The tiled copy of a transposed view (several tiles each way, ragged edges, a leading
+    heads axis as q's and o's views have) is `np.ascontiguousarray(v, np.float32)`."""
+    rng = np.random.default_rng(0)
+    hf = (rng.standard_normal((300, 517), dtype=np.float32) * 3).astype(ml_dtypes.bfloat16)
+    hf[5, 7] = np.nan
+    views = [hf.T, hf.T[100:400], hf.reshape(3, 100, 517).transpose(0, 2, 1), hf.T.reshape(11, 47, 300),
+             hf.astype(np.float32).T, hf]
+    for v in views:
+        got = weights._float32(v)
+        assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == v.shape
+        assert got.tobytes() == np.ascontiguousarray(v, np.float32).tobytes()

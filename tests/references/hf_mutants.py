@@ -221,6 +221,34 @@ class Llama3RopeScalingMissing(HFReference):
         return model
 
 
+class Llama3LinearScaling(HFReference):
+    """Llama 3.1's RoPE with every frequency divided by the scaling factor: `rope_type` read as
+    plain linear scaling, the `llama3` bands (high frequencies kept, a blend between) ignored."""
+
+    def patch_model(self, model):
+        import torch
+
+        rotary = model.model.rotary_emb
+        H = self.spec.head_dim
+        plain = 1.0 / (self.spec.rope_base ** (torch.arange(0, H, 2, dtype=torch.int64).float() / H))
+        rotary.inv_freq = (plain / self.spec.rope_llama3[0]).to(rotary.inv_freq.device)
+        rotary.original_inv_freq = rotary.inv_freq
+        return model
+
+
+class KvHeadsTiled(HFReference):
+    """Grouped-query attention with the key/value heads tiled (`k.repeat(1, groups, 1, 1)`: query
+    head h reads kv head h % kv_heads) instead of repeated in place (h // groups): a port that
+    writes `repeat_kv` with `repeat` where `repeat_interleave` is meant."""
+
+    def patch_model(self, model):
+        import sys
+
+        modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
+        modeling.repeat_kv = lambda x, n_rep: x if n_rep == 1 else x.repeat(1, n_rep, 1, 1)
+        return model
+
+
 class QkvBiasDropped(HFReference):
     """Qwen2's q/k/v projections built without their biases (a Llama-style port)."""
 
@@ -676,6 +704,23 @@ class TrainerLossPerMicroBatch(HFReference):
     def patch_trainer(self, trainer):
         trainer.model_accepts_loss_kwargs = False
         return trainer
+
+
+class TrainerCountsUnshiftedLabels(HFReference):
+    """transformers' Trainer as 4.46.2 was: `num_items_in_batch` counts every label that is not
+    -100 before the shift, each sequence's first one too (5.24 counts `labels[..., 1:]` where
+    the model's loss shifts; telling it the loss does not shift makes it count them all)."""
+
+    def patch_trainer(self, trainer):
+        trainer._loss_shifts_labels = False
+        return trainer
+
+
+class TrainerCannotRun(HFReference):
+    """A release whose Trainer cannot make its step here (an old accelerate, a missing extra)."""
+
+    def patch_trainer(self, trainer):
+        raise RuntimeError("this Trainer needs accelerate>=0.26.0")
 
 
 class KvRoundedToF16(HFReference):

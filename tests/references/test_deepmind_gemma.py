@@ -52,6 +52,22 @@ def test_deepmind_at_parity_with_oracle_and_hf(llmdiff_cli, model, dtypes):
     assert _point(run_by_candidate(report, "deepmind", "float32"), "embed")["max_abs"] == 0.0
 
 
+@needs_deepmind
+def test_a_checkpoint_directory_is_read_from_its_own_files(llmdiff_cli, tmp_path):
+    """`compare DIR`: deepmind gets its tensors converted from the checkpoint's files (no canonical copy)."""
+    from llmdiff import weights
+
+    spec = get_spec("gemma-7b", tiny=True)
+    path = weights.write_hf_checkpoint(tmp_path / "ckpt", spec, weights.random_weights(spec, seed=3))
+    code, out, err, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--weights", str(path), "--impl", "deepmind",
+                                         "--no-diagnose", "--dtype", "float32", "--workdir", str(tmp_path / "work"))
+    assert code == 0, out + err
+    assert report["weights"]["source"] == "hf" and not (tmp_path / "work" / "canonical.safetensors").exists()
+    run = run_by_candidate(report, "deepmind", "float32")
+    assert run["verdict"] == "parity" and _point(run, "embed")["max_abs"] == 0.0
+    assert _point(run, "logits")["rel_l2"] <= 1e-5
+
+
 def test_missing_extra_is_one_line_and_others_still_run(llmdiff_cli, tmp_path, monkeypatch):
     """No deepmind virtualenv and no importable gemma: one line with the install command, exit 2."""
     shadow = tmp_path / "shadow"

@@ -141,6 +141,20 @@ def test_gemma_float32_at_parity(tmp_path):
 
 
 @needs_keras
+def test_a_checkpoint_directory_is_read_from_its_own_files(tmp_path):
+    """`compare DIR`: keras gets its tensors converted from the checkpoint's files (no canonical copy)."""
+    import llmdiff
+    from llmdiff import weights
+
+    spec = get_spec("gemma-7b", tiny=True)
+    path = weights.write_hf_checkpoint(tmp_path / "ckpt", spec, weights.random_weights(spec, seed=3))
+    report = llmdiff.compare("gemma-7b", ["keras"], tiny=True, weights=str(path), dtypes=["float32"],
+                             diagnose=False, workdir=str(tmp_path / "work")).report
+    assert report["weights"]["source"] == "hf" and not (tmp_path / "work" / "canonical.safetensors").exists()
+    assert _points(_at_parity(report, "gemma-7b", "float32"))["logits"]["rel_l2"] <= 2e-6
+
+
+@needs_keras
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["gemma-7b", "gemma-2-2b", "gemma-3-1b"])
 def test_float32_and_bfloat16_at_parity(tmp_path, model):

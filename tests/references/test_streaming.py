@@ -1,5 +1,6 @@
 """Block-streamed and whole-model runs give identical captures; so do weights made on the
-device and weights read from files. CPU, tiny models."""
+device, weights read from the canonical file and (the oracle) weights read from the HF
+checkpoint's own files. CPU, tiny models."""
 
 import numpy as np
 import pytest
@@ -50,6 +51,9 @@ def test_streamed_and_made_weights_give_identical_captures(setup, impl):
     made = _run(impl, _job(spec, WeightsSource(hf_dir=files.hf_dir, seed=0)), work,
                 [("made", "float32", False), ("made-stream", "bfloat16", True)])
     got.update(made)
+    if impl == "oracle":  # read from the HF directory's own files, tensor by tensor (`compare DIR`)
+        got.update(_run(impl, _job(spec, WeightsSource(hf_dir=files.hf_dir, from_hf=True)), work,
+                        [("from-hf", "float32", False), ("from-hf-stream", "bfloat16", True)]))
     _WHOLE[impl] = got["whole", "float32"]
     for (label, d), caps in got.items():
         whole = got["whole", d]
