@@ -73,7 +73,8 @@ class LossNormalisedPerMicroBatch(Check):
                     f"transformers' Trainer (gradient_accumulation_steps={trainer.get('gradient_accumulation_steps')})"
                     " micro-batches"))
         for where, parts, what in sources:
-            if parts and len(parts) == len(lengths):
+            # One micro-batch is the whole batch: every normalisation gives the same number.
+            if parts and len(parts) == len(lengths) > 1:
                 yield from self._judge(ctx, where, what, means, parts, lengths,
                                        trainer if where == "loss:trainer" else None)
 
@@ -92,7 +93,7 @@ class LossNormalisedPerMicroBatch(Check):
         if right is not None:
             near = {f: rel[f] for f in forms if rel.get(f) is not None}
             best = min(near, key=near.get) if near else None
-            if best is not None and near[best] <= GRADIENT_MATCH * right:
+            if best is not None and right > 0 and near[best] <= GRADIENT_MATCH * right:
                 by_gradient = best
         if by_gradient is None and abs(summed - whole) <= RELATIVE * abs(whole):
             return

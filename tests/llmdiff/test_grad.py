@@ -393,6 +393,16 @@ def test_a_trainer_step_normalised_per_micro_batch_is_named_at_loss_trainer():
     assert _ld602({**right, "trainer": {"error": "no Trainer"}}, lengths) == []
 
 
+def test_one_micro_batch_is_never_ld602():
+    """One prompt (a full-size run's one 512-token prompt): the whole batch is the one
+    micro-batch, every form the same number and gradient; nothing to name (an H200 run of
+    gemma-7b named LD602 from rel L2 0 to every form)."""
+    rel = {"the whole batch's": 0.0, "the sum of the micro-batches' means": 0.0,
+           "the mean of the micro-batches' means": 0.0}
+    assert _ld602({"own_loss": [12.8948], "trainer": _trainer([12.8948], rel)}, [512]) == []
+    assert _ld602({"own_loss": [12.8948], "own_loss_accumulated": {"micro_batches": [12.8948]}}, [512]) == []
+
+
 def test_a_trainer_step_of_prompts_with_alike_losses_is_named_by_its_gradient():
     """Random weights give every prompt a loss near log(vocab): the mean of the means is then
     the whole batch's to 1e-5 (transformers 4.45.2 on tiny Llama 3.2: 6.28031 against 6.28042),
