@@ -60,12 +60,18 @@ class HFReference(Reference):
         return {"torch": torch.__version__, "transformers": transformers.__version__}
 
     def load(self, request):
+        import gc
+
         import torch
         import transformers
         from transformers import AutoModelForCausalLM
 
         dtype = request.dtype
         self.model = self._weights = None  # the last run's model leaves the device first
+        # ...now, not at some later collection: after a --grad run the Trainer (its accelerator)
+        # and the model refer to each other, and gemma-7b's float32 weights stayed on the H200
+        # through the bfloat16 run (127 GB peak).
+        gc.collect()
         self._own_losses, self._accumulated, self._accumulated_error = [], [], None
         self._trainer, self._norm_grads = None, {"plain": {}, "whole_batch": {}}
         self._grad_sums, self._grad_prompts = {}, 0   # sketched --grad: weight gradients summed on the device

@@ -77,3 +77,31 @@ def test_mutants_diverge_where_the_bug_acts(model):
         assert (run["verdict"], run["first_divergence"]) == ("divergence", where), name
         point = next(p for p in run["points"] if p["name"] == where)
         assert point["rel_l2"] > 100 * point["noise_floor"], name  # far above noise, not marginal
+
+
+def test_a_grad_run_leaves_nothing_behind_for_the_next_run(tmp_path):
+    """The next run's load frees the last run's model at once: after --grad the Trainer and the
+    model refer to each other (a cycle only the garbage collector breaks), and a full-size
+    float32 model stayed on the GPU through the bfloat16 run (127 GB peak on an H200)."""
+    import weakref
+
+    from llmdiff import inputs, weights
+    from llmdiff.job import Job, Options, RunId, RunRequest, WeightsSource
+    from llmdiff.references.hf import HFReference
+
+    spec = get_spec("gemma-7b", tiny=True)
+    hf_dir = weights.write_hf_config(tmp_path / "hf-config", spec)
+    prompts = [inputs.synthetic_prompts(spec, s, (n,))[0] for s, n in ((0, 24), (1, 12))]
+    job = Job(spec=spec.to_dict(), tokens=prompts, options=Options(device="cpu", stream=False),
+              weights=WeightsSource(hf_dir=str(hf_dir), seed=0), grad=True)
+    adapter = HFReference(job)
+    for dtype in ("float32", "bfloat16"):
+        request = RunRequest(RunId(dtype), str(tmp_path / dtype), job.options)
+        adapter.begin(request)
+        adapter.load(request)
+        if dtype == "float32":
+            for t in prompts:
+                adapter.run_grad(t)
+            assert adapter._trainer and "error" not in adapter._trainer   # the Trainer's step ran
+            last = weakref.ref(next(adapter.model.parameters()))
+    assert last() is None
