@@ -571,12 +571,17 @@ class HFCheckpoint:
         from itertools import groupby
 
         pool = _pool()
+        groups = [(group, list(members)) for group, members in groupby(self.names, key=_group)]
         try:
-            for group, members in groupby(self.names, key=_group):
+            for k, (group, members) in enumerate(groups):
                 touched: list = []
                 try:
                     views = self._views(group, touched)
                     _advise(touched, "MADV_WILLNEED")   # the group's bytes read ahead of the conversion
+                    if k + 1 < len(groups):   # and the next group's, so that a cold disk reads on meanwhile
+                        ahead: list = []
+                        self._views(groups[k + 1][0], ahead)
+                        _advise(ahead, "MADV_WILLNEED")
                     for name in members:
                         if name not in views:
                             raise self._missing(name)
