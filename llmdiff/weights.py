@@ -525,6 +525,10 @@ class HFCheckpoint:
                 views = self._views(group, touched)
                 if len(members) == len(views):   # the whole group: its bytes read ahead of the conversion
                     _advise(touched, "MADV_WILLNEED")
+                    if isinstance(group, int) and group + 1 < self.spec.num_layers:
+                        ahead: list = []   # and the next layer's, which a worker loading layer by layer asks for next
+                        self._views(group + 1, ahead)
+                        _advise(ahead, "MADV_WILLNEED")
                 for name in members:
                     if name not in views:
                         raise self._missing(name)
