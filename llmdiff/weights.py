@@ -441,6 +441,19 @@ def _copy(out: np.ndarray, v: np.ndarray) -> None:
             out[..., i:i + _TILE, j:j + _TILE] = v[..., i:i + _TILE, j:j + _TILE]
 
 
+_ALIGN = 64   # bytes: XLA:CPU makes a device array of a numpy one so aligned without copying it
+
+
+def _aligned_empty(shape) -> np.ndarray:
+    """np.empty(shape, np.float32) starting on an _ALIGN-byte boundary (numpy's own is 16): a CPU
+    worker's `jax.device_put` of it then aliases it (measured, jax 0.10) instead of holding the
+    tensor twice while the copy is made."""
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(count * 4 + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + count * 4].view(np.float32).reshape(shape)
+
+
 _PIECE_BYTES = 4 << 20   # float32 bytes at least per thread's piece of one tensor (`_float32`)
 
 
@@ -450,7 +463,7 @@ def _float32(v: np.ndarray, parallel: bool = False) -> np.ndarray:
     contiguous already (the file's own bytes, read-only)."""
     if v.dtype == np.float32 and v.flags.c_contiguous:
         return v
-    out = np.empty(v.shape, np.float32)
+    out = _aligned_empty(v.shape)
     rows = v.shape[0] if v.ndim else 0
     pieces = min(_threads(), rows, out.nbytes // _PIECE_BYTES) if parallel else 1
     if pieces <= 1:

@@ -316,3 +316,12 @@ def test_a_tensor_converted_in_pieces_on_several_threads_is_the_same_bits(monkey
     for v in (hf.T, hf, hf.astype(np.float16).T, hf.reshape(3, 100, 517).transpose(0, 2, 1)):
         got = weights._float32(v, parallel=True)
         assert got.flags.c_contiguous and got.tobytes() == np.ascontiguousarray(v, np.float32).tobytes()
+
+
+def test_converted_tensors_start_on_a_64_byte_boundary():
+    """So that a CPU worker's device array aliases the converted tensor instead of copying it."""
+    hf = np.ones((3, 5, 7), ml_dtypes.bfloat16)
+    for v in (hf, hf.transpose(0, 2, 1), hf[0, 0], hf[0, 0, 0]):
+        got = weights._float32(v)
+        assert got.ctypes.data % 64 == 0 and got.shape == v.shape and got.dtype == np.float32
+        assert got.flags.c_contiguous and got.flags.writeable and np.all(got == 1)
