@@ -39,6 +39,11 @@ class OracleReference(Reference):
         dtype, constants_dtype = request.dtype, request.constants_dtype
         self.top, self._layers = None, None  # the last run's weights leave the device first
         kept, self._kept = getattr(self, "_kept", None), None   # but for a float32 run's (`_reuse`)
+        # Some of them are held in reference cycles, which only the collector frees (measured on
+        # the CPU: the embedding of a float32 run still resident through the next run's load).
+        import gc
+
+        gc.collect()
 
         jax.config.update("jax_enable_x64", True)
         # Compiled steps are kept across runs (a full-size model's first compile takes tens of
