@@ -386,25 +386,92 @@ def _checked_checkpoint_dir(path, spec: ModelSpec) -> Path:
     return path
 
 
-BLOCK_BYTES = 64 << 20   # float32 bytes per block of `HFCheckpoint.blocks`
-READ_AHEAD = 3           # blocks converted ahead of the caller
+BLOCK_BYTES = 16 << 20   # float32 bytes per block of `HFCheckpoint.blocks`
+READ_AHEAD = 2           # blocks converting or converted ahead of the caller, per conversion thread
+MAX_THREADS = 16         # conversion threads at most (`_pool`)
 
 
 _TILE = 128   # a transposed view is converted in TILE x TILE squares, which stay in cache
 
 
-def _float32(v: np.ndarray) -> np.ndarray:
-    """`np.ascontiguousarray(v, np.float32)`, the same values, faster for a transposed view (its
-    last axis strided in memory, as most canonical tensors are of their HF ones): copied square
-    by square, each read and written within the cache, instead of one strided sweep of the
-    whole (measured 3-4x faster on a bfloat16 (24576, 3072) transposed: 0.16 -> 0.6 GB/s on a
-    loaded 2-core VM)."""
+def _threads() -> int:
+    """Conversion threads: the cores this process may run on, at most MAX_THREADS."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, cores))
+
+
+@functools.lru_cache(maxsize=1)
+def _pool():
+    """The process's conversion threads: every step of a conversion is a numpy loop that releases
+    the GIL (`_convert_into`), so they run on as many cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="llmdiff-weights")
+
+
+def _is_bfloat16(dtype) -> bool:
+    return dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16"
+
+
+def _convert_into(out: np.ndarray, v: np.ndarray) -> None:
+    """`out[...] = v` for a C-contiguous float32 `out` of `v`'s shape: the values of
+    `np.ascontiguousarray(v, np.float32)`, bit for bit. A bfloat16 value is the high half of its
+    float32 one, so bfloat16 is copied as uint16 into uint32 and shifted left by 16 (numpy's own
+    integer loops, which release the GIL; ml_dtypes' cast holds it, and is 2x slower on a
+    transposed view). A transposed view (its last axis strided in memory, as most canonical
+    tensors are of their HF ones) is copied square by square, each read and written within the
+    cache, instead of one strided sweep of the whole (measured 3-4x faster)."""
+    if _is_bfloat16(v.dtype):
+        bits = out.view(np.uint32)
+        _copy(bits, v.view(np.uint16))
+        np.left_shift(bits, 16, out=bits)
+    else:
+        _copy(out, v)
+
+
+def _copy(out: np.ndarray, v: np.ndarray) -> None:
     if v.ndim < 2 or v.size < _TILE * _TILE or abs(v.strides[-1]) <= abs(v.strides[-2]):
-        return np.ascontiguousarray(v, np.float32)
-    out = np.empty(v.shape, np.float32)
+        out[...] = v
+        return
     for i in range(0, v.shape[-2], _TILE):
         for j in range(0, v.shape[-1], _TILE):
             out[..., i:i + _TILE, j:j + _TILE] = v[..., i:i + _TILE, j:j + _TILE]
+
+
+_ALIGN = 64   # bytes: XLA:CPU makes a device array of a numpy one so aligned without copying it
+
+
+def _aligned_empty(shape) -> np.ndarray:
+    """np.empty(shape, np.float32) starting on an _ALIGN-byte boundary (numpy's own is 16): a CPU
+    worker's `jax.device_put` of it then aliases it (measured, jax 0.10) instead of holding the
+    tensor twice while the copy is made."""
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(count * 4 + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + count * 4].view(np.float32).reshape(shape)
+
+
+_PIECE_BYTES = 4 << 20   # float32 bytes at least per thread's piece of one tensor (`_float32`)
+
+
+def _float32(v: np.ndarray, parallel: bool = False) -> np.ndarray:
+    """`np.ascontiguousarray(v, np.float32)`, the same values (`_convert_into`); `parallel`: its
+    rows split over the conversion threads (`_pool`). The view itself where it is float32 and
+    contiguous already (the file's own bytes, read-only)."""
+    if v.dtype == np.float32 and v.flags.c_contiguous:
+        return v
+    out = _aligned_empty(v.shape)
+    rows = v.shape[0] if v.ndim else 0
+    pieces = min(_threads(), rows, out.nbytes // _PIECE_BYTES) if parallel else 1
+    if pieces <= 1:
+        _convert_into(out, v)
+        return out
+    bounds = [rows * k // pieces for k in range(pieces + 1)]
+    list(_pool().map(lambda k: _convert_into(out[bounds[k]:bounds[k + 1]], v[bounds[k]:bounds[k + 1]]),
+                     range(pieces)))
     return out
 
 
@@ -460,7 +527,7 @@ class HFCheckpoint:
 
     def read(self, names) -> dict[str, np.ndarray]:
         """{name: float32 array} for canonical `names`, each contiguous (read-only where it is
-        the file's own float32 bytes)."""
+        the file's own float32 bytes), converted on the conversion threads (`_pool`)."""
         groups: dict = {}
         for name in names:
             groups.setdefault(_group(name), []).append(name)
@@ -471,10 +538,14 @@ class HFCheckpoint:
                 views = self._views(group, touched)
                 if len(members) == len(views):   # the whole group: its bytes read ahead of the conversion
                     _advise(touched, "MADV_WILLNEED")
+                    if isinstance(group, int) and group + 1 < self.spec.num_layers:
+                        ahead: list = []   # and the next layer's, which a worker loading layer by layer asks for next
+                        self._views(group + 1, ahead)
+                        _advise(ahead, "MADV_WILLNEED")
                 for name in members:
                     if name not in views:
                         raise self._missing(name)
-                    out[name] = _float32(views[name])
+                    out[name] = _float32(views[name], parallel=True)
             finally:
                 _release(touched)
         return out
@@ -483,39 +554,51 @@ class HFCheckpoint:
         """(name, block, non-finite count) for every canonical tensor, in `names`' order: float32
         blocks of whole rows of about `block_bytes`, which laid end to end are the tensor's bytes
         (a tensor of no rows is one empty block), and how many of the block's values are NaN or
-        Inf. A thread converts and counts READ_AHEAD blocks ahead of the caller; each group's HF
-        pages are released once converted, so memory holds about the largest HF tensor plus a
-        few blocks."""
+        Inf. A thread walks the groups (each group's bytes read ahead, `MADV_WILLNEED`) and hands
+        each block to the conversion threads (`_pool`), READ_AHEAD per thread ahead of the caller,
+        which gets them in order; a group's HF pages are released once the caller has all its
+        blocks, so memory holds about the largest HF tensor plus a few blocks per thread."""
         import queue
         import threading
 
-        ready: queue.Queue = queue.Queue(maxsize=READ_AHEAD)
+        ready: queue.Queue = queue.Queue(maxsize=READ_AHEAD * _threads())
         stop = threading.Event()
-        thread = threading.Thread(target=self._convert_blocks, args=(block_bytes, ready, stop),
-                                  name="llmdiff-weights", daemon=True)
+        thread = threading.Thread(target=self._submit_blocks, args=(block_bytes, ready, stop),
+                                  name="llmdiff-weights-walk", daemon=True)
         thread.start()
         try:
             while (item := ready.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                if isinstance(item, list):   # the pages of a group whose blocks all came before
+                    _release(item)
+                    continue
+                yield item.result()
         finally:
             stop.set()
-            while thread.is_alive():   # a converter blocked on a full queue sees `stop`
+            while thread.is_alive() or not ready.empty():   # a walker blocked on a full queue sees `stop`
                 try:
-                    ready.get(timeout=0.1)
+                    item = ready.get(timeout=0.1)
                 except queue.Empty:
-                    pass
+                    continue
+                if isinstance(item, list):
+                    _release(item)
 
-    def _convert_blocks(self, block_bytes: int, ready, stop) -> None:
+    def _submit_blocks(self, block_bytes: int, ready, stop) -> None:
         from itertools import groupby
 
+        pool = _pool()
+        groups = [(group, list(members)) for group, members in groupby(self.names, key=_group)]
         try:
-            for group, members in groupby(self.names, key=_group):
+            for k, (group, members) in enumerate(groups):
                 touched: list = []
                 try:
                     views = self._views(group, touched)
                     _advise(touched, "MADV_WILLNEED")   # the group's bytes read ahead of the conversion
+                    if k + 1 < len(groups):   # and the next group's, so that a cold disk reads on meanwhile
+                        ahead: list = []
+                        self._views(groups[k + 1][0], ahead)
+                        _advise(ahead, "MADV_WILLNEED")
                     for name in members:
                         if name not in views:
                             raise self._missing(name)
@@ -525,13 +608,17 @@ class HFCheckpoint:
                         for r0 in range(0, rows, per) if rows else (0,):
                             if stop.is_set():
                                 return
-                            block = _float32(v[r0:r0 + per] if v.ndim else v)
-                            ready.put((name, block, _non_finite(block)))
+                            ready.put(pool.submit(_counted_block, name, v[r0:r0 + per] if v.ndim else v))
                 finally:
-                    _release(touched)
+                    ready.put(touched)   # released by the caller once it has the group's blocks
             ready.put(None)
         except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
             ready.put(e)
+
+
+def _counted_block(name: str, v: np.ndarray):
+    block = _float32(v)
+    return name, block, _non_finite(block)
 
 
 class _Shape:

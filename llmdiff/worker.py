@@ -98,6 +98,25 @@ def _sketch_on_host(caps: dict, round_to) -> dict:
     return out
 
 
+def _rss_mb() -> tuple[int | None, int | None]:
+    """(resident now, peak so far) of this process in MB, for the run's timings: which worker
+    held how much host memory, where a device machine's report is all there is. None where the
+    platform does not say."""
+    now = peak = None
+    try:
+        with open("/proc/self/statm") as f:
+            now = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> (20 if sys.platform == "darwin" else 10)
+    except (ImportError, OSError):
+        pass
+    return now, peak
+
+
 def _bench(adapter, prompts, timings, reps: int = 3) -> None:
     """For `bench/`: a warm-up (compilation, kernels), then the bare forward (no capture) and
     the capturing one, each the fastest of `reps` timed runs; the run that follows is warm too."""
@@ -162,6 +181,7 @@ def main(job_path: str) -> int:
             t = time.perf_counter()
             adapter.load(run)
             meta["timings"]["load_s"] = round(time.perf_counter() - t, 3)
+            meta["timings"]["rss_after_load_mb"], meta["timings"]["peak_rss_after_load_mb"] = _rss_mb()
             if run.options.bench:
                 _bench(adapter, job.tokens, meta["timings"])
             t = time.perf_counter()
@@ -169,6 +189,7 @@ def main(job_path: str) -> int:
             # What the adapter gives once for the whole batch (sketched weight gradients)
             whole_batch = adapter.finish_grad() if job.grad else {}
             meta["timings"]["run_s"] = round(time.perf_counter() - t, 3)
+            meta["timings"]["peak_rss_mb"] = _rss_mb()[1]   # the worker's, over this run and those before it
             _say(f"{job.impl} {run.id}: loaded in {meta['timings']['load_s']:.1f} s,"
                  f" ran {len(job.tokens)} prompt(s) in {meta['timings']['run_s']:.2f} s")
             names = sorted(n for n in per_prompt[0] if not is_grad(n) and adapter.wants(n.split(":")[0]))

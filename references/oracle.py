@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -37,6 +38,12 @@ class OracleReference(Reference):
 
         dtype, constants_dtype = request.dtype, request.constants_dtype
         self.top, self._layers = None, None  # the last run's weights leave the device first
+        kept, self._kept = getattr(self, "_kept", None), None   # but for a float32 run's (`_reuse`)
+        # Some of them are held in reference cycles, which only the collector frees (measured on
+        # the CPU: the embedding of a float32 run still resident through the next run's load).
+        import gc
+
+        gc.collect()
 
         jax.config.update("jax_enable_x64", True)
         # Compiled steps are kept across runs (a full-size model's first compile takes tens of
@@ -82,7 +89,7 @@ class OracleReference(Reference):
         # device maps do for torch), so each op runs as on one device and the captures are its.
         # Block streaming: each layer's weights are made (or read) when its block runs and
         # dropped after; otherwise all of them are on the device from the start.
-        memory = [(d.memory_stats() or {}).get("bytes_limit", 0) if self.device == "gpu" else 0 for d in jax.devices()]
+        memory = self._device_memory()
         try:
             count, self.stream = self.placement(dtype, memory)
         except RuntimeError:
@@ -90,10 +97,15 @@ class OracleReference(Reference):
         used = jax.devices()[:count]
         L = self.spec.num_layers
         self.layer_devices = [used[i * count // L] for i in range(L)] if count > 1 else None
-        self.top = {"embedder": {"input_embedding": self._tensors(["embed"])["embed"]},
-                    "final_norm": {"scale": self._tensors(["final_norm"])["final_norm"]}}
-        if not self.spec.tie_embeddings:  # an untied output head (Llama 3.1, Qwen 7B and up, Mistral)
-            self.top["lm_head"] = self._tensors(["lm_head"])["lm_head"]
+        self._from_kept = self._reuse(kept, dtype, memory)
+        if self._from_kept is not None:
+            self.top = self._cast(self._from_kept[0])
+        else:
+            kept = None   # off the device before this run's weights are on it
+            self.top = {"embedder": {"input_embedding": self._tensors(["embed"])["embed"]},
+                        "final_norm": {"scale": self._tensors(["final_norm"])["final_norm"]}}
+            if not self.spec.tie_embeddings:  # an untied output head (Llama 3.1, Qwen 7B and up, Mistral)
+                self.top["lm_head"] = self._tensors(["lm_head"])["lm_head"]
         self._canon = None
         self.__dict__.pop("_weight_sums", None)  # a failed run's sums go with it
         self.__dict__.pop("_streamed_weights", None)
@@ -112,6 +124,10 @@ class OracleReference(Reference):
                 self._canon = self._tensors(list(convert.canonical_shapes(self.spec)))
         elif not self.stream:
             self._layers = [self._layer(i) for i in range(self.spec.num_layers)]
+            if self.dtype == "float32" and self._kept is None and not self.layer_devices and memory and all(memory):
+                # Kept on the device for the worker's next runs, which cast it there instead of
+                # reading and converting the checkpoint again (`_reuse` decides whether they may).
+                self._kept = (self.top, self._layers, None)
         # Teacher forcing: another implementation's captures feed every op (see gemma.Tape).
         forced_from = self.options.forced_from
         self._forced = None
@@ -122,6 +138,41 @@ class OracleReference(Reference):
             if any(n.endswith(":sketch") for n in self._forced):
                 raise ValueError("teacher forcing needs whole captures, not sketches (--capture full)")
         self._offset = 0  # where the next prompt starts in the forced captures (prompts are concatenated)
+
+    def _device_memory(self) -> list[int]:
+        """Each visible device's memory (JAX's limit), 0 where it is not known (the host's)."""
+        import jax
+
+        return [(d.memory_stats() or {}).get("bytes_limit", 0) if self.device == "gpu" else 0 for d in jax.devices()]
+
+    def _reuse(self, kept, dtype: str, memory: list[int]):
+        """The float32 weights an earlier whole-model run of this worker left on the device, when
+        this run may take its weights from them, cast on the device, instead of reading the
+        checkpoint again: one device, no --grad, and the float32 set plus this run's own weights
+        (none when streamed: a block's at a time) within half the device, placement's own bound.
+        Never when a float32 value is subnormal: converting one is exact in IEEE arithmetic, but
+        XLA may flush it to zero (measured: XLA:CPU makes float32 subnormals 0.0 in float64),
+        and the weights must be the very bits a fresh load makes."""
+        if kept is None or self.job.grad or self.layer_devices or not (memory and all(memory)):
+            return None
+        need = self.weight_bytes("float32") + (0 if self.stream or self.dtype == "float32" else self.weight_bytes(dtype))
+        if need > memory[0] / 2:
+            return None
+        top, layers, subnormal = kept
+        if subnormal is None:
+            subnormal = any(bool(_has_subnormal()(a)) for a in _leaves((top, layers)))
+        if subnormal:
+            return None
+        self._kept = (top, layers, False)
+        return top, layers
+
+    def _cast(self, tree):
+        """The kept float32 arrays at this run's dtype (themselves at float32)."""
+        import jax
+        import jax.numpy as jnp
+
+        dtype = jnp.dtype(self.dtype)
+        return jax.tree.map(lambda a: a if a.dtype == dtype else a.astype(dtype), tree)
 
     def _tensors(self, names):
         """Canonical tensors on the device: made by the seeded generator, or read from the canonical
@@ -151,6 +202,8 @@ class OracleReference(Reference):
 
         if self._layers is not None:
             return self._layers[i]
+        if self._from_kept is not None:
+            return self._cast(self._from_kept[1][i])
         device = self.layer_devices[i] if self.layer_devices else jax.devices()[0]
         with jax.default_device(device):
             canon = self._tensors(convert.layer_names(self.spec, i))
@@ -324,7 +377,28 @@ class OracleReference(Reference):
 
     def describe(self):
         return {**dataclasses.asdict(self.precision), "device": self.device, "streamed": self.stream,
-                "devices": len(set(self.layer_devices)) if self.layer_devices else 1}
+                "devices": len(set(self.layer_devices)) if self.layer_devices else 1,
+                "weights_from": "float32 run" if self._from_kept is not None else "source"}
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_subnormal():
+    """f(a): whether float32 array `a` holds a subnormal value, from its bits (integer ops: a
+    flush-to-zero mode does not touch them); one fused step, no temporaries of `a`'s size."""
+    import jax
+    import jax.numpy as jnp
+
+    def f(a):
+        bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+        return jnp.any(((bits & 0x7F800000) == 0) & ((bits & 0x007FFFFF) != 0))
+
+    return jax.jit(f)
 
 
 def _to_host(out: dict) -> dict:

@@ -296,3 +296,32 @@ def test_transposed_views_convert_square_by_square_to_the_same_bits():
         got = weights._float32(v)
         assert got.dtype == np.float32 and got.flags.c_contiguous and got.shape == v.shape
         assert got.tobytes() == np.ascontiguousarray(v, np.float32).tobytes()
+
+
+def test_every_bfloat16_value_converts_to_ml_dtypes_float32_bits():
+    """The shifted uint16 path is ml_dtypes' cast for all 65536 bit patterns (NaN payloads,
+    infinities, subnormals, signed zeros), contiguous and as a transposed view."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
+    hf = bits.view(ml_dtypes.bfloat16)
+    for v in (hf, hf.T, hf.reshape(4, 64, 256).transpose(0, 2, 1)):
+        got = weights._float32(v)
+        assert got.view(np.uint32).tobytes() == np.ascontiguousarray(v, np.float32).view(np.uint32).tobytes()
+
+
+def test_a_tensor_converted_in_pieces_on_several_threads_is_the_same_bits(monkeypatch):
+    monkeypatch.setattr(weights, "_PIECE_BYTES", 4096)
+    monkeypatch.setattr(weights, "_threads", lambda: 3)
+    rng = np.random.default_rng(1)
+    hf = rng.standard_normal((300, 517), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    for v in (hf.T, hf, hf.astype(np.float16).T, hf.reshape(3, 100, 517).transpose(0, 2, 1)):
+        got = weights._float32(v, parallel=True)
+        assert got.flags.c_contiguous and got.tobytes() == np.ascontiguousarray(v, np.float32).tobytes()
+
+
+def test_converted_tensors_start_on_a_64_byte_boundary():
+    """So that a CPU worker's device array aliases the converted tensor instead of copying it."""
+    hf = np.ones((3, 5, 7), ml_dtypes.bfloat16)
+    for v in (hf, hf.transpose(0, 2, 1), hf[0, 0], hf[0, 0, 0]):
+        got = weights._float32(v)
+        assert got.ctypes.data % 64 == 0 and got.shape == v.shape and got.dtype == np.float32
+        assert got.flags.c_contiguous and got.flags.writeable and np.all(got == 1)

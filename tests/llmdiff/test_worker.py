@@ -86,3 +86,17 @@ class FailsInBfloat16(Fake):
 class NotInstalled(Fake):
     def __init__(self, job):
         raise MissingExtra("implementation 'fake' needs the fake extra: pip install fake")
+
+
+def test_each_run_says_the_workers_host_memory(tmp_path, monkeypatch):
+    """Resident MB after the load and the peak so far (a running maximum over the worker's runs):
+    which worker held the host memory, from the report alone."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(HERE))
+    runs = [RunRequest(RunId("float32"), str(tmp_path / "a")), RunRequest(RunId("bfloat16"), str(tmp_path / "b"))]
+    assert worker.main(_write_job(tmp_path, "Fake", runs)) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["timings"] for n in "ab")
+    if sys.platform.startswith("linux"):
+        assert 0 < a["rss_after_load_mb"] <= a["peak_rss_after_load_mb"] <= a["peak_rss_mb"] <= b["peak_rss_mb"]
+        assert a["peak_rss_mb"] < 1 << 20   # MB, not bytes or KB

@@ -148,3 +148,32 @@ def test_two_gpus_give_one_gpu_captures_or_skip(setup, impl, source):
     assert [k for k in one if not np.array_equal(one[k], two[k])] == []
     peaks = runs[1].meta["peak_device_bytes"]
     assert isinstance(peaks, dict) and len(peaks) == 2 and all(v > 0 for v in peaks.values())
+
+
+@pytest.mark.parametrize("subnormal", [False, True])
+def test_runs_cast_from_a_kept_float32_model_give_a_fresh_loads_captures(setup, tmp_path, mutants_on_path, subnormal):
+    """The oracle on a device of known memory keeps its float32 run's weights for the worker's
+    next runs: a bfloat16 run and a streamed float64 one cast them on the device, bit for bit
+    the weights a fresh load reads from the checkpoint; never when a weight is subnormal (XLA:CPU
+    flushes those to zero when it casts)."""
+    spec, work, files = setup
+    hf_dir = files.hf_dir
+    if subnormal:
+        canon = weights.random_weights(spec)
+        canon["L1.up"][3, 5] = np.float32(2.0 ** -130)   # a bfloat16 subnormal
+        hf_dir = str(weights.write_hf_checkpoint(tmp_path / "hf", spec, canon))
+    job = _job(spec, WeightsSource(hf_dir=hf_dir, from_hf=True))
+    runs = [("whole", "float32", False), ("whole", "bfloat16", False), ("stream", "float64", True)]
+    requests = lambda name: [RunRequest(RunId(d), str(tmp_path / f"{name}-{d}"), job.options.with_(stream=s))
+                             for _, d, s in runs]
+    kept = Implementation(name="kept", module="oracle_on_a_device", cls="OracleWithKnownMemory")
+    results = {name: run_worker(impl, job, requests(name), tmp_path)
+               for name, impl in (("kept", kept), ("fresh", Implementation.parse("oracle")))}
+    for (_, d, _), got, want in zip(runs, results["kept"], results["fresh"]):
+        assert got.ok and want.ok, (got.error, want.error)
+        reused = got.meta["details"]["weights_from"] == "float32 run"
+        assert reused == (d != "float32" and not subnormal), d
+        a, b = (safetensors_file.load(r.captures_path) for r in (got, want))
+        assert sorted(a) == sorted(b)
+        differ = [k for k in a if not np.array_equal(np.asarray(a[k]), np.asarray(b[k]))]
+        assert not differ, f"{d}: {differ[:3]}"
