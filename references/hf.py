@@ -108,9 +108,12 @@ class HFReference(Reference):
         else:
             # Safetensors only (a pickle beside them is never loaded) and never the checkpoint's
             # own code: the files llmdiff's reader chose (`llmdiff/checkpoint_files.py`).
+            # On a GPU the weights go to it as they are read (`device_map`): loaded on the host
+            # first, gemma-7b's float32 model held 49.7 GB of host memory (the run's peak).
+            placed = {"device_map": device} if device == "cuda" else {}
             model = AutoModelForCausalLM.from_pretrained(
                 source.hf_dir, attn_implementation=self.attn_implementation, use_safetensors=True,
-                trust_remote_code=False, **{dtype_kw: self.torch_dtype})
+                trust_remote_code=False, **{dtype_kw: self.torch_dtype}, **placed)
             model.to(device)  # buffers too: RoPE's inv_freq keeps its float32 dtype through .to(device)
         model.eval()
         self.checkpointing = None
