@@ -250,13 +250,7 @@ class HFReference(Reference):
                 top = torch.topk(t.float(), TOP_LOGITS, dim=-1)
                 cap["logits:top_values"], cap["logits:top_ids"] = top.values, top.indices
             if self.sketching:  # see llmdiff/sketch.py
-                x = t.reshape(t.shape[0], t.shape[1], -1)
-                if self.round_to:
-                    x = x.to(getattr(torch, self.round_to))
-                x = x.to(torch.float64)
-                R = self._projection_on_device(x.shape[-1], x.device)
-                norm2 = torch.linalg.vector_norm(x, dim=-1, keepdim=True) ** 2  # one kernel, not two
-                sketches[name + ":sketch"] = torch.cat([x @ R, norm2], -1)
+                sketches[name + ":sketch"] = self._sketch_rows(t.reshape(t.shape[0], t.shape[1], -1))
                 return
             # A copy: the model may still change its own tensor in place after this hook.
             cap[name] = t if name == "logits" else t.to(torch.float64 if t.dtype == torch.float64 else torch.float32,
@@ -444,7 +438,8 @@ class HFReference(Reference):
             x = x.to(getattr(torch, self.round_to))
         x = x.to(torch.float64)
         R = self._projection_on_device(x.shape[-1], x.device)
-        return torch.cat([x @ R, torch.linalg.vector_norm(x, dim=-1, keepdim=True) ** 2], -1)
+        norm2 = torch.linalg.vector_norm(x, dim=-1, keepdim=True) ** 2  # one kernel, not two
+        return torch.cat([x @ R, norm2], -1)
 
     def _sketch_weights(self, prefix: str, hf: dict) -> dict:
         """Weight gradients by HF parameter name (device tensors) in the canonical layout
@@ -755,8 +750,7 @@ class HFReference(Reference):
         with torch.no_grad(), self._autocast():
             ids = torch.tensor([tokens], dtype=torch.long, device=self.device_of("model.embed_tokens"))
             self.model(input_ids=ids, use_cache=False)
-        if self.device == "cuda":
-            torch.cuda.synchronize()
+        self.sync()
 
     def sync(self):
         import torch
