@@ -212,8 +212,6 @@ class OracleReference(Reference):
 
     def _reducer(self):
         """What each step keeps on the device of its captures, and the projections it needs."""
-        import jax.numpy as jnp
-
         reduce = _Reduce(self.sketching, self.round_to)
         if not self.sketching:
             return reduce, None
@@ -221,7 +219,7 @@ class OracleReference(Reference):
             s = self.spec
             widths = {s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.mlp_dim,
                       s.text_vocab_size}
-            self._aux = {n: jnp.asarray(self.projection(n)) for n in sorted(widths)}
+            self._aux = {n: self._device_projection(n) for n in sorted(widths)}
         return reduce, self._aux
 
     def run(self, tokens):
@@ -256,7 +254,6 @@ class OracleReference(Reference):
         point (`grad:POINT`) and every canonical weight (`grad:w:NAME`) (`gemma_grad.py`). With
         sketched captures the points and their gradients leave sketched (`llmdiff/sketch.py`) and
         the weight gradients are summed over prompts on the device, sketched by `finish_grad`."""
-        import jax
         import jax.numpy as jnp
 
         from llmdiff import grad
@@ -430,6 +427,8 @@ def sketch_weights(grads: dict, projection, round_to: str | None) -> dict:
 
 
 def _sketch_rows(x, R, round_to):
+    """x (..., n) -> (..., K + 1) float64 [x R, |x|^2] (`llmdiff/sketch.py`), rounded to
+    `round_to` first (a float64 run measuring a floor at that dtype)."""
     import jax.numpy as jnp
 
     if round_to:
@@ -463,9 +462,7 @@ class _Reduce:
                     x = x.astype(self.round_to)
                 if name == "logits":  # the largest logits, values and ids
                     out["logits:top_values"], out["logits:top_ids"] = jax.lax.top_k(x.astype(jnp.float32), 8)
-                x = x.astype(jnp.float64)
-                out[name + ":sketch"] = jnp.concatenate(
-                    [x @ projections[x.shape[-1]], jnp.sum(x * x, axis=-1, keepdims=True)], axis=-1)
+                out[name + ":sketch"] = _sketch_rows(x, projections[x.shape[-1]], None)
             else:
                 out[name] = v.astype(jnp.float64 if v.dtype == jnp.float64 else jnp.float32)
         return out
