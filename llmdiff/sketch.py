@@ -68,11 +68,16 @@ def sketches_rows(shape) -> bool:
     return len(shape) >= 2
 
 
+def project(x: np.ndarray) -> np.ndarray:
+    """x (..., n) -> (..., K + 1) float64 [x R, |x|^2]: each vector's sketch (numpy; workers
+    with a device do the same with their own ops)."""
+    x = np.asarray(x, np.float64)
+    return np.concatenate([x @ projection(x.shape[-1]), (x * x).sum(-1, keepdims=True)], axis=-1)
+
+
 def rows(x: np.ndarray) -> np.ndarray:
-    """The numpy reference of a weight gradient's sketch: x (a, b, ...) as an a x (b * ...)
-    matrix, (a, K + 1) float64 [x R, |row|^2]. Workers do the same with their own ops."""
-    x = np.asarray(x, np.float64).reshape(x.shape[0], -1)
-    return np.concatenate([x @ projection(x.shape[1]), (x * x).sum(-1, keepdims=True)], axis=-1)
+    """A weight gradient's sketch: x (a, b, ...) as an a x (b * ...) matrix, (a, K + 1)."""
+    return project(np.asarray(x).reshape(x.shape[0], -1))
 
 
 def load(tensors: dict) -> dict:

@@ -93,8 +93,7 @@ def _sketch_on_host(caps: dict, round_to) -> dict:
             ids = np.argpartition(-x, sketch.TOP - 1, axis=-1)[..., :sketch.TOP]  # ordered later
             out["logits:top_values"] = np.take_along_axis(x, ids, -1).astype(np.float32)
             out["logits:top_ids"] = ids
-        out[name + sketch.SUFFIX] = np.concatenate(
-            [x @ sketch.projection(x.shape[-1]), (x * x).sum(-1, keepdims=True)], axis=-1)
+        out[name + sketch.SUFFIX] = sketch.project(x)
     return out
 
 
