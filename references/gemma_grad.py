@@ -275,6 +275,14 @@ def _head_backward(top, x, aux, prompt: tuple, n: int, spec, p, reduce):
     return loss, reduce(caps, aux), g_points, g_top, g, g_top_t, g_t, loss_logits
 
 
+def add_gradients(sums: dict, grads: dict, prefix: str = "") -> None:
+    """Add `grads` into `sums` under `prefix + name`, in float32 (float64 in a float64 run): the
+    sum over prompts, in prompt order, that `grad.combine` makes of whole captures on the host."""
+    for k, v in grads.items():
+        v = v.astype(jnp.float64 if v.dtype == jnp.float64 else jnp.float32)
+        sums[prefix + k] = v if prefix + k not in sums else sums[prefix + k] + v
+
+
 def streamed_loss_and_grads(layer, top: dict, prompts: list[list[int]], spec: ModelSpec, p: gemma.Precision,
                             reduce, aux, emit, phase=None):
     """`loss_and_grads` and `trainer_part` for every prompt, one decoder block at a time: the
@@ -294,14 +302,7 @@ def streamed_loss_and_grads(layer, top: dict, prompts: list[list[int]], spec: Mo
     import contextlib
 
     phase = phase or (lambda name: contextlib.nullcontext())
-
-    def wide(a):
-        return a.astype(jnp.float64 if a.dtype == jnp.float64 else jnp.float32)
-
-    def add(sums, grads, prefix=""):
-        for k, v in grads.items():
-            sums[prefix + k] = wide(v) if prefix + k not in sums else sums[prefix + k] + wide(v)
-
+    add = add_gradients
     n = sum(len(t) - 1 for t in prompts)
     ids = [jnp.asarray([t], jnp.int32) for t in prompts]
     out = [{"points": {}, "grads": {}} for _ in prompts]

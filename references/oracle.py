@@ -337,14 +337,10 @@ class OracleReference(Reference):
         return cache[n]
 
     def _sum_weights(self, prefix: str, grads: dict) -> None:
-        """Weight gradients summed over prompts on the device, in float32 (float64 in a float64
-        run), in prompt order: what `grad.combine` does on the host with whole captures."""
-        import jax.numpy as jnp
+        """Weight gradients summed over prompts on the device (`gemma_grad.add_gradients`)."""
+        from llmdiff.references import gemma_grad
 
-        sums = self.__dict__.setdefault("_weight_sums", {})
-        for k, v in grads.items():
-            wide = v.astype(jnp.float64 if v.dtype == jnp.float64 else jnp.float32)
-            sums[prefix + k] = wide if prefix + k not in sums else sums[prefix + k] + wide
+        gemma_grad.add_gradients(self.__dict__.setdefault("_weight_sums", {}), grads, prefix)
 
     def finish_grad(self):
         """The weight gradients summed over the prompts, sketched per row on the device
