@@ -10,8 +10,12 @@ implementation), in float64 on the device. Then for a candidate c and a referenc
 (Johnson-Lindenstrauss): relative L2 distances are estimated with a relative standard error
 of about sqrt(2 / (K * positions that differ)), under 1% over a whole prompt, 18% if a single
 position differs; the reference norm is exact. Max/mean absolute differences need every
-value and are not reported. float64 keeps the projection's own rounding (~1e-16) far below the
-smallest floor llmdiff judges (~1e-9). The logits are sketched too, and each position's
+value and are not reported. The projection and norm are computed in float64, which keeps their
+own rounding (~1e-16) far below the smallest floor llmdiff judges (~1e-9), except for 16-bit
+values (`arithmetic`): those are sketched in float32, whose rounding (at most 7e-7 relative at
+256000 values) is under 1% of the smallest floor a bfloat16 or float16 point is judged by
+(0.02 x 2^-8, `diff.MIN_FLOOR`), and a float32 product is several times faster than a float64
+one on a GPU (bench/RESULTS.md). The logits are sketched too, and each position's
 `TOP` largest logits (values and ids) come along: top-1 and top-k agreement stay exact; the KL
 divergence needs both implementations' every logit and is not reported.
 
@@ -45,6 +49,12 @@ def projection(n: int, k: int = K) -> np.ndarray:
 
     bits = _hash32(_hash32(np.arange(n * k, dtype=np.int64)) ^ _SEED) & 1
     return ((bits * 2 - 1) / math.sqrt(k)).astype(np.float64).reshape(n, k)
+
+
+def arithmetic(values_dtype: str) -> str:
+    """The dtype a vector of `values_dtype` values is sketched in: float32 for 16-bit values,
+    float64 otherwise (the module's doc says why)."""
+    return "float32" if values_dtype in ("bfloat16", "float16") else "float64"
 
 
 class Sketch:

@@ -220,6 +220,7 @@ class HFReference(Reference):
         layers = model.model.layers
         cap: dict = {}
         sketches: dict = {}
+        batch = _Batched(self, sketches)
         current = {"layer": None}
         handles = []
         grads: dict | None = {} if grad else None
@@ -249,8 +250,8 @@ class HFReference(Reference):
             if self.sketching and name == "logits":  # the largest logits, values and ids
                 top = torch.topk(t.float(), TOP_LOGITS, dim=-1)
                 cap["logits:top_values"], cap["logits:top_ids"] = top.values, top.indices
-            if self.sketching:  # see llmdiff/sketch.py
-                sketches[name + ":sketch"] = self._sketch_rows(t.reshape(t.shape[0], t.shape[1], -1))
+            if self.sketching:  # see llmdiff/sketch.py; sketched in batches (`_Batched`)
+                batch.add(name + ":sketch", t.reshape(t.shape[0], t.shape[1], -1))
                 return
             # A copy: the model may still change its own tensor in place after this hook.
             cap[name] = t if name == "logits" else t.to(torch.float64 if t.dtype == torch.float64 else torch.float32,
@@ -373,6 +374,7 @@ class HFReference(Reference):
             for h in handles:
                 h.remove()
             model.eval()
+        batch.flush()
         host = {}
         if sketches:
             names = list(sketches)
@@ -434,12 +436,20 @@ class HFReference(Reference):
         rounded first to the dtype a float64 floor run measures."""
         import torch
 
-        if self.round_to:
-            x = x.to(getattr(torch, self.round_to))
-        x = x.to(torch.float64)
-        R = self._projection_on_device(x.shape[-1], x.device)
+        from llmdiff import sketch
+
+        x = self._rounded(x)
+        dtype = getattr(torch, sketch.arithmetic(str(x.dtype).removeprefix("torch.")))
+        x = x.to(dtype)
+        R = self._projection_on_device(x.shape[-1], x.device, dtype)
         norm2 = torch.linalg.vector_norm(x, dim=-1, keepdim=True) ** 2  # one kernel, not two
-        return torch.cat([x @ R, norm2], -1)
+        return torch.cat([x @ R, norm2], -1).to(torch.float64)
+
+    def _rounded(self, x):
+        """x rounded to the dtype a float64 floor run measures (itself otherwise)."""
+        import torch
+
+        return x.to(getattr(torch, self.round_to)) if self.round_to else x
 
     def _sketch_weights(self, prefix: str, hf: dict) -> dict:
         """Weight gradients by HF parameter name (device tensors) in the canonical layout
@@ -736,13 +746,14 @@ class HFReference(Reference):
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda" if self.device == "cuda" else "cpu", dtype=self.autocast)
 
-    def _projection_on_device(self, n, device):
+    def _projection_on_device(self, n, device, dtype=None):
         import torch
 
         cache = self.__dict__.setdefault("_device_projections", {})
-        if (n, device) not in cache:
-            cache[n, device] = torch.from_numpy(self.projection(n)).to(device)
-        return cache[n, device]
+        dtype = dtype or torch.float64
+        if (n, device, dtype) not in cache:
+            cache[n, device, dtype] = torch.from_numpy(self.projection(n)).to(device, dtype)
+        return cache[n, device, dtype]
 
     def run_bare(self, tokens):
         import torch
@@ -793,6 +804,45 @@ class HFReference(Reference):
         if getattr(self, "checkpointing", None):  # --grad --grad-checkpointing
             details["grad_checkpointing"] = dict(self.checkpointing)
         return details
+
+
+class _Batched:
+    """The forward's points sketched in batches (`llmdiff/sketch.py`): each kept on the device as
+    a copy in its own dtype (the model may change its tensor in place later), and once `BUDGET`
+    bytes wait, or at the end, sketched together: one conversion, product and norm per (device,
+    width, dtype) group (`_sketch_rows`) instead of about six kernels and a Python round per point;
+    a bfloat16 capture was bound by those launches (bench/RESULTS.md). Sketches (float64) go
+    into `out` by name, as views of their group's result."""
+
+    BUDGET = 256 << 20   # bytes waiting; the sketch converts them to twice that (`sketch.arithmetic`)
+
+    def __init__(self, reference, out: dict):
+        self.reference, self.out = reference, out
+        self.waiting: list = []   # (name, (B, T, n) tensor)
+        self.bytes = 0
+
+    def add(self, name: str, x) -> None:
+        y = self.reference._rounded(x)
+        x = x.clone() if y is x else y
+        self.waiting.append((name, x))
+        self.bytes += x.numel() * x.element_size()
+        if self.bytes >= self.BUDGET:
+            self.flush()
+
+    def flush(self) -> None:
+        import torch
+
+        groups: dict = {}
+        for name, x in self.waiting:
+            groups.setdefault((x.device, x.shape[-1], x.dtype), []).append((name, x))
+        self.waiting, self.bytes = [], 0
+        for (_, n, _), items in groups.items():
+            done = self.reference._sketch_rows(torch.cat([x.reshape(-1, n) for _, x in items]))
+            start = 0
+            for name, x in items:
+                count = x.shape[0] * x.shape[1]
+                self.out[name] = done[start:start + count].reshape(x.shape[0], x.shape[1], -1)
+                start += count
 
 
 def _activation(mlp):

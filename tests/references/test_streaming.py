@@ -63,8 +63,10 @@ def test_streamed_and_made_weights_give_identical_captures(setup, impl):
 
 
 def test_sketched_captures_agree_across_implementations(setup):
-    """hf and the oracle sketch with the same projection: the sketched distance estimates the
-    exact one point by point, and top-1/top-k agreement is exact."""
+    """hf and the oracle sketch with the same projection: each point's sketch is the host's
+    sketch of its whole capture (both sketch points in groups of one width: `hf._Batched`, the
+    oracle's `_Reduce`), the sketched distance estimates the exact one point by point, and
+    top-1/top-k agreement is exact."""
     from llmdiff import diff
 
     spec, work, files = setup
@@ -76,6 +78,9 @@ def test_sketched_captures_agree_across_implementations(setup):
             RunRequest(RunId("float32"), str(work / f"{impl}-sketch"))], work)
         assert r.ok, r.error
         caps[impl, "sketch"] = diff.load_captures(r.captures_path)
+        differ = [n for n, want in caps[impl, "full"].items() if isinstance(want, diff.sketch.Sketch)
+                  and not np.allclose(caps[impl, "sketch"][n].data, want.data, rtol=1e-12, atol=1e-12)]
+        assert differ == [] and set(caps[impl, "full"]) <= set(caps[impl, "sketch"]), (impl, differ[:3])
     for name in ("embed", "L0.q", "L1.mlp_act", "final_norm", "logits"):
         exact = diff.point_metrics(caps["hf", "full"][name], caps["oracle", "full"][name])["rel_l2"]
         est = diff.point_metrics(caps["hf", "sketch"][name], caps["oracle", "sketch"][name])["rel_l2"]

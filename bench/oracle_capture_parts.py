@@ -1,0 +1,155 @@
+"""Where the oracle's sketched capture spends its time (issue #19: bfloat16 capture 3.4x a bare
+forward at gemma-7b / 512 tokens), measured by taking it apart on a GPU.
+
+    python bench/oracle_capture_parts.py --out DIR [--model gemma-7b] [--tokens 512] [--dtype bfloat16]
+
+In one worker-like process (the oracle adapter, random weights made on the device, one prompt)
+it times, fastest of three after a warm-up, each a whole forward through `gemma.forward_blocks`:
+  bare        logits only (`run_bare`: what the capture is measured against);
+  sketch      llmdiff's sketched capture as `run` does it, on the device only (every output
+              ready, nothing moved);
+  run         `run` itself: the same, then the sketches stacked and moved to page-locked host memory;
+and, each a change to the step's `_Reduce` (monkeypatched; not llmdiff's code):
+  grouped     the points of one width concatenated into one float64 product and norm per step;
+  f32         the sketch's arithmetic in float32 instead of float64;
+  project     the float64 product alone (no |x|^2);
+  norm        the float64 |x|^2 alone (no product).
+It writes DIR/oracle-capture-parts.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def variants():
+    import jax
+    import jax.numpy as jnp
+
+    from llmdiff.references import oracle
+
+    base = oracle._Reduce
+
+    def top(name, x, out):
+        if name == "logits":
+            out["logits:top_values"], out["logits:top_ids"] = jax.lax.top_k(x.astype(jnp.float32), 8)
+
+    @dataclasses.dataclass(frozen=True)
+    class Grouped(base):
+        def __call__(self, caps, projections):
+            out, groups = {}, {}
+            for name, v in caps.items():
+                x = v.reshape(*v.shape[:2], -1)
+                top(name, x, out)
+                groups.setdefault(x.shape[-1], []).append((name, x))
+            for n, items in groups.items():
+                rows = jnp.concatenate([x.reshape(-1, n) for _, x in items]).astype(jnp.float64)
+                done = jnp.concatenate([rows @ projections[n], jnp.sum(rows * rows, -1, keepdims=True)], -1)
+                start = 0
+                for name, x in items:
+                    count = x.shape[0] * x.shape[1]
+                    out[name + ":sketch"] = done[start:start + count].reshape(*x.shape[:2], -1)
+                    start += count
+            return out
+
+    def per_point(f):
+        @dataclasses.dataclass(frozen=True)
+        class PerPoint(base):
+            def __call__(self, caps, projections):
+                out = {}
+                for name, v in caps.items():
+                    x = v.reshape(*v.shape[:2], -1)
+                    top(name, x, out)
+                    out[name + ":sketch"] = f(x, projections[x.shape[-1]])
+                return out
+        return PerPoint
+
+    f64 = lambda x: x.astype(jnp.float64)
+    return {
+        "grouped": Grouped,
+        "f32": per_point(lambda x, R: jnp.concatenate([x.astype(jnp.float32) @ R.astype(jnp.float32),
+                                                       jnp.sum(x.astype(jnp.float32) ** 2, -1, keepdims=True)], -1)),
+        "project": per_point(lambda x, R: f64(x) @ R),
+        "norm": per_point(lambda x, R: jnp.sum(f64(x) * f64(x), -1, keepdims=True)),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="gemma-7b")
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="the tiny model (a smoke test on the CPU)")
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from llmdiff import inputs, weights
+    from llmdiff.job import Job, Options, RunId, RunRequest, WeightsSource
+    from llmdiff.references import gemma, oracle
+    from llmdiff.spec import get_spec
+
+    spec = get_spec(args.model, tiny=args.tiny)
+    work = Path(tempfile.mkdtemp(prefix="llmdiff-bench-"))
+    hf_dir = weights.write_hf_config(work / "hf-config", spec)
+    ids = inputs.synthetic_prompts(spec, 0, (args.tokens,))[0]
+    job = Job(spec=spec.to_dict(), tokens=[ids], options=Options(device=args.device, stream=False),
+              weights=WeightsSource(hf_dir=str(hf_dir), seed=0), capture="sketch")
+    adapter = oracle.OracleReference(job)
+    request = RunRequest(RunId(args.dtype), str(work / "run"), job.options)
+    adapter.begin(request)
+    t = time.perf_counter()
+    adapter.load(request)
+    load_s = time.perf_counter() - t
+
+    def device_only():
+        reduce, aux = adapter._reducer()
+        caps = gemma.forward_blocks(adapter._layer, adapter.top, jnp.asarray([ids], jnp.int32), spec,
+                                    adapter.precision, reduce=reduce, aux=aux)
+        jax.block_until_ready(caps)
+
+    def fastest(f):
+        t = time.perf_counter()
+        f()   # compiles
+        first = time.perf_counter() - t
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            f()
+            best = min(best, time.perf_counter() - t)
+        return {"s": round(best, 4), "first_s": round(first, 2)}
+
+    rows = {"bare": fastest(lambda: adapter.run_bare(ids)), "sketch": fastest(device_only),
+            "run": fastest(lambda: adapter.run(ids))}
+    original = oracle._Reduce
+    for name, cls in variants().items():
+        oracle._Reduce = cls
+        try:
+            rows[name] = fastest(device_only)
+        finally:
+            oracle._Reduce = original
+    bare = rows["bare"]["s"]
+    for r in rows.values():
+        r["x_bare"] = round(r["s"] / bare, 2)
+    out = {"model": args.model, "tokens": args.tokens, "dtype": args.dtype, "load_s": round(load_s, 1),
+           "device": str(jax.devices()[0]), "jax": jax.__version__, "rows": rows}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"oracle-capture-parts-{args.dtype}.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
