@@ -102,6 +102,7 @@ def _logits(workdir: Path, impl: str, dtype: str) -> np.ndarray:
     return np.asarray(safetensors_file.load(workdir / f"{impl}-{dtype}.safetensors")["logits"])
 
 
+@pytest.mark.slow   # 35 s: DeepMind's worker, the oracle and hf on one orbax checkpoint
 def test_orbax_checkpoint_round_trips_into_every_implementation(llmdiff_cli, orbax_checkpoint, tmp_path):
     """Same numbers whether the weights come from the Orbax checkpoint or the canonical set."""
     impls = ["hf", "oracle"] + (["deepmind"] if venv_python("deepmind") else [])

@@ -443,6 +443,7 @@ def test_the_trainer_step_is_at_parity_and_per_micro_batch_normalisation_is_ld60
     assert f["evidence"]["matches"] == "the mean of the micro-batches' means" and "errors" not in report
 
 
+@pytest.mark.slow   # 28 s: a --grad compare with the Trainer's step and diagnosis
 def test_a_trainer_that_counts_unshifted_labels_is_ld609_alone(llmdiff_cli, mutants_on_path):
     """The Trainer's token count with each sequence's first label in it (transformers 4.46.2):
     the step's loss and gradient are the whole batch's times N / (N + S); LD609 names it,

@@ -26,9 +26,9 @@ def _point(run, name):
 
 
 @needs_deepmind
-# Gemma 1 in both dtypes; Gemma 2 and 3 in float32 only, to keep the suite short.
+# Gemma 1 in both dtypes; Gemma 2 and 3 in float32 only (Gemma 3 with the slow cases), to keep the suite short.
 @pytest.mark.parametrize("model, dtypes", [("gemma-7b", ("float32", "bfloat16")), ("gemma-2-2b", ("float32",)),
-                                           ("gemma-3-1b", ("float32",))])
+                                           pytest.param("gemma-3-1b", ("float32",), marks=pytest.mark.slow)])
 def test_deepmind_at_parity_with_oracle_and_hf(llmdiff_cli, model, dtypes):
     if model not in model_names():
         pytest.skip(f"{model} has no spec yet")

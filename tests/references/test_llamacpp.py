@@ -491,7 +491,8 @@ def test_q8_0_at_parity_with_the_quantised_oracle(monkeypatch, tmp_path, model):
     assert details["converter"].endswith("--outtype q8_0") and details["tensor_types"]["Q8_0"] > 0
 
 
-@needs_llamacpp   # 21 s here
+@needs_llamacpp
+@pytest.mark.slow   # 21 s here
 def test_q8_0_judged_against_the_wrong_quantisation_diverges(monkeypatch, tmp_path):
     """The same llama.cpp Q8_0 captures against the oracle with Q8_0 weights but float matmul
     inputs (the weights-only round trip) diverges at the first projection, and against the float
