@@ -99,7 +99,10 @@ def bench(model, tokens, dtypes) -> dict:
     meta_peaks = {i["name"]: i.get("peak_device_bytes") for i in report["implementations"]}
     return {"wall_s": round(wall, 2), "exit_code": report["exit_code"], "diff_s": report["timings"].get("diff_s"),
             "params": params, "rows": rows, "peaks": meta_peaks,
-            "runs": [{k: r.get(k) for k in ("candidate", "dtype", "verdict", "first_divergence")} for r in report["runs"]]}
+            "runs": [{**{k: r.get(k) for k in ("candidate", "dtype", "verdict", "first_divergence")},
+                      "worst_floor_ratio": max((p.get("floor_ratio") or 0.0 for p in r["points"]), default=None),
+                      "logits_rel_l2": next((p.get("rel_l2") for p in r["points"] if p["name"] == "logits"), None)}
+                     for r in report["runs"]]}
 
 
 def _hf_job(model, tokens, capture, device="cuda"):
