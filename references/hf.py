@@ -433,7 +433,8 @@ class HFReference(Reference):
 
     def _sketch_rows(self, x):
         """x (..., n) on the device -> (..., K + 1) float64 [x R, |x|^2] (`llmdiff/sketch.py`),
-        rounded first to the dtype a float64 floor run measures."""
+        rounded first to the dtype a float64 floor run measures, computed in `sketch.arithmetic`
+        of the values' dtype."""
         import torch
 
         from llmdiff import sketch
