@@ -10,7 +10,7 @@ from conftest import run_by_candidate
 
 @pytest.mark.parametrize("model,mutant,dtype,code,where", [
     ("llama-3.1-8b", "Llama3RopeScalingMissing", "float32", "LD406", "L0.q"),
-    ("qwen2.5-0.5b", "QkvBiasDropped", "float32", "LD507", "L0.q"),
+    pytest.param("qwen2.5-0.5b", "QkvBiasDropped", "float32", "LD507", "L0.q", marks=pytest.mark.slow),
     pytest.param("qwen3-0.6b", "QkNormMissing", "float32", "LD207", "L0.q", marks=pytest.mark.slow),
     pytest.param("qwen2.5-0.5b", "NormEps1e5", "float32", "LD208", "L0.attn_norm", marks=pytest.mark.slow),
     pytest.param("mistral-7b-v0.1", "SlidingWindowIgnored", "float32", "LD508", "L0.attn_out",
