@@ -9,11 +9,12 @@ it times, fastest of three after a warm-up, each a whole forward through `gemma.
   sketch      llmdiff's sketched capture as `run` does it, on the device only (every output
               ready, nothing moved);
   run         `run` itself: the same, then the sketches stacked and moved to page-locked host memory;
-and, each a change to the step's `_Reduce` (monkeypatched; not llmdiff's code):
-  grouped     the points of one width concatenated into one float64 product and norm per step;
-  f32         the sketch's arithmetic in float32 instead of float64;
+and, each a change to the step's `_Reduce` (monkeypatched; not llmdiff's code), per point:
+  f32         the sketch's arithmetic in float32;
   project     the float64 product alone (no |x|^2);
   norm        the float64 |x|^2 alone (no product).
+(Measured before the step grouped its points by width, which is `sketch` since d23efc4: then a
+`grouped` variant here, the code the step now has; bench/RESULTS.md has that table.)
 It writes DIR/oracle-capture-parts.json.
 """
 
@@ -43,24 +44,6 @@ def variants():
         if name == "logits":
             out["logits:top_values"], out["logits:top_ids"] = jax.lax.top_k(x.astype(jnp.float32), 8)
 
-    @dataclasses.dataclass(frozen=True)
-    class Grouped(base):
-        def __call__(self, caps, projections):
-            out, groups = {}, {}
-            for name, v in caps.items():
-                x = v.reshape(*v.shape[:2], -1)
-                top(name, x, out)
-                groups.setdefault(x.shape[-1], []).append((name, x))
-            for n, items in groups.items():
-                rows = jnp.concatenate([x.reshape(-1, n) for _, x in items]).astype(jnp.float64)
-                done = jnp.concatenate([rows @ projections[n], jnp.sum(rows * rows, -1, keepdims=True)], -1)
-                start = 0
-                for name, x in items:
-                    count = x.shape[0] * x.shape[1]
-                    out[name + ":sketch"] = done[start:start + count].reshape(*x.shape[:2], -1)
-                    start += count
-            return out
-
     def per_point(f):
         @dataclasses.dataclass(frozen=True)
         class PerPoint(base):
@@ -75,7 +58,6 @@ def variants():
 
     f64 = lambda x: x.astype(jnp.float64)
     return {
-        "grouped": Grouped,
         "f32": per_point(lambda x, R: jnp.concatenate([x.astype(jnp.float32) @ R.astype(jnp.float32),
                                                        jnp.sum(x.astype(jnp.float32) ** 2, -1, keepdims=True)], -1)),
         "project": per_point(lambda x, R: f64(x) @ R),
