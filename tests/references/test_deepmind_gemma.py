@@ -26,8 +26,9 @@ def _point(run, name):
 
 
 @needs_deepmind
-# Gemma 1 in both dtypes; Gemma 2 and 3 in float32 only (Gemma 3 with the slow cases), to keep the suite short.
-@pytest.mark.parametrize("model, dtypes", [("gemma-7b", ("float32", "bfloat16")), ("gemma-2-2b", ("float32",)),
+# Gemma 1 in both dtypes; Gemma 2 and 3 in float32 only, with the slow cases, to keep the suite short.
+@pytest.mark.parametrize("model, dtypes", [("gemma-7b", ("float32", "bfloat16")),
+                                           pytest.param("gemma-2-2b", ("float32",), marks=pytest.mark.slow),
                                            pytest.param("gemma-3-1b", ("float32",), marks=pytest.mark.slow)])
 def test_deepmind_at_parity_with_oracle_and_hf(llmdiff_cli, model, dtypes):
     if model not in model_names():
