@@ -74,7 +74,6 @@ def test_norm_without_plus_one_and_untied_lm_head(llmdiff_cli, mutants_on_path):
 
 
 @pytest.mark.slow   # ~400 oracle runs; the families' selftests are slow too
-@pytest.mark.xdist_group("selftest")   # .ci/run: one selftest at a time (each writes GBs of oracle runs)
 def test_selftest_matrix_is_diagonal(llmdiff_cli, tmp_path):
     """Every dynamic check that applies to Gemma 1 names its own bug and no other, both dtypes."""
     import json
@@ -98,7 +97,6 @@ def test_selftest_mutant_no_row_can_have_is_one_error_before_any_run(llmdiff_cli
 
 
 @pytest.mark.slow   # ~2.5 min
-@pytest.mark.xdist_group("selftest")   # .ci/run: one selftest at a time (each writes GBs of oracle runs)
 def test_selftest_is_diagonal_under_autocast(llmdiff_cli, tmp_path):
     """Mixed precision: an autocast-only bug (RoPE angles in the low dtype) named there, the
     kernel-rounding checks of llama.cpp (LD302, LD511) not tried (no float32 value to round),

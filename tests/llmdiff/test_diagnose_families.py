@@ -43,7 +43,6 @@ def test_a_port_bug_is_named_by_its_check_only(llmdiff_cli, mutants_on_path, mod
 
 
 @pytest.mark.slow   # 1.5-7 min each here: gemma-2-2b's is the longest (1560 oracle runs)
-@pytest.mark.xdist_group("selftest")   # .ci/run: one selftest at a time (each writes GBs of oracle runs)
 # One model per family; Phi-3's is the 128k one (LongRoPE): the 4k one's window checks are
 # Mistral's here, and its window bug a port mutant above (CI's 90 minutes).
 @pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b-v0.1",
