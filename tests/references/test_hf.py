@@ -109,13 +109,14 @@ def test_a_grad_run_leaves_nothing_behind_for_the_next_run(tmp_path):
     assert last() is None
 
 
-@pytest.mark.parametrize("round_to", [None, "bfloat16"])
-def test_points_sketched_in_batches_are_each_points_own_sketch(tmp_path, monkeypatch, round_to):
+@pytest.mark.parametrize("dtype, round_to", [("float32", None), ("bfloat16", None), ("float64", "bfloat16")])
+def test_points_sketched_in_batches_are_each_points_own_sketch(tmp_path, monkeypatch, dtype, round_to):
     """The forward's points are sketched in batches (`hf._Batched`: a budget small enough here
     for several flushes, each of groups of points of one width): every point's sketch is the
     host's sketch of its whole capture (`sketch.project`, float64): to float64's rounding, and in
-    a float64 run that measures a bfloat16 floor, of the capture rounded to bfloat16 first, in
-    float32 arithmetic (`sketch.arithmetic`), off by under 1% of the smallest floor judged."""
+    a bfloat16 run, and a float64 run that measures a bfloat16 floor (of the capture rounded to
+    bfloat16 first), in float32 arithmetic (`sketch.arithmetic`), off by under 1% of the smallest
+    floor judged."""
     from llmdiff import diff, inputs, sketch, weights
     from llmdiff.job import Job, Options, RunId, RunRequest, WeightsSource
     from llmdiff.references import hf
@@ -123,9 +124,9 @@ def test_points_sketched_in_batches_are_each_points_own_sketch(tmp_path, monkeyp
     spec = get_spec("gemma-2-2b", tiny=True)
     hf_dir = weights.write_hf_config(tmp_path / "hf-config", spec)
     prompt, = inputs.synthetic_prompts(spec, 0, (24,))
-    dtype, constants = ("float64", round_to) if round_to else ("float32", None)
+    constants = round_to
     flushes = []
-    kept = 2 if round_to else 4   # bytes a value: points wait in their own dtype, or rounded
+    kept = 4 if dtype == "float32" else 2   # bytes a value: points wait in their own dtype, or rounded
     monkeypatch.setattr(hf._Batched, "BUDGET", 24 * spec.hidden_size * kept * 5)   # about 5 points
     flush = hf._Batched.flush
     monkeypatch.setattr(hf._Batched, "flush", lambda self: (self.waiting and flushes.append(len(self.waiting)),
@@ -144,7 +145,7 @@ def test_points_sketched_in_batches_are_each_points_own_sketch(tmp_path, monkeyp
     for name in capture_points(spec):
         x = whole[name].reshape(1, len(prompt), -1)
         want = sketch.project(diff.round_to(x, round_to) if round_to else x)
-        if round_to:
+        if dtype != "float32":
             est = diff.point_metrics(sketch.Sketch(sketched[name + ":sketch"]), sketch.Sketch(want))["rel_l2"]
             assert est < 0.01 * diff.MIN_FLOOR * diff.UNIT_ROUNDOFF["bfloat16"], name
         else:
