@@ -140,6 +140,20 @@ class OracleLab:
     def path(self, variant: Variant) -> str | None:
         return self.paths.get(variant)
 
+    def forget(self) -> None:
+        """Drop every cached run and delete its captures file (memory-mapped arrays still held
+        keep their pages until they go): a selftest's runs of one dtype are tens of GB at tiny
+        size and none is read by the next dtype's."""
+        import os
+
+        for path in self.paths.values():
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.cache.clear()
+        self.paths.clear()
+
 
 @dataclass(frozen=True)
 class Case:

@@ -187,6 +187,7 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
                              "found": codes, "where": [f.where for f in found], "ok": ok,
                              "first_divergence": run["first_divergence"], "acts": acts,
                              "oracle_runs": lab.runs - before})   # the diagnosis' own, not cached before
+            lab.forget()   # no run of this dtype is read by the next one's
         return {"model": spec.name, "dtypes": list(dtypes), "checks": [c.code for c in checks], "rows": rows,
                 "diagonal": all(r["ok"] for r in rows), "oracle_runs": lab.runs, "errors": lab.errors}
     finally:

@@ -14,6 +14,13 @@ from llmdiff.cli import main
 MUTANTS_DIR = Path(__file__).parent / "references"
 
 
+def pytest_collection_modifyitems(config, items):
+    """The selftests first: CI hands the slow cases out a file to a process in this order
+    (.ci/run: `--dist loadfile --no-loadscope-reorder`), and theirs is the longest file, so it
+    starts at once on a process of its own while the other takes every other file."""
+    items.sort(key=lambda item: item.path.name != "test_selftest.py")
+
+
 @pytest.fixture
 def mutants_on_path(monkeypatch):
     """Make tests/references/hf_mutants.py importable by worker processes."""

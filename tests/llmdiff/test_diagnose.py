@@ -73,45 +73,6 @@ def test_norm_without_plus_one_and_untied_lm_head(llmdiff_cli, mutants_on_path):
     assert run_by_candidate(report, "hf_mutants:UntiedLmHead", "float32")["first_divergence"] == "logits"
 
 
-@pytest.mark.slow   # ~400 oracle runs; the families' selftests are slow too
-def test_selftest_matrix_is_diagonal(llmdiff_cli, tmp_path):
-    """Every dynamic check that applies to Gemma 1 names its own bug and no other, both dtypes."""
-    import json
-
-    code, out, _, _ = llmdiff_cli("selftest", "--model", "gemma-7b", "--json", str(tmp_path / "selftest.json"))
-    result = json.loads((tmp_path / "selftest.json").read_text())
-    assert code == 0 and result["diagonal"], out
-    rows = {(r["dtype"], r["mutant"]): r for r in result["rows"]}
-    assert rows[("float32", "clean")]["found"] == [] and rows[("bfloat16", "clean")]["found"] == []
-    assert rows[("bfloat16", "LD201")]["found"] == ["LD201"]  # bf16-only, seen teacher-forced
-    assert ("float32", "LD201") not in rows  # not a float32 bug
-    assert rows[("float32", "unknown")]["found"] == ["LD000"] and "L0.attn_out" in rows[("float32", "unknown")]["where"]
-    triples = [r for r in result["rows"] if r["mutant"].count("+") == 2]
-    assert len(triples) == 2 and all(len(r["found"]) == 3 for r in triples)
-
-
-def test_selftest_mutant_no_row_can_have_is_one_error_before_any_run(llmdiff_cli):
-    code, out, err, _ = llmdiff_cli("selftest", "--model", "gemma-3-1b", "--mutant", "LD202+LD999")
-    assert code == 2 and "Traceback" not in out + err, out + err
-    assert "selftest gemma-3-1b has no mutant 'LD202+LD999'" in err and "LD207" in err
-
-
-@pytest.mark.slow   # ~2.5 min
-def test_selftest_is_diagonal_under_autocast(llmdiff_cli, tmp_path):
-    """Mixed precision: an autocast-only bug (RoPE angles in the low dtype) named there, the
-    kernel-rounding checks of llama.cpp (LD302, LD511) not tried (no float32 value to round),
-    an unknown bug unexplained and not given a false name."""
-    import json
-
-    code, out, _, _ = llmdiff_cli("selftest", "--model", "gemma-7b", "--dtype", "autocast-bfloat16",
-                                  "--json", str(tmp_path / "selftest.json"))
-    result = json.loads((tmp_path / "selftest.json").read_text())
-    assert code == 0 and result["diagonal"], out
-    rows = {r["mutant"]: r for r in result["rows"]}
-    assert rows["LD401"]["found"] == ["LD401"] and rows["unknown"]["found"] == ["LD000"]
-    assert "LD302" not in rows and "LD511" not in rows   # no mutant of theirs: they cannot act here
-
-
 def test_rope_in_bfloat16_is_confirmed_teacher_forced(llmdiff_cli, mutants_on_path):
     """Below the accumulated bfloat16 noise free-running, yet confirmed where it acts."""
     code, _, _, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--dtype", "bfloat16",
@@ -275,3 +236,25 @@ def test_a_noise_amplifying_knob_is_judged_against_its_own_floor(tmp_path):
         judged = diagnose.Case(Lab(), spec, "cand", cand, None, floors, points, amplifiers=(Table.knob,)).judge(
             {"gelu": "f16_table"}, knob32, floors, "float32", None)
         assert [p["noise_floor"] for p in judged["points"]] == [own[p] for p in points]
+
+
+def test_the_lab_forgets_its_runs_and_their_files(tmp_path):
+    """A selftest's runs of one dtype (tens of GB at tiny size) go before the next dtype's:
+    forgotten runs leave the cache, and their captures files the disk."""
+    from llmdiff import diagnose
+    from llmdiff.job import Job, WeightsSource
+    from llmdiff.spec import get_spec
+
+    kept = tmp_path / "canonical.safetensors"
+    kept.write_bytes(b"weights")
+    job = Job(spec=get_spec("gemma-7b", tiny=True).to_dict(), tokens=[[2, 3]],
+              weights=WeightsSource(canonical=str(kept)))
+    lab = diagnose.OracleLab(job, tmp_path)
+    runs = [diagnose.Variant.of("float32"), diagnose.Variant.of("float32", {"gelu": "exact"})]
+    for i, v in enumerate(runs):
+        path = tmp_path / f"oracle-variant-{i:04d}.safetensors"
+        path.write_bytes(b"captures")
+        lab.cache[v], lab.paths[v] = {}, str(path)
+    lab.forget()
+    assert lab.cache == {} and lab.paths == {} and all(lab.path(v) is None for v in runs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["canonical.safetensors"]
