@@ -21,7 +21,7 @@ from llmdiff import __version__, diff, inputs, model_source, report as report_mo
 from llmdiff.errors import UsageError
 from llmdiff.job import AUTOCAST_DTYPES, TRUTH_DTYPE, Job, Options, RunId, RunRequest, WeightsSource
 from llmdiff.report import VERDICTS
-from llmdiff.runner import Implementation, RunResult, run_worker
+from llmdiff.runner import Implementation, RunResult, run_worker, run_workers
 from llmdiff.spec import ModelSpec, capture_points
 
 DTYPES = ("float32", "bfloat16")   # compared by default
@@ -349,13 +349,81 @@ def _makes_weights(impl: Implementation) -> bool:
 
 
 def _run_workers(plan: Plan, results: dict, say) -> None:
-    """One worker per implementation, one after another; `results` fills as they finish."""
+    """One worker per implementation, all at once when they fit together (`_at_once`), else one
+    after another; `results` fills as they finish."""
+    if len(plan.chosen) > 1 and _at_once(plan):
+        say(f"running {', '.join(i.name for i in plan.chosen)} at once")
+        batches = []
+        for impl in plan.chosen:
+            requests = plan.requests(impl)
+            say(f"running {impl.name} ({', '.join(str(r.id) for r in requests)})")
+            batches.append((impl, plan.job, requests, lambda m: say(f"  {m}")))   # its lines name it
+        run_workers(batches, plan.work, lambda rs: results.update({(r.impl, r.id): r for r in rs}),
+                    timeout=plan.timeout)
+        return
     for impl in plan.chosen:
         requests = plan.requests(impl)
         say(f"running {impl.name} ({', '.join(str(r.id) for r in requests)})")
         for r in run_worker(impl, plan.job, requests, plan.work, timeout=plan.timeout,
                             progress=lambda m: say(f"  {m}")):
             results[(r.impl, r.id)] = r
+
+
+def _at_once(plan: Plan) -> bool:
+    """Whether every implementation's worker can run at the same time: their imports, weight
+    making and compiles overlap (a cold full-size compare was the sum of its workers). Yes when
+    what they hold together fits: each its float32 weights and a third more (the oracle's float64
+    runs stream; `--grad` four times, for gradients and the Trainer's optimizer state) in three
+    quarters of the one GPU's free memory (no run of theirs streamed or spread), or on the host
+    in half of its available memory. Not for `bench` (each worker times its own forwards) nor
+    `--devices`; LLMDIFF_WORKERS_AT_ONCE=0 or 1 decides instead."""
+    import os
+
+    forced = os.environ.get("LLMDIFF_WORKERS_AT_ONCE")
+    if forced in ("0", "1"):
+        return forced == "1"
+    options = plan.job.options
+    if options.bench or options.devices or options.stream is True:
+        return False
+    from llmdiff.convert import canonical_shapes
+
+    weights = 4 * sum(int(np.prod(s)) for s in canonical_shapes(plan.spec).values())
+    held = len(plan.chosen) * weights * (4 if plan.job.grad else 4 / 3)
+    gpus = _gpu_memory() if options.device != "cpu" else []
+    if gpus:   # (total, free) bytes of each
+        total, free = gpus[0]
+        return weights <= total / 2 and held <= 0.75 * free
+    return held <= 0.5 * _host_available()
+
+
+def _gpu_memory() -> list[tuple[int, int]]:
+    """(total, free) bytes of each NVIDIA GPU `nvidia-smi` lists; [] without one (or the tool)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total,memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = []
+    for line in out.strip().splitlines():
+        try:
+            total, free = (int(v) << 20 for v in line.split(","))
+        except ValueError:
+            return []
+        rows.append((total, free))
+    return rows
+
+
+def _host_available() -> int:
+    """The host memory available to new processes, in bytes (Linux's MemAvailable; else 0)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return 0
 
 
 def _judge(plan: Plan, results: dict) -> dict:

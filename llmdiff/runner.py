@@ -1,6 +1,7 @@
 """Launch one worker process per implementation and collect what each wrote.
 
-Workers run one after another (each gets the whole machine, or GPU). A worker that crashes,
+Workers run one after another (each gets the whole machine, or GPU), or at once when they fit
+together (`run_workers`: `api` decides). A worker that crashes,
 hangs or is killed loses only its own unfinished runs: everything else is kept and the error
 is reported per run.
 """
@@ -139,83 +140,120 @@ def _kill_group(proc) -> None:
         pass
 
 
-def _watch(proc, name: str, log_path: Path, timeout: float | None, progress) -> str | None:
-    """Copy the worker's output to its log (and progress lines to `progress`) until it exits,
-    killing its whole process group at `timeout` or when this process is interrupted; then end
-    whatever it left running. The failure, or None."""
-    import threading
+class Worker:
+    """One worker process for `requests`, started at once: its output goes to
+    workdir/worker-NAME.log as it comes, and its progress lines to `progress` (a callable taking
+    a str), if given; `wait` collects what it wrote."""
 
-    def copy():
-        with open(log_path, "w") as log:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                if progress and line.startswith(PROGRESS):
-                    progress(line[len(PROGRESS):].strip())
+    def __init__(self, impl: Implementation, job: Job, requests: list[RunRequest], workdir: Path, progress=None):
+        import threading
 
-    reader = threading.Thread(target=copy, name=f"llmdiff-worker-{name}", daemon=True)
-    reader.start()
-    timed_out = False
-    try:
+        import llmdiff.references
+
+        self.impl, self.requests, self.proc, self.failure, self.waited = impl, list(requests), None, None, False
+        job = job.with_(impl=impl.name, module=impl.module, cls=impl.cls,
+                        references_dir=list(llmdiff.references.__path__)[0], runs=tuple(requests))
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in impl.name)
+        job_path = workdir / f"job-{safe}.json"
+        job_path.write_text(job.to_json())
+        worker = Path(__file__).with_name("worker.py")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+        # A foreign interpreter finds adapters given as module:Class on the caller's path.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
+        self.log_path = workdir / f"worker-{safe}.log"
+        self.started = time.perf_counter()
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-    finally:  # a timeout, Ctrl-C or SIGTERM here: the worker's group goes too
-        _kill_group(proc)
-        proc.wait()
-        reader.join(5)
-        proc.stdout.close()
-    if timed_out:
-        return f"worker for {name!r} timed out after {timeout:.0f} s"
-    if proc.returncode < 0:
-        return f"worker for {name!r} was killed by signal {-proc.returncode}" + (
-            " (out of memory?)" if proc.returncode == -9 else "")
-    if proc.returncode not in (0, 1):
-        return f"worker for {name!r} exited with code {proc.returncode}: {_tail(log_path.read_text())}"
-    return None
+            self.proc = subprocess.Popen([impl.python, str(worker), str(job_path)], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                         errors="replace", start_new_session=True)
+        except OSError as e:
+            self.failure = f"cannot start worker for {impl.name!r} with {impl.python}: {e.strerror}"
+            return
+
+        def copy():
+            with open(self.log_path, "w") as log:
+                for line in self.proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    if progress and line.startswith(PROGRESS):
+                        progress(line[len(PROGRESS):].strip())
+
+        self.reader = threading.Thread(target=copy, name=f"llmdiff-worker-{impl.name}", daemon=True)
+        self.reader.start()
+
+    def kill(self) -> None:
+        """End the worker's whole process group (it may have started processes of its own),
+        unless `wait` has already done so."""
+        if self.proc is not None and not self.waited:
+            _kill_group(self.proc)
+
+    def wait(self, timeout: float | None = None) -> list[RunResult]:
+        """Wait until the worker exits, killing its whole process group `timeout` s after it
+        started or when this process is interrupted; then end whatever it left running."""
+        if self.proc is not None and not self.waited:
+            self.failure = self._watch(timeout)
+        stderr = self.log_path.read_text() if self.log_path.exists() else ""
+        wall = time.perf_counter() - self.started
+        results = []
+        for r in self.requests:
+            meta_path = Path(r.out + ".json")
+            if meta_path.exists():
+                meta = json.loads(meta_path.read_text())
+                meta.setdefault("timings", {})["worker_wall_s"] = round(wall, 3)
+                ok = bool(meta.get("ok"))
+                results.append(RunResult(self.impl.name, r.id, ok, meta.get("error"),
+                                         r.out + ".safetensors" if ok else None, meta, r.out))
+            else:
+                error = self.failure or (f"worker for {self.impl.name!r} ended before finishing {r.dtype}"
+                                         + (f": {_tail(stderr)}" if _tail(stderr) else " and said nothing"))
+                results.append(RunResult(self.impl.name, r.id, False, error, None, {"python": self.impl.python}, r.out))
+        return results
+
+    def _watch(self, timeout: float | None) -> str | None:
+        proc, name = self.proc, self.impl.name
+        timed_out = False
+        try:
+            try:
+                proc.wait(None if timeout is None else max(0.0, self.started + timeout - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+        finally:  # a timeout, Ctrl-C or SIGTERM here: the worker's group goes too
+            _kill_group(proc)
+            proc.wait()
+            self.waited = True
+            self.reader.join(5)
+            proc.stdout.close()
+        if timed_out:
+            return f"worker for {name!r} timed out after {timeout:.0f} s"
+        if proc.returncode < 0:
+            return f"worker for {name!r} was killed by signal {-proc.returncode}" + (
+                " (out of memory?)" if proc.returncode == -9 else "")
+        if proc.returncode not in (0, 1):
+            return f"worker for {name!r} exited with code {proc.returncode}: {_tail(self.log_path.read_text())}"
+        return None
 
 
 def run_worker(impl: Implementation, job: Job, requests: list[RunRequest], workdir: Path,
                timeout: float | None = None, progress=None) -> list[RunResult]:
-    """Run one worker process for `requests`; its output goes to workdir/worker-NAME.log as it
-    comes, and its progress lines to `progress` (a callable taking a str), if given."""
-    import llmdiff.references
+    """Run one worker process for `requests` to its end (`Worker`)."""
+    return Worker(impl, job, requests, workdir, progress).wait(timeout)
 
-    job = job.with_(impl=impl.name, module=impl.module, cls=impl.cls,
-                    references_dir=list(llmdiff.references.__path__)[0], runs=tuple(requests))
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in impl.name)
-    job_path = workdir / f"job-{safe}.json"
-    job_path.write_text(job.to_json())
-    worker = Path(__file__).with_name("worker.py")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
-    # A foreign interpreter finds adapters given as module:Class on the caller's path.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
-    log_path = workdir / f"worker-{safe}.log"
-    t = time.perf_counter()
-    failure = None
+
+def run_workers(batches: list, workdir: Path, done, timeout: float | None = None) -> None:
+    """Workers for several implementations at once: `batches` of (impl, job, requests, progress),
+    all started before any is waited for; each is killed `timeout` s after its start. `done`
+    (callable) is given each worker's results as it is collected; when this process is
+    interrupted every worker is killed and what each finished is still given, then the
+    interrupt goes on."""
+    workers = []
     try:
-        proc = subprocess.Popen([impl.python, str(worker), str(job_path)], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                errors="replace", start_new_session=True)
-    except OSError as e:
-        failure = f"cannot start worker for {impl.name!r} with {impl.python}: {e.strerror}"
-    else:
-        failure = _watch(proc, impl.name, log_path, timeout, progress)
-    stderr = log_path.read_text() if log_path.exists() else ""
-    wall = time.perf_counter() - t
-
-    results = []
-    for r in requests:
-        meta_path = Path(r.out + ".json")
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            meta.setdefault("timings", {})["worker_wall_s"] = round(wall, 3)
-            ok = bool(meta.get("ok"))
-            results.append(RunResult(impl.name, r.id, ok, meta.get("error"),
-                                     r.out + ".safetensors" if ok else None, meta, r.out))
-        else:
-            error = failure or (f"worker for {impl.name!r} ended before finishing {r.dtype}"
-                                + (f": {_tail(stderr)}" if _tail(stderr) else " and said nothing"))
-            results.append(RunResult(impl.name, r.id, False, error, None, {"python": impl.python}, r.out))
-    return results
+        for impl, job, requests, progress in batches:
+            workers.append(Worker(impl, job, requests, workdir, progress))
+        while workers:
+            done(workers[0].wait(timeout))
+            workers.pop(0)
+    finally:
+        for w in workers:   # interrupted: every run a worker wrote before it was killed is kept
+            w.kill()
+        for w in workers:
+            done(w.wait())

@@ -328,7 +328,7 @@ def test_a_worker_that_exits_early_says_so(tmp_path, mutants_on_path):
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_keeps_finished_runs_and_leaves_nothing_behind(tmp_path, sig, code):
-    """Ctrl-C (or SIGTERM) once hf has finished, while a second worker is still loading (one
+    """Ctrl-C (or SIGTERM) once hf has finished, while a second worker (started with it) is still loading (one
     that never finishes: the signal cannot come too late): the report keeps hf's runs, says it
     is incomplete, the exit code is 128+signal, no worker and no temporary directory is left."""
     from conftest import MUTANTS_DIR
@@ -341,10 +341,10 @@ def test_interrupt_keeps_finished_runs_and_leaves_nothing_behind(tmp_path, sig, 
                              "--impl", "hf", "--impl", "hf_mutants:Hangs", "--json", str(tmp_path / "r.json")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             stdin=subprocess.DEVNULL)
-    seen = []
+    seen = []   # the two workers run at once: hf's run done, and the other one loading
     for line in proc.stdout:
         seen.append(line)
-        if "hf_mutants:Hangs float32: loading" in line:
+        if any("hf float32: loaded in" in s for s in seen) and any("hf_mutants:Hangs float32: loading" in s for s in seen):
             break
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)

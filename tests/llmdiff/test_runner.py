@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +43,55 @@ def test_an_adapter_this_interpreter_cannot_import_is_taken_not_to_make_weights(
 
     assert _makes_weights(Implementation.parse("oracle"))
     assert not _makes_weights(Implementation(name="elsewhere:Adapter", module="no_such_module_here", cls="Adapter"))
+
+
+def test_workers_run_at_once_each_with_its_own_timeout(tmp_path, mutants_on_path, monkeypatch):
+    """Started together, two workers that never finish are each killed at their timeout: the
+    pair takes one timeout, not two, each says its own error, and the child one of them started
+    goes too."""
+    import time
+
+    from llmdiff import inputs
+    from llmdiff.job import Job, RunId, RunRequest, WeightsSource
+    from llmdiff.runner import run_workers
+    from llmdiff.spec import get_spec
+
+    spec = get_spec("gemma-7b", tiny=True)
+    job = Job(spec=spec.to_dict(), tokens=inputs.synthetic_prompts(spec), weights=WeightsSource(hf_dir=str(tmp_path), seed=0))
+    names = ["hf_mutants:Hangs", "hf_mutants:SpawnsChildThenHangs"]
+    monkeypatch.setenv("LLMDIFF_TEST_CHILD_PID", str(tmp_path / "child.pid"))
+    batches = [(Implementation.parse(n), job, [RunRequest(RunId("float32"), str(tmp_path / f"w{i}"))], None)
+               for i, n in enumerate(names)]
+    got, t = [], time.perf_counter()
+    run_workers(batches, tmp_path, got.extend, timeout=8)
+    took = time.perf_counter() - t
+    assert [(r.impl, r.ok, r.error) for r in got] == [(n, False, f"worker for {n!r} timed out after 8 s") for n in names]
+    assert 8 <= took < 14, took   # one after another: 16 s at least
+    stat = Path(f"/proc/{int((tmp_path / 'child.pid').read_text())}/stat")
+    assert not stat.exists() or stat.read_text().split()[2] == "Z"   # gone, or a zombie left to init
+
+
+@pytest.mark.parametrize("model,device,gpus,host_gb,expected", [
+    ("gemma-7b", "cuda", [(143771 << 20, 143000 << 20)], 100, True),    # 2 x 34 GB float32 on an H200
+    ("gemma-7b", "cuda", [(143771 << 20, 60000 << 20)], 100, False),    # most of it already taken
+    ("gemma-2-27b", "cuda", [(143771 << 20, 143000 << 20)], 100, False),  # 108 GB: more than half of it alone
+    ("gemma-7b", "cpu", [(143771 << 20, 143000 << 20)], 24, False),    # host memory, whatever the GPU
+    ("gemma-7b-tiny", "auto", [], 24, True),
+])
+def test_workers_run_at_once_when_what_they_hold_together_fits(monkeypatch, model, device, gpus, host_gb, expected):
+    from llmdiff import api
+    from llmdiff.job import Job, Options, WeightsSource
+    from llmdiff.spec import get_spec
+
+    monkeypatch.delenv("LLMDIFF_WORKERS_AT_ONCE", raising=False)
+    monkeypatch.setattr(api, "_gpu_memory", lambda: gpus)
+    monkeypatch.setattr(api, "_host_available", lambda: host_gb << 30)
+    spec = get_spec(model.removesuffix("-tiny"), tiny=model.endswith("-tiny"))
+    job = Job(spec=spec.to_dict(), tokens=[[2]], weights=WeightsSource(seed=0), options=Options(device=device))
+    plan = api.Plan(spec, ["float32", "bfloat16"], [Implementation.parse("hf"), Implementation.parse("oracle")],
+                    "oracle", None, None, [], job, None, True, None, {}, {}, None, "eager")
+    assert api._at_once(plan) is expected
+    bench = dataclasses.replace(plan, job=job.with_(options=Options(device=device, bench=True)))
+    assert api._at_once(bench) is False   # each worker times its own forwards
+    monkeypatch.setenv("LLMDIFF_WORKERS_AT_ONCE", "0")
+    assert api._at_once(plan) is False
