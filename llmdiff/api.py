@@ -19,7 +19,7 @@ import numpy as np
 
 from llmdiff import __version__, diff, inputs, model_source, report as report_mod, safetensors_file, weights as weights_mod
 from llmdiff.errors import UsageError
-from llmdiff.job import AUTOCAST_DTYPES, TRUTH_DTYPE, Job, Options, RunId, RunRequest, WeightsSource
+from llmdiff.job import AUTOCAST_DTYPES, TRUTH_DTYPE, Job, Options, RunId, RunRequest, WeightsSource, params_dtype
 from llmdiff.report import VERDICTS
 from llmdiff.runner import Implementation, RunResult, run_worker, run_workers
 from llmdiff.spec import ModelSpec, capture_points
@@ -349,51 +349,69 @@ def _makes_weights(impl: Implementation) -> bool:
 
 
 def _run_workers(plan: Plan, results: dict, say) -> None:
-    """One worker per implementation, all at once when they fit together (`_at_once`), else one
-    after another; `results` fills as they finish."""
-    if len(plan.chosen) > 1 and _at_once(plan):
-        say(f"running {', '.join(i.name for i in plan.chosen)} at once")
-        batches = []
-        for impl in plan.chosen:
-            requests = plan.requests(impl)
-            say(f"running {impl.name} ({', '.join(str(r.id) for r in requests)})")
-            batches.append((impl, plan.job, requests, lambda m: say(f"  {m}")))   # its lines name it
-        run_workers(batches, plan.work, lambda rs: results.update({(r.impl, r.id): r for r in rs}),
-                    timeout=plan.timeout)
-        return
-    for impl in plan.chosen:
-        requests = plan.requests(impl)
-        say(f"running {impl.name} ({', '.join(str(r.id) for r in requests)})")
-        for r in run_worker(impl, plan.job, requests, plan.work, timeout=plan.timeout,
-                            progress=lambda m: say(f"  {m}")):
-            results[(r.impl, r.id)] = r
+    """The workers `_workers` decides on, all at once or one after another; `results` fills as
+    they finish."""
+    workers, at_once = _workers(plan)
+    keep = lambda rs: results.update({(r.impl, r.id): r for r in rs})   # noqa: E731
+    progress = lambda m: say(f"  {m}")   # noqa: E731 - a worker's own lines name it
+    if at_once:
+        say(f"running {', '.join(label for _, _, label in workers)} at once")
+    for impl, requests, label in workers:
+        say(f"running {label} ({', '.join(str(r.id) for r in requests)})")
+        if not at_once:
+            keep(run_worker(impl, plan.job, requests, plan.work, timeout=plan.timeout, progress=progress))
+    if at_once:
+        run_workers(plan.job, workers, plan.work, keep, timeout=plan.timeout, progress=progress)
 
 
-def _at_once(plan: Plan) -> bool:
-    """Whether every implementation's worker can run at the same time: their imports, weight
-    making and compiles overlap (a cold full-size compare was the sum of its workers). Yes when
-    what they hold together fits: each its float32 weights and a third more (the oracle's float64
-    runs stream; `--grad` four times, for gradients and the Trainer's optimizer state) in three
-    quarters of the one GPU's free memory (no run of theirs streamed or spread), or on the host
-    in half of its available memory. Not for `bench` (each worker times its own forwards) nor
-    `--devices`; LLMDIFF_WORKERS_AT_ONCE=0 or 1 decides instead."""
+def _workers(plan: Plan) -> tuple[list, bool]:
+    """The worker processes of a compare, as (implementation, requests, label), and whether they
+    run at once: their imports, weight making and compiles then overlap (a cold full-size compare
+    was the sum of its workers, the oracle's compile of each dtype's steps the most of it).
+
+    At once when what they hold together fits (`_fits`). On a GPU the oracle's 16-bit runs get a
+    worker of their own too, when that fits, so its two dtypes compile side by side. Not for
+    `bench` (each worker times its own forwards) nor `--devices`/`--stream` (a run spread or
+    streamed needs the devices to itself). LLMDIFF_WORKERS_AT_ONCE=0 or 1 decides instead."""
     import os
 
+    whole = [(impl, plan.requests(impl), impl.name) for impl in plan.chosen]
     forced = os.environ.get("LLMDIFF_WORKERS_AT_ONCE")
-    if forced in ("0", "1"):
-        return forced == "1"
     options = plan.job.options
-    if options.bench or options.devices or options.stream is True:
-        return False
+    if forced == "0" or (forced is None and (options.bench or options.devices or options.stream is True)):
+        return whole, False
+    gpus = _gpu_memory() if options.device != "cpu" else []
+    tries = [whole]
+    if gpus:
+        split = []
+        for impl, requests, label in whole:
+            low = [r for r in requests if impl.name == ORACLE and not r.id.constants_dtype
+                   and params_dtype(r.id.dtype) in ("bfloat16", "float16")]
+            rest = [r for r in requests if r not in low]
+            split += [(impl, rest, label)] + ([(impl, low, f"{label}-16bit")] if low and rest else [])
+        tries.insert(0, split)
+    for workers in tries:
+        if len(workers) > 1 and (forced == "1" or _fits(plan, workers, gpus)):
+            return workers, True
+    return whole, False
+
+
+def _fits(plan: Plan, workers: list, gpus: list) -> bool:
+    """Whether `workers` can hold their weights at once: each its largest run's weights (16-bit
+    runs' in 16 bits, every other in float32: the oracle's float64 runs stream from its float32
+    set) and a fifth more (measured peaks: 1.05-1.15x), four times that with `--grad` (gradients
+    and the Trainer's optimizer state), within three quarters of the one GPU's free memory (and
+    none of them over half of it, where a run would stream), or half the host's available memory."""
     from llmdiff.convert import canonical_shapes
 
-    weights = 4 * sum(int(np.prod(s)) for s in canonical_shapes(plan.spec).values())
-    held = len(plan.chosen) * weights * (4 if plan.job.grad else 4 / 3)
-    gpus = _gpu_memory() if options.device != "cpu" else []
+    params = sum(int(np.prod(s)) for s in canonical_shapes(plan.spec).values())
+    factor = 4 if plan.job.grad else 1.2
+    held = [params * max(2 if params_dtype(r.id.dtype) in ("bfloat16", "float16") else 4 for r in requests)
+            for _, requests, _ in workers]
     if gpus:   # (total, free) bytes of each
         total, free = gpus[0]
-        return weights <= total / 2 and held <= 0.75 * free
-    return held <= 0.5 * _host_available()
+        return max(held) <= total / 2 and factor * sum(held) <= 0.75 * free
+    return factor * sum(held) <= 0.5 * _host_available()
 
 
 def _gpu_memory() -> list[tuple[int, int]]:

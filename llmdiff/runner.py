@@ -142,10 +142,11 @@ def _kill_group(proc) -> None:
 
 class Worker:
     """One worker process for `requests`, started at once: its output goes to
-    workdir/worker-NAME.log as it comes, and its progress lines to `progress` (a callable taking
+    workdir/worker-LABEL.log (the implementation's name by default) as it comes, and its progress lines to `progress` (a callable taking
     a str), if given; `wait` collects what it wrote."""
 
-    def __init__(self, impl: Implementation, job: Job, requests: list[RunRequest], workdir: Path, progress=None):
+    def __init__(self, impl: Implementation, job: Job, requests: list[RunRequest], workdir: Path, progress=None,
+                 label: str | None = None):
         import threading
 
         import llmdiff.references
@@ -153,7 +154,7 @@ class Worker:
         self.impl, self.requests, self.proc, self.failure, self.waited = impl, list(requests), None, None, False
         job = job.with_(impl=impl.name, module=impl.module, cls=impl.cls,
                         references_dir=list(llmdiff.references.__path__)[0], runs=tuple(requests))
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in impl.name)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label or impl.name)
         job_path = workdir / f"job-{safe}.json"
         job_path.write_text(job.to_json())
         worker = Path(__file__).with_name("worker.py")
@@ -239,21 +240,21 @@ def run_worker(impl: Implementation, job: Job, requests: list[RunRequest], workd
     return Worker(impl, job, requests, workdir, progress).wait(timeout)
 
 
-def run_workers(batches: list, workdir: Path, done, timeout: float | None = None) -> None:
-    """Workers for several implementations at once: `batches` of (impl, job, requests, progress),
-    all started before any is waited for; each is killed `timeout` s after its start. `done`
-    (callable) is given each worker's results as it is collected; when this process is
-    interrupted every worker is killed and what each finished is still given, then the
-    interrupt goes on."""
-    workers = []
+def run_workers(job: Job, workers: list, workdir: Path, done, timeout: float | None = None,
+                progress=None) -> None:
+    """Several workers at once: `workers` of (impl, requests, label), all started before any is
+    waited for; each is killed `timeout` s after its start. `done` (callable) is given each
+    worker's results as they are collected; when this process is interrupted every worker is
+    killed and what each finished is still given, then the interrupt goes on."""
+    started = []
     try:
-        for impl, job, requests, progress in batches:
-            workers.append(Worker(impl, job, requests, workdir, progress))
-        while workers:
-            done(workers[0].wait(timeout))
-            workers.pop(0)
+        for impl, requests, label in workers:
+            started.append(Worker(impl, job, requests, workdir, progress, label))
+        while started:
+            done(started[0].wait(timeout))
+            started.pop(0)
     finally:
-        for w in workers:   # interrupted: every run a worker wrote before it was killed is kept
+        for w in started:   # interrupted: every run a worker wrote before it was killed is kept
             w.kill()
-        for w in workers:
+        for w in started:
             done(w.wait())

@@ -60,10 +60,10 @@ def test_workers_run_at_once_each_with_its_own_timeout(tmp_path, mutants_on_path
     job = Job(spec=spec.to_dict(), tokens=inputs.synthetic_prompts(spec), weights=WeightsSource(hf_dir=str(tmp_path), seed=0))
     names = ["hf_mutants:Hangs", "hf_mutants:SpawnsChildThenHangs"]
     monkeypatch.setenv("LLMDIFF_TEST_CHILD_PID", str(tmp_path / "child.pid"))
-    batches = [(Implementation.parse(n), job, [RunRequest(RunId("float32"), str(tmp_path / f"w{i}"))], None)
+    workers = [(Implementation.parse(n), [RunRequest(RunId("float32"), str(tmp_path / f"w{i}"))], n)
                for i, n in enumerate(names)]
     got, t = [], time.perf_counter()
-    run_workers(batches, tmp_path, got.extend, timeout=8)
+    run_workers(job, workers, tmp_path, got.extend, timeout=8)
     took = time.perf_counter() - t
     assert [(r.impl, r.ok, r.error) for r in got] == [(n, False, f"worker for {n!r} timed out after 8 s") for n in names]
     assert 8 <= took < 14, took   # one after another: 16 s at least
@@ -71,12 +71,18 @@ def test_workers_run_at_once_each_with_its_own_timeout(tmp_path, mutants_on_path
     assert not stat.exists() or stat.read_text().split()[2] == "Z"   # gone, or a zombie left to init
 
 
+H200 = [(143771 << 20, 143000 << 20)]
+
+
 @pytest.mark.parametrize("model,device,gpus,host_gb,expected", [
-    ("gemma-7b", "cuda", [(143771 << 20, 143000 << 20)], 100, True),    # 2 x 34 GB float32 on an H200
-    ("gemma-7b", "cuda", [(143771 << 20, 60000 << 20)], 100, False),    # most of it already taken
-    ("gemma-2-27b", "cuda", [(143771 << 20, 143000 << 20)], 100, False),  # 108 GB: more than half of it alone
-    ("gemma-7b", "cpu", [(143771 << 20, 143000 << 20)], 24, False),    # host memory, whatever the GPU
-    ("gemma-7b-tiny", "auto", [], 24, True),
+    # gemma-7b on an H200: hf's and the oracle's float32 weights (34 GB each) and the oracle's
+    # bfloat16 runs in a worker of their own (17 GB)
+    ("gemma-7b", "cuda", H200, 100, ["hf", "oracle", "oracle-16bit"]),
+    ("gemma-7b", "cuda", [(143771 << 20, 120000 << 20)], 100, ["hf", "oracle"]),   # no room for the third
+    ("gemma-7b", "cuda", [(143771 << 20, 60000 << 20)], 100, None),  # most of the GPU already taken
+    ("gemma-2-27b", "cuda", H200, 100, None),                       # 108 GB: more than half of it alone
+    ("gemma-7b", "cpu", H200, 24, None),                            # the host's memory, whatever the GPU
+    ("gemma-7b-tiny", "auto", [], 24, ["hf", "oracle"]),            # no GPU: the oracle's dtypes stay together
 ])
 def test_workers_run_at_once_when_what_they_hold_together_fits(monkeypatch, model, device, gpus, host_gb, expected):
     from llmdiff import api
@@ -89,9 +95,32 @@ def test_workers_run_at_once_when_what_they_hold_together_fits(monkeypatch, mode
     spec = get_spec(model.removesuffix("-tiny"), tiny=model.endswith("-tiny"))
     job = Job(spec=spec.to_dict(), tokens=[[2]], weights=WeightsSource(seed=0), options=Options(device=device))
     plan = api.Plan(spec, ["float32", "bfloat16"], [Implementation.parse("hf"), Implementation.parse("oracle")],
-                    "oracle", None, None, [], job, None, True, None, {}, {}, None, "eager")
-    assert api._at_once(plan) is expected
+                    "oracle", None, None, [], job, Path("/w"), True, None, {}, {}, None, "eager")
+    workers, at_once = api._workers(plan)
+    assert ([label for _, _, label in workers] if at_once else None) == expected
+    runs = sorted((i.name, str(r.id)) for i, requests, _ in workers for r in requests)
+    assert runs == sorted((i.name, str(r.id)) for i in plan.chosen for r in plan.requests(i))   # every run, once
+    if expected and "oracle-16bit" in expected:
+        assert [str(r.id) for r in workers[2][1]] == ["bfloat16"]
     bench = dataclasses.replace(plan, job=job.with_(options=Options(device=device, bench=True)))
-    assert api._at_once(bench) is False   # each worker times its own forwards
+    assert api._workers(bench)[1] is False   # each worker times its own forwards
     monkeypatch.setenv("LLMDIFF_WORKERS_AT_ONCE", "0")
-    assert api._at_once(plan) is False
+    assert api._workers(plan)[1] is False
+
+
+def test_the_oracle_split_over_two_workers_at_once_gives_the_same_report(llmdiff_cli, monkeypatch):
+    """What a GPU gets (the oracle's bfloat16 runs in a worker of their own, every worker at
+    once), forced here on the CPU: every point's numbers are those of one worker after another."""
+    from llmdiff import api
+
+    args = ("compare", "gemma-7b", "--tiny", "--no-diagnose", "--no-tokenizer-parity")
+    monkeypatch.setenv("LLMDIFF_WORKERS_AT_ONCE", "0")
+    code, _, _, one_by_one = llmdiff_cli(*args)
+    monkeypatch.setenv("LLMDIFF_WORKERS_AT_ONCE", "1")
+    monkeypatch.setattr(api, "_gpu_memory", lambda: H200)
+    code2, out, _, at_once = llmdiff_cli(*args)
+    assert code == code2 == 0, out
+    assert "running hf, oracle, oracle-16bit at once" in out
+    numbers = lambda r: [(run["candidate"], run["dtype"], [(p["name"], p.get("rel_l2"), p.get("noise_floor"))   # noqa: E731
+                                                           for p in run["points"]]) for run in r["runs"]]
+    assert numbers(at_once) == numbers(one_by_one) and len(numbers(at_once)) == 2

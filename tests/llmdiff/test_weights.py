@@ -108,6 +108,10 @@ def test_generator_across_chunks_and_its_distribution(monkeypatch):
     assert np.array_equal(whole, weights.generate_numpy(spec, "embed", shape))
     torch = pytest.importorskip("torch")
     assert np.array_equal(whole, weights.generate_torch(spec, "embed", shape).numpy())
+    jax = pytest.importorskip("jax")
+    jax.config.update("jax_enable_x64", True)
+    assert whole.size % 1000   # JAX's last chunk runs past the end and is cut
+    assert np.array_equal(whole, np.asarray(weights.generate_jax(spec, "embed", shape)))
     std = weights.tensor_std(spec, "embed")
     assert abs(whole.std() / std - 1) < 0.02 and np.abs(whole).max() <= std * 3 ** 0.5 * 1.01
     assert abs(np.corrcoef(whole.ravel()[:-1], whole.ravel()[1:])[0, 1]) < 0.01  # neighbours independent
