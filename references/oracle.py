@@ -62,6 +62,12 @@ class OracleReference(Reference):
             # executable and dies (measured here: signal 6 and 11 in 4414 of 7950 selftest runs).
             # With a size, every get and put holds `.lockfile` (filelock) and old entries go first.
             jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+        # XLA's Triton GEMM fusions are autotuned over dozens of tilings each: on an H200 the
+        # first gemma-7b float32 run compiled for 22-30 s with them, 4 s without (cuBLAS's
+        # float32 GEMMs, as torch's; bench/RESULTS.md). Read when the GPU backend starts.
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_gpu_enable_triton_gemm" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_triton_gemm=false".strip()
         device = self.options.device
         if device == "cpu" and jax.config.jax_platforms != "cpu":
             jax.config.update("jax_platforms", "cpu")  # before the first computation of this worker
