@@ -470,13 +470,21 @@ def _diagnose_stages(plan: Plan, report: dict, results: dict, say) -> None:
     # The lab's oracle runs (teacher forcing, counterfactuals) are forward runs: the diagnosis
     # explains forward points; a divergence in the gradients alone is reported, not diagnosed.
     lab = diagnose.OracleLab(plan.job.with_(grad=False), plan.work, plan.timeout, progress=say)
-    if plan.reference == ORACLE and plan.checks is not None and plan.job.capture == "full":
-        say("teacher forcing: the oracle fed each candidate's own value of every point")
-        _stage(report, "teacher forcing", "--no-diagnose",
-               lambda: _teacher_force(report, lab, results, plan.thresholds))
-    if plan.checks is not None:
-        _stage(report, "diagnosis", "--no-diagnose",
-               lambda: _diagnose(report, plan.checks, plan.spec, lab, results, plan.reference, say, plan.thresholds))
+    if not plan.job.grad:   # the compare's own clean oracle runs are the lab's: not run again
+        for (name, run_id), r in results.items():
+            if name == ORACLE and r.ok:
+                lab.seed(diagnose.Variant(run_id), r.captures_path)
+    try:
+        if plan.reference == ORACLE and plan.checks is not None and plan.job.capture == "full":
+            say("teacher forcing: the oracle fed each candidate's own value of every point")
+            _stage(report, "teacher forcing", "--no-diagnose",
+                   lambda: _teacher_force(report, lab, results, plan.thresholds))
+        if plan.checks is not None:
+            _stage(report, "diagnosis", "--no-diagnose",
+                   lambda: _diagnose(report, plan.checks, plan.spec, lab, results, plan.reference, say,
+                                     plan.thresholds))
+    finally:
+        lab.close()   # its worker served every batch of both stages
     if plan.prompts is not None:
         say("tokenizer parity (started in the background)")
         _stage(report, "tokenizer parity", "--no-tokenizer-parity",

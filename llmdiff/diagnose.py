@@ -26,11 +26,13 @@ import numpy as np
 from llmdiff import diff
 from llmdiff.check import UNSCOPED_KNOBS, Check, Context, Finding
 from llmdiff.job import Job, RunId, RunRequest
-from llmdiff.runner import Implementation, run_worker
+from llmdiff.runner import Implementation
 
 UNEXPLAINED = ("LD000", "unexplained-divergence")
 MAX_ROUNDS = 6
 MAX_TOGETHER = 3  # bugs tried together when fewer do not explain a point
+RUNS_PER_WORKER = 200  # oracle runs a lab's worker serves before a fresh one takes over (XLA's
+                       # compiled steps pile up in one process: a crash was seen after hundreds)
 
 
 def excess(run: dict) -> float:
@@ -79,11 +81,15 @@ class OracleLab:
         self.errors: dict[str, str] = {}
         self.runs = 0
         self._made = 0   # captures files named so far
+        self.seeded: set[str] = set()   # captures files `seed` was given: not the lab's to delete
+        self._worker = None   # the serving oracle worker (`_batch`)
 
     def run_many(self, wanted: list[Variant]) -> list:
-        """Captures for each variant, all missing ones in one worker. Variants a worker did not
-        reach because it died (a crash of XLA's CPU compiler was seen after hundreds of
-        compilations in one process: signal 11) get a fresh worker, while each one gets further."""
+        """Captures for each variant, all missing ones in one batch of the lab's worker, which
+        stays up between batches (`--serve`: the oracle's weights made once, its compiled steps
+        kept) for `RUNS_PER_WORKER` runs. Variants a worker did not reach because it died (a
+        crash of XLA's CPU compiler was seen after hundreds of compilations in one process:
+        signal 11) get a fresh worker, while each one gets further."""
         todo = list(dict.fromkeys(v for v in wanted if v not in self.cache))
         while todo:
             requests = []
@@ -93,8 +99,7 @@ class OracleLab:
                 options = self.job.options.with_(precision=dict(v.policy), forced_from=v.forced_from)
                 requests.append(RunRequest(v.run, str(out), options))
             died, why = [], None
-            for v, result in zip(todo, run_worker(Implementation.parse("oracle"), self.job, requests,
-                                                  self.work, timeout=self.timeout, progress=self._counter(len(todo)))):
+            for v, result in zip(todo, self._batch(requests, self._counter(len(todo)))):
                 if result.ok:
                     self.runs += 1
                     self.cache[v] = diff.load_captures(result.captures_path)
@@ -115,6 +120,33 @@ class OracleLab:
                 self.errors[v.key] = f"{why} (on this run, in a fresh worker)"
             todo = died
         return [self.cache[v] for v in wanted]
+
+    def _batch(self, requests: list[RunRequest], progress) -> list:
+        """`requests` run by the lab's serving worker, started for them if it is not up."""
+        import weakref
+
+        from llmdiff.runner import Worker
+
+        worker = self._worker
+        if worker is not None and worker.alive and worker.runs + len(requests) <= RUNS_PER_WORKER:
+            worker.progress = progress
+            worker.send(requests)
+        else:
+            self.close()
+            worker = self._worker = Worker(Implementation.parse("oracle"), self.job, requests, self.work, progress,
+                                           label="oracle-lab", serve=True)
+            self._closer = weakref.finalize(self, worker.close)   # a lab dropped unclosed ends it too
+        results = worker.batch(self.timeout)
+        if not worker.alive:
+            self._worker = None
+        return results
+
+    def close(self) -> None:
+        """End the lab's worker (the next batch starts another)."""
+        if self._worker is not None:
+            self._closer.detach()
+            self._worker.close()
+            self._worker = None
 
     def _counter(self, n: int):
         """The worker's progress lines, told as "k/n oracle runs" at most every 2 s."""
@@ -140,13 +172,21 @@ class OracleLab:
     def path(self, variant: Variant) -> str | None:
         return self.paths.get(variant)
 
+    def seed(self, variant: Variant, captures_path: str) -> None:
+        """A run made elsewhere with this lab's job and `variant`'s options (the compare's own
+        clean oracle runs), taken as the lab's: a diagnosis starts from them instead of running
+        them again."""
+        self.cache[variant] = diff.load_captures(captures_path)
+        self.paths[variant] = captures_path
+        self.seeded.add(captures_path)
+
     def forget(self) -> None:
-        """Drop every cached run and delete its captures file (memory-mapped arrays still held
-        keep their pages until they go): a selftest's runs of one dtype are tens of GB at tiny
-        size and none is read by the next dtype's."""
+        """Drop every cached run and delete the captures file of each the lab ran (memory-mapped
+        arrays still held keep their pages until they go): a selftest's runs of one dtype are
+        tens of GB at tiny size and none is read by the next dtype's."""
         import os
 
-        for path in self.paths.values():
+        for path in set(self.paths.values()) - self.seeded:
             try:
                 os.unlink(path)
             except OSError:

@@ -140,18 +140,25 @@ def _kill_group(proc) -> None:
         pass
 
 
+BATCH_DONE = "batch done"   # a serving worker's line after each batch (worker.py)
+
+
 class Worker:
     """One worker process for `requests`, started at once: its output goes to
-    workdir/worker-LABEL.log (the implementation's name by default) as it comes, and its progress lines to `progress` (a callable taking
-    a str), if given; `wait` collects what it wrote."""
+    workdir/worker-LABEL.log (the implementation's name by default) as it comes, and its
+    progress lines to `progress` (a callable taking a str; settable), if given; `wait`
+    collects what it wrote. With `serve`, the worker stays up after them: `batch` waits for the
+    runs asked so far, `send` asks for more, `close` ends it."""
 
     def __init__(self, impl: Implementation, job: Job, requests: list[RunRequest], workdir: Path, progress=None,
-                 label: str | None = None):
+                 label: str | None = None, serve: bool = False):
         import threading
 
         import llmdiff.references
 
         self.impl, self.requests, self.proc, self.failure, self.waited = impl, list(requests), None, None, False
+        self.progress, self.runs = progress, len(requests)
+        self._batches = threading.Semaphore(0)   # released at each BATCH_DONE line
         job = job.with_(impl=impl.name, module=impl.module, cls=impl.cls,
                         references_dir=list(llmdiff.references.__path__)[0], runs=tuple(requests))
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label or impl.name)
@@ -164,7 +171,8 @@ class Worker:
         self.log_path = workdir / f"worker-{safe}.log"
         self.started = time.perf_counter()
         try:
-            self.proc = subprocess.Popen([impl.python, str(worker), str(job_path)], stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([impl.python, str(worker), str(job_path), *(["--serve"] if serve else [])],
+                                         stdin=subprocess.PIPE if serve else subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                          errors="replace", start_new_session=True)
         except OSError as e:
@@ -176,11 +184,19 @@ class Worker:
                 for line in self.proc.stdout:
                     log.write(line)
                     log.flush()
-                    if progress and line.startswith(PROGRESS):
-                        progress(line[len(PROGRESS):].strip())
+                    if line.startswith(PROGRESS):
+                        said = line[len(PROGRESS):].strip()
+                        if said == BATCH_DONE:
+                            self._batches.release()
+                        elif self.progress:
+                            self.progress(said)
 
         self.reader = threading.Thread(target=copy, name=f"llmdiff-worker-{impl.name}", daemon=True)
         self.reader.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and not self.waited and self.proc.poll() is None
 
     def kill(self) -> None:
         """End the worker's whole process group (it may have started processes of its own),
@@ -193,6 +209,59 @@ class Worker:
         started or when this process is interrupted; then end whatever it left running."""
         if self.proc is not None and not self.waited:
             self.failure = self._watch(timeout)
+        return self._collect()
+
+    def send(self, requests: list[RunRequest]) -> None:
+        """A serving worker's next batch (its clock restarts for `batch`'s timeout)."""
+        from dataclasses import asdict
+
+        self.requests, self.started = list(requests), time.perf_counter()
+        self.runs += len(requests)
+        try:
+            self.proc.stdin.write(json.dumps([asdict(r) for r in requests]) + "\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError):   # it has died: `batch` says how
+            pass
+
+    def batch(self, timeout: float | None = None) -> list[RunResult]:
+        """A serving worker's results for the batch asked last, once it says it is done; if it
+        dies, or is still at it `timeout` s after the batch was sent, or this process is
+        interrupted, the worker is ended and the runs it did not finish say so."""
+        if self.proc is None:
+            return self._collect()
+        try:
+            while not self._batches.acquire(timeout=0.2):
+                if self.proc.poll() is not None:
+                    self.reader.join(5)   # its last lines, a BATCH_DONE among them, are read
+                    if self._batches.acquire(blocking=False):
+                        break
+                    self.failure = self._watch(None)
+                    return self._collect()
+                if timeout is not None and time.perf_counter() - self.started > timeout:
+                    _kill_group(self.proc)
+                    self._watch(None)
+                    self.failure = f"worker for {self.impl.name!r} timed out after {timeout:.0f} s"
+                    return self._collect()
+        except BaseException:
+            self.kill()
+            raise
+        return self._collect()
+
+    def close(self, grace: float = 30.0) -> None:
+        """End a serving worker: its input closed, then its whole group killed if it lingers."""
+        if self.proc is None or self.waited:
+            return
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self._watch(0)
+
+    def _collect(self) -> list[RunResult]:
         stderr = self.log_path.read_text() if self.log_path.exists() else ""
         wall = time.perf_counter() - self.started
         results = []
@@ -224,6 +293,11 @@ class Worker:
             self.waited = True
             self.reader.join(5)
             proc.stdout.close()
+            if proc.stdin is not None:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
         if timed_out:
             return f"worker for {name!r} timed out after {timeout:.0f} s"
         if proc.returncode < 0:

@@ -130,6 +130,7 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
                                f" the checks' codes ({', '.join(sorted(codes))}), alone, joined by + or"
                                f" scoped as CODE@local / CODE@global")
     work = Path(tempfile.mkdtemp(prefix="llmdiff-selftest-"))
+    lab = None
     try:
         canonical = work / "canonical.safetensors"
         weights.save_canonical(canonical, weights.random_weights(spec, seed))
@@ -191,6 +192,8 @@ def selftest(model: str = "gemma-7b", dtypes=("float32", "bfloat16"), seed: int 
         return {"model": spec.name, "dtypes": list(dtypes), "checks": [c.code for c in checks], "rows": rows,
                 "diagonal": all(r["ok"] for r in rows), "oracle_runs": lab.runs, "errors": lab.errors}
     finally:
+        if lab is not None:
+            lab.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

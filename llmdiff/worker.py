@@ -1,11 +1,12 @@
 """One implementation's worker process: load weights, run the tokens, write the captures.
 
-    python /path/to/llmdiff/worker.py JOB.json        (or: python -m llmdiff.worker JOB.json)
+    python /path/to/llmdiff/worker.py JOB.json [--serve]   (or: python -m llmdiff.worker JOB.json)
 
 The parent writes JOB.json; for each requested run the worker writes RUN.safetensors (the
 canonical points, prompts concatenated along the sequence axis) and RUN.json (versions,
 timings, error). A run that fails writes its error and the worker goes on to the next; a
-worker that dies leaves no RUN.json, and the parent reports that.
+worker that dies leaves no RUN.json, and the parent reports that. With --serve it then reads
+more runs from standard input, a JSON list a line, saying "batch done" after each.
 
 Run by file path, the worker needs neither llmdiff installed nor anything beyond its own
 framework, numpy and safetensors: it maps `llmdiff` and `llmdiff.references` onto this source
@@ -57,6 +58,9 @@ def _write_json(path: str, data: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, path)
+
+
+BATCH_DONE = "batch done"   # said after each batch a serving worker was sent (`runner.Worker.send`)
 
 
 def _say(message: str) -> None:
@@ -137,7 +141,7 @@ def _bench(adapter, prompts, timings, reps: int = 3) -> None:
     timings["capture_forward_s"] = fastest(adapter.run)
 
 
-def main(job_path: str) -> int:
+def main(job_path: str, serve: bool = False) -> int:
     with open(job_path) as f:
         raw = json.load(f)
     if __package__ in (None, ""):
@@ -146,12 +150,7 @@ def main(job_path: str) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-    import numpy as np
-
-    from llmdiff import safetensors_file
-    from llmdiff.grad import combine, is_grad
-    from llmdiff.job import Job
-    from llmdiff.references.base import MissingExtra
+    from llmdiff.job import Job, Options, RunId, RunRequest
 
     job = Job.from_dict(raw)
     t0 = time.perf_counter()
@@ -169,52 +168,76 @@ def main(job_path: str) -> int:
 
     status = 0
     for run in job.runs:
-        meta = {"ok": False, "error": None, "python": sys.executable, "versions": versions,
-                "dtype": run.dtype, "timings": {"import_s": round(import_s, 3)}}
-        try:
-            if run.dtype not in adapter.dtypes:
-                raise ValueError(f"{job.impl} does not run {run.dtype} (it runs {', '.join(adapter.dtypes)})")
-            adapter.begin(run)  # its options, and the run's knobs (the oracle's counterfactuals)
-            adapter.phases = {}  # `Reference.phase`: this run's
-            _say(f"{job.impl} {run.id}: loading")
-            t = time.perf_counter()
-            adapter.load(run)
-            meta["timings"]["load_s"] = round(time.perf_counter() - t, 3)
-            meta["timings"]["rss_after_load_mb"], meta["timings"]["peak_rss_after_load_mb"] = _rss_mb()
-            if run.options.bench:
-                _bench(adapter, job.tokens, meta["timings"])
-            t = time.perf_counter()
-            per_prompt = [adapter.run_grad(tokens) if job.grad else adapter.run(tokens) for tokens in job.tokens]
-            # What the adapter gives once for the whole batch (sketched weight gradients)
-            whole_batch = adapter.finish_grad() if job.grad else {}
-            meta["timings"]["run_s"] = round(time.perf_counter() - t, 3)
-            meta["timings"]["peak_rss_mb"] = _rss_mb()[1]   # the worker's, over this run and those before it
-            _say(f"{job.impl} {run.id}: loaded in {meta['timings']['load_s']:.1f} s,"
-                 f" ran {len(job.tokens)} prompt(s) in {meta['timings']['run_s']:.2f} s")
-            names = sorted(n for n in per_prompt[0] if not is_grad(n) and adapter.wants(n.split(":")[0]))
-            captures = {n: np.concatenate([p[n] for p in per_prompt], axis=1) for n in names}
-            if job.grad:  # the loss and gradients: weight gradients summed over prompts
-                captures.update(combine(per_prompt + [whole_batch]))
-            if job.capture == "sketch":  # what the adapter gave whole (every value went through the host)
-                captures = _sketch_on_host(captures, adapter.round_to)
-            peak = adapter.peak_device_bytes()
-            if peak is not None:  # one number, or {device: bytes} for a run over several devices
-                meta["peak_device_bytes"] = {k: int(v) for k, v in peak.items()} if isinstance(peak, dict) else int(peak)
-            t = time.perf_counter()
-            safetensors_file.save(run.out + ".safetensors", captures)
-            meta["timings"]["save_s"] = round(time.perf_counter() - t, 3)
-            if getattr(adapter, "phases", None):
-                meta["timings"]["phases"] = adapter.phases
-            meta.update(ok=True, points=sorted({n.split(":")[0] for n in names}), details=adapter.describe(),
-                        capture=job.capture)
-        except BaseException as exc:  # noqa: BLE001
-            # A missing framework says how to install it: that message is the whole error.
-            meta.update(error=str(exc) if isinstance(exc, MissingExtra) else _one_line(exc),
-                        traceback=traceback.format_exc())
-            status = 1
-        _write_json(run.out + ".json", meta)
+        status |= _run(adapter, job, run, versions, import_s)
+    if serve:
+        # More batches of runs, a JSON list of them a line, until standard input closes: the
+        # oracle lab's counterfactuals in one process, its weights and compiled steps kept.
+        _say(BATCH_DONE)
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            for r in json.loads(line):
+                status |= _run(adapter, job, RunRequest(RunId(**r["id"]), r["out"], Options(**r["options"])),
+                               versions, import_s)
+            _say(BATCH_DONE)
+    return status
+
+
+def _run(adapter, job, run, versions, import_s: float) -> int:
+    """One requested run: RUN.safetensors and RUN.json written (an error in RUN.json); 1 when it failed."""
+    import numpy as np
+
+    from llmdiff import safetensors_file
+    from llmdiff.grad import combine, is_grad
+    from llmdiff.references.base import MissingExtra
+
+    status = 0
+    meta = {"ok": False, "error": None, "python": sys.executable, "versions": versions,
+            "dtype": run.dtype, "timings": {"import_s": round(import_s, 3)}}
+    try:
+        if run.dtype not in adapter.dtypes:
+            raise ValueError(f"{job.impl} does not run {run.dtype} (it runs {', '.join(adapter.dtypes)})")
+        adapter.begin(run)  # its options, and the run's knobs (the oracle's counterfactuals)
+        adapter.phases = {}  # `Reference.phase`: this run's
+        _say(f"{job.impl} {run.id}: loading")
+        t = time.perf_counter()
+        adapter.load(run)
+        meta["timings"]["load_s"] = round(time.perf_counter() - t, 3)
+        meta["timings"]["rss_after_load_mb"], meta["timings"]["peak_rss_after_load_mb"] = _rss_mb()
+        if run.options.bench:
+            _bench(adapter, job.tokens, meta["timings"])
+        t = time.perf_counter()
+        per_prompt = [adapter.run_grad(tokens) if job.grad else adapter.run(tokens) for tokens in job.tokens]
+        # What the adapter gives once for the whole batch (sketched weight gradients)
+        whole_batch = adapter.finish_grad() if job.grad else {}
+        meta["timings"]["run_s"] = round(time.perf_counter() - t, 3)
+        meta["timings"]["peak_rss_mb"] = _rss_mb()[1]   # the worker's, over this run and those before it
+        _say(f"{job.impl} {run.id}: loaded in {meta['timings']['load_s']:.1f} s,"
+             f" ran {len(job.tokens)} prompt(s) in {meta['timings']['run_s']:.2f} s")
+        names = sorted(n for n in per_prompt[0] if not is_grad(n) and adapter.wants(n.split(":")[0]))
+        captures = {n: np.concatenate([p[n] for p in per_prompt], axis=1) for n in names}
+        if job.grad:  # the loss and gradients: weight gradients summed over prompts
+            captures.update(combine(per_prompt + [whole_batch]))
+        if job.capture == "sketch":  # what the adapter gave whole (every value went through the host)
+            captures = _sketch_on_host(captures, adapter.round_to)
+        peak = adapter.peak_device_bytes()
+        if peak is not None:  # one number, or {device: bytes} for a run over several devices
+            meta["peak_device_bytes"] = {k: int(v) for k, v in peak.items()} if isinstance(peak, dict) else int(peak)
+        t = time.perf_counter()
+        safetensors_file.save(run.out + ".safetensors", captures)
+        meta["timings"]["save_s"] = round(time.perf_counter() - t, 3)
+        if getattr(adapter, "phases", None):
+            meta["timings"]["phases"] = adapter.phases
+        meta.update(ok=True, points=sorted({n.split(":")[0] for n in names}), details=adapter.describe(),
+                    capture=job.capture)
+    except BaseException as exc:  # noqa: BLE001
+        # A missing framework says how to install it: that message is the whole error.
+        meta.update(error=str(exc) if isinstance(exc, MissingExtra) else _one_line(exc),
+                    traceback=traceback.format_exc())
+        status = 1
+    _write_json(run.out + ".json", meta)
     return status
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], serve="--serve" in sys.argv[2:]))

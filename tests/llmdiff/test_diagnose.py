@@ -156,7 +156,7 @@ def test_a_dead_oracle_worker_is_retried_past_the_run_that_kills_it(monkeypatch,
 
     workers = []
 
-    def fake_worker(impl, job, requests, workdir, timeout=None, progress=None):
+    def fake_batch(lab, requests, progress):   # the lab's worker, dying where poisoned
         workers.append(len(requests))
         out, dead = [], False
         for r in requests:
@@ -166,7 +166,7 @@ def test_a_dead_oracle_worker_is_retried_past_the_run_that_kills_it(monkeypatch,
                        RunResult("oracle", r.id, True, None, r.out, {"ok": True}, r.out))
         return out
 
-    monkeypatch.setattr(diagnose, "run_worker", fake_worker)
+    monkeypatch.setattr(diagnose.OracleLab, "_batch", fake_batch)
     monkeypatch.setattr(diagnose.diff, "load_captures", lambda path: {"path": path})
     lab = diagnose.OracleLab(Job(spec={}, tokens=[[1]], weights=WeightsSource(canonical="w")), tmp_path)
     policies = [{"a": 1}, {"poison": True}, {"b": 2}, {"c": 3}]
@@ -258,3 +258,23 @@ def test_the_lab_forgets_its_runs_and_their_files(tmp_path):
     lab.forget()
     assert lab.cache == {} and lab.paths == {} and all(lab.path(v) is None for v in runs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["canonical.safetensors"]
+
+
+def test_a_diagnosis_starts_from_the_compares_own_clean_oracle_runs(llmdiff_cli, mutants_on_path, monkeypatch):
+    """The clean oracle at the run's dtype and its float64 answer are the compare's own runs:
+    the diagnosis asks a worker for neither, and names the bug as before."""
+    from llmdiff import diagnose
+    from llmdiff.job import RunId
+
+    asked, run_many = [], diagnose.OracleLab.run_many
+
+    def recorded(lab, wanted):
+        asked.extend(v for v in wanted if v not in lab.cache)
+        return run_many(lab, wanted)
+
+    monkeypatch.setattr(diagnose.OracleLab, "run_many", recorded)
+    code, out, err, report = llmdiff_cli("compare", "gemma-7b", "--tiny", "--impl", "hf_mutants:ExactGelu",
+                                         "--dtype", "float32", "--no-tokenizer-parity")
+    assert code == 1, out + err
+    assert [(f["code"], f["confirmed"]) for f in report["findings"]] == [("LD301", True)]
+    assert asked and not {diagnose.Variant(RunId("float32")), diagnose.Variant(RunId("float64", "float32"))} & set(asked)

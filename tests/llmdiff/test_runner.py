@@ -124,3 +124,49 @@ def test_the_oracle_split_over_two_workers_at_once_gives_the_same_report(llmdiff
     numbers = lambda r: [(run["candidate"], run["dtype"], [(p["name"], p.get("rel_l2"), p.get("noise_floor"))   # noqa: E731
                                                            for p in run["points"]]) for run in r["runs"]]
     assert numbers(at_once) == numbers(one_by_one) and len(numbers(at_once)) == 2
+
+
+def test_a_serving_worker_runs_batch_after_batch_in_one_process(tmp_path):
+    """The oracle lab's worker: the first batch with the job, more sent on its input, each
+    collected once the worker says it is done; closed, it exits."""
+    from llmdiff import inputs, weights
+    from llmdiff.job import Job, RunId, RunRequest, WeightsSource
+    from llmdiff.runner import Worker
+    from llmdiff.spec import get_spec
+
+    spec = get_spec("gemma-7b", tiny=True)
+    canonical = tmp_path / "w.safetensors"
+    weights.save_canonical(canonical, weights.random_weights(spec, 0))
+    job = Job(spec=spec.to_dict(), tokens=inputs.synthetic_prompts(spec), weights=WeightsSource(canonical=str(canonical)))
+    said = []
+    w = Worker(Implementation.parse("oracle"), job, [RunRequest(RunId("float32"), str(tmp_path / "a"))], tmp_path,
+               said.append, label="oracle-lab", serve=True)
+    first = w.batch(60)
+    pid = w.proc.pid
+    w.send([RunRequest(RunId("bfloat16"), str(tmp_path / "b")), RunRequest(RunId("float64", "bfloat16"), str(tmp_path / "c"))])
+    second = w.batch(60)
+    assert [(str(r.id), r.ok) for r in first + second] == [("float32", True), ("bfloat16", True), ("float64 as bfloat16", True)]
+    assert w.alive and w.proc.pid == pid and w.runs == 3
+    assert sum("loaded in" in m for m in said) == 3 and not any("batch done" in m for m in said)
+    w.close()
+    assert not w.alive and w.proc.returncode == 0
+    assert (tmp_path / "worker-oracle-lab.log").read_text().count("batch done") == 2
+
+
+@pytest.mark.parametrize("adapter,error", [
+    ("hf_mutants:Hangs", "worker for 'hf_mutants:Hangs' timed out after 4 s"),
+    ("hf_mutants:ExitsEarly", "worker for 'hf_mutants:ExitsEarly' ended before finishing float32 and said nothing"),
+])
+def test_a_serving_worker_that_hangs_or_dies_says_so_and_is_gone(tmp_path, mutants_on_path, adapter, error):
+    from llmdiff import inputs
+    from llmdiff.job import Job, RunId, RunRequest, WeightsSource
+    from llmdiff.runner import Worker
+    from llmdiff.spec import get_spec
+
+    spec = get_spec("gemma-7b", tiny=True)
+    job = Job(spec=spec.to_dict(), tokens=inputs.synthetic_prompts(spec), weights=WeightsSource(hf_dir=str(tmp_path), seed=0))
+    w = Worker(Implementation.parse(adapter), job, [RunRequest(RunId("float32"), str(tmp_path / "a"))], tmp_path, serve=True)
+    (r,) = w.batch(4)
+    assert (r.ok, r.error) == (False, error)
+    assert not w.alive
+    w.close()   # nothing left to end
