@@ -21,7 +21,7 @@ from llmdiff import __version__, diff, inputs, model_source, report as report_mo
 from llmdiff.errors import UsageError
 from llmdiff.job import AUTOCAST_DTYPES, TRUTH_DTYPE, Job, Options, RunId, RunRequest, WeightsSource, params_dtype
 from llmdiff.report import VERDICTS
-from llmdiff.runner import Implementation, RunResult, run_worker, run_workers
+from llmdiff.runner import Implementation, RunResult, run_workers
 from llmdiff.spec import ModelSpec, capture_points
 
 DTYPES = ("float32", "bfloat16")   # compared by default
@@ -159,17 +159,21 @@ def compare(model: str, impls=("hf",), *, dtypes=None, tiny: bool = False, weigh
         plan_s = round(time.perf_counter() - t_start, 3)
         results: dict[tuple[str, RunId], RunResult] = {}
         report = None
+        serving = None
         try:
-            _run_workers(plan, results, say)
+            serving = _run_workers(plan, results, say)
             t_diff = time.perf_counter()
             say("comparing every point with its noise floor")
             report = _judge(plan, results)
             report["timings"]["diff_s"] = round(time.perf_counter() - t_diff, 3)
-            _diagnose_stages(plan, report, results, say)
+            _diagnose_stages(plan, report, results, say, serving)
         except KeyboardInterrupt:
             # Ctrl-C or SIGTERM: the runs that finished are judged and kept; the rest is said.
             report = report or _judge(plan, results)
             report["incomplete"] = "interrupted before every stage finished"
+        finally:
+            if serving is not None:   # a diagnosis that did not run (parity, an error) leaves it up
+                serving.close()
         report["timings"]["plan_s"] = plan_s   # inputs checked, weights and prompts made ready
         report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
         report_mod.settle(report)
@@ -348,20 +352,26 @@ def _makes_weights(impl: Implementation) -> bool:
         return False
 
 
-def _run_workers(plan: Plan, results: dict, say) -> None:
+def _run_workers(plan: Plan, results: dict, say):
     """The workers `_workers` decides on, all at once or one after another; `results` fills as
-    they finish."""
+    they finish. The oracle's worker, when it runs last (or all run at once) and a diagnosis may
+    follow, stays up and is returned: the diagnosis' oracle runs are its next batches, its
+    weights on the device and its steps compiled."""
     workers, at_once = _workers(plan)
     keep = lambda rs: results.update({(r.impl, r.id): r for r in rs})   # noqa: E731
     progress = lambda m: say(f"  {m}")   # noqa: E731 - a worker's own lines name it
+    serve = ORACLE if (plan.checks is not None and plan.reference == ORACLE and not plan.job.grad
+                       and (at_once or workers[-1][2] == ORACLE)) else None
     if at_once:
         say(f"running {', '.join(label for _, _, label in workers)} at once")
     for impl, requests, label in workers:
         say(f"running {label} ({', '.join(str(r.id) for r in requests)})")
         if not at_once:
-            keep(run_worker(impl, plan.job, requests, plan.work, timeout=plan.timeout, progress=progress))
+            serving = run_workers(plan.job, [(impl, requests, label)], plan.work, keep, timeout=plan.timeout,
+                                  progress=progress, serve=serve)
     if at_once:
-        run_workers(plan.job, workers, plan.work, keep, timeout=plan.timeout, progress=progress)
+        serving = run_workers(plan.job, workers, plan.work, keep, timeout=plan.timeout, progress=progress, serve=serve)
+    return serving
 
 
 def _workers(plan: Plan) -> tuple[list, bool]:
@@ -463,13 +473,14 @@ def _judge(plan: Plan, results: dict) -> dict:
     return report
 
 
-def _diagnose_stages(plan: Plan, report: dict, results: dict, say) -> None:
-    """Teacher forcing, diagnosis and tokenizer parity, each a stage (`_stage`)."""
+def _diagnose_stages(plan: Plan, report: dict, results: dict, say, serving=None) -> None:
+    """Teacher forcing, diagnosis and tokenizer parity, each a stage (`_stage`); `serving`:
+    the compare's oracle worker, still up, the lab's."""
     from llmdiff import diagnose
 
     # The lab's oracle runs (teacher forcing, counterfactuals) are forward runs: the diagnosis
     # explains forward points; a divergence in the gradients alone is reported, not diagnosed.
-    lab = diagnose.OracleLab(plan.job.with_(grad=False), plan.work, plan.timeout, progress=say)
+    lab = diagnose.OracleLab(plan.job.with_(grad=False), plan.work, plan.timeout, progress=say, worker=serving)
     if not plan.job.grad:   # the compare's own clean oracle runs are the lab's: not run again
         for (name, run_id), r in results.items():
             if name == ORACLE and r.ok:

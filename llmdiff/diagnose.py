@@ -73,7 +73,7 @@ class Variant:
 class OracleLab:
     """Runs the oracle under precision policies, one worker per batch, caching the captures."""
 
-    def __init__(self, job: Job, work: Path, timeout: float | None = None, progress=None):
+    def __init__(self, job: Job, work: Path, timeout: float | None = None, progress=None, worker=None):
         self.job, self.work, self.timeout = job, Path(work), timeout
         self.progress = progress   # callable(str): each batch and, every 2 s, how far it is
         self.cache: dict[Variant, dict | None] = {}
@@ -82,7 +82,9 @@ class OracleLab:
         self.runs = 0
         self._made = 0   # captures files named so far
         self.seeded: set[str] = set()   # captures files `seed` was given: not the lab's to delete
-        self._worker = None   # the serving oracle worker (`_batch`)
+        self._worker = None   # the serving oracle worker (`_batch`): given (the compare's own), or started
+        if worker is not None:
+            self._adopt(worker)
 
     def run_many(self, wanted: list[Variant]) -> list:
         """Captures for each variant, all missing ones in one batch of the lab's worker, which
@@ -123,8 +125,6 @@ class OracleLab:
 
     def _batch(self, requests: list[RunRequest], progress) -> list:
         """`requests` run by the lab's serving worker, started for them if it is not up."""
-        import weakref
-
         from llmdiff.runner import Worker
 
         worker = self._worker
@@ -133,13 +133,19 @@ class OracleLab:
             worker.send(requests)
         else:
             self.close()
-            worker = self._worker = Worker(Implementation.parse("oracle"), self.job, requests, self.work, progress,
-                                           label="oracle-lab", serve=True)
-            self._closer = weakref.finalize(self, worker.close)   # a lab dropped unclosed ends it too
+            worker = self._adopt(Worker(Implementation.parse("oracle"), self.job, requests, self.work, progress,
+                                        label="oracle-lab", serve=True))
         results = worker.batch(self.timeout)
         if not worker.alive:
             self._worker = None
         return results
+
+    def _adopt(self, worker):
+        import weakref
+
+        self._worker = worker
+        self._closer = weakref.finalize(self, worker.close)   # a lab dropped unclosed ends it too
+        return worker
 
     def close(self) -> None:
         """End the lab's worker (the next batch starts another)."""

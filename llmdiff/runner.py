@@ -157,7 +157,7 @@ class Worker:
         import llmdiff.references
 
         self.impl, self.requests, self.proc, self.failure, self.waited = impl, list(requests), None, None, False
-        self.progress, self.runs = progress, len(requests)
+        self.progress, self.runs, self.serving = progress, len(requests), serve
         self._batches = threading.Semaphore(0)   # released at each BATCH_DONE line
         job = job.with_(impl=impl.name, module=impl.module, cls=impl.cls,
                         references_dir=list(llmdiff.references.__path__)[0], runs=tuple(requests))
@@ -315,20 +315,26 @@ def run_worker(impl: Implementation, job: Job, requests: list[RunRequest], workd
 
 
 def run_workers(job: Job, workers: list, workdir: Path, done, timeout: float | None = None,
-                progress=None) -> None:
+                progress=None, serve: str | None = None):
     """Several workers at once: `workers` of (impl, requests, label), all started before any is
     waited for; each is killed `timeout` s after its start. `done` (callable) is given each
     worker's results as they are collected; when this process is interrupted every worker is
-    killed and what each finished is still given, then the interrupt goes on."""
-    started = []
+    killed and what each finished is still given, then the interrupt goes on. The worker
+    labelled `serve` stays up after its runs (`Worker.batch`): it is returned, if it is."""
+    started, kept = [], None
     try:
         for impl, requests, label in workers:
-            started.append(Worker(impl, job, requests, workdir, progress, label))
+            started.append(Worker(impl, job, requests, workdir, progress, label, serve=label == serve))
         while started:
-            done(started[0].wait(timeout))
+            w = started[0]
+            done(w.batch(timeout) if w.serving else w.wait(timeout))
+            kept = w if w.serving and w.alive else kept
             started.pop(0)
     finally:
         for w in started:   # interrupted: every run a worker wrote before it was killed is kept
             w.kill()
         for w in started:
             done(w.wait())
+        if started and kept is not None:
+            kept.kill()
+    return kept
