@@ -39,6 +39,7 @@ def plan(path: str) -> dict:
                       ignore=(), diagnose=False, thresholds=diff.DEFAULT_THRESHOLDS, points=None, layers=None,
                       device="cpu", capture="auto", stream="auto", lengths=None, bench=False, generate=None,
                       devices=None, tokenizer_parity=False, revision=None, config="published")
+        p.checked()   # the check and fingerprint pass (beside the workers in a compare)
         wall = time.perf_counter() - t
         left = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
         return {"plan_s": round(wall, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),

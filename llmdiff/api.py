@@ -162,6 +162,7 @@ def compare(model: str, impls=("hf",), *, dtypes=None, tiny: bool = False, weigh
         serving = None
         try:
             serving = _run_workers(plan, results, say)
+            plan.checked()   # the checkpoint's check (beside the workers): its error is the run's
             t_diff = time.perf_counter()
             say("comparing every point with its noise floor")
             report = _judge(plan, results)
@@ -218,6 +219,13 @@ class Plan:
     tokens_info: dict
     prompts: object | None           # tokenizer.Prompts whose parity runs in the background
     attn: str
+    checking: object = None          # a checkpoint's check and fingerprint, running beside the workers
+                                     # (a Future: `checked`)
+
+    def checked(self) -> None:
+        """The checkpoint's check, waited for: its fingerprint into `weights_info`, or its error."""
+        if self.checking is not None:
+            self.weights_info["fingerprint"] = self.checking.result()
 
     def requests(self, impl: Implementation) -> list[RunRequest]:
         """Each dtype; and for the oracle the float64 answer each dtype is measured against."""
@@ -270,6 +278,7 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
     checks = _checks(select, ignore) if diagnose else None
     # Full-size random weights are made by each worker on its own device (the same bits in
     # every framework: `weights.generate_*`), never written or held here.
+    checking = None
     if generate is None:
         generate = weights is None and not spec.tiny and all(_makes_weights(i) for i in chosen)
     elif generate and (weights is not None or not all(_makes_weights(i) for i in chosen)):
@@ -288,8 +297,10 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
         # worker reads its tensors from the directory's own files (no canonical copy).
         checkpoint = weights_mod.HFCheckpoint(weights, spec)
         weights_info = {"source": "hf", "path": str(weights), "seed": None, **weights_mod.checkpoint_notes(weights)}
-        say(f"checking {spec.name}'s weights (finite, fingerprint), one tensor at a time")
-        weights_info["fingerprint"] = weights_mod.checked_fingerprint(checkpoint.blocks(), weights_info["path"])
+        # The pass runs beside the workers (`Plan.checked`): a full-size one takes about as long.
+        say(f"checking {spec.name}'s weights (finite, fingerprint), one tensor at a time, beside the workers")
+        weights_info["fingerprint"] = None   # until the check is done
+        checking = _in_background(lambda: weights_mod.checked_fingerprint(checkpoint.blocks(), weights_info["path"]))
         hf_dir = str(weights)
         source = WeightsSource(hf_dir=hf_dir, from_hf=True)
     else:
@@ -317,7 +328,7 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
               points=None if selected == capture_points(spec) else selected, capture=capture, grad=grad,
               quant=quant)
     return Plan(spec, dtypes, chosen, reference, checks, thresholds, selected, job, work, temporary, timeout,
-                weights_info, tokens_info, prompts, attn)
+                weights_info, tokens_info, prompts, attn, checking)
 
 
 QUANT_IMPLS = ("llamacpp",)   # implementations that run a quantised checkpoint (`--quant`)
@@ -352,6 +363,24 @@ def _makes_weights(impl: Implementation) -> bool:
         return False
 
 
+def _in_background(fn):
+    """`fn()` on a daemon thread of its own (numpy and hashlib release the GIL), as a Future:
+    an error or Ctrl-C that ends llmdiff does not wait for it."""
+    import threading
+    from concurrent.futures import Future
+
+    future = Future()
+
+    def run():
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - the Future carries it to `Plan.checked`
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="llmdiff-check", daemon=True).start()
+    return future
+
+
 def _run_workers(plan: Plan, results: dict, say):
     """The workers `_workers` decides on, all at once or one after another; `results` fills as
     they finish. The oracle's worker, when it runs last (or all run at once) and a diagnosis may
@@ -362,15 +391,23 @@ def _run_workers(plan: Plan, results: dict, say):
     progress = lambda m: say(f"  {m}")   # noqa: E731 - a worker's own lines name it
     serve = ORACLE if (plan.checks is not None and plan.reference == ORACLE and not plan.job.grad
                        and (at_once or workers[-1][2] == ORACLE)) else None
+    cancel = None
+    if plan.checking is not None:   # a checkpoint the check refuses stops the workers at once
+        import threading
+
+        cancel = threading.Event()
+        plan.checking.add_done_callback(lambda f: f.exception() is not None and cancel.set())
     if at_once:
         say(f"running {', '.join(label for _, _, label in workers)} at once")
+    serving = None
     for impl, requests, label in workers:
         say(f"running {label} ({', '.join(str(r.id) for r in requests)})")
-        if not at_once:
+        if not at_once and not (cancel and cancel.is_set()):
             serving = run_workers(plan.job, [(impl, requests, label)], plan.work, keep, timeout=plan.timeout,
-                                  progress=progress, serve=serve)
+                                  progress=progress, serve=serve, cancel=cancel)
     if at_once:
-        serving = run_workers(plan.job, workers, plan.work, keep, timeout=plan.timeout, progress=progress, serve=serve)
+        serving = run_workers(plan.job, workers, plan.work, keep, timeout=plan.timeout, progress=progress,
+                              serve=serve, cancel=cancel)
     return serving
 
 

@@ -204,11 +204,12 @@ class Worker:
         if self.proc is not None and not self.waited:
             _kill_group(self.proc)
 
-    def wait(self, timeout: float | None = None) -> list[RunResult]:
+    def wait(self, timeout: float | None = None, cancel=None) -> list[RunResult]:
         """Wait until the worker exits, killing its whole process group `timeout` s after it
-        started or when this process is interrupted; then end whatever it left running."""
+        started, when `cancel` (a threading.Event) is set, or when this process is interrupted;
+        then end whatever it left running."""
         if self.proc is not None and not self.waited:
-            self.failure = self._watch(timeout)
+            self.failure = self._watch(timeout, cancel)
         return self._collect()
 
     def send(self, requests: list[RunRequest]) -> None:
@@ -223,7 +224,7 @@ class Worker:
         except (OSError, ValueError):   # it has died: `batch` says how
             pass
 
-    def batch(self, timeout: float | None = None) -> list[RunResult]:
+    def batch(self, timeout: float | None = None, cancel=None) -> list[RunResult]:
         """A serving worker's results for the batch asked last, once it says it is done; if it
         dies, or is still at it `timeout` s after the batch was sent, or this process is
         interrupted, the worker is ended and the runs it did not finish say so."""
@@ -241,6 +242,9 @@ class Worker:
                     _kill_group(self.proc)
                     self._watch(None)
                     self.failure = f"worker for {self.impl.name!r} timed out after {timeout:.0f} s"
+                    return self._collect()
+                if cancel is not None and cancel.is_set():
+                    self.failure = self._watch(0, cancel)
                     return self._collect()
         except BaseException:
             self.kill()
@@ -279,14 +283,25 @@ class Worker:
                 results.append(RunResult(self.impl.name, r.id, False, error, None, {"python": self.impl.python}, r.out))
         return results
 
-    def _watch(self, timeout: float | None) -> str | None:
+    def _watch(self, timeout: float | None, cancel=None) -> str | None:
         proc, name = self.proc, self.impl.name
-        timed_out = False
+        timed_out = cancelled = False
+        deadline = None if timeout is None else self.started + timeout
         try:
-            try:
-                proc.wait(None if timeout is None else max(0.0, self.started + timeout - time.perf_counter()))
-            except subprocess.TimeoutExpired:
-                timed_out = True
+            while True:
+                step = None if deadline is None else max(0.0, deadline - time.perf_counter())
+                if cancel is not None:
+                    step = 0.2 if step is None else min(step, 0.2)
+                try:
+                    proc.wait(step)
+                    break
+                except subprocess.TimeoutExpired:
+                    if cancel is not None and cancel.is_set():
+                        cancelled = True
+                        break
+                    if deadline is not None and time.perf_counter() >= deadline:
+                        timed_out = True
+                        break
         finally:  # a timeout, Ctrl-C or SIGTERM here: the worker's group goes too
             _kill_group(proc)
             proc.wait()
@@ -298,6 +313,8 @@ class Worker:
                     proc.stdin.close()
                 except OSError:
                     pass
+        if cancelled:
+            return f"worker for {name!r} was stopped: the run was called off"
         if timed_out:
             return f"worker for {name!r} timed out after {timeout:.0f} s"
         if proc.returncode < 0:
@@ -315,19 +332,20 @@ def run_worker(impl: Implementation, job: Job, requests: list[RunRequest], workd
 
 
 def run_workers(job: Job, workers: list, workdir: Path, done, timeout: float | None = None,
-                progress=None, serve: str | None = None):
+                progress=None, serve: str | None = None, cancel=None):
     """Several workers at once: `workers` of (impl, requests, label), all started before any is
     waited for; each is killed `timeout` s after its start. `done` (callable) is given each
     worker's results as they are collected; when this process is interrupted every worker is
     killed and what each finished is still given, then the interrupt goes on. The worker
-    labelled `serve` stays up after its runs (`Worker.batch`): it is returned, if it is."""
+    labelled `serve` stays up after its runs (`Worker.batch`): it is returned, if it is. Setting
+    `cancel` (a threading.Event) stops them all."""
     started, kept = [], None
     try:
         for impl, requests, label in workers:
             started.append(Worker(impl, job, requests, workdir, progress, label, serve=label == serve))
         while started:
             w = started[0]
-            done(w.batch(timeout) if w.serving else w.wait(timeout))
+            done(w.batch(timeout, cancel) if w.serving else w.wait(timeout, cancel))
             kept = w if w.serving and w.alive else kept
             started.pop(0)
     finally:

@@ -125,6 +125,8 @@ def test_a_stray_safetensors_file_is_read_by_no_one(llmdiff_cli, ckpt):
     assert report["weights"]["files"] == ["model.safetensors"]
     assert report["weights"]["ignored_safetensors"] == ["extra.safetensors"]
     assert run_by_candidate(report, "hf", "float32")["verdict"] == "parity"
+    # checked and fingerprinted beside the workers: the fingerprint of model.safetensors' weights
+    assert report["weights"]["fingerprint"] == weights.weights_fingerprint(weights.random_weights(SPEC, seed=3))
 
 
 # --- the checkpoint's own defects ----------------------------------------------------------
@@ -357,3 +359,21 @@ def test_interrupt_keeps_finished_runs_and_leaves_nothing_behind(tmp_path, sig, 
     assert [p.name for p in tmp.glob("llmdiff-*") if p.name != "llmdiff-tokenizers"] == []
     left = subprocess.run(["pgrep", "-f", str(tmp)], capture_output=True, text=True).stdout.split()
     assert left == []  # no worker of this run is left
+
+
+def test_a_checkpoint_the_check_refuses_stops_the_workers_started_beside_it(ckpt, tmp_path, llmdiff_cli,
+                                                                              mutants_on_path):
+    """A checkpoint's check (NaN/Inf, fingerprint) runs beside the workers: the NaN it finds is
+    the run's one error, and it stops them (one that would never finish too), not the timeout."""
+    f = ckpt / "model.safetensors"
+    tensors = {k: np.array(v) for k, v in safetensors_file.load(f).items()}
+    tensors["model.embed_tokens.weight"][7, 7] = np.nan
+    safetensors_file.save(f, tensors)
+    t = time.perf_counter()
+    code, out, err, _ = llmdiff_cli("compare", str(ckpt), *FAST, "--impl", "hf_mutants:Hangs", "--timeout", "300",
+                                    "--workdir", str(tmp_path / "w"))
+    assert code == 2, out + err
+    assert "tensor embed holds 1 NaN/Inf values" in _one_error_line(err)
+    assert time.perf_counter() - t < 60
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "w")], capture_output=True, text=True).stdout.split()
+    assert left == []   # no worker of this run is left
