@@ -101,6 +101,10 @@ class RunRequest:
     def constants_dtype(self) -> str | None:
         return self.id.constants_dtype
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunRequest":
+        return cls(RunId(**d["id"]), d["out"], Options(**d["options"]))
+
 
 @dataclass(frozen=True)
 class Job:
@@ -130,7 +134,7 @@ class Job:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Job":
-        runs = tuple(RunRequest(RunId(**r["id"]), r["out"], Options(**r["options"])) for r in d.get("runs", ()))
+        runs = tuple(RunRequest.from_dict(r) for r in d.get("runs", ()))
         return cls(**{**d, "weights": WeightsSource(**d["weights"]), "options": Options(**d.get("options", {})),
                       "runs": runs})
 

@@ -150,7 +150,7 @@ def main(job_path: str, serve: bool = False) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-    from llmdiff.job import Job, Options, RunId, RunRequest
+    from llmdiff.job import Job, RunRequest
 
     job = Job.from_dict(raw)
     t0 = time.perf_counter()
@@ -177,8 +177,7 @@ def main(job_path: str, serve: bool = False) -> int:
             if not line.strip():
                 break
             for r in json.loads(line):
-                status |= _run(adapter, job, RunRequest(RunId(**r["id"]), r["out"], Options(**r["options"])),
-                               versions, import_s)
+                status |= _run(adapter, job, RunRequest.from_dict(r), versions, import_s)
             _say(BATCH_DONE)
     return status
 
