@@ -260,6 +260,7 @@ def test_the_lab_forgets_its_runs_and_their_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["canonical.safetensors"]
 
 
+@pytest.mark.slow   # a compare with diagnosis
 def test_a_diagnosis_starts_from_the_compares_own_clean_oracle_runs(llmdiff_cli, mutants_on_path, monkeypatch):
     """The clean oracle at the run's dtype and its float64 answer are the compare's own runs:
     the diagnosis asks a worker for neither, and names the bug as before."""

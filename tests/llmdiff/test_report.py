@@ -109,10 +109,7 @@ def test_report_recompares_without_running_a_model(gelu_run, monkeypatch):
     def no_models(*a, **k):
         raise AssertionError("a worker was started")
 
-    import llmdiff.api  # noqa: F401 - imported before patching, or it would import the patched name
-
-    monkeypatch.setattr("llmdiff.api.run_worker", no_models)
-    monkeypatch.setattr("llmdiff.runner.run_worker", no_models)
+    monkeypatch.setattr("llmdiff.runner.Worker.__init__", no_models)   # every worker process starts there
     monkeypatch.setattr("subprocess.run", no_models)
     code, out, _ = cli("report", str(gelu_run), "-q")
     assert code == 1

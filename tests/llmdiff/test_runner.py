@@ -108,6 +108,7 @@ def test_workers_run_at_once_when_what_they_hold_together_fits(monkeypatch, mode
     assert api._workers(plan)[1] is False
 
 
+@pytest.mark.slow   # two compares
 def test_the_oracle_split_over_two_workers_at_once_gives_the_same_report(llmdiff_cli, monkeypatch):
     """What a GPU gets (the oracle's bfloat16 runs in a worker of their own, every worker at
     once), forced here on the CPU: every point's numbers are those of one worker after another."""
