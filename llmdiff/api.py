@@ -448,8 +448,7 @@ def _fits(plan: Plan, workers: list, gpus: list) -> bool:
     runs' in 16 bits, every other in float32: the oracle's float64 runs stream from its float32
     set) and a fifth more (measured peaks: 1.05-1.15x), four times that with `--grad` (gradients
     and the Trainer's optimizer state), within three quarters of the one GPU's free memory (and
-    none of them over half of it, where a run would stream), or half the host's available memory
-    on a host of `HOST_CORES_AT_ONCE` cores or more."""
+    none of them over half of it, where a run would stream), or half the host's available memory."""
     from llmdiff.convert import canonical_shapes
 
     params = sum(int(np.prod(s)) for s in canonical_shapes(plan.spec).values())
@@ -459,18 +458,7 @@ def _fits(plan: Plan, workers: list, gpus: list) -> bool:
     if gpus:   # (total, free) bytes of each
         total, free = gpus[0]
         return max(held) <= total / 2 and factor * sum(held) <= 0.75 * free
-    # On the host each framework spreads over every core: on a few they only contend (this
-    # 2-core machine's default suite took 558-577 s with workers at once, 486 s without).
-    return _host_cores() >= HOST_CORES_AT_ONCE and factor * sum(held) <= 0.5 * _host_available()
-
-
-HOST_CORES_AT_ONCE = 8
-
-
-def _host_cores() -> int:
-    import os
-
-    return os.cpu_count() or 1
+    return factor * sum(held) <= 0.5 * _host_available()
 
 
 def _gpu_memory() -> list[tuple[int, int]]:

@@ -83,7 +83,6 @@ H200 = [(143771 << 20, 143000 << 20)]
     ("gemma-2-27b", "cuda", H200, 100, None),                       # 108 GB: more than half of it alone
     ("gemma-7b", "cpu", H200, 24, None),                            # the host's memory, whatever the GPU
     ("gemma-7b-tiny", "auto", [], 24, ["hf", "oracle"]),            # no GPU: the oracle's dtypes stay together
-    ("gemma-7b-tiny-2cores", "auto", [], 24, None),                 # two cores: the workers would only contend
 ])
 def test_workers_run_at_once_when_what_they_hold_together_fits(monkeypatch, model, device, gpus, host_gb, expected):
     from llmdiff import api
@@ -93,9 +92,6 @@ def test_workers_run_at_once_when_what_they_hold_together_fits(monkeypatch, mode
     monkeypatch.delenv("LLMDIFF_WORKERS_AT_ONCE", raising=False)
     monkeypatch.setattr(api, "_gpu_memory", lambda: gpus)
     monkeypatch.setattr(api, "_host_available", lambda: host_gb << 30)
-    cores = 2 if model.endswith("-2cores") else 16
-    monkeypatch.setattr(api, "_host_cores", lambda: cores)
-    model = model.removesuffix("-2cores")
     spec = get_spec(model.removesuffix("-tiny"), tiny=model.endswith("-tiny"))
     job = Job(spec=spec.to_dict(), tokens=[[2]], weights=WeightsSource(seed=0), options=Options(device=device))
     plan = api.Plan(spec, ["float32", "bfloat16"], [Implementation.parse("hf"), Implementation.parse("oracle")],
