@@ -432,8 +432,7 @@ def _workers(plan: Plan) -> tuple[list, bool]:
     if gpus:
         split = []
         for impl, requests, label in whole:
-            low = [r for r in requests if impl.name == ORACLE and not r.id.constants_dtype
-                   and params_dtype(r.id.dtype) in ("bfloat16", "float16")]
+            low = [r for r in requests if impl.name == ORACLE and not r.id.constants_dtype and _sixteen_bit(r.id)]
             rest = [r for r in requests if r not in low]
             split += [(impl, rest, label)] + ([(impl, low, f"{label}-16bit")] if low and rest else [])
         tries.insert(0, split)
@@ -441,6 +440,11 @@ def _workers(plan: Plan) -> tuple[list, bool]:
         if len(workers) > 1 and (forced == "1" or _fits(plan, workers, gpus)):
             return workers, True
     return whole, False
+
+
+def _sixteen_bit(run: RunId) -> bool:
+    """Whether the run holds its weights in 16 bits (not autocast's, nor a float64 floor run's)."""
+    return params_dtype(run.dtype) in ("bfloat16", "float16")
 
 
 def _fits(plan: Plan, workers: list, gpus: list) -> bool:
@@ -453,7 +457,7 @@ def _fits(plan: Plan, workers: list, gpus: list) -> bool:
 
     params = sum(int(np.prod(s)) for s in canonical_shapes(plan.spec).values())
     factor = 4 if plan.job.grad else 1.2
-    held = [params * max(2 if params_dtype(r.id.dtype) in ("bfloat16", "float16") else 4 for r in requests)
+    held = [params * max(2 if _sixteen_bit(r.id) else 4 for r in requests)
             for _, requests, _ in workers]
     if gpus:   # (total, free) bytes of each
         total, free = gpus[0]

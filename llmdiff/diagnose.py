@@ -71,7 +71,7 @@ class Variant:
 
 
 class OracleLab:
-    """Runs the oracle under precision policies, one worker per batch, caching the captures."""
+    """Runs the oracle under precision policies, every batch in one serving worker, caching the captures."""
 
     def __init__(self, job: Job, work: Path, timeout: float | None = None, progress=None, worker=None):
         self.job, self.work, self.timeout = job, Path(work), timeout
