@@ -463,7 +463,7 @@ def _fits(plan: Plan, workers: list, gpus: list) -> bool:
         total, free = gpus[0]
         return max(held) <= total / 2 and factor * sum(held) <= 0.75 * free
     # On the host too, even on few cores: this 2-core machine's default suite took 577 s with
-    # workers at once and 680 s with them one after another (the same tests, 2026-12-01).
+    # workers at once and 680 s with them one after another (bench/RESULTS.md, the last section).
     return factor * sum(held) <= 0.5 * _host_available()
 
 
