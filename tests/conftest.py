@@ -14,11 +14,42 @@ from llmdiff.cli import main
 MUTANTS_DIR = Path(__file__).parent / "references"
 
 
+# The selftests, longest first (oracle runs each, measured here): CI's slow step hands the slow
+# cases to its two processes one at a time in the order below (.ci/run: `--dist load
+# --maxschedchunk 1`), so the longest start first, one on each process, and the short ones fill in.
+SELFTESTS_LONGEST_FIRST = ["gemma-2-2b", "test_selftest_matrix_is_diagonal", "gemma-3-1b",
+                           "phi-3-mini-128k-instruct", "mistral-7b-v0.1", "qwen3-0.6b", "qwen2.5-0.5b",
+                           "llama-3.1-8b", "test_selftest_is_diagonal_under_autocast"]
+
+
+def _selftest_rank(item) -> int:
+    if item.path.name != "test_selftest.py":
+        return len(SELFTESTS_LONGEST_FIRST) + 1
+    key = item.callspec.params["model"] if hasattr(item, "callspec") else item.originalname
+    return SELFTESTS_LONGEST_FIRST.index(key) if key in SELFTESTS_LONGEST_FIRST else len(SELFTESTS_LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
-    """The selftests first: CI hands the slow cases out a file to a process in this order
-    (.ci/run: `--dist loadfile --no-loadscope-reorder`), and theirs is the longest file, so it
-    starts at once on a process of its own while the other takes every other file."""
-    items.sort(key=lambda item: item.path.name != "test_selftest.py")
+    """The selftests first, longest first (a stable sort: every other case keeps its order)."""
+    items.sort(key=_selftest_rank)
+
+
+def pytest_configure(config):
+    global _config
+    _config = config
+
+
+_config = None
+
+
+def pytest_runtest_logreport(report):
+    """Each case of 20 s or more as it ends, with its time: CI's log then tells where the time
+    went even when the run is stopped before `--durations` prints (under xdist too: the
+    controller sees every process's reports)."""
+    terminal = _config and _config.pluginmanager.get_plugin("terminalreporter")
+    if report.when == "call" and report.duration >= 20 and terminal:
+        terminal.ensure_newline()
+        terminal.write_line(f"[{report.duration:5.0f} s] {report.nodeid} {report.outcome}")
 
 
 @pytest.fixture
