@@ -91,7 +91,8 @@ class OracleLab:
         stays up between batches (`--serve`: the oracle's weights made once, its compiled steps
         kept) for `RUNS_PER_WORKER` runs. Variants a worker did not reach because it died (a
         crash of XLA's CPU compiler was seen after hundreds of compilations in one process:
-        signal 11) get a fresh worker, while each one gets further."""
+        signal 11) get a fresh worker, while each one gets further; a run is blamed for a crash
+        only when a worker started for its batch died on it first."""
         todo = list(dict.fromkeys(v for v in wanted if v not in self.cache))
         while todo:
             requests = []
@@ -101,7 +102,8 @@ class OracleLab:
                 options = self.job.options.with_(precision=dict(v.policy), forced_from=v.forced_from)
                 requests.append(RunRequest(v.run, str(out), options))
             died, why = [], None
-            for v, result in zip(todo, self._batch(requests, self._counter(len(todo)))):
+            results, fresh = self._batch(requests, self._counter(len(todo)))
+            for v, result in zip(todo, results):
                 if result.ok:
                     self.runs += 1
                     self.cache[v] = diff.load_captures(result.captures_path)
@@ -115,7 +117,7 @@ class OracleLab:
                     self.runs += 1
                     self.cache[v] = None
                     self.errors[v.key] = result.error
-            if died and died[0] is todo[0]:   # it died on the first one: that one's own crash
+            if died and died[0] is todo[0] and fresh:   # a fresh worker died on the first one: its own crash
                 v = died.pop(0)
                 self.runs += 1
                 self.cache[v] = None
@@ -123,12 +125,15 @@ class OracleLab:
             todo = died
         return [self.cache[v] for v in wanted]
 
-    def _batch(self, requests: list[RunRequest], progress) -> list:
-        """`requests` run by the lab's serving worker, started for them if it is not up."""
+    def _batch(self, requests: list[RunRequest], progress) -> tuple[list, bool]:
+        """`requests` run by the lab's serving worker, started for them if it is not up; the
+        results, and whether the worker was started for them (a worker that ran other batches
+        first may die of those: its first run here is not to blame)."""
         from llmdiff.runner import Worker
 
         worker = self._worker
-        if worker is not None and worker.alive and worker.runs + len(requests) <= RUNS_PER_WORKER:
+        fresh = not (worker is not None and worker.alive and worker.runs + len(requests) <= RUNS_PER_WORKER)
+        if not fresh:
             worker.progress = progress
             worker.send(requests)
         else:
@@ -137,8 +142,8 @@ class OracleLab:
                                         label="oracle-lab", serve=True))
         results = worker.batch(self.timeout)
         if not worker.alive:
-            self._worker = None
-        return results
+            self.close()
+        return results, fresh
 
     def _adopt(self, worker):
         import weakref

@@ -164,7 +164,7 @@ def test_a_dead_oracle_worker_is_retried_past_the_run_that_kills_it(monkeypatch,
             out.append(RunResult("oracle", r.id, False, "worker for 'oracle' was killed by signal 11", None,
                                  {"python": "x"}, r.out) if dead else
                        RunResult("oracle", r.id, True, None, r.out, {"ok": True}, r.out))
-        return out
+        return out, True   # a worker started for each batch
 
     monkeypatch.setattr(diagnose.OracleLab, "_batch", fake_batch)
     monkeypatch.setattr(diagnose.diff, "load_captures", lambda path: {"path": path})
@@ -176,6 +176,33 @@ def test_a_dead_oracle_worker_is_retried_past_the_run_that_kills_it(monkeypatch,
     (error,) = lab.errors.values()
     assert "signal 11" in error and "fresh worker" in error
     assert len({c["path"] for c in caps if c}) == 3 and lab.runs == 4
+
+
+def test_a_served_worker_that_dies_on_its_next_batch_blames_no_run(monkeypatch, tmp_path):
+    """A serving worker that ran earlier batches and dies on the first run of the next one may
+    have died of those: that run is not its crash; it runs again in a fresh worker and is kept."""
+    from llmdiff import diagnose
+    from llmdiff.job import Job, WeightsSource
+    from llmdiff.runner import RunResult
+
+    batches = []
+
+    def fake_batch(lab, requests, progress):   # up after one batch; dies as the second starts
+        fresh = len(batches) != 1
+        batches.append((len(requests), fresh))
+        if not fresh:
+            return [RunResult("oracle", r.id, False, "worker for 'oracle' was killed by signal 11", None,
+                              {"python": "x"}, r.out) for r in requests], False
+        return [RunResult("oracle", r.id, True, None, r.out, {"ok": True}, r.out) for r in requests], True
+
+    monkeypatch.setattr(diagnose.OracleLab, "_batch", fake_batch)
+    monkeypatch.setattr(diagnose.diff, "load_captures", lambda path: {"path": path})
+    lab = diagnose.OracleLab(Job(spec={}, tokens=[[1]], weights=WeightsSource(canonical="w")), tmp_path)
+    assert lab.captures("float32", [{"a": 1}])[0] is not None
+    caps = lab.captures("float32", [{"b": 2}, {"c": 3}])
+    assert all(c is not None for c in caps) and lab.errors == {}
+    assert batches == [(1, True), (2, False), (2, True)]   # the second batch again, in a fresh worker
+    assert lab.runs == 3
 
 
 def test_a_noise_amplifying_knob_is_judged_against_its_own_floor(tmp_path):
