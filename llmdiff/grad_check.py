@@ -127,6 +127,7 @@ def explain_backward(report: dict, points: list[str], checks, spec, lab, results
             if grad_lab is None:
                 work = Path(lab.work) / "grad-counterfactuals"
                 work.mkdir(parents=True, exist_ok=True)
+                lab.close()   # the forward lab's worker would hold its weights beside this one's
                 grad_lab = diagnose.OracleLab(lab.job.with_(grad=True), work, lab.timeout)
             floors = diff.noise_floors(oracle_caps, truth_caps, d)
             while remaining and current["verdict"] == "divergence":
@@ -177,6 +178,7 @@ def explain_backward(report: dict, points: list[str], checks, spec, lab, results
                    " backward), or, at a loss:* point, its loss function (labels, shift, ignore_index,"
                    " denominator)."))
     if grad_lab is not None:
+        grad_lab.close()
         lab.runs += grad_lab.runs
         lab.errors.update(grad_lab.errors)
     return out

@@ -354,5 +354,5 @@ def run_workers(job: Job, workers: list, workdir: Path, done, timeout: float | N
         for w in started:
             done(w.wait())
         if started and kept is not None:
-            kept.kill()
+            kept.close(0)   # killed and reaped, its pipes closed
     return kept
