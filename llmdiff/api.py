@@ -173,7 +173,7 @@ def compare(model: str, impls=("hf",), *, dtypes=None, tiny: bool = False, weigh
             report = report or _judge(plan, results)
             report["incomplete"] = "interrupted before every stage finished"
         finally:
-            if serving is not None:   # a diagnosis that did not run (parity, an error) leaves it up
+            if serving is not None:   # an error or interrupt before the diagnosis ended it leaves it up
                 serving.close()
         report["timings"]["plan_s"] = plan_s   # inputs checked, weights and prompts made ready
         report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
@@ -401,8 +401,10 @@ def _run_workers(plan: Plan, results: dict, say):
         say(f"running {', '.join(label for _, _, label in workers)} at once")
     serving = None
     for impl, requests, label in workers:
+        if not at_once and cancel is not None and cancel.is_set():
+            break   # the checkpoint's check refused it: no more workers start
         say(f"running {label} ({', '.join(str(r.id) for r in requests)})")
-        if not at_once and not (cancel and cancel.is_set()):
+        if not at_once:
             serving = run_workers(plan.job, [(impl, requests, label)], plan.work, keep, timeout=plan.timeout,
                                   progress=progress, serve=serve, cancel=cancel)
     if at_once:
@@ -419,15 +421,20 @@ def _workers(plan: Plan) -> tuple[list, bool]:
     At once when what they hold together fits (`_fits`). On a GPU the oracle's 16-bit runs get a
     worker of their own too, when that fits, so its two dtypes compile side by side. Not for
     `bench` (each worker times its own forwards) nor `--devices`/`--stream` (a run spread or
-    streamed needs the devices to itself). LLMDIFF_WORKERS_AT_ONCE=0 or 1 decides instead."""
+    streamed needs the devices to itself). On `--device cuda` with no GPU memory to read
+    (no nvidia-smi), one after another. LLMDIFF_WORKERS_AT_ONCE=0 or 1 decides instead."""
     import os
 
     whole = [(impl, plan.requests(impl), impl.name) for impl in plan.chosen]
-    forced = os.environ.get("LLMDIFF_WORKERS_AT_ONCE")
+    forced = os.environ.get("LLMDIFF_WORKERS_AT_ONCE") or None
+    if forced not in (None, "0", "1"):
+        raise UsageError(f"LLMDIFF_WORKERS_AT_ONCE={forced!r}: 0 (one after another) or 1 (at once)")
     options = plan.job.options
     if forced == "0" or (forced is None and (options.bench or options.devices or options.stream is True)):
         return whole, False
     gpus = _gpu_memory() if options.device != "cpu" else []
+    if options.device == "cuda" and not gpus and forced is None:
+        return whole, False
     tries = [whole]
     if gpus:
         split = []
@@ -468,7 +475,9 @@ def _fits(plan: Plan, workers: list, gpus: list) -> bool:
 
 
 def _gpu_memory() -> list[tuple[int, int]]:
-    """(total, free) bytes of each NVIDIA GPU `nvidia-smi` lists; [] without one (or the tool)."""
+    """(total, free) bytes of each NVIDIA GPU `nvidia-smi` lists, those CUDA_VISIBLE_DEVICES
+    names (by index) first in its order; [] without one (or the tool)."""
+    import os
     import subprocess
 
     try:
@@ -483,7 +492,9 @@ def _gpu_memory() -> list[tuple[int, int]]:
         except ValueError:
             return []
         rows.append((total, free))
-    return rows
+    visible = [int(v) for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip().isdigit()]
+    visible = [i for i in visible if i < len(rows)]
+    return [rows[i] for i in visible] + [r for i, r in enumerate(rows) if i not in visible]
 
 
 def _host_available() -> int:

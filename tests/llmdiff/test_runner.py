@@ -83,6 +83,7 @@ H200 = [(143771 << 20, 143000 << 20)]
     ("gemma-2-27b", "cuda", H200, 100, None),                       # 108 GB: more than half of it alone
     ("gemma-7b", "cpu", H200, 24, None),                            # the host's memory, whatever the GPU
     ("gemma-7b-tiny", "auto", [], 24, ["hf", "oracle"]),            # no GPU: the oracle's dtypes stay together
+    ("gemma-7b-tiny", "cuda", [], 24, None),                        # a GPU whose memory cannot be read
 ])
 def test_workers_run_at_once_when_what_they_hold_together_fits(monkeypatch, model, device, gpus, host_gb, expected):
     from llmdiff import api
@@ -106,6 +107,22 @@ def test_workers_run_at_once_when_what_they_hold_together_fits(monkeypatch, mode
     assert api._workers(bench)[1] is False   # each worker times its own forwards
     monkeypatch.setenv("LLMDIFF_WORKERS_AT_ONCE", "0")
     assert api._workers(plan)[1] is False
+    monkeypatch.setenv("LLMDIFF_WORKERS_AT_ONCE", "true")
+    with pytest.raises(UsageError, match="LLMDIFF_WORKERS_AT_ONCE='true': 0 .* or 1"):
+        api._workers(plan)
+
+
+def test_gpu_memory_puts_the_visible_gpus_first(monkeypatch):
+    import subprocess
+
+    from llmdiff import api
+
+    smi = subprocess.CompletedProcess([], 0, stdout="80000, 100\n143771, 143000\n", stderr="")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: smi)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert api._gpu_memory() == [(143771 << 20, 143000 << 20), (80000 << 20, 100 << 20)]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert api._gpu_memory()[0] == (80000 << 20, 100 << 20)
 
 
 @pytest.mark.slow   # two compares
