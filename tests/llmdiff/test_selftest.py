@@ -1,7 +1,8 @@
 """The selftest: every dynamic check's bug as an oracle mutant, named by that check and no other.
 
-The slowest cases of the suite (hundreds of oracle runs each): CI runs this file first, on a
-process of its own (`--dist loadfile`), so no two selftests write their GBs of runs at once."""
+The slowest cases of the suite (hundreds of oracle runs each): CI starts them first, longest
+first, over its two processes (tests/conftest.py); each keeps at most one dtype's oracle runs on
+disk (`OracleLab.forget`), a few GB, so two at once fit."""
 
 from __future__ import annotations
 
@@ -45,15 +46,36 @@ def test_selftest_is_diagonal_under_autocast(llmdiff_cli, tmp_path):
     assert "LD302" not in rows and "LD511" not in rows   # no mutant of theirs: they cannot act here
 
 
-@pytest.mark.slow   # 1.5-7 min each here: gemma-2-2b's is the longest (1560 oracle runs)
+# A selftest is thousands of oracle runs (gemma-2-2b: about 3900 a dtype, 17 MB each, 22 GB on
+# disk while a dtype runs). Measured in CI's slow step with both dtypes and every row, the other
+# process busy beside each: gemma-2-2b 4007 s, gemma-3-1b 807 s, qwen2.5-0.5b 612 s, qwen3-0.6b
+# 427 s, mistral 309 s, llama 280 s, phi-3 155 s: 110 min of process time, past CI's 90 minutes
+# with the rest. So here: Gemma 3's in full (local and global layers: the scoped rows and their
+# pairs, both dtypes); Gemma 2's the rows of its own checks (the two soft-caps), both dtypes (its
+# scoped, unknown and clean rows are Gemma 3's kind: 59 s for its float32 rows, 63 oracle runs,
+# where those took most of an hour); Phi-3's in full; the
+# other families' in one dtype each, float32 for Llama and bfloat16 for the rest, whose float32
+# port bugs are named by real HF mutants in test_diagnose_families.py. The Gemma 1 matrix above is
+# in full. `llmdiff selftest --model M` runs every row in both dtypes.
+FAMILIES = [("llama-3.1-8b", ("float32",), ()), ("qwen2.5-0.5b", ("bfloat16",), ()),
+            ("qwen3-0.6b", ("bfloat16",), ()), ("mistral-7b-v0.1", ("bfloat16",), ()),
+            ("phi-3-mini-128k-instruct", (), ()), ("gemma-2-2b", (), ("LD501", "LD601")),
+            ("gemma-3-1b", (), ())]
+
+
+@pytest.mark.slow
 # One model per family; Phi-3's is the 128k one (LongRoPE): the 4k one's window checks are
 # Mistral's here, and its window bug a port mutant above (CI's 90 minutes).
-@pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-0.5b", "qwen3-0.6b", "mistral-7b-v0.1",
-                                   "phi-3-mini-128k-instruct", "gemma-2-2b", "gemma-3-1b"])
-def test_selftest_is_diagonal_for_each_family(llmdiff_cli, model):
+@pytest.mark.parametrize("model,dtypes,rows", FAMILIES, ids=[m for m, _, _ in FAMILIES])
+def test_selftest_is_diagonal_for_each_family(llmdiff_cli, tmp_path, model, dtypes, rows):
     """Every dynamic check's bug as an oracle mutant, three at once, and a bug no check knows;
     on Gemma 2/3 (local and global layers) a bug on global layers only and two bugs each on its
     own kind: each named by its own check only."""
-    rc, out, err, _ = llmdiff_cli("selftest", "--model", model)
+    rc, out, err, _ = llmdiff_cli("selftest", "--model", model, "--json", str(tmp_path / "selftest.json"),
+                                  *(a for d in dtypes for a in ("--dtype", d)), *(a for r in rows for a in ("--mutant", r)))
     assert rc == 0, out + err
     assert "diagonal" in out and "NOT diagonal" not in out
+    result = json.loads((tmp_path / "selftest.json").read_text())
+    diagnosed = {(r["dtype"], r["mutant"]) for r in result["rows"]}
+    assert {d for d, _ in diagnosed} == set(dtypes or ("float32", "bfloat16"))
+    assert not rows or {m for _, m in diagnosed} == set(rows)

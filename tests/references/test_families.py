@@ -54,7 +54,9 @@ def test_weights_made_on_the_workers_device_are_the_same_model(model):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", [m for m in model_names() if get_spec(m).family in LLAMA_LIKE_FAMILIES])
 def test_every_new_model_tiny_is_parity(llmdiff_cli, model):
-    code, out, err, report = llmdiff_cli("compare", model, "--tiny", "--no-diagnose")
+    """Each registered size's config (heads, groups, RoPE, ties) at parity in float32; each
+    family's bfloat16 path is test_tiny_compare_is_parity's and the selftests' (CI's time)."""
+    code, out, err, report = llmdiff_cli("compare", model, "--tiny", "--no-diagnose", "--dtype", "float32")
     assert code == 0, out + err
     logits = next(p for p in run_by_candidate(report, "hf", "float32")["points"] if p["name"] == "logits")
     assert logits["rel_l2"] <= 1e-5
