@@ -1,8 +1,9 @@
 """The selftest: every dynamic check's bug as an oracle mutant, named by that check and no other.
 
-The slowest cases of the suite (hundreds of oracle runs each): CI starts them first, longest
-first, over its two processes (tests/conftest.py); each keeps at most one dtype's oracle runs on
-disk (`OracleLab.forget`), a few GB, so two at once fit."""
+The slowest cases of the suite (thousands of oracle runs each): CI starts them first, longest
+first, over its two processes (tests/conftest.py). Each keeps one dtype's oracle runs on disk at
+a time (`OracleLab.forget`): up to 22 GB (gemma-2-2b with every row; here only its soft-cap rows,
+and Gemma 3's, the largest left, runs beside the others)."""
 
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ def test_selftest_is_diagonal_under_autocast(llmdiff_cli, tmp_path):
 # 427 s, mistral 309 s, llama 280 s, phi-3 155 s: 110 min of process time, past CI's 90 minutes
 # with the rest. So here: Gemma 3's in full (local and global layers: the scoped rows and their
 # pairs, both dtypes); Gemma 2's the rows of its own checks (the two soft-caps), both dtypes (its
-# scoped, unknown and clean rows are Gemma 3's kind: 59 s for its float32 rows, 63 oracle runs,
-# where those took most of an hour); Phi-3's in full; the
+# scoped, unknown and clean rows are Gemma 3's kind: its two rows in float32 took 59 s and 63
+# oracle runs here, every row in both dtypes 4007 s); Phi-3's in full; the
 # other families' in one dtype each, float32 for Llama and bfloat16 for the rest, whose float32
 # port bugs are named by real HF mutants in test_diagnose_families.py. The Gemma 1 matrix above is
 # in full. `llmdiff selftest --model M` runs every row in both dtypes.
