@@ -9,7 +9,8 @@ One call measures, for hf and the oracle:
   bench     the same comparison through the API with `bench=True`: each worker, after a warm-up
             run, times a bare forward (no hooks, no capture) and a capturing one, and records its
             peak GPU memory; the parent times the diff;
-  profile   torch.profiler over the HF worker's sketched capture (DIR/profile-hf-DTYPE.txt);
+  profile   torch.profiler over the HF worker's sketched capture and a bare forward
+            (DIR/profile-hf-DTYPE-{capture,bare}.txt);
   gradbench (`--grad`) the HF worker's `run_grad` (loss, every point's and weight's gradient,
             whole or, past 1 GiB, sketched on the GPU as `compare --grad` takes them) against a
             bare forward + backward of the same loss (`model(ids, labels=ids).loss.backward()`):
@@ -201,8 +202,8 @@ def gradbench(model, tokens, dtypes) -> dict:
 
 
 def profile(model, tokens, dtypes, out: Path) -> dict:
-    """Where llmdiff's HF capture spends its time: torch.profiler over one warm sketched run;
-    the tables go to DIR/profile-hf-DTYPE.txt."""
+    """Where llmdiff's HF capture spends its time: torch.profiler over one warm sketched run,
+    and over one bare forward; the tables go to DIR/profile-hf-DTYPE-{capture,bare}.txt."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -217,17 +218,20 @@ def profile(model, tokens, dtypes, out: Path) -> dict:
         request = RunRequest(RunId(dtype), str(work / dtype), job.options)
         adapter.begin(request)
         adapter.load(request)
-        adapter.run(ids)
-        torch.cuda.synchronize()
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            adapter.run(ids)
+        for what, run in (("capture", adapter.run), ("bare", adapter.run_bare)):
+            run(ids)
             torch.cuda.synchronize()
-        averages = prof.key_averages()
-        text = "\n\n".join(averages.table(sort_by=key, row_limit=25)
-                            for key in ("self_cuda_time_total", "self_cpu_time_total"))
-        (out / f"profile-hf-{dtype}.txt").write_text(text)
-        rows.append({"dtype": dtype, "cuda_ms": round(sum(e.self_device_time_total for e in averages) / 1e3, 2),
-                     "cpu_ms": round(sum(e.self_cpu_time_total for e in averages) / 1e3, 2)})
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run(ids)
+                torch.cuda.synchronize()
+            averages = prof.key_averages()
+            text = "\n\n".join(averages.table(sort_by=key, row_limit=25)
+                                for key in ("self_cuda_time_total", "self_cpu_time_total"))
+            (out / f"profile-hf-{dtype}-{what}.txt").write_text(text)
+            rows.append({"dtype": dtype, "run": what,
+                         "cuda_ms": round(sum(e.self_device_time_total for e in averages) / 1e3, 2),
+                         "cpu_ms": round(sum(e.self_cpu_time_total for e in averages) / 1e3, 2),
+                         "kernels": sum(1 for e in prof.events() if e.device_type.name == "CUDA")})
         adapter.model = None
         torch.cuda.empty_cache()
     return {"rows": rows}

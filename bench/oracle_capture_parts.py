@@ -9,19 +9,18 @@ it times, fastest of three after a warm-up, each a whole forward through `gemma.
   sketch      llmdiff's sketched capture as `run` does it, on the device only (every output
               ready, nothing moved);
   run         `run` itself: the same, then the sketches stacked and moved to page-locked host memory;
-and, each a change to the step's `_Reduce` (monkeypatched; not llmdiff's code), per point:
-  f32         the sketch's arithmetic in float32;
-  project     the float64 product alone (no |x|^2);
-  norm        the float64 |x|^2 alone (no product).
-(Measured before the step grouped its points by width, which is `sketch` since d23efc4: then a
-`grouped` variant here, the code the step now has; bench/RESULTS.md has that table.)
+and, each a change to the step's sketch (monkeypatched; not llmdiff's code):
+  convert_first  16-bit values converted to float32 before the product (what the step did
+                 before the product took them as they are, accumulating in float32).
+(Earlier variants, per point in float32, the product alone, the norm alone, and the grouping
+by width that the step now has, are in bench/RESULTS.md's section "The sketched capture in
+bfloat16".)
 It writes DIR/oracle-capture-parts.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -33,36 +32,19 @@ sys.path.insert(0, str(HERE.parent))
 
 
 def variants():
-    import jax
     import jax.numpy as jnp
 
-    from llmdiff.references import oracle
+    from llmdiff import sketch
 
-    base = oracle._Reduce
+    def convert_first(x, R, round_to):
+        if round_to:
+            x = x.astype(round_to)
+        dtype = sketch.arithmetic(str(x.dtype))
+        x = x.astype(dtype)
+        return jnp.concatenate([x @ R.astype(dtype), jnp.sum(x * x, axis=-1, keepdims=True)],
+                               axis=-1).astype(jnp.float64)
 
-    def top(name, x, out):
-        if name == "logits":
-            out["logits:top_values"], out["logits:top_ids"] = jax.lax.top_k(x.astype(jnp.float32), 8)
-
-    def per_point(f):
-        @dataclasses.dataclass(frozen=True)
-        class PerPoint(base):
-            def __call__(self, caps, projections):
-                out = {}
-                for name, v in caps.items():
-                    x = v.reshape(*v.shape[:2], -1)
-                    top(name, x, out)
-                    out[name + ":sketch"] = f(x, projections[x.shape[-1]])
-                return out
-        return PerPoint
-
-    f64 = lambda x: x.astype(jnp.float64)
-    return {
-        "f32": per_point(lambda x, R: jnp.concatenate([x.astype(jnp.float32) @ R.astype(jnp.float32),
-                                                       jnp.sum(x.astype(jnp.float32) ** 2, -1, keepdims=True)], -1)),
-        "project": per_point(lambda x, R: f64(x) @ R),
-        "norm": per_point(lambda x, R: jnp.sum(f64(x) * f64(x), -1, keepdims=True)),
-    }
+    return {"convert_first": convert_first}
 
 
 def main() -> int:
@@ -115,13 +97,14 @@ def main() -> int:
 
     rows = {"bare": fastest(lambda: adapter.run_bare(ids)), "sketch": fastest(device_only),
             "run": fastest(lambda: adapter.run(ids))}
-    original = oracle._Reduce
-    for name, cls in variants().items():
-        oracle._Reduce = cls
+    original = oracle._sketch_rows
+    for name, fn in variants().items():
+        oracle._sketch_rows = fn
+        jax.clear_caches()   # the steps' cache keys do not see the swap: traced again
         try:
             rows[name] = fastest(device_only)
         finally:
-            oracle._Reduce = original
+            oracle._sketch_rows = original
     bare = rows["bare"]["s"]
     for r in rows.values():
         r["x_bare"] = round(r["s"] / bare, 2)

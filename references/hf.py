@@ -29,6 +29,7 @@ import numpy as np
 from llmdiff.references.base import Reference
 
 TOP_LOGITS = 8  # llmdiff.sketch.TOP
+_MM_OUT_DTYPE: dict = {}   # "cuda": whether `torch.mm(a, b, out_dtype)` runs (`_product`), once tried
 # A run dtype -> the dtype the weights are loaded in (autocast: float32 weights, bfloat16 products).
 _TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float64": "float64", "autocast-bfloat16": "float32",
                  "autocast-float16": "float32"}
@@ -219,10 +220,9 @@ class HFReference(Reference):
         model = self.model
         layers = model.model.layers
         cap: dict = {}
-        sketches: dict = {}
-        batch = _Batched(self, sketches)
+        batch = _Batched(self) if self.sketching else None
         current = {"layer": None}
-        handles = []
+        taps = _Taps()
         grads: dict | None = {} if grad else None
 
         def watch(name, t, transform=None):
@@ -258,18 +258,18 @@ class HFReference(Reference):
                                                        copy=True)
 
         def on_output(name, transform=None):
-            def hook(module, args, output):
+            def after(output):
                 out = output[0] if isinstance(output, tuple) else output
                 save(name, transform(out) if transform else out)
                 watch(name, out, transform)
-            return hook
+            return after
 
         def on_input(name):
-            def hook(module, args, kwargs):
+            def before(args, kwargs):
                 t = _first_tensor(args, kwargs, "hidden_states")
                 save(name, t)
                 watch(name, t)
-            return hook
+            return before
 
         def heads(t):  # (B, T, K*H) -> (B, T, K, H)
             return t.reshape(*t.shape[:2], -1, self.spec.head_dim)
@@ -279,47 +279,42 @@ class HFReference(Reference):
         def fused_v(t):  # Phi-3's qkv_proj output: q, k, then v features
             return heads(t[..., (N + K) * H:])
 
-        handles.append(layers[0].register_forward_pre_hook(on_input("embed"), with_kwargs=True))
+        taps.before(layers[0], on_input("embed"))
         for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
 
-            def enter(module, args, kwargs, i=i):
+            def enter(args, kwargs, i=i):
                 current["layer"] = i
                 if current.get("backward") and self.checkpointing:  # a layer recomputed for the backward
                     self.checkpointing["recomputed_layers"] += 1
-            handles += [
-                attn.register_forward_pre_hook(enter, with_kwargs=True),
-                layer.input_layernorm.register_forward_hook(on_output(f"L{i}.attn_norm")),
-                attn.o_proj.register_forward_hook(on_output(f"L{i}.attn_out")),
-            ]
+            taps.before(attn, enter)
+            taps.after(layer.input_layernorm, on_output(f"L{i}.attn_norm"))
+            taps.after(attn.o_proj, on_output(f"L{i}.attn_out"))
             if hasattr(attn, "qkv_proj"):  # Phi-3
-                handles.append(attn.qkv_proj.register_forward_hook(on_output(f"L{i}.v", fused_v)))
+                taps.after(attn.qkv_proj, on_output(f"L{i}.v", fused_v))
             else:
-                handles.append(attn.v_proj.register_forward_hook(on_output(f"L{i}.v", heads)))
+                taps.after(attn.v_proj, on_output(f"L{i}.v", heads))
             pre_mlp_norm = getattr(layer, "pre_feedforward_layernorm", None)
             if pre_mlp_norm is not None:  # Gemma 2/3: four norms per layer
-                handles += [
-                    layer.post_attention_layernorm.register_forward_hook(on_output(f"L{i}.post_attn_norm")),
-                    layer.post_feedforward_layernorm.register_forward_hook(on_output(f"L{i}.post_mlp_norm")),
-                ]
+                taps.after(layer.post_attention_layernorm, on_output(f"L{i}.post_attn_norm"))
+                taps.after(layer.post_feedforward_layernorm, on_output(f"L{i}.post_mlp_norm"))
             else:
                 # Gemma 1's `post_attention_layernorm` is the norm *before* the MLP: its input is
                 # the residual after attention, its output the MLP's input.
                 pre_mlp_norm = layer.post_attention_layernorm
-            handles += [
-                pre_mlp_norm.register_forward_pre_hook(on_input(f"L{i}.resid_mid"), with_kwargs=True),
-                pre_mlp_norm.register_forward_hook(on_output(f"L{i}.mlp_norm")),
-                mlp.down_proj.register_forward_pre_hook(on_input(f"L{i}.mlp_act"), with_kwargs=True),
-                mlp.register_forward_hook(on_output(f"L{i}.mlp_out")),
-                layer.register_forward_hook(on_output(f"L{i}.out")),
-            ]
+            taps.before(pre_mlp_norm, on_input(f"L{i}.resid_mid"))
+            taps.after(pre_mlp_norm, on_output(f"L{i}.mlp_norm"))
+            taps.before(mlp.down_proj, on_input(f"L{i}.mlp_act"))
+            taps.after(mlp, on_output(f"L{i}.mlp_out"))
+            taps.after(layer, on_output(f"L{i}.out"))
             if hasattr(mlp, "gate_up_proj"):  # Phi-3: the gate features, then the up ones (its chunk(2))
-                handles += [mlp.gate_up_proj.register_forward_hook(on_output(f"L{i}.mlp_gate", lambda t: t[..., :F])),
-                            mlp.gate_up_proj.register_forward_hook(on_output(f"L{i}.mlp_up", lambda t: t[..., F:]))]
+                taps.after(mlp.gate_up_proj, on_output(f"L{i}.mlp_gate", lambda t: t[..., :F]))
+                taps.after(mlp.gate_up_proj, on_output(f"L{i}.mlp_up", lambda t: t[..., F:]))
             else:
-                handles += [mlp.gate_proj.register_forward_hook(on_output(f"L{i}.mlp_gate")),
-                            mlp.up_proj.register_forward_hook(on_output(f"L{i}.mlp_up"))]
-        handles.append(model.model.norm.register_forward_hook(on_output("final_norm")))
+                taps.after(mlp.gate_proj, on_output(f"L{i}.mlp_gate"))
+                taps.after(mlp.up_proj, on_output(f"L{i}.mlp_up"))
+        taps.after(model.model.norm, on_output("final_norm"))
+        undo = taps.install()   # undone in the `finally` below, with everything else
 
         modeling = sys.modules[type(layers[0].self_attn).__module__]
         original_rope = modeling.apply_rotary_pos_emb
@@ -340,7 +335,7 @@ class HFReference(Reference):
                 p.requires_grad_(True)
                 p.grad = None
             if self.sketching:  # each weight's gradient added to the batch's sum on the device, then freed
-                handles += self._sum_gradients(per_prompt_norms)
+                undo += [h.remove for h in self._sum_gradients(per_prompt_norms)]
             if self.checkpointing:  # checkpointing acts in train mode (dropout as configured)
                 model.train()
         try:
@@ -371,18 +366,11 @@ class HFReference(Reference):
                     self._keep_norm_gradients(len(tokens) - 1, per_prompt_norms if self.sketching else None)
         finally:
             modeling.apply_rotary_pos_emb = original_rope
-            for h in handles:
-                h.remove()
-            model.eval()
-        batch.flush()
-        host = {}
-        if sketches:
-            names = list(sketches)
-            stacked = torch.stack([sketches[n].to(self.device_of("model.embed_tokens")) for n in names])
-            # Into page-locked memory: a copy from the GPU to ordinary (pageable) host memory
-            # ran at 1.7 GB/s on an H200 machine, half the capture's time in bfloat16.
-            out = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=self.device == "cuda")
-            host.update(zip(names, out.copy_(stacked).numpy()))
+            for u in undo:
+                u()
+            if model.training:   # after a checkpointed --grad forward; skipped else: a call a module
+                model.eval()
+        host = batch.finish(pin=self.device == "cuda") if batch is not None else {}
         for name, t in cap.items():  # logits in their own dtype (half the bytes in bfloat16), then float32
             t = t.cpu()
             host[name] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
@@ -440,11 +428,24 @@ class HFReference(Reference):
         from llmdiff import sketch
 
         x = self._rounded(x)
+        return self._project(x.to(getattr(torch, sketch.arithmetic(str(x.dtype).removeprefix("torch.")))))
+
+    def _project(self, x):
+        """x (rows, n) -> (rows, K + 1) float64 [x R, |x|^2], computed in `sketch.arithmetic` of
+        x's dtype. 16-bit values are not converted first where torch can help it: R's entries
+        (+-1/8) are exact in 16 bits, and cuBLAS multiplies with float32 accumulation and output
+        (`_product`), the norm accumulating in float32 too: the same float32 arithmetic without
+        writing and reading the values again at twice their size."""
+        import torch
+
+        from llmdiff import sketch
+
         dtype = getattr(torch, sketch.arithmetic(str(x.dtype).removeprefix("torch.")))
-        x = x.to(dtype)
-        R = self._projection_on_device(x.shape[-1], x.device, dtype)
-        norm2 = torch.linalg.vector_norm(x, dim=-1, keepdim=True) ** 2  # one kernel, not two
-        return torch.cat([x @ R, norm2], -1).to(torch.float64)
+        if not (x.element_size() == 2 and x.is_cuda and _MM_OUT_DTYPE.get("cuda", True)):
+            x = x.to(dtype)
+        norm2 = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype) ** 2  # one kernel, not two
+        product = _product(x, self._projection_on_device(x.shape[-1], x.device, x.dtype), dtype)
+        return torch.cat([product, norm2], -1).to(torch.float64)
 
     def _rounded(self, x):
         """x rounded to the dtype a float64 floor run measures (itself otherwise)."""
@@ -808,42 +809,136 @@ class HFReference(Reference):
 
 
 class _Batched:
-    """The forward's points sketched in batches (`llmdiff/sketch.py`): each kept on the device as
-    a copy in its own dtype (the model may change its tensor in place later), and once `BUDGET`
-    bytes wait, or at the end, sketched together: one conversion, product and norm per (device,
-    width, dtype) group (`_sketch_rows`) instead of about six kernels and a Python round per point;
-    a bfloat16 capture was bound by those launches (bench/RESULTS.md). Sketches (float64) go
-    into `out` by name, as views of their group's result."""
+    """The forward's points sketched in batches (`llmdiff/sketch.py`). Each point is copied once,
+    in its own dtype (rounded first in a floor run), into its group's buffer (one per device,
+    width and dtype): the copy the model's own in-place changes need anyway. A full buffer, and
+    every one at the end, is sketched with one product and one norm (`_project`). A bfloat16
+    capture was bound by kernel launches: about six a point once, a copy, a concatenation and
+    a conversion a point after that (bench/RESULTS.md). `finish` moves every sketch to the host
+    in one copy a device and returns them by name (float64 views of that copy)."""
 
-    BUDGET = 256 << 20   # bytes waiting; the sketch converts them to twice that (`sketch.arithmetic`)
+    CHUNK = 256 << 20   # bytes of one group's buffer
 
-    def __init__(self, reference, out: dict):
-        self.reference, self.out = reference, out
-        self.waiting: list = []   # (name, (B, T, n) tensor)
-        self.bytes = 0
-
-    def add(self, name: str, x) -> None:
-        y = self.reference._rounded(x)
-        x = x.clone() if y is x else y
-        self.waiting.append((name, x))
-        self.bytes += x.numel() * x.element_size()
-        if self.bytes >= self.BUDGET:
-            self.flush()
-
-    def flush(self) -> None:
+    def __init__(self, reference):
         import torch
 
-        groups: dict = {}
-        for name, x in self.waiting:
-            groups.setdefault((x.device, x.shape[-1], x.dtype), []).append((name, x))
-        self.waiting, self.bytes = [], 0
-        for (_, n, _), items in groups.items():
-            done = self.reference._sketch_rows(torch.cat([x.reshape(-1, n) for _, x in items]))
-            start = 0
-            for name, x in items:
-                count = x.shape[0] * x.shape[1]
-                self.out[name] = done[start:start + count].reshape(x.shape[0], x.shape[1], -1)
-                start += count
+        self.reference = reference
+        round_to = reference.round_to
+        self.round_to = getattr(torch, round_to) if round_to else None
+        self.groups: dict = {}   # (device, width, dtype) -> [buffer, rows used, [(name, first row, (B, T))]]
+        self.done: list = []     # ((rows, K + 1) float64 sketches, [(name, first row, (B, T))])
+        self.order: list = []
+
+    def add(self, name: str, x) -> None:
+        """x (B, T, n) on the device."""
+        import torch
+
+        if self.round_to is not None:
+            x = x.to(self.round_to)
+        n, rows = x.shape[-1], x.shape[0] * x.shape[1]
+        key = (x.device, n, x.dtype)
+        group = self.groups.get(key)
+        if group is None or group[1] + rows > group[0].shape[0]:
+            # The first buffer holds 8 such points, each next one twice the last, up to `CHUNK`:
+            # a small model's buffers stay small (fresh memory costs page faults on a CPU).
+            most = self.CHUNK // (n * x.element_size())
+            capacity = max(rows, min(most, 8 * rows if group is None else 2 * group[0].shape[0]))
+            if group is not None:
+                self._sketch(key)
+            group = self.groups[key] = [torch.empty(capacity, n, dtype=x.dtype, device=x.device), 0, []]
+        buffer, used, names = group
+        buffer[used:used + rows].copy_(x.reshape(rows, n))
+        names.append((name, used, tuple(x.shape[:2])))
+        self.order.append(name)
+        group[1] = used + rows
+
+    def _sketch(self, key) -> None:
+        buffer, used, names = self.groups.pop(key)
+        self.done.append((self.reference._project(buffer[:used]), names))
+
+    def finish(self, pin: bool) -> dict:
+        """Every point's sketch on the host, (B, T, K + 1) float64, by name."""
+        import torch
+
+        for key in list(self.groups):
+            self._sketch(key)
+        by_device: dict = {}
+        for done, names in self.done:
+            by_device.setdefault(done.device, []).append((done, names))
+        out = {}
+        for parts in by_device.values():
+            # Into page-locked memory: a copy from the GPU to ordinary (pageable) host memory
+            # ran at 1.7 GB/s on an H200 machine, half the capture's time in bfloat16.
+            whole = torch.cat([done for done, _ in parts]) if len(parts) > 1 else parts[0][0]
+            host = torch.empty(whole.shape, dtype=whole.dtype, pin_memory=pin).copy_(whole).numpy()
+            offset = 0
+            for done, names in parts:
+                for name, first, bt in names:
+                    start = offset + first
+                    out[name] = host[start:start + bt[0] * bt[1]].reshape(*bt, -1)
+                offset += done.shape[0]
+        self.done = []
+        return {name: out[name] for name in self.order}   # in the forward's order
+
+
+class _Taps:
+    """Callbacks around modules' forwards, each module's forward wrapped once for all of its
+    callbacks: `before(args, kwargs)` and `after(output)`. Not torch's module hooks: a module with
+    one takes `Module.__call__`'s slow path, about 15 us a call on this project's CPU, 5 ms of a
+    gemma-7b forward's 339 points (bench/RESULTS.md); a wrapper is one Python call."""
+
+    def __init__(self):
+        self.modules: dict = {}   # module -> ([before], [after])
+
+    def before(self, module, fn) -> None:
+        self.modules.setdefault(module, ([], []))[0].append(fn)
+
+    def after(self, module, fn) -> None:
+        self.modules.setdefault(module, ([], []))[1].append(fn)
+
+    def install(self) -> list:
+        """Wrap every module's forward; the callables that undo it."""
+        return [_wrap_forward(m, before, after) for m, (before, after) in self.modules.items()]
+
+
+def _wrap_forward(module, before, after):
+    own = module.__dict__.get("forward")   # accelerate's device hooks set one on the instance
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        for fn in before:
+            fn(args, kwargs)
+        out = inner(*args, **kwargs)
+        for fn in after:
+            fn(out)
+        return out
+
+    # Into the instance's dict: `Module.__setattr__` costs several us a call (and `model.eval()`
+    # one a module, which is why `_run` calls it only after a training-mode forward).
+    module.__dict__["forward"] = forward
+
+    def undo():
+        if own is None:
+            del module.__dict__["forward"]
+        else:
+            module.__dict__["forward"] = own
+    return undo
+
+
+def _product(x, R, dtype):
+    """x @ R in `dtype`; for 16-bit x and R on a GPU, `torch.mm`'s float32 `out_dtype` (torch
+    2.8+), or both converted first where that does not run."""
+    import torch
+
+    if x.dtype == dtype:
+        return x @ R
+    try:
+        out = torch.mm(x, R, dtype)
+        _MM_OUT_DTYPE["cuda"] = True
+        return out
+    except (TypeError, RuntimeError, NotImplementedError):   # an older torch
+        _MM_OUT_DTYPE["cuda"] = False
+    return x.to(dtype) @ R.to(dtype)
 
 
 def _activation(mlp):

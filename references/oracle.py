@@ -439,8 +439,17 @@ def _sketch_rows(x, R, round_to):
     if round_to:
         x = x.astype(round_to)
     dtype = sketch.arithmetic(str(x.dtype))
-    x = x.astype(dtype)
-    return jnp.concatenate([x @ R.astype(dtype), jnp.sum(x * x, axis=-1, keepdims=True)], axis=-1).astype(jnp.float64)
+    # 16-bit values are not converted first: R's entries (+-1/8) are exact in 16 bits, and the
+    # product accumulates in float32 (`preferred_element_type`: cuBLAS' float32 output on a GPU),
+    # so the arithmetic is float32's without writing the values again at twice their size; the
+    # conversion for the norm fuses into its reduction.
+    if x.dtype.itemsize == 2:
+        product = jnp.matmul(x, R.astype(x.dtype), preferred_element_type=dtype)
+    else:
+        x = x.astype(dtype)
+        product = x @ R.astype(dtype)
+    wide = x.astype(dtype)
+    return jnp.concatenate([product, jnp.sum(wide * wide, axis=-1, keepdims=True)], axis=-1).astype(jnp.float64)
 
 
 def _logits_only(caps, aux):

@@ -109,39 +109,50 @@ def test_a_grad_run_leaves_nothing_behind_for_the_next_run(tmp_path):
     assert last() is None
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("impl", ["hf", "oracle"])
 @pytest.mark.parametrize("dtype, round_to", [("float32", None), ("bfloat16", None), ("float64", "bfloat16")])
-def test_points_sketched_in_batches_are_each_points_own_sketch(tmp_path, monkeypatch, dtype, round_to):
-    """The forward's points are sketched in batches (`hf._Batched`: a budget small enough here
-    for several flushes, each of groups of points of one width): every point's sketch is the
-    host's sketch of its whole capture (`sketch.project`, float64): to float64's rounding, and in
-    a bfloat16 run, and a float64 run that measures a bfloat16 floor (of the capture rounded to
-    bfloat16 first), in float32 arithmetic (`sketch.arithmetic`), off by under 1% of the smallest
-    floor judged."""
+def test_points_sketched_in_batches_are_each_points_own_sketch(tmp_path, monkeypatch, impl, dtype, round_to, device):
+    """The forward's points are sketched in batches (`hf._Batched`: buffers small enough here
+    for several sketches of each group of points of one width; the oracle's steps, each its
+    points of one width together): every point's sketch is the host's sketch of its whole
+    capture (`sketch.project`, float64): to float64's rounding, and in a bfloat16 run, and a
+    float64 run that measures a bfloat16 floor (of the capture rounded to bfloat16 first), in
+    float32 arithmetic (`sketch.arithmetic`, 16-bit products accumulated in float32), off by
+    under 1% of the smallest floor judged."""
     from llmdiff import diff, inputs, sketch, weights
     from llmdiff.job import Job, Options, RunId, RunRequest, WeightsSource
-    from llmdiff.references import hf
+    from llmdiff.references import hf, oracle
 
+    if device == "cuda" and not _has_gpu():
+        pytest.skip("no GPU: this case runs on a device (16-bit products on cuBLAS, float32 out)")
     spec = get_spec("gemma-2-2b", tiny=True)
     hf_dir = weights.write_hf_config(tmp_path / "hf-config", spec)
     prompt, = inputs.synthetic_prompts(spec, 0, (24,))
     constants = round_to
-    flushes = []
+    sketched_at_once = []   # points in each buffer sketched
     kept = 4 if dtype == "float32" else 2   # bytes a value: points wait in their own dtype, or rounded
-    monkeypatch.setattr(hf._Batched, "BUDGET", 24 * spec.hidden_size * kept * 5)   # about 5 points
-    flush = hf._Batched.flush
-    monkeypatch.setattr(hf._Batched, "flush", lambda self: (self.waiting and flushes.append(len(self.waiting)),
-                                                            flush(self)))
+    monkeypatch.setattr(hf._Batched, "CHUNK", 24 * spec.hidden_size * kept * 5)   # about 5 points of the hidden width
+    sketch_group = hf._Batched._sketch
+    monkeypatch.setattr(hf._Batched, "_sketch", lambda self, key: (sketched_at_once.append(len(self.groups[key][2])),
+                                                                   sketch_group(self, key)))
     caps = {}
     for capture in ("full", "sketch"):
-        job = Job(spec=spec.to_dict(), tokens=[prompt], options=Options(device="cpu", stream=False),
+        job = Job(spec=spec.to_dict(), tokens=[prompt], options=Options(device=device, stream=False),
                   weights=WeightsSource(hf_dir=str(hf_dir), seed=0), capture=capture)
-        adapter = hf.HFReference(job)
+        adapter = hf.HFReference(job) if impl == "hf" else oracle.OracleReference(job)
         request = RunRequest(RunId(dtype, constants), str(tmp_path / capture), job.options)
         adapter.begin(request)
         adapter.load(request)
         caps[capture] = adapter.run(prompt)
+        if impl == "hf":   # the capture's wrapped forwards are undone (`hf._Taps`)
+            assert not [m for m in adapter.model.modules() if "forward" in m.__dict__]
     whole, sketched = caps["full"], caps["sketch"]
-    assert len(flushes) > 3 and sum(flushes) == len(capture_points(spec)) and max(flushes) < sum(flushes) / 3
+    widths = {spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.mlp_dim,
+              spec.vocab_size}
+    if impl == "hf":
+        assert sum(sketched_at_once) == len(capture_points(spec)) and len(sketched_at_once) > len(widths) + 3
+        assert max(sketched_at_once) <= 5
     for name in capture_points(spec):
         x = whole[name].reshape(1, len(prompt), -1)
         want = sketch.project(diff.round_to(x, round_to) if round_to else x)
@@ -150,3 +161,42 @@ def test_points_sketched_in_batches_are_each_points_own_sketch(tmp_path, monkeyp
             assert est < 0.01 * diff.MIN_FLOOR * diff.UNIT_ROUNDOFF["bfloat16"], name
         else:
             assert np.allclose(sketched[name + ":sketch"], want, rtol=1e-12, atol=0), name
+
+
+def test_taps_wrap_each_forward_once_and_leave_it_as_found():
+    """`hf._Taps`: every callback of a module around one wrapper of its forward, the forward an
+    instance had of its own (accelerate's device hooks set one) kept under it and put back."""
+    import torch
+
+    from llmdiff.references.hf import _Taps
+
+    plain, own = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+    def own_forward(x):
+        return x * 2
+    own.forward = own_forward
+    seen = []
+    taps = _Taps()
+    taps.before(plain, lambda args, kwargs: seen.append(("before", tuple(args[0].shape), sorted(kwargs))))
+    taps.after(plain, lambda out: seen.append(("after", tuple(out.shape))))
+    taps.after(plain, lambda out: seen.append(("after again", tuple(out.shape))))
+    taps.after(own, lambda out: seen.append(("own", float(out.sum()))))
+    undo = taps.install()
+    x = torch.ones(1, 2)
+    plain(x)
+    own(x)
+    assert seen == [("before", (1, 2), []), ("after", (1, 2)), ("after again", (1, 2)), ("own", 4.0)]
+    assert len(undo) == 2
+    for u in undo:
+        u()
+    assert "forward" not in plain.__dict__ and own.forward is own_forward
+    seen.clear()
+    plain(x)
+    own(x)
+    assert seen == []
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
