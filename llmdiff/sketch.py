@@ -15,7 +15,9 @@ own rounding (~1e-16) far below the smallest floor llmdiff judges (~1e-9), excep
 values (`arithmetic`): those are sketched in float32, whose rounding (at most 7e-7 relative at
 256000 values) is under 1% of the smallest floor a bfloat16 or float16 point is judged by
 (0.02 x 2^-8, `diff.MIN_FLOOR`), and a float32 product is several times faster than a float64
-one on a GPU (bench/RESULTS.md). The logits are sketched too, and each position's
+one on a GPU (bench/RESULTS.md); their products take the 16-bit values as they are (R's +-1/8 is
+exact in 16 bits) and accumulate in float32, and their sketches leave the device in float32
+(`Sketch` widens them). The logits are sketched too, and each position's
 `TOP` largest logits (values and ids) come along: top-1 and top-k agreement stay exact; the KL
 divergence needs both implementations' every logit and is not reported.
 

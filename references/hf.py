@@ -221,7 +221,7 @@ class HFReference(Reference):
         layers = model.model.layers
         cap: dict = {}
         batch = _Batched(self) if self.sketching else None
-        current = {"layer": None}
+        current = {"layer": None, "backward": False}
         taps = _Taps()
         grads: dict | None = {} if grad else None
 
@@ -244,14 +244,14 @@ class HFReference(Reference):
             # synchronising copy per point in the middle of the forward.
             # Under gradient checkpointing the layers' forward runs again in the backward: the
             # points are the forward's, not the recompute's.
-            if not self.wants(name) or current.get("backward"):
+            if current["backward"] or not self.wants(name):
                 return
             t = t.detach()
-            if self.sketching and name == "logits":  # the largest logits, values and ids
-                top = torch.topk(t.float(), TOP_LOGITS, dim=-1)
-                cap["logits:top_values"], cap["logits:top_ids"] = top.values, top.indices
-            if self.sketching:  # see llmdiff/sketch.py; sketched in batches (`_Batched`)
-                batch.add(name + ":sketch", t.reshape(t.shape[0], t.shape[1], -1))
+            if batch is not None:  # sketched (llmdiff/sketch.py), in batches (`_Batched`)
+                if name == "logits":  # the largest logits, values and ids (exact in their own dtype)
+                    top = torch.topk(t, TOP_LOGITS, dim=-1)
+                    cap["logits:top_values"], cap["logits:top_ids"] = top.values.float(), top.indices
+                batch.add(name + ":sketch", t)
                 return
             # A copy: the model may still change its own tensor in place after this hook.
             cap[name] = t if name == "logits" else t.to(torch.float64 if t.dtype == torch.float64 else torch.float32,
@@ -430,9 +430,10 @@ class HFReference(Reference):
         x = self._rounded(x)
         return self._project(x.to(getattr(torch, sketch.arithmetic(str(x.dtype).removeprefix("torch.")))))
 
-    def _project(self, x):
-        """x (rows, n) -> (rows, K + 1) float64 [x R, |x|^2], computed in `sketch.arithmetic` of
-        x's dtype. 16-bit values are not converted first where torch can help it: R's entries
+    def _project(self, x, wide: bool = True):
+        """x (rows, n) -> (rows, K + 1) [x R, |x|^2], computed in `sketch.arithmetic` of x's dtype
+        and returned in float64, or (`wide=False`) in that arithmetic's dtype: float32 for 16-bit
+        values, half the bytes to the host, nothing lost. 16-bit values are not converted first where torch can help it: R's entries
         (+-1/8) are exact in 16 bits, and cuBLAS multiplies with float32 accumulation and output
         (`_product`), the norm accumulating in float32 too: the same float32 arithmetic without
         writing and reading the values again at twice their size."""
@@ -445,7 +446,8 @@ class HFReference(Reference):
             x = x.to(dtype)
         norm2 = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=dtype) ** 2  # one kernel, not two
         product = _product(x, self._projection_on_device(x.shape[-1], x.device, x.dtype), dtype)
-        return torch.cat([product, norm2], -1).to(torch.float64)
+        out = torch.cat([product, norm2], -1)
+        return out.to(torch.float64) if wide else out
 
     def _rounded(self, x):
         """x rounded to the dtype a float64 floor run measures (itself otherwise)."""
@@ -815,7 +817,8 @@ class _Batched:
     every one at the end, is sketched with one product and one norm (`_project`). A bfloat16
     capture was bound by kernel launches: about six a point once, a copy, a concatenation and
     a conversion a point after that (bench/RESULTS.md). `finish` moves every sketch to the host
-    in one copy a device and returns them by name (float64 views of that copy)."""
+    in one copy a device and returns them by name (views of that copy: float32 sketches of
+    16-bit values, float64 others)."""
 
     CHUNK = 256 << 20   # bytes of one group's buffer
 
@@ -830,12 +833,14 @@ class _Batched:
         self.order: list = []
 
     def add(self, name: str, x) -> None:
-        """x (B, T, n) on the device."""
+        """x (B, T, ...) on the device: (B * T) vectors."""
         import torch
 
         if self.round_to is not None:
             x = x.to(self.round_to)
-        n, rows = x.shape[-1], x.shape[0] * x.shape[1]
+        bt = (x.shape[0], x.shape[1])
+        x = x.reshape(bt[0] * bt[1], -1)
+        rows, n = x.shape
         key = (x.device, n, x.dtype)
         group = self.groups.get(key)
         if group is None or group[1] + rows > group[0].shape[0]:
@@ -847,17 +852,17 @@ class _Batched:
                 self._sketch(key)
             group = self.groups[key] = [torch.empty(capacity, n, dtype=x.dtype, device=x.device), 0, []]
         buffer, used, names = group
-        buffer[used:used + rows].copy_(x.reshape(rows, n))
-        names.append((name, used, tuple(x.shape[:2])))
+        buffer[used:used + rows].copy_(x)
+        names.append((name, used, bt))
         self.order.append(name)
         group[1] = used + rows
 
     def _sketch(self, key) -> None:
         buffer, used, names = self.groups.pop(key)
-        self.done.append((self.reference._project(buffer[:used]), names))
+        self.done.append((self.reference._project(buffer[:used], wide=False), names))
 
     def finish(self, pin: bool) -> dict:
-        """Every point's sketch on the host, (B, T, K + 1) float64, by name."""
+        """Every point's sketch on the host, (B, T, K + 1), by name."""
         import torch
 
         for key in list(self.groups):

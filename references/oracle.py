@@ -428,10 +428,11 @@ def sketch_weights(grads: dict, projection, round_to: str | None) -> dict:
     return out
 
 
-def _sketch_rows(x, R, round_to):
-    """x (..., n) -> (..., K + 1) float64 [x R, |x|^2] (`llmdiff/sketch.py`), rounded to
-    `round_to` first (a float64 run measuring a floor at that dtype); computed in
-    `sketch.arithmetic` of the values' dtype."""
+def _sketch_rows(x, R, round_to, wide: bool = True):
+    """x (..., n) -> (..., K + 1) [x R, |x|^2] (`llmdiff/sketch.py`), rounded to `round_to`
+    first (a float64 run measuring a floor at that dtype); computed in `sketch.arithmetic` of
+    the values' dtype and returned in float64, or (`wide=False`) in that arithmetic's dtype:
+    float32 for 16-bit values, half the bytes to the host, nothing lost."""
     import jax.numpy as jnp
 
     from llmdiff import sketch
@@ -448,8 +449,9 @@ def _sketch_rows(x, R, round_to):
     else:
         x = x.astype(dtype)
         product = x @ R.astype(dtype)
-    wide = x.astype(dtype)
-    return jnp.concatenate([product, jnp.sum(wide * wide, axis=-1, keepdims=True)], axis=-1).astype(jnp.float64)
+    values = x.astype(dtype)
+    out = jnp.concatenate([product, jnp.sum(values * values, axis=-1, keepdims=True)], axis=-1)
+    return out.astype(jnp.float64) if wide else out
 
 
 def _logits_only(caps, aux):
@@ -482,7 +484,7 @@ class _Reduce:
         # The step's points of one width (and dtype) as one product and norm: per point, the
         # bfloat16 capture took 3.4x the bare forward at gemma-7b, grouped 1.9x (bench/RESULTS.md).
         for (n, _), items in widths.items():
-            done = _sketch_rows(jnp.concatenate([x.reshape(-1, n) for _, x in items]), projections[n], None)
+            done = _sketch_rows(jnp.concatenate([x.reshape(-1, n) for _, x in items]), projections[n], None, wide=False)
             start = 0
             for name, x in items:
                 count = x.shape[0] * x.shape[1]
