@@ -220,7 +220,10 @@ class HFReference(Reference):
         model = self.model
         layers = model.model.layers
         cap: dict = {}
-        batch = _Batched(self) if self.sketching else None
+        # Points are copied as they are taken in a --grad run, and those this model changed in
+        # place after they were taken in an earlier forward (`_Batched`)
+        copied = self.__dict__.setdefault("_points_changed_in_place", set())
+        batch = _Batched(self, True if grad else copied) if self.sketching else None
         current = {"layer": None, "backward": False}
         taps = _Taps()
         grads: dict | None = {} if grad else None
@@ -246,12 +249,13 @@ class HFReference(Reference):
             # points are the forward's, not the recompute's.
             if current["backward"] or not self.wants(name):
                 return
-            t = t.detach()
+            if t.requires_grad:
+                t = t.detach()
             if batch is not None:  # sketched (llmdiff/sketch.py), in batches (`_Batched`)
                 if name == "logits":  # the largest logits, values and ids (exact in their own dtype)
                     top = torch.topk(t, TOP_LOGITS, dim=-1)
                     cap["logits:top_values"], cap["logits:top_ids"] = top.values.float(), top.indices
-                batch.add(name + ":sketch", t)
+                batch.add(name, t)
                 return
             # A copy: the model may still change its own tensor in place after this hook.
             cap[name] = t if name == "logits" else t.to(torch.float64 if t.dtype == torch.float64 else torch.float32,
@@ -371,6 +375,9 @@ class HFReference(Reference):
             if model.training:   # after a checkpointed --grad forward; skipped else: a call a module
                 model.eval()
         host = batch.finish(pin=self.device == "cuda") if batch is not None else {}
+        if batch is not None and batch.changed:   # sketched after the model changed them: again, copied
+            copied |= batch.changed   # (never in a --grad run, whose points are all copies)
+            return self._run(tokens, grad)
         for name, t in cap.items():  # logits in their own dtype (half the bytes in bfloat16), then float32
             t = t.cpu()
             host[name] = (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
@@ -811,59 +818,65 @@ class HFReference(Reference):
 
 
 class _Batched:
-    """The forward's points sketched in batches (`llmdiff/sketch.py`). Each point is copied once,
-    in its own dtype (rounded first in a floor run), into its group's buffer (one per device,
-    width and dtype): the copy the model's own in-place changes need anyway. A full buffer, and
-    every one at the end, is sketched with one product and one norm (`_project`). A bfloat16
-    capture was bound by kernel launches: about six a point once, a copy, a concatenation and
-    a conversion a point after that (bench/RESULTS.md). `finish` moves every sketch to the host
-    in one copy a device and returns them by name (views of that copy: float32 sketches of
-    16-bit values, float64 others)."""
+    """The forward's points sketched in batches (`llmdiff/sketch.py`): each group of points of
+    one device, width and dtype waits until `CHUNK` bytes of it do, or the forward ends, and is
+    then sketched with one concatenation, one product and one norm (`_project`). A point waits
+    as the model's own tensor, not a copy: a copy a point was most of a bfloat16 capture's cost
+    over the bare forward, the host's launches (bench/RESULTS.md). A model may still change such
+    a tensor in place after the point was taken: its version counter says so when the group is
+    sketched, the point is named in `changed`, and `HFReference._run` runs the forward again
+    with those points copied as they are taken (`copy`: their names, or every point). `finish`
+    moves every sketch to the host in one copy a device and returns them by name (views of that
+    copy: float32 sketches of 16-bit values, float64 others)."""
 
-    CHUNK = 256 << 20   # bytes of one group's buffer
+    CHUNK = 256 << 20   # bytes of one group waiting
 
-    def __init__(self, reference):
+    def __init__(self, reference, copy):
         import torch
 
-        self.reference = reference
+        self.reference, self.copy = reference, copy   # copy: a set of point names, or True (all)
         round_to = reference.round_to
         self.round_to = getattr(torch, round_to) if round_to else None
-        self.groups: dict = {}   # (device, width, dtype) -> [buffer, rows used, [(name, first row, (B, T))]]
-        self.done: list = []     # ((rows, K + 1) float64 sketches, [(name, first row, (B, T))])
+        self.groups: dict = {}   # (device, width, dtype) -> [[(name, (rows, n) tensor, its version, (B, T))], bytes]
+        self.done: list = []     # ((rows, K + 1) sketches, [(name, first row, (B, T))])
         self.order: list = []
+        self.changed: set = set()
 
     def add(self, name: str, x) -> None:
         """x (B, T, ...) on the device: (B * T) vectors."""
-        import torch
-
         if self.round_to is not None:
-            x = x.to(self.round_to)
+            x = x.to(self.round_to)   # a new tensor
+        elif self.copy is True or name in self.copy:
+            x = x.clone()
         bt = (x.shape[0], x.shape[1])
-        x = x.reshape(bt[0] * bt[1], -1)
-        rows, n = x.shape
-        key = (x.device, n, x.dtype)
+        x = x.reshape(bt[0] * bt[1], -1)   # a view of the model's tensor where it is contiguous
+        key = (x.device, x.shape[1], x.dtype)
         group = self.groups.get(key)
-        if group is None or group[1] + rows > group[0].shape[0]:
-            # The first buffer holds 8 such points, each next one twice the last, up to `CHUNK`:
-            # a small model's buffers stay small (fresh memory costs page faults on a CPU).
-            most = self.CHUNK // (n * x.element_size())
-            capacity = max(rows, min(most, 8 * rows if group is None else 2 * group[0].shape[0]))
-            if group is not None:
-                self._sketch(key)
-            group = self.groups[key] = [torch.empty(capacity, n, dtype=x.dtype, device=x.device), 0, []]
-        buffer, used, names = group
-        buffer[used:used + rows].copy_(x)
-        names.append((name, used, bt))
+        if group is None:
+            group = self.groups[key] = [[], 0]
+        group[0].append((name, x, x._version, bt))
+        group[1] += x.numel() * x.element_size()
         self.order.append(name)
-        group[1] = used + rows
+        if group[1] >= self.CHUNK:
+            self._sketch(key)
 
     def _sketch(self, key) -> None:
-        buffer, used, names = self.groups.pop(key)
-        self.done.append((self.reference._project(buffer[:used], wide=False), names))
+        import torch
+
+        items, _ = self.groups.pop(key)
+        self.changed.update(name for name, x, version, _ in items if x._version != version)
+        whole = torch.cat([x for _, x, _, _ in items]) if len(items) > 1 else items[0][1]
+        names, start = [], 0
+        for name, x, _, bt in items:
+            names.append((name, start, bt))
+            start += x.shape[0]
+        self.done.append((self.reference._project(whole, wide=False), names))
 
     def finish(self, pin: bool) -> dict:
-        """Every point's sketch on the host, (B, T, K + 1), by name."""
+        """Every point's sketch on the host, (B, T, K + 1), as `NAME:sketch`."""
         import torch
+
+        from llmdiff import sketch
 
         for key in list(self.groups):
             self._sketch(key)
@@ -883,7 +896,7 @@ class _Batched:
                     out[name] = host[start:start + bt[0] * bt[1]].reshape(*bt, -1)
                 offset += done.shape[0]
         self.done = []
-        return {name: out[name] for name in self.order}   # in the forward's order
+        return {name + sketch.SUFFIX: out[name] for name in self.order}   # in the forward's order
 
 
 class _Taps:

@@ -131,6 +131,10 @@ def test_points_sketched_in_batches_are_each_points_own_sketch(tmp_path, monkeyp
         pytest.skip("no GPU: this case runs on a device (16-bit products on cuBLAS, float32 out)")
     if device == "cuda" and impl == "hf" and dtype == "float64":
         pytest.skip("a worker runs no float64 run of hf (the oracle's measure the floors)")
+    if device == "cuda" and impl == "oracle" and dtype != "bfloat16":
+        # Its whole and its sketched capture are two runs, two compilations: on a GPU they differ
+        # in their last bits (float32), or in a value rounded to bfloat16 the other way (float64).
+        pytest.skip("the oracle's two runs on a GPU are not bit-identical: its bfloat16 product is checked")
     spec = get_spec("gemma-2-2b", tiny=True)
     hf_dir = weights.write_hf_config(tmp_path / "hf-config", spec)
     prompt, = inputs.synthetic_prompts(spec, 0, (24,))
@@ -139,7 +143,7 @@ def test_points_sketched_in_batches_are_each_points_own_sketch(tmp_path, monkeyp
     kept = 4 if dtype == "float32" else 2   # bytes a value: points wait in their own dtype, or rounded
     monkeypatch.setattr(hf._Batched, "CHUNK", 24 * spec.hidden_size * kept * 5)   # about 5 points of the hidden width
     sketch_group = hf._Batched._sketch
-    monkeypatch.setattr(hf._Batched, "_sketch", lambda self, key: (sketched_at_once.append(len(self.groups[key][2])),
+    monkeypatch.setattr(hf._Batched, "_sketch", lambda self, key: (sketched_at_once.append(len(self.groups[key][0])),
                                                                    sketch_group(self, key)))
     caps = {}
     for capture in ("full", "sketch"):
@@ -171,6 +175,45 @@ def test_points_sketched_in_batches_are_each_points_own_sketch(tmp_path, monkeyp
             assert est < 0.01 * diff.MIN_FLOOR * diff.UNIT_ROUNDOFF["bfloat16"], name
         else:
             assert np.allclose(sketched[name + ":sketch"], want, rtol=1e-12, atol=0), name
+
+
+def test_a_point_the_model_changes_in_place_is_sketched_as_it_was_taken(tmp_path):
+    """A sketched point waits as the model's own tensor (`hf._Batched`); a model that changes it
+    in place afterwards (here each MLP doubles its input once done with it, the tensor taken as
+    `L{i}.mlp_norm`) is run again with those points copied as they are taken, and from then on
+    copies them at once: every sketch is the one of the point as it was taken."""
+    from llmdiff import inputs, sketch, weights
+    from llmdiff.job import Job, Options, RunId, RunRequest, WeightsSource
+    from llmdiff.references import hf
+
+    spec = get_spec("gemma-2-2b", tiny=True)
+    hf_dir = weights.write_hf_config(tmp_path / "hf-config", spec)
+    prompt, = inputs.synthetic_prompts(spec, 0, (24,))
+    caps, forwards = {}, []
+    for capture in ("full", "sketch"):
+        job = Job(spec=spec.to_dict(), tokens=[prompt], options=Options(device="cpu", stream=False),
+                  weights=WeightsSource(hf_dir=str(hf_dir), seed=0), capture=capture)
+        adapter = hf.HFReference(job)
+        request = RunRequest(RunId("float32"), str(tmp_path / capture), job.options)
+        adapter.begin(request)
+        adapter.load(request)
+        for layer in adapter.model.model.layers:
+            def doubled_after(x, mlp=layer.mlp, forward=layer.mlp.forward):
+                forwards.append(capture)
+                out = forward(x)
+                x.mul_(2)
+                return out
+            layer.mlp.forward = doubled_after
+        caps[capture] = adapter.run(prompt)
+    layers = spec.num_layers
+    assert forwards == ["full"] * layers + ["sketch"] * 2 * layers   # the sketched forward ran twice
+    assert adapter._points_changed_in_place == {f"L{i}.mlp_norm" for i in range(layers)}
+    again = adapter.run(prompt)
+    assert len(forwards) == 4 * layers   # and once from then on
+    for name in capture_points(spec):
+        want = sketch.project(caps["full"][name].reshape(1, len(prompt), -1))
+        for got in (caps["sketch"], again):
+            assert np.allclose(got[name + ":sketch"], want, rtol=1e-12, atol=0), name
 
 
 def test_taps_wrap_each_forward_once_and_leave_it_as_found():
