@@ -106,13 +106,13 @@ def bench(model, tokens, dtypes) -> dict:
                      for r in report["runs"]]}
 
 
-def _hf_job(model, tokens, capture, device="cuda"):
+def _hf_job(model, tokens, capture, device="cuda", tiny=False):
     """The job llmdiff's HF worker gets for MODEL with weights made on the GPU, one prompt."""
     from llmdiff import inputs, weights
     from llmdiff.job import Job, Options, WeightsSource
     from llmdiff.spec import get_spec
 
-    spec = get_spec(model)
+    spec = get_spec(model, tiny=tiny)
     work = Path(tempfile.mkdtemp(prefix="llmdiff-bench-"))
     hf_dir = weights.write_hf_config(work / "hf-config", spec)
     ids = inputs.synthetic_prompts(spec, 0, (tokens,))[0]

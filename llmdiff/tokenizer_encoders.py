@@ -92,8 +92,16 @@ class HFEncoder(Encoder):
 
         self.version = transformers.__version__
         # Never the checkpoint's own code: transformers would otherwise ask on stdin (or run it).
-        self.tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False,
-                                                 **({"use_fast": False} if slow else {}))
+        # Quiet: AutoTokenizer reads config.json too, and transformers says on stderr what it
+        # makes of the model's config (5.24: Gemma's `hidden_act: gelu`), which is the model
+        # worker's business and llmdiff's checks', not the tokenizer's.
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False,
+                                                     **({"use_fast": False} if slow else {}))
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         if slow and self.tok.is_fast:
             self.available = False
             self.reason = (f"transformers {transformers.__version__} has no slow (SentencePiece- or Python-backed) tokenizer"

@@ -900,10 +900,12 @@ class _Batched:
 
 
 class _Taps:
-    """Callbacks around modules' forwards, each module's forward wrapped once for all of its
-    callbacks: `before(args, kwargs)` and `after(output)`. Not torch's module hooks: a module with
-    one takes `Module.__call__`'s slow path, about 15 us a call on this project's CPU, 5 ms of a
-    gemma-7b forward's 339 points (bench/RESULTS.md); a wrapper is one Python call."""
+    """Callbacks around modules' forwards: `before(args, kwargs)` and `after(output)`, each
+    module's forward wrapped once for all of its callbacks. Not torch's module hooks where it
+    can help it: a module with one takes `Module.__call__`'s slow path. A module that has hooks
+    of its own (a porter's `patch_model` may change an output with one; streaming fills and
+    drops weights with them) gets torch hooks, registered after its own, so its callbacks see
+    what the module gives, as before."""
 
     def __init__(self):
         self.modules: dict = {}   # module -> ([before], [after])
@@ -915,8 +917,31 @@ class _Taps:
         self.modules.setdefault(module, ([], []))[1].append(fn)
 
     def install(self) -> list:
-        """Wrap every module's forward; the callables that undo it."""
-        return [_wrap_forward(m, before, after) for m, (before, after) in self.modules.items()]
+        """Wrap every module's forward, or hook it; the callables that undo it."""
+        from torch.nn.modules import module as torch_module
+
+        global_hooks = any(getattr(torch_module, name, None) for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"))
+        undo = []
+        for m, (before, after) in self.modules.items():
+            if global_hooks or m._forward_hooks or m._forward_pre_hooks:
+                undo += _hook_forward(m, before, after)
+            else:
+                undo.append(_wrap_forward(m, before, after))
+        return undo
+
+
+def _hook_forward(module, before, after) -> list:
+    """`_Taps`' callbacks as torch hooks (which return None: nothing changed)."""
+    def pre_hook(_, args, kwargs):
+        for fn in before:
+            fn(args, kwargs)
+
+    def hook(_, args, out):
+        for fn in after:
+            fn(out)
+    return [module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove,
+            module.register_forward_hook(hook).remove]
 
 
 def _wrap_forward(module, before, after):

@@ -218,12 +218,24 @@ def test_a_point_the_model_changes_in_place_is_sketched_as_it_was_taken(tmp_path
 
 def test_taps_wrap_each_forward_once_and_leave_it_as_found():
     """`hf._Taps`: every callback of a module around one wrapper of its forward, the forward an
-    instance had of its own (accelerate's device hooks set one) kept under it and put back."""
+    instance had of its own (accelerate's device hooks set one) kept under it and put back; a
+    module with torch hooks of its own (a porter's patch that changes its output) hooked after
+    them, so that its callbacks see what it gives."""
     import torch
 
     from llmdiff.references.hf import _Taps
 
-    plain, own = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    plain, own, hooked = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    hooked.register_forward_hook(lambda module, args, out: out * 0)
+    taps = _Taps()
+    taps.after(hooked, lambda out: seen.append(("hooked", float(out.abs().sum()))))
+    seen = []
+    undo = taps.install()
+    hooked(torch.ones(1, 2))
+    assert seen == [("hooked", 0.0)] and "forward" not in hooked.__dict__
+    for u in undo:
+        u()
+    assert len(hooked._forward_hooks) == 1 and not hooked._forward_pre_hooks
 
     def own_forward(x):
         return x * 2
