@@ -68,7 +68,8 @@ class HFReference(Reference):
         from transformers import AutoModelForCausalLM
 
         dtype = request.dtype
-        self.model = self._weights = None  # the last run's model leaves the device first
+        self.model = self._weights = self._taps = None  # the last run's model leaves the device first
+        self.__dict__.pop("_points_changed_in_place", None)
         # ...now, not at some later collection: after a --grad run the Trainer (its accelerator)
         # and the model refer to each other, and gemma-7b's float32 weights stayed on the H200
         # through the bfloat16 run (127 GB peak).
@@ -218,120 +219,18 @@ class HFReference(Reference):
         import torch
 
         model = self.model
-        layers = model.model.layers
-        cap: dict = {}
+        taps, run = self._capture_taps()
         # Points are copied as they are taken in a --grad run, and those this model changed in
         # place after they were taken in an earlier forward (`_Batched`)
         copied = self.__dict__.setdefault("_points_changed_in_place", set())
         batch = _Batched(self, True if grad else copied) if self.sketching else None
+        cap: dict = {}
         current = {"layer": None, "backward": False}
-        taps = _Taps()
         grads: dict | None = {} if grad else None
-
-        def watch(name, t, transform=None):
-            # The gradient of the tensor the forward goes on with (not of a reshaped copy,
-            # which no later op reads), in the point's canonical layout.
-            if grads is None or not self.wants(name) or not t.requires_grad:
-                return
-
-            def keep(g):
-                g = (transform(g) if transform else g).detach()
-                if self.sketching:  # per position, on the device, as the point itself (llmdiff/sketch.py)
-                    grads[name + ":sketch"] = self._sketch_rows(g.reshape(g.shape[0], g.shape[1], -1))
-                else:
-                    grads[name] = g
-            t.register_hook(keep)
-
-        def save(name, t):
-            # Kept on the device until the forward is done: then one copy to the host, not one
-            # synchronising copy per point in the middle of the forward.
-            # Under gradient checkpointing the layers' forward runs again in the backward: the
-            # points are the forward's, not the recompute's.
-            if current["backward"] or not self.wants(name):
-                return
-            if t.requires_grad:
-                t = t.detach()
-            if batch is not None:  # sketched (llmdiff/sketch.py), in batches (`_Batched`)
-                if name == "logits":  # the largest logits, values and ids (exact in their own dtype)
-                    top = torch.topk(t, TOP_LOGITS, dim=-1)
-                    cap["logits:top_values"], cap["logits:top_ids"] = top.values.float(), top.indices
-                batch.add(name, t)
-                return
-            # A copy: the model may still change its own tensor in place after this hook.
-            cap[name] = t if name == "logits" else t.to(torch.float64 if t.dtype == torch.float64 else torch.float32,
-                                                       copy=True)
-
-        def on_output(name, transform=None):
-            def after(output):
-                out = output[0] if isinstance(output, tuple) else output
-                save(name, transform(out) if transform else out)
-                watch(name, out, transform)
-            return after
-
-        def on_input(name):
-            def before(args, kwargs):
-                t = _first_tensor(args, kwargs, "hidden_states")
-                save(name, t)
-                watch(name, t)
-            return before
-
-        def heads(t):  # (B, T, K*H) -> (B, T, K, H)
-            return t.reshape(*t.shape[:2], -1, self.spec.head_dim)
-
-        N, K, H, F = self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim, self.spec.mlp_dim
-
-        def fused_v(t):  # Phi-3's qkv_proj output: q, k, then v features
-            return heads(t[..., (N + K) * H:])
-
-        taps.before(layers[0], on_input("embed"))
-        for i, layer in enumerate(layers):
-            attn, mlp = layer.self_attn, layer.mlp
-
-            def enter(args, kwargs, i=i):
-                current["layer"] = i
-                if current.get("backward") and self.checkpointing:  # a layer recomputed for the backward
-                    self.checkpointing["recomputed_layers"] += 1
-            taps.before(attn, enter)
-            taps.after(layer.input_layernorm, on_output(f"L{i}.attn_norm"))
-            taps.after(attn.o_proj, on_output(f"L{i}.attn_out"))
-            if hasattr(attn, "qkv_proj"):  # Phi-3
-                taps.after(attn.qkv_proj, on_output(f"L{i}.v", fused_v))
-            else:
-                taps.after(attn.v_proj, on_output(f"L{i}.v", heads))
-            pre_mlp_norm = getattr(layer, "pre_feedforward_layernorm", None)
-            if pre_mlp_norm is not None:  # Gemma 2/3: four norms per layer
-                taps.after(layer.post_attention_layernorm, on_output(f"L{i}.post_attn_norm"))
-                taps.after(layer.post_feedforward_layernorm, on_output(f"L{i}.post_mlp_norm"))
-            else:
-                # Gemma 1's `post_attention_layernorm` is the norm *before* the MLP: its input is
-                # the residual after attention, its output the MLP's input.
-                pre_mlp_norm = layer.post_attention_layernorm
-            taps.before(pre_mlp_norm, on_input(f"L{i}.resid_mid"))
-            taps.after(pre_mlp_norm, on_output(f"L{i}.mlp_norm"))
-            taps.before(mlp.down_proj, on_input(f"L{i}.mlp_act"))
-            taps.after(mlp, on_output(f"L{i}.mlp_out"))
-            taps.after(layer, on_output(f"L{i}.out"))
-            if hasattr(mlp, "gate_up_proj"):  # Phi-3: the gate features, then the up ones (its chunk(2))
-                taps.after(mlp.gate_up_proj, on_output(f"L{i}.mlp_gate", lambda t: t[..., :F]))
-                taps.after(mlp.gate_up_proj, on_output(f"L{i}.mlp_up", lambda t: t[..., F:]))
-            else:
-                taps.after(mlp.gate_proj, on_output(f"L{i}.mlp_gate"))
-                taps.after(mlp.up_proj, on_output(f"L{i}.mlp_up"))
-        taps.after(model.model.norm, on_output("final_norm"))
+        run.update(batch=batch, cap=cap, current=current, grads=grads)
         undo = taps.install()   # undone in the `finally` below, with everything else
-
-        modeling = sys.modules[type(layers[0].self_attn).__module__]
-        original_rope = modeling.apply_rotary_pos_emb
-
-        def rope_and_capture(q, k, *args, **kwargs):
-            q_embed, k_embed = original_rope(q, k, *args, **kwargs)
-            i = current["layer"]
-            save(f"L{i}.q", q_embed.transpose(1, 2))  # (B, N, T, H) -> (B, T, N, H)
-            save(f"L{i}.k", k_embed.transpose(1, 2))
-            watch(f"L{i}.q", q_embed, lambda g: g.transpose(1, 2))
-            watch(f"L{i}.k", k_embed, lambda g: g.transpose(1, 2))
-            return q_embed, k_embed
-
+        modeling, original_rope, rope_and_capture = taps.rope
+        save, watch = taps.save, taps.watch
         modeling.apply_rotary_pos_emb = rope_and_capture
         per_prompt_norms = {}
         if grad:
@@ -372,6 +271,7 @@ class HFReference(Reference):
             modeling.apply_rotary_pos_emb = original_rope
             for u in undo:
                 u()
+            run.clear()   # the callbacks hold nothing of this run once it is done
             if model.training:   # after a checkpointed --grad forward; skipped else: a call a module
                 model.eval()
         host = batch.finish(pin=self.device == "cuda") if batch is not None else {}
@@ -404,6 +304,133 @@ class HFReference(Reference):
                     with self.phase("trainer_step"):
                         host.update(self._trainer_step())
         return host
+
+    def _capture_taps(self):
+        """The capture's callbacks on this model's modules (`_Taps`) and the dict they read the
+        current run from (`_run` fills it): made once a model, not a run (370 closures and
+        module lookups were about 1 ms of a gemma-7b forward's host time on this project's
+        CPU, more on a GPU host's: bench/RESULTS.md)."""
+        if self.__dict__.get("_taps") is not None:
+            return self._taps
+        import torch
+
+        model = self.model
+        layers = model.model.layers
+        run: dict = {}
+
+        def watch(name, t, transform=None):
+            # The gradient of the tensor the forward goes on with (not of a reshaped copy,
+            # which no later op reads), in the point's canonical layout.
+            grads = run["grads"]
+            if grads is None or not self.wants(name) or not t.requires_grad:
+                return
+
+            def keep(g):
+                g = (transform(g) if transform else g).detach()
+                if self.sketching:  # per position, on the device, as the point itself (llmdiff/sketch.py)
+                    grads[name + ":sketch"] = self._sketch_rows(g.reshape(g.shape[0], g.shape[1], -1))
+                else:
+                    grads[name] = g
+            t.register_hook(keep)
+
+        def save(name, t):
+            # Kept on the device until the forward is done: then one copy to the host, not one
+            # synchronising copy per point in the middle of the forward.
+            # Under gradient checkpointing the layers' forward runs again in the backward: the
+            # points are the forward's, not the recompute's.
+            if run["current"]["backward"] or not self.wants(name):
+                return
+            if t.requires_grad:
+                t = t.detach()
+            batch, cap = run["batch"], run["cap"]
+            if batch is not None:  # sketched (llmdiff/sketch.py), in batches (`_Batched`)
+                if name == "logits":  # the largest logits, values and ids (exact in their own dtype)
+                    top = torch.topk(t, TOP_LOGITS, dim=-1)
+                    cap["logits:top_values"], cap["logits:top_ids"] = top.values.float(), top.indices
+                batch.add(name, t)
+                return
+            # A copy: the model may still change its own tensor in place after this hook.
+            cap[name] = t if name == "logits" else t.to(torch.float64 if t.dtype == torch.float64 else torch.float32,
+                                                       copy=True)
+
+        def on_output(name, transform=None):
+            def after(output):
+                out = output[0] if isinstance(output, tuple) else output
+                save(name, transform(out) if transform else out)
+                watch(name, out, transform)
+            return after
+
+        def on_input(name):
+            def before(args, kwargs):
+                t = _first_tensor(args, kwargs, "hidden_states")
+                save(name, t)
+                watch(name, t)
+            return before
+
+        def heads(t):  # (B, T, K*H) -> (B, T, K, H)
+            return t.reshape(*t.shape[:2], -1, self.spec.head_dim)
+
+        N, K, H, F = self.spec.num_heads, self.spec.num_kv_heads, self.spec.head_dim, self.spec.mlp_dim
+
+        def fused_v(t):  # Phi-3's qkv_proj output: q, k, then v features
+            return heads(t[..., (N + K) * H:])
+
+        taps = _Taps()
+        taps.before(layers[0], on_input("embed"))
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+
+            def enter(args, kwargs, i=i):
+                current = run["current"]
+                current["layer"] = i
+                if current["backward"] and self.checkpointing:  # a layer recomputed for the backward
+                    self.checkpointing["recomputed_layers"] += 1
+            taps.before(attn, enter)
+            taps.after(layer.input_layernorm, on_output(f"L{i}.attn_norm"))
+            taps.after(attn.o_proj, on_output(f"L{i}.attn_out"))
+            if hasattr(attn, "qkv_proj"):  # Phi-3
+                taps.after(attn.qkv_proj, on_output(f"L{i}.v", fused_v))
+            else:
+                taps.after(attn.v_proj, on_output(f"L{i}.v", heads))
+            pre_mlp_norm = getattr(layer, "pre_feedforward_layernorm", None)
+            if pre_mlp_norm is not None:  # Gemma 2/3: four norms per layer
+                taps.after(layer.post_attention_layernorm, on_output(f"L{i}.post_attn_norm"))
+                taps.after(layer.post_feedforward_layernorm, on_output(f"L{i}.post_mlp_norm"))
+            else:
+                # Gemma 1's `post_attention_layernorm` is the norm *before* the MLP: its input is
+                # the residual after attention, its output the MLP's input.
+                pre_mlp_norm = layer.post_attention_layernorm
+            taps.before(pre_mlp_norm, on_input(f"L{i}.resid_mid"))
+            taps.after(pre_mlp_norm, on_output(f"L{i}.mlp_norm"))
+            taps.before(mlp.down_proj, on_input(f"L{i}.mlp_act"))
+            taps.after(mlp, on_output(f"L{i}.mlp_out"))
+            taps.after(layer, on_output(f"L{i}.out"))
+            if hasattr(mlp, "gate_up_proj"):  # Phi-3: the gate features, then the up ones (its chunk(2))
+                taps.after(mlp.gate_up_proj, on_output(f"L{i}.mlp_gate", lambda t: t[..., :F]))
+                taps.after(mlp.gate_up_proj, on_output(f"L{i}.mlp_up", lambda t: t[..., F:]))
+            else:
+                taps.after(mlp.gate_proj, on_output(f"L{i}.mlp_gate"))
+                taps.after(mlp.up_proj, on_output(f"L{i}.mlp_up"))
+        taps.after(model.model.norm, on_output("final_norm"))
+
+        modeling = sys.modules[type(layers[0].self_attn).__module__]
+        original_rope = modeling.apply_rotary_pos_emb
+        qk = [(f"L{i}.q", f"L{i}.k") for i in range(len(layers))]
+
+        def rope_and_capture(q, k, *args, **kwargs):
+            q_embed, k_embed = original_rope(q, k, *args, **kwargs)
+            q_name, k_name = qk[run["current"]["layer"]]
+            save(q_name, q_embed.transpose(1, 2))  # (B, N, T, H) -> (B, T, N, H)
+            save(k_name, k_embed.transpose(1, 2))
+            if run["grads"] is not None:
+                watch(q_name, q_embed, lambda g: g.transpose(1, 2))
+                watch(k_name, k_embed, lambda g: g.transpose(1, 2))
+            return q_embed, k_embed
+
+        taps.rope = (modeling, original_rope, rope_and_capture)
+        taps.save, taps.watch = save, watch
+        self._taps = (taps, run)
+        return self._taps
 
     def _sum_gradients(self, norms: dict) -> list:
         """Sketched `--grad`: a hook on every parameter adds its gradient, once the backward has
@@ -909,6 +936,7 @@ class _Taps:
 
     def __init__(self):
         self.modules: dict = {}   # module -> ([before], [after])
+        self.wrappers: dict = {}  # module -> (put the wrapper in, take it out): made once
 
     def before(self, module, fn) -> None:
         self.modules.setdefault(module, ([], []))[0].append(fn)
@@ -926,8 +954,12 @@ class _Taps:
         for m, (before, after) in self.modules.items():
             if global_hooks or m._forward_hooks or m._forward_pre_hooks:
                 undo += _hook_forward(m, before, after)
-            else:
-                undo.append(_wrap_forward(m, before, after))
+                continue
+            if m not in self.wrappers:
+                self.wrappers[m] = _wrap_forward(m, before, after)
+            put, take = self.wrappers[m]
+            put()
+            undo.append(take)
         return undo
 
 
@@ -945,7 +977,10 @@ def _hook_forward(module, before, after) -> list:
 
 
 def _wrap_forward(module, before, after):
-    own = module.__dict__.get("forward")   # accelerate's device hooks set one on the instance
+    """(put, take): a wrapper of the module's forward that calls the callbacks around it, put
+    into the instance's dict, and taken out (leaving the forward the instance had of its own,
+    if any: accelerate's device hooks set one)."""
+    own = module.__dict__.get("forward")
     inner = module.forward
 
     def forward(*args, **kwargs):
@@ -958,14 +993,15 @@ def _wrap_forward(module, before, after):
 
     # Into the instance's dict: `Module.__setattr__` costs several us a call (and `model.eval()`
     # one a module, which is why `_run` calls it only after a training-mode forward).
-    module.__dict__["forward"] = forward
+    def put():
+        module.__dict__["forward"] = forward
 
-    def undo():
+    def take():
         if own is None:
             del module.__dict__["forward"]
         else:
             module.__dict__["forward"] = own
-    return undo
+    return put, take
 
 
 def _product(x, R, dtype):
