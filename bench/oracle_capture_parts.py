@@ -36,13 +36,13 @@ def variants():
 
     from llmdiff import sketch
 
-    def convert_first(x, R, round_to):
+    def convert_first(x, R, round_to, wide=True):
         if round_to:
             x = x.astype(round_to)
         dtype = sketch.arithmetic(str(x.dtype))
         x = x.astype(dtype)
-        return jnp.concatenate([x @ R.astype(dtype), jnp.sum(x * x, axis=-1, keepdims=True)],
-                               axis=-1).astype(jnp.float64)
+        out = jnp.concatenate([x @ R.astype(dtype), jnp.sum(x * x, axis=-1, keepdims=True)], axis=-1)
+        return out.astype(jnp.float64) if wide else out
 
     return {"convert_first": convert_first}
 

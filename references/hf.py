@@ -307,9 +307,10 @@ class HFReference(Reference):
 
     def _capture_taps(self):
         """The capture's callbacks on this model's modules (`_Taps`) and the dict they read the
-        current run from (`_run` fills it): made once a model, not a run (370 closures and
-        module lookups were about 1 ms of a gemma-7b forward's host time on this project's
-        CPU, more on a GPU host's: bench/RESULTS.md)."""
+        current run from (`_run` fills it): made once a model, not a run: their closures and
+        module lookups were 1.5 ms a run on this project's CPU (gemma-7b's 28 layers at tiny
+        widths, where the host is all there is), about 2.5x that on the H200 machine's host
+        (bench/RESULTS.md)."""
         if self.__dict__.get("_taps") is not None:
             return self._taps
         import torch
@@ -848,8 +849,8 @@ class _Batched:
     """The forward's points sketched in batches (`llmdiff/sketch.py`): each group of points of
     one device, width and dtype waits until `CHUNK` bytes of it do, or the forward ends, and is
     then sketched with one concatenation, one product and one norm (`_project`). A point waits
-    as the model's own tensor, not a copy: a copy a point was most of a bfloat16 capture's cost
-    over the bare forward, the host's launches (bench/RESULTS.md). A model may still change such
+    as the model's own tensor, not a copy: a copy a point is a launch a point (339 a gemma-7b
+    forward), and a bfloat16 capture is bound by the host (bench/RESULTS.md). A model may still change such
     a tensor in place after the point was taken: its version counter says so when the group is
     sketched, the point is named in `changed`, and `HFReference._run` runs the forward again
     with those points copied as they are taken (`copy`: their names, or every point). `finish`
@@ -929,7 +930,7 @@ class _Batched:
 class _Taps:
     """Callbacks around modules' forwards: `before(args, kwargs)` and `after(output)`, each
     module's forward wrapped once for all of its callbacks. Not torch's module hooks where it
-    can help it: a module with one takes `Module.__call__`'s slow path. A module that has hooks
+    can help it: a module with one takes `Module.__call__`'s slow path (a few us a call). A module that has hooks
     of its own (a porter's `patch_model` may change an output with one; streaming fills and
     drops weights with them) gets torch hooks, registered after its own, so its callbacks see
     what the module gives, as before."""
