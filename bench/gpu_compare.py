@@ -106,13 +106,19 @@ def bench(model, tokens, dtypes) -> dict:
                      for r in report["runs"]]}
 
 
-def _hf_job(model, tokens, capture, device="cuda", tiny=False):
-    """The job llmdiff's HF worker gets for MODEL with weights made on the GPU, one prompt."""
+def _hf_job(model, tokens, capture, device="cuda", tiny=False, narrow=False):
+    """The job llmdiff's HF worker gets for MODEL with weights made on the GPU, one prompt.
+    narrow: MODEL's layers at tiny widths (a forward that is all host: a CPU's stand-in for a
+    GPU whose capture is bound by the host)."""
+    import dataclasses
+
     from llmdiff import inputs, weights
     from llmdiff.job import Job, Options, WeightsSource
     from llmdiff.spec import get_spec
 
     spec = get_spec(model, tiny=tiny)
+    if narrow:
+        spec = dataclasses.replace(spec, vocab_size=512, hidden_size=16, head_dim=2, mlp_dim=32)
     work = Path(tempfile.mkdtemp(prefix="llmdiff-bench-"))
     hf_dir = weights.write_hf_config(work / "hf-config", spec)
     ids = inputs.synthetic_prompts(spec, 0, (tokens,))[0]

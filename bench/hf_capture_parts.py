@@ -4,6 +4,7 @@ part is timed on the same machine at the same time (calls to the device vary by 
 bare forward alone).
 
     python bench/hf_capture_parts.py --out DIR [--model gemma-7b] [--tokens 512] [--dtype bfloat16]
+    python bench/hf_capture_parts.py --out DIR --narrow --device cpu --tokens 8 --reps 40   # a host-bound proxy
 
 The HF adapter as its worker runs it (random weights made on the device, one prompt); each part
 is the fastest of `--reps` runs, interleaved round by round, after a warm-up:
@@ -38,6 +39,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="the tiny model (a smoke test on the CPU)")
+    ap.add_argument("--narrow", action="store_true",
+                    help="MODEL's layers at tiny widths, on the CPU: every part all host, a stand-in for the"
+                         " H200's host-bound bfloat16 capture")
     args = ap.parse_args()
 
     import torch
@@ -47,7 +51,7 @@ def main() -> int:
     from llmdiff.job import RunId, RunRequest
     from llmdiff.references import hf
 
-    job, ids, work = _hf_job(args.model, args.tokens, "sketch", args.device, args.tiny)
+    job, ids, work = _hf_job(args.model, args.tokens, "sketch", args.device, args.tiny, args.narrow)
     adapter = hf.HFReference(job)
     request = RunRequest(RunId(args.dtype), str(work / args.dtype), job.options)
     adapter.begin(request)
