@@ -108,6 +108,11 @@ def _interrupted_line() -> None:
 @click.version_option(__version__, prog_name="llmdiff")
 def main():
     """Find bugs in LLM implementations: same weights, several implementations, layer by layer."""
+    # Every command: SIGTERM as Ctrl-C (workers end, temporary files go, what finished is kept),
+    # and Ctrl-C (SIGINT) interrupts even where the shell started llmdiff with SIGINT ignored (a
+    # background job; CI runners cancel with SIGINT): Python keeps an inherited SIG_IGN otherwise.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @main.command()
@@ -290,10 +295,6 @@ def compare(model, tiny, revision, config_mode, impls, dtypes, weights, seed, re
     from llmdiff.config import find_config
 
     console = _console(no_color)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    # Ctrl-C (SIGINT) interrupts even where the shell started llmdiff with SIGINT ignored (a
-    # background job; CI runners cancel with SIGINT): Python keeps an inherited SIG_IGN otherwise.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         config, _ = find_config()
         if save_captures and not out:
@@ -503,7 +504,15 @@ def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, attn, grad, 
     except LLMDiffError as e:
         _fail(str(e), False, json_path)
     say = lambda m: click.echo(m, err=True)  # noqa: E731
-    cells = [releases.run_release(model, impl, r, say=say, **options) for r in wanted]
+    cells = []
+    try:
+        for r in wanted:
+            cells.append(releases.run_release(model, impl, r, say=say, **options))
+    except KeyboardInterrupt:   # the releases that finished are still printed
+        for line in releases.matrix_lines(cells) if cells else ():
+            click.echo(line)
+        click.echo(f"llmdiff: error: interrupted after {len(cells)} of {len(wanted)} releases", err=True)
+        sys.exit(_interrupt_code())
     for line in releases.matrix_lines(cells):
         click.echo(line)
     code = 2 if any(c.error for c in cells) else 1 if any(releases.is_bad(c, None) for c in cells) else 0
@@ -548,6 +557,9 @@ def bisect(model, good, bad, finding, tiny, dtypes, impl, no_diagnose, attn, gra
             finding, say)
     except LLMDiffError as e:
         _fail(str(e), False, json_path)
+    except KeyboardInterrupt:
+        click.echo("llmdiff: error: interrupted before the bisection ended", err=True)
+        sys.exit(_interrupt_code())
     click.echo(result["result"])
     for release, cell in result["cells"].items():
         click.echo(f"  {release}: " + ("; ".join(f"{r['dtype']} {r['verdict']}"
@@ -619,6 +631,9 @@ def selftest(model, dtypes, mutants, json_path, debug):
                              progress=lambda m: console.print(f"[dim]{m}[/dim]"))
     except LLMDiffError as e:
         _fail(str(e), debug, json_path)
+    except KeyboardInterrupt:   # (its temporary directory, GBs of oracle runs, is gone by now)
+        click.echo("llmdiff: error: selftest interrupted; no matrix", err=True)
+        sys.exit(_interrupt_code())
     if json_path:
         write_json(result, json_path)
     st.render(result, console)

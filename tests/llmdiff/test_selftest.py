@@ -33,6 +33,34 @@ def test_selftest_mutant_no_row_can_have_is_one_error_before_any_run(llmdiff_cli
     assert "selftest gemma-3-1b has no mutant 'LD202+LD999'" in err and "LD207" in err
 
 
+def test_selftest_stopped_by_sigterm_removes_its_temporary_directory(tmp_path):
+    """A selftest keeps GBs of oracle runs in its temporary directory: SIGTERM (a CI runner's
+    cancel, `kill`) stops it as Ctrl-C does, with one line, exit 143, and nothing left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "llmdiff", "selftest", "--dtype", "float32"],
+                            env={**os.environ, "TMPDIR": str(tmp_path)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("llmdiff-selftest-*/oracle-variant-*.safetensors")):   # its workers at work
+            assert proc.poll() is None and time.monotonic() < deadline, "no selftest directory with runs in it"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "llmdiff: error: selftest interrupted; no matrix", err
+    time.sleep(1)   # no worker of it writes there afterwards either
+    assert not list(tmp_path.glob("llmdiff-selftest-*"))
+
+
 @pytest.mark.slow   # ~2.5 min
 def test_selftest_is_diagonal_under_autocast(llmdiff_cli, tmp_path):
     """Mixed precision: an autocast-only bug (RoPE angles in the low dtype) named there, the
