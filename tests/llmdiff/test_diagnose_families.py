@@ -53,6 +53,9 @@ def test_an_untied_head_where_qwen_ties_is_named_by_lm_head_untied_only(llmdiff_
     (f,) = report["findings"]
     assert (f["code"], f["where"], f["implementation"]) == ("LD105", "logits", impl)
     assert f["evidence"]["tied_lm_head"] is False
+    # The static finding explains where it diverges: no counterfactual search there
+    assert f"{impl} (float32): LD105 explains the divergence at logits" in out + err
+    assert f"diagnosing {impl}" not in out + err
 
 
 @pytest.mark.slow   # one compare with diagnosis (~45 s on 2 shared cores)
