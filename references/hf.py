@@ -872,17 +872,24 @@ class _Batched:
 
     def add(self, name: str, x) -> None:
         """x (B, T, ...) on the device: (B * T) vectors."""
+        own = self.round_to is None and self.copy is not True and name not in self.copy
         if self.round_to is not None:
             x = x.to(self.round_to)   # a new tensor
-        elif self.copy is True or name in self.copy:
+        elif not own:
             x = x.clone()
         bt = (x.shape[0], x.shape[1])
         x = x.reshape(bt[0] * bt[1], -1)   # a view of the model's tensor where it is contiguous
+        version = None   # of the model's own tensor (a view's is its base's); None: a copy
+        if own:
+            try:
+                version = x._version
+            except RuntimeError:   # an inference-mode tensor keeps no version counter: copied
+                x = x.clone()
         key = (x.device, x.shape[1], x.dtype)
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = [[], 0]
-        group[0].append((name, x, x._version, bt))
+        group[0].append((name, x, version, bt))
         group[1] += x.numel() * x.element_size()
         self.order.append(name)
         if group[1] >= self.CHUNK:
@@ -892,7 +899,7 @@ class _Batched:
         import torch
 
         items, _ = self.groups.pop(key)
-        self.changed.update(name for name, x, version, _ in items if x._version != version)
+        self.changed.update(name for name, x, version, _ in items if version is not None and x._version != version)
         whole = torch.cat([x for _, x, _, _ in items]) if len(items) > 1 else items[0][1]
         names, start = [], 0
         for name, x, _, bt in items:

@@ -216,6 +216,28 @@ def test_a_point_the_model_changes_in_place_is_sketched_as_it_was_taken(tmp_path
             assert np.allclose(got[name + ":sketch"], want, rtol=1e-12, atol=0), name
 
 
+def test_a_point_with_no_version_counter_waits_as_a_copy():
+    """An inference-mode tensor keeps no version counter (`hf._Batched` could not tell a later
+    in-place change): it waits as a copy."""
+    import torch
+
+    from llmdiff.references import hf
+
+    class Identity:   # a reference whose "sketch" is the values themselves
+        round_to = None
+
+        def _project(self, x, wide=True):
+            return x.float()
+
+    with torch.inference_mode():
+        t = torch.ones(1, 2, 3)
+    batch = hf._Batched(Identity(), set())
+    batch.add("p", t)
+    with torch.inference_mode():
+        t.mul_(2)   # the model changes it afterwards
+    assert np.array_equal(batch.finish(pin=False)["p:sketch"], np.ones((1, 2, 3))) and not batch.changed
+
+
 def test_taps_wrap_each_forward_once_and_leave_it_as_found():
     """`hf._Taps`: every callback of a module around one wrapper of its forward, the forward an
     instance had of its own (accelerate's device hooks set one) kept under it and put back; a
