@@ -17,7 +17,7 @@ values (`arithmetic`): those are sketched in float32, whose rounding (at most 7e
 (0.02 x 2^-8, `diff.MIN_FLOOR`), and a float32 product is several times faster than a float64
 one on a GPU (bench/RESULTS.md); their products take the 16-bit values as they are (R's +-1/8 is
 exact in 16 bits) and accumulate in float32, and their sketches leave the device in float32
-(`Sketch` widens them). The logits are sketched too, and each position's
+(`metrics` reads them in float64). The logits are sketched too, and each position's
 `TOP` largest logits (values and ids) come along: top-1 and top-k agreement stay exact; the KL
 divergence needs both implementations' every logit and is not reported.
 
