@@ -428,6 +428,17 @@ def sketch_weights(grads: dict, projection, round_to: str | None) -> dict:
     return out
 
 
+def _rounded(x, dtype: str):
+    """x rounded to `dtype`; float64 to a 16-bit type through float32, as torch rounds and as
+    `diff.round_to` does on the host: XLA rounds float64 to bfloat16 through float32 on a CPU
+    but directly on a GPU, which differs in about 1 value in 100000 (a float32 tie)."""
+    import jax.numpy as jnp
+
+    if x.dtype == jnp.float64 and jnp.dtype(dtype).itemsize == 2:
+        x = x.astype(jnp.float32)
+    return x.astype(dtype)
+
+
 def _sketch_rows(x, R, round_to, wide: bool = True):
     """x (..., n) -> (..., K + 1) [x R, |x|^2] (`llmdiff/sketch.py`), rounded to `round_to`
     first (a float64 run measuring a floor at that dtype); computed in `sketch.arithmetic` of
@@ -438,7 +449,7 @@ def _sketch_rows(x, R, round_to, wide: bool = True):
     from llmdiff import sketch
 
     if round_to:
-        x = x.astype(round_to)
+        x = _rounded(x, round_to)
     dtype = sketch.arithmetic(str(x.dtype))
     # 16-bit values are not converted first: R's entries (+-1/8) are exact in 16 bits, and the
     # product accumulates in float32 (`preferred_element_type`: cuBLAS' float32 output on a GPU),
@@ -477,7 +488,7 @@ class _Reduce:
         for name, v in caps.items():
             x = v.reshape(*v.shape[:2], -1)
             if self.round_to:
-                x = x.astype(self.round_to)
+                x = _rounded(x, self.round_to)
             if name == "logits":  # the largest logits, values and ids
                 out["logits:top_values"], out["logits:top_ids"] = jax.lax.top_k(x.astype(jnp.float32), 8)
             widths.setdefault((x.shape[-1], x.dtype), []).append((name, x))
