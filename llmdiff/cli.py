@@ -108,9 +108,14 @@ def _interrupted_line() -> None:
 @click.version_option(__version__, prog_name="llmdiff")
 def main():
     """Find bugs in LLM implementations: same weights, several implementations, layer by layer."""
-    # Every command: SIGTERM as Ctrl-C (workers end, temporary files go, what finished is kept),
-    # and Ctrl-C (SIGINT) interrupts even where the shell started llmdiff with SIGINT ignored (a
-    # background job; CI runners cancel with SIGINT): Python keeps an inherited SIG_IGN otherwise.
+
+
+def _interruptible() -> None:
+    """For a command that says what an interrupt left (compare, selftest, matrix, bisect) and
+    exits 128 + the signal: SIGTERM as Ctrl-C (workers end, temporary files go, what finished
+    is kept), and Ctrl-C (SIGINT) interrupts even where the shell started llmdiff with SIGINT
+    ignored (a background job; CI runners cancel with SIGINT): Python keeps an inherited SIG_IGN
+    otherwise. Other commands keep the default: SIGTERM ends them with 143."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -295,6 +300,7 @@ def compare(model, tiny, revision, config_mode, impls, dtypes, weights, seed, re
     from llmdiff.config import find_config
 
     console = _console(no_color)
+    _interruptible()
     try:
         config, _ = find_config()
         if save_captures and not out:
@@ -348,6 +354,7 @@ def report(directory, reference, json_path, out, floor_factor, thresholds, basel
     from llmdiff.config import find_config
 
     console = _console(no_color)
+    _interruptible()
     try:
         config, _ = find_config()
         _check_outputs(json_path, out)
@@ -505,6 +512,7 @@ def matrix(model, versions, every, tiny, dtypes, impl, no_diagnose, attn, grad, 
         _fail(str(e), False, json_path)
     say = lambda m: click.echo(m, err=True)  # noqa: E731
     cells = []
+    _interruptible()
     try:
         for r in wanted:
             cells.append(releases.run_release(model, impl, r, say=say, **options))
@@ -544,6 +552,7 @@ def bisect(model, good, bad, finding, tiny, dtypes, impl, no_diagnose, attn, gra
     from llmdiff.report import write_json
 
     say = lambda m: click.echo(m, err=True)  # noqa: E731
+    _interruptible()
     try:
         _check_outputs(json_path)
         g, b = releases.Release.parse(good), releases.Release.parse(bad)
@@ -626,6 +635,7 @@ def selftest(model, dtypes, mutants, json_path, debug):
     from llmdiff.report import write_json
 
     console = _console()
+    _interruptible()
     try:
         result = st.selftest(model, dtypes=dtypes or ("float32", "bfloat16"), only=mutants,
                              progress=lambda m: console.print(f"[dim]{m}[/dim]"))

@@ -309,8 +309,7 @@ class HFReference(Reference):
         """The capture's callbacks on this model's modules (`_Taps`) and the dict they read the
         current run from (`_run` fills it): made once a model, not a run: their closures and
         module lookups were 1.5 ms a run on this project's CPU (gemma-7b's 28 layers at tiny
-        widths, where the host is all there is), about 2.5x that on the H200 machine's host
-        (bench/RESULTS.md)."""
+        widths, where the host is all there is: bench/hf_capture_parts.py --narrow)."""
         if self.__dict__.get("_taps") is not None:
             return self._taps
         import torch
@@ -468,10 +467,10 @@ class HFReference(Reference):
     def _project(self, x, wide: bool = True):
         """x (rows, n) -> (rows, K + 1) [x R, |x|^2], computed in `sketch.arithmetic` of x's dtype
         and returned in float64, or (`wide=False`) in that arithmetic's dtype: float32 for 16-bit
-        values, half the bytes to the host, nothing lost. 16-bit values are not converted first where torch can help it: R's entries
-        (+-1/8) are exact in 16 bits, and cuBLAS multiplies with float32 accumulation and output
-        (`_product`), the norm accumulating in float32 too: the same float32 arithmetic without
-        writing and reading the values again at twice their size."""
+        values, half the bytes to the host, nothing lost. 16-bit values on a GPU are not converted
+        first: R's entries (+-1/8) are exact in 16 bits, and cuBLAS multiplies with float32
+        accumulation and output (`_product`), the norm accumulating in float32 too: the same
+        float32 arithmetic without writing and reading the values again at twice their size."""
         import torch
 
         from llmdiff import sketch
@@ -850,8 +849,8 @@ class _Batched:
     one device, width and dtype waits until `CHUNK` bytes of it do, or the forward ends, and is
     then sketched with one concatenation, one product and one norm (`_project`). A point waits
     as the model's own tensor, not a copy: a copy a point is a launch a point (339 a gemma-7b
-    forward), and a bfloat16 capture is bound by the host (bench/RESULTS.md). A model may still change such
-    a tensor in place after the point was taken: its version counter says so when the group is
+    forward), and a bfloat16 capture is bound by the host (bench/RESULTS.md). A model may still
+    change such a tensor in place after the point was taken: its version counter says so when the group is
     sketched, the point is named in `changed`, and `HFReference._run` runs the forward again
     with those points copied as they are taken (`copy`: their names, or every point). `finish`
     moves every sketch to the host in one copy a device and returns them by name (views of that

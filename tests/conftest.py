@@ -14,15 +14,16 @@ from llmdiff.cli import main
 MUTANTS_DIR = Path(__file__).parent / "references"
 
 
-# The selftests first, longest first as measured in CI (tests/llmdiff/test_selftest.py; the Gemma 1
-# matrix's time was not measured there this time: it is placed among the longest on its ~400
-# oracle runs, a guess). CI's slow step hands its two processes the cases in collection order
-# (.ci/run: `--dist load --maxschedchunk 1`), the first two to one process, the next two to the
-# other, then one at a time to whichever is free, each keeping one queued; so the longest
-# (Gemma 3's, 807 s, and the Gemma 1 matrix) start at once, one on each process.
-SELFTEST_ORDER = ["gemma-3-1b", "qwen2.5-0.5b", "test_selftest_matrix_is_diagonal", "qwen3-0.6b",
-                  "gemma-2-2b", "mistral-7b-v0.1", "llama-3.1-8b", "phi-3-mini-128k-instruct",
-                  "test_selftest_is_diagonal_under_autocast"]
+# The selftests first, in an order measured in CI (`.ci/run` on de7dbb1, bench/RESULTS.md:
+# gemma-3-1b 606 s, llama 191, the Gemma 1 matrix 150, qwen2.5 121, qwen3 106, phi-3 100,
+# autocast 67, gemma-2-2b 46 and mistral 40 with test_selftest.py's cuts). CI's slow step hands
+# its two processes the cases in collection order (.ci/run: `--dist load --maxschedchunk 1`), the
+# first two to one process, the next two to the other, then one at a time to whichever is free,
+# each keeping one queued; so the two longest (Gemma 3's and Llama's) start at once, one on each
+# process, and the shorter ones fill in.
+SELFTEST_ORDER = ["gemma-3-1b", "qwen2.5-0.5b", "llama-3.1-8b", "test_selftest_matrix_is_diagonal", "qwen3-0.6b",
+                  "phi-3-mini-128k-instruct", "test_selftest_is_diagonal_under_autocast", "gemma-2-2b",
+                  "mistral-7b-v0.1"]
 
 
 def _selftest_rank(item) -> int:
