@@ -13,7 +13,11 @@ checkpoints from disk, as users run them): wall time, peak host RSS, and the dis
 3. Prints one JSON line per phase (wall, GB/s of the checkpoint, peak RSS of the largest process,
    exit code, the report's per-run timings) and writes them to OUT/compare_from_disk.json.
 Peak RSS is `getrusage(RUSAGE_CHILDREN).ru_maxrss` after each command: the largest single
-process of it (llmdiff waits for its workers), as `/usr/bin/time`'s %M reports it.
+process of it (llmdiff waits for its workers), as `/usr/bin/time`'s %M reports it. That counts a
+file's pages mapped into the process (safetensors' mmap) as well as memory of its own, so each
+process of the command's tree is also sampled every 0.1 s (`/proc/PID/status`): its peak
+`RssAnon` (its own memory: what holding the model on the host would show) and peak `RssFile`
+(mapped file pages: the page cache, given back under pressure), by its command line.
 """
 
 from __future__ import annotations
@@ -33,12 +37,57 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from audit_full import cat_cmd, evict, resident_fraction, shard_files, write_checkpoint  # noqa: E402
 
 
-def run(cmd: list[str]) -> tuple[float, float, int, str]:
-    """(wall s, peak RSS MB of the largest process so far, exit code, last output lines)."""
+def _tree(root: int) -> list[int]:
+    """root and its descendants, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _sample(pid: int, peaks: dict) -> None:
+    """Each process's peak RssAnon / RssFile in MB into `peaks`, keyed by its command line."""
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                name = " ".join(a.decode(errors="replace") for a in f.read().split(b"\0")[:4] if a)[-120:]
+        except OSError:
+            continue
+        mine = peaks.setdefault(f"{p} {name}", {"anon_mb": 0, "file_mb": 0})
+        for key, field in (("anon_mb", "RssAnon"), ("file_mb", "RssFile")):
+            if field in status:
+                mine[key] = max(mine[key], int(status[field].split()[0]) >> 10)
+
+
+def run(cmd: list[str]) -> tuple[float, float, int, str, dict]:
+    """(wall s, peak RSS MB of the largest process so far, exit code, last output lines, each
+    process's peak RssAnon / RssFile sampled every 0.1 s)."""
     t = time.perf_counter()
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wall = time.perf_counter() - t
-    return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, p.returncode, p.stdout[-3000:]
+    peaks: dict = {}
+    with tempfile.TemporaryFile("w+") as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        while p.poll() is None:
+            if sys.platform.startswith("linux"):
+                _sample(p.pid, peaks)
+            time.sleep(0.1)
+        wall = time.perf_counter() - t
+        log.seek(0)
+        tail = log.read()[-3000:]
+    peaks = {k: v for k, v in peaks.items() if v["anon_mb"] + v["file_mb"] >= 100}   # not cat, not shells
+    return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, p.returncode, tail, peaks
 
 
 def main():
@@ -49,6 +98,7 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--tiny", action="store_true", help="a tiny checkpoint: smoke-tests the bench")
     ap.add_argument("--warm", action="store_true", help="also the compare again without evicting")
+    ap.add_argument("--no-plan", action="store_true", help="without the parent's pass alone (measured before)")
     args = ap.parse_args()
     from llmdiff.spec import get_spec
 
@@ -70,15 +120,16 @@ def main():
         if shutil.which("llmdiff"):
             compare[:3] = [shutil.which("llmdiff")]
         plan = [sys.executable, str(Path(__file__).with_name("plan_from_disk.py")), "--child", str(path)]
-        phases = [("cold", "cat", cat_cmd(files)), ("cold", "plan", plan), ("cold", "compare", compare)]
+        phases = [("cold", "cat", cat_cmd(files))] + ([] if args.no_plan else [("cold", "plan", plan)]) \
+            + [("cold", "compare", compare)]
         if args.warm:
             phases.append(("warm", "compare", compare))
         for phase, what, cmd in phases:
             how = evict(files) if phase == "cold" else "none"
             resident = resident_fraction(files)
-            wall, rss, code, tail = run(cmd)
+            wall, rss, code, tail, peaks = run(cmd)
             row = {"phase": phase, "what": what, "evicted_by": how, "resident_before": resident, "wall_s": wall,
-                   "gb_per_s": gb / wall, "peak_rss_mb": rss, "exit": code}
+                   "gb_per_s": gb / wall, "peak_rss_mb": rss, "exit": code, "rss_by_process": peaks}
             if what == "plan" and code == 0:   # the parent's own numbers (RUSAGE_CHILDREN is a running max)
                 row.update(json.loads(tail.strip().splitlines()[-1]))
             if what == "compare" and report.exists():

@@ -79,7 +79,7 @@ def _sketch_on_host(caps: dict, round_to) -> dict:
 
     out = {}
     for name, a in caps.items():
-        if name.endswith(sketch.SUFFIX) or name.startswith("logits:") or name == grad.LOSS or name in grad.SCALARS:
+        if name.endswith(sketch.SUFFIX) or sketch.is_top(name) or name == grad.LOSS or name in grad.SCALARS:
             out[name] = a  # sketched already, or whole by design
             continue
         x = np.asarray(a)

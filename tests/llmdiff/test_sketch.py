@@ -47,6 +47,26 @@ def test_sketch_of_identical_and_of_nonfinite_values():
         diff.point_metrics(_sketch(x, R), x)
 
 
+def test_float32_sketches_are_compared_as_float64_would_be():
+    """16-bit values' sketches leave the device in float32: subtracted in float32, summed in
+    float64, their rel_l2 is float64's to 1e-12 (values of mixed sign and scale)."""
+    rng = np.random.default_rng(1)
+    ref = (rng.standard_normal((1, 64, 65)) * np.logspace(-3, 3, 65)).astype(np.float32)
+    cand = (ref * (1 + 1e-3 * rng.standard_normal(ref.shape))).astype(np.float32)
+    got = sketch.metrics(sketch.Sketch(cand), sketch.Sketch(ref))
+    want = sketch.metrics(sketch.Sketch(cand.astype(np.float64)), sketch.Sketch(ref.astype(np.float64)))
+    assert got["rel_l2"] == pytest.approx(want["rel_l2"], rel=1e-12)
+    assert got["rel_l2"] > 0 and got["cosine"] == pytest.approx(want["cosine"], abs=1e-12)
+
+
+def test_floors_are_of_points_not_of_the_logits_top_k():
+    R = sketch.projection(8)
+    x = np.ones((1, 3, 8), np.float32)
+    top = {"logits:top_values": np.ones((1, 3, 8), np.float32), "logits:top_ids": np.zeros((1, 3, 8), np.int32)}
+    caps = {"L0.q": _sketch(x, R), "logits": _sketch(x, R), **top}
+    assert set(diff.noise_floors(caps, dict(caps), "bfloat16")) == {"L0.q", "logits"}
+
+
 def test_top_metrics_break_ties_like_argmax():
     values = np.array([[[3.0, 5.0, 5.0, 1.0]]], np.float32)
     cand = {"logits:top_values": values, "logits:top_ids": np.array([[[7, 9, 2, 4]]])}
