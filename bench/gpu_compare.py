@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,35 @@ def e2e(model, tokens, dtypes, out: Path, extra=(), key="e2e") -> dict:
     return result
 
 
+def _diff_per_run(work: Path, report: dict, dtypes, tokens, reps: int = 5) -> dict:
+    """The parent's diff of one run, as the compare does it, fastest of `reps` on warm files:
+    the candidate's points against the reference's (`compare_captures`), and the dtype's noise
+    floors (`noise_floors`: once per dtype, whatever the number of candidates)."""
+    from llmdiff import diff
+
+    points = report["options"]["points"]
+    out = {}
+    for d in dtypes:
+        files = {k: work / f"{k}-{d}.safetensors" for k in ("hf", "oracle")}
+        files["truth"] = work / f"oracle-float64-as-{d}.safetensors"
+        if not all(f.exists() for f in files.values()):
+            out[d] = {"error": f"no captures in {work}: {sorted(p.name for p in work.iterdir())}"}
+            continue
+        best = {"load_s": float("inf"), "floors_s": float("inf"), "compare_s": float("inf")}
+        for _ in range(reps):
+            t = time.perf_counter()
+            caps = {k: diff.load_captures(f) for k, f in files.items()}
+            t1 = time.perf_counter()
+            floors = diff.noise_floors(caps["oracle"], caps["truth"], d)
+            t2 = time.perf_counter()
+            diff.compare_captures(caps["hf"], caps["oracle"], floors, d, points, lengths=[tokens])
+            t3 = time.perf_counter()
+            for key, s in (("load_s", t1 - t), ("floors_s", t2 - t1), ("compare_s", t3 - t2)):
+                best[key] = min(best[key], s)
+        out[d] = {k: round(v, 4) for k, v in best.items()}
+    return out
+
+
 def bench(model, tokens, dtypes) -> dict:
     import numpy as np
 
@@ -88,17 +118,21 @@ def bench(model, tokens, dtypes) -> dict:
 
     spec = get_spec(model)
     params = sum(int(np.prod(s)) for s in canonical_shapes(spec).values())
+    work = Path(tempfile.mkdtemp(prefix="llmdiff-bench-"))
     t = time.perf_counter()
     result = api.compare(model, impls=["hf"], dtypes=dtypes, device="cuda", lengths=(tokens,), bench=True,
-                         diagnose=False)
+                         diagnose=False, workdir=work)
     wall = time.perf_counter() - t
     report = result.report
+    diff_per_run = _diff_per_run(work, report, dtypes, tokens)
+    shutil.rmtree(work, ignore_errors=True)
     rows = []
     for key, timings in report["timings"]["workers"].items():
         rows.append({"worker_run": key, **{k: timings.get(k) for k in (
             "load_s", "bare_forward_s", "capture_forward_s", "run_s", "save_s")}})
     meta_peaks = {i["name"]: i.get("peak_device_bytes") for i in report["implementations"]}
     return {"wall_s": round(wall, 2), "exit_code": report["exit_code"], "diff_s": report["timings"].get("diff_s"),
+            "diff_per_run": diff_per_run,
             "params": params, "rows": rows, "peaks": meta_peaks,
             "runs": [{**{k: r.get(k) for k in ("candidate", "dtype", "verdict", "first_divergence")},
                       "worst_floor_ratio": max((p.get("floor_ratio") or 0.0 for p in r["points"]), default=None),

@@ -121,6 +121,18 @@ def point_metrics(cand: np.ndarray, ref: np.ndarray) -> dict:
             "rel_l2": rel_l2, "cosine": cosine, "finite": finite}
 
 
+def points_metrics(pairs: list) -> list[dict]:
+    """`point_metrics` of (cand, ref) pairs: a run's sketched points at once (`sketch.metrics_many`)."""
+    out = [None] * len(pairs)
+    sketched = [i for i, (c, r) in enumerate(pairs) if isinstance(c, Sketch) and isinstance(r, Sketch)]
+    for i, m in zip(sketched, sketch.metrics_many([pairs[i] for i in sketched])):
+        out[i] = m
+    for i, (c, r) in enumerate(pairs):
+        if out[i] is None:
+            out[i] = point_metrics(c, r)
+    return out
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
@@ -152,13 +164,16 @@ def logits_metrics(cand: np.ndarray, ref: np.ndarray, k: int = TOPK) -> dict:
 
 def noise_floors(ref_caps: dict, truth_caps: dict, dtype: str) -> dict[str, float]:
     """Per point: relative L2 of the oracle at `dtype` from the float64 oracle rounded to it."""
-    floors = {}
-    for name, truth in truth_caps.items():
-        if name in ref_caps and not sketch.is_top(name):   # (rounding the top-k imported ml_dtypes: 0.9 s)
-            # A sketched float64 capture was rounded to the dtype before it was sketched.
-            rounded = truth if isinstance(truth, Sketch) else round_to(truth, dtype)
-            floors[name] = point_metrics(ref_caps[name], rounded)["rel_l2"]
-    return floors
+    # (The logits' top-k are no point: rounding them imported ml_dtypes, 0.9 s.)
+    names = [n for n in truth_caps if n in ref_caps and not sketch.is_top(n)]
+    # A sketched float64 capture was rounded to the dtype before it was sketched; a whole one is
+    # rounded here, one point at a time (a full-size float64 run is GBs).
+    sketched = [n for n in names if isinstance(truth_caps[n], Sketch)]
+    floors = {n: m["rel_l2"] for n, m in zip(sketched, points_metrics([(ref_caps[n], truth_caps[n]) for n in sketched]))}
+    for n in names:
+        if n not in floors:
+            floors[n] = point_metrics(ref_caps[n], round_to(truth_caps[n], dtype))["rel_l2"]
+    return {n: floors[n] for n in names}
 
 
 def _position_sums(c: np.ndarray, r: np.ndarray, lengths) -> tuple[np.ndarray, np.ndarray]:
@@ -221,6 +236,8 @@ def compare_captures(cand_caps: dict, ref_caps: dict, floors: dict, dtype: str,
     window, RoPE-scaling or RoPE-precision bug is nothing at the first positions and grows."""
     min_floor = MIN_FLOOR * UNIT_ROUNDOFF[dtype]
     rows, missing = [], []
+    same = [n for n in points if n in cand_caps and n in ref_caps and cand_caps[n].shape == ref_caps[n].shape]
+    computed = dict(zip(same, points_metrics([(cand_caps[n], ref_caps[n]) for n in same])))
     for name in points:
         if name not in cand_caps or name not in ref_caps:
             missing.append(name)
@@ -230,10 +247,10 @@ def compare_captures(cand_caps: dict, ref_caps: dict, floors: dict, dtype: str,
             rows.append({"name": name, "verdict": "divergence",
                          "note": f"shape {tuple(cand.shape)} vs reference {tuple(ref.shape)}"})
             continue
-        m = point_metrics(cand, ref)
+        m = computed[name]
         # A point of few elements (a loss, (1, 1)): one of them a float32 last bit off is not a
         # divergence, whatever the oracle's own rounding happened to be.
-        few = UNIT_ROUNDOFF["float32"] / np.sqrt(max(int(np.prod(cand.shape)), 1))
+        few = UNIT_ROUNDOFF["float32"] / math.sqrt(max(math.prod(cand.shape), 1))
         floor = max(floors.get(name, 0.0), min_floor, few)
         ratio = m["rel_l2"] / floor
         factor = thresholds.factor(name)

@@ -59,6 +59,30 @@ def test_float32_sketches_are_compared_as_float64_would_be():
     assert got["rel_l2"] > 0 and got["cosine"] == pytest.approx(want["cosine"], abs=1e-12)
 
 
+def test_a_runs_points_are_compared_at_once_as_one_by_one(tmp_path):
+    """A captures file's sketches lie side by side: `metrics_many` reads them as one array per
+    side (no copy) and gives each pair's `metrics` of its own copies, in any order asked."""
+    from llmdiff import safetensors_file
+
+    rng = np.random.default_rng(2)
+    names = [f"L{i}.{p}" for i in range(3) for p in ("q", "k", "out")]
+    ref = {n + sketch.SUFFIX: rng.standard_normal((1, 40, sketch.K + 1)).astype(np.float32) for n in names}
+    cand = {k: (r * (1 + 1e-2 * rng.standard_normal(r.shape))).astype(np.float32) for k, r in ref.items()}
+    cand["logits:top_ids"] = np.zeros((1, 40, sketch.TOP), np.int32)   # another tensor in the file
+    for side, caps in (("cand", cand), ("ref", ref)):
+        safetensors_file.save(tmp_path / f"{side}.safetensors", caps)
+    cand, ref = (diff.load_captures(tmp_path / f"{side}.safetensors") for side in ("cand", "ref"))
+    order = names[::-1]   # not the file's order
+    assert sketch._stacked([cand[n].data for n in sorted(names)]) is not None
+    got = sketch.metrics_many([(cand[n], ref[n]) for n in order])
+    for n, m in zip(order, got):
+        alone = sketch.metrics_many([(sketch.Sketch(cand[n].data.copy()), sketch.Sketch(ref[n].data.copy()))])[0]
+        assert m["rel_l2"] == pytest.approx(alone["rel_l2"], rel=1e-12) and m["rel_l2"] > 1e-3
+        assert m["cosine"] == pytest.approx(alone["cosine"], abs=1e-12)
+    # arrays of their own (not side by side) are compared one by one (as `alone` above)
+    assert sketch._stacked([sketch.Sketch(cand[n].data.copy()).data for n in names]) is None
+
+
 def test_floors_are_of_points_not_of_the_logits_top_k():
     R = sketch.projection(8)
     x = np.ones((1, 3, 8), np.float32)
