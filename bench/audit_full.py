@@ -107,13 +107,17 @@ def shard_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def evict(files) -> str:
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        how = "drop_caches (write accepted) + posix_fadvise(DONTNEED)"
-    except OSError:
-        how = "posix_fadvise(DONTNEED)"
+def evict(files, everything: bool = True) -> str:
+    """`files` out of the page cache; with `everything`, the whole page cache too (the Python
+    packages the command imports as well) where the kernel lets us."""
+    how = "posix_fadvise(DONTNEED)"
+    if everything:
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            how = "drop_caches (write accepted) + posix_fadvise(DONTNEED)"
+        except OSError:
+            pass
     for p in files:
         fd = os.open(p, os.O_RDONLY)
         try:

@@ -72,13 +72,13 @@ def _sample(pid: int, peaks: dict) -> None:
                 mine[key] = max(mine[key], int(status[field].split()[0]) >> 10)
 
 
-def run(cmd: list[str]) -> tuple[float, float, int, str, dict]:
+def run(cmd: list[str], env=None) -> tuple[float, float, int, str, dict]:
     """(wall s, peak RSS MB of the largest process so far, exit code, last output lines, each
     process's peak RssAnon / RssFile sampled every 0.1 s)."""
     t = time.perf_counter()
     peaks: dict = {}
     with tempfile.TemporaryFile("w+") as log:
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
         while p.poll() is None:
             if sys.platform.startswith("linux"):
                 _sample(p.pid, peaks)
@@ -99,6 +99,10 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="a tiny checkpoint: smoke-tests the bench")
     ap.add_argument("--warm", action="store_true", help="also the compare again without evicting")
     ap.add_argument("--no-plan", action="store_true", help="without the parent's pass alone (measured before)")
+    ap.add_argument("--evict", choices=["all", "shards"], default="all",
+                    help="before a cold phase: the whole page cache (the imports' files too), or the shards only")
+    ap.add_argument("--also-env", action="append", default=[], metavar="K=V",
+                    help="a cold compare again with this environment variable set (repeatable: one compare each)")
     args = ap.parse_args()
     from llmdiff.spec import get_spec
 
@@ -122,17 +126,23 @@ def main():
         plan = [sys.executable, str(Path(__file__).with_name("plan_from_disk.py")), "--child", str(path)]
         phases = [("cold", "cat", cat_cmd(files))] + ([] if args.no_plan else [("cold", "plan", plan)]) \
             + [("cold", "compare", compare)]
+        phases += [("cold", f"compare {kv}", compare) for kv in args.also_env]
         if args.warm:
             phases.append(("warm", "compare", compare))
         for phase, what, cmd in phases:
-            how = evict(files) if phase == "cold" else "none"
+            how = evict(files, args.evict == "all") if phase == "cold" else "none"
             resident = resident_fraction(files)
-            wall, rss, code, tail, peaks = run(cmd)
+            env = dict(os.environ)
+            if what.startswith("compare "):
+                key, _, value = what.split(" ", 1)[1].partition("=")
+                env[key] = value
+            report.unlink(missing_ok=True)
+            wall, rss, code, tail, peaks = run(cmd, env)
             row = {"phase": phase, "what": what, "evicted_by": how, "resident_before": resident, "wall_s": wall,
                    "gb_per_s": gb / wall, "peak_rss_mb": rss, "exit": code, "rss_by_process": peaks}
             if what == "plan" and code == 0:   # the parent's own numbers (RUSAGE_CHILDREN is a running max)
                 row.update(json.loads(tail.strip().splitlines()[-1]))
-            if what == "compare" and report.exists():
+            if what.startswith("compare") and report.exists():
                 rep = json.loads(report.read_text())
                 row["verdicts"] = {f"{r['candidate']}/{r['dtype']}": r["verdict"] for r in rep.get("runs", [])}
                 row["timings"] = rep.get("timings") or [

@@ -198,7 +198,10 @@ class OracleReference(Reference):
             from llmdiff import quant
 
             loaded = [(n, quant.round_trip(n, np.asarray(a, np.float32), self.job.quant)) for n, a in loaded]
-        return {n: jnp.asarray(np.asarray(a), self.dtype) for n, a in loaded}
+        # Onto the device as read (float32), then cast there: `jnp.asarray(a, bfloat16)` casts
+        # on the host, one core (a gemma-7b checkpoint's bfloat16 worker loaded in 32.5 s, its
+        # float32 one in 23.7 s, bench/RESULTS.md). Both round to nearest even.
+        return {n: jnp.asarray(np.asarray(a)).astype(self.dtype) for n, a in loaded}
 
     def _layer(self, i):
         import jax
