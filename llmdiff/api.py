@@ -167,6 +167,8 @@ def compare(model: str, impls=("hf",), *, dtypes=None, tiny: bool = False, weigh
             say("comparing every point with its noise floor")
             report = _judge(plan, results)
             report["timings"]["diff_s"] = round(time.perf_counter() - t_diff, 3)
+            if plan.check_s is not None:   # the checkpoint's check and fingerprint, beside the workers
+                report["timings"]["check_s"] = plan.check_s
             _diagnose_stages(plan, report, results, say, serving)
         except KeyboardInterrupt:
             # Ctrl-C or SIGTERM: the runs that finished are judged and kept; the rest is said.
@@ -220,12 +222,13 @@ class Plan:
     prompts: object | None           # tokenizer.Prompts whose parity runs in the background
     attn: str
     checking: object = None          # a checkpoint's check and fingerprint, running beside the workers
-                                     # (a Future: `checked`)
+                                     # (a Future of (fingerprint, seconds): `checked`)
+    check_s: float | None = None
 
     def checked(self) -> None:
         """The checkpoint's check, waited for: its fingerprint into `weights_info`, or its error."""
         if self.checking is not None:
-            self.weights_info["fingerprint"] = self.checking.result()
+            self.weights_info["fingerprint"], self.check_s = self.checking.result()
 
     def requests(self, impl: Implementation) -> list[RunRequest]:
         """Each dtype; and for the oracle the float64 answer each dtype is measured against."""
@@ -300,7 +303,7 @@ def _plan(model, impls, *, dtypes, tiny, weights, seed, reference, work, tempora
         # The pass runs beside the workers (`Plan.checked`): a full-size one takes about as long.
         say(f"checking {spec.name}'s weights (finite, fingerprint), one tensor at a time, beside the workers")
         weights_info["fingerprint"] = None   # until the check is done
-        checking = _in_background(lambda: weights_mod.checked_fingerprint(checkpoint.blocks(), weights_info["path"]))
+        checking = _in_background(lambda: _timed(weights_mod.checked_fingerprint, checkpoint.blocks(), weights_info["path"]))
         hf_dir = str(weights)
         source = WeightsSource(hf_dir=hf_dir, from_hf=True)
     else:
@@ -361,6 +364,12 @@ def _makes_weights(impl: Implementation) -> bool:
         return bool(impl.adapter_class().makes_weights)
     except (ImportError, AttributeError):
         return False
+
+
+def _timed(fn, *args):
+    """(fn(*args), its seconds)."""
+    t = time.perf_counter()
+    return fn(*args), round(time.perf_counter() - t, 3)
 
 
 def _in_background(fn):

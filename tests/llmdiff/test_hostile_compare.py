@@ -127,6 +127,7 @@ def test_a_stray_safetensors_file_is_read_by_no_one(llmdiff_cli, ckpt):
     assert run_by_candidate(report, "hf", "float32")["verdict"] == "parity"
     # checked and fingerprinted beside the workers: the fingerprint of model.safetensors' weights
     assert report["weights"]["fingerprint"] == weights.weights_fingerprint(weights.random_weights(SPEC, seed=3))
+    assert 0 < report["timings"]["check_s"] < report["timings"]["total_s"]   # what the pass took, beside them
 
 
 # --- the checkpoint's own defects ----------------------------------------------------------
