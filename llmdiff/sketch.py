@@ -17,7 +17,7 @@ values (`arithmetic`): those are sketched in float32, whose rounding (at most 7e
 (0.02 x 2^-8, `diff.MIN_FLOOR`), and a float32 product is several times faster than a float64
 one on a GPU (bench/RESULTS.md); their products take the 16-bit values as they are (R's +-1/8 is
 exact in 16 bits) and accumulate in float32, and their sketches leave the device in float32
-(`metrics` reads them in float64). The logits are sketched too, and each position's
+(`metrics` compares them in float32, summed pairwise: float64's rel_l2 to 5e-8). The logits are sketched too, and each position's
 `TOP` largest logits (values and ids) come along: top-1 and top-k agreement stay exact; the KL
 divergence needs both implementations' every logit and is not reported.
 
@@ -67,8 +67,8 @@ def arithmetic(values_dtype: str) -> str:
 class Sketch:
     """A sketched point: data (B, T, K + 1), columns [s_1..s_K, |x|^2] per position (a
     sketched weight gradient: (rows, K + 1), per row): float64, or float32 as 16-bit values'
-    sketches leave the device, kept so (`metrics` computes in float64 as it reads them: a
-    gemma-7b capture's whole conversion was 45 ms a run on this project's CPU)."""
+    sketches leave the device, kept so (converting a gemma-7b capture to float64 was 45 ms a
+    run on this project's CPU; `metrics_many` compares them as they are)."""
 
     def __init__(self, data: np.ndarray):
         data = np.asarray(data)
@@ -184,6 +184,10 @@ def _sums(C: np.ndarray, R: np.ndarray):
             with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1)) as pool:
                 list(pool.map(block, starts))
         c2, r2 = (X[..., -1].reshape(P, -1).sum(axis=1, dtype=np.float64) for X in (C, R))
+        for j in np.nonzero(~np.isfinite(d2))[0]:   # a float32 square over 3.4e38: float64's sum, as before
+            d = np.subtract(C[j], R[j], dtype=np.float64)
+            d[..., -1] = 0
+            d2[j] = np.square(d).sum()
     return d2, c2, r2
 
 

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -81,6 +83,14 @@ def test_a_runs_points_are_compared_at_once_as_one_by_one(tmp_path):
         assert m["cosine"] == pytest.approx(alone["cosine"], abs=1e-12)
     # arrays of their own (not side by side) are compared one by one (as `alone` above)
     assert sketch._stacked([sketch.Sketch(cand[n].data.copy()).data for n in names]) is None
+
+
+def test_float32_sketches_past_float32s_squares_are_compared_in_float64():
+    ref = np.full((1, 4, sketch.K + 1), 1e20, np.float32)
+    cand = ref * np.float32(1.5)   # differences of 5e19: their float32 squares overflow
+    m = sketch.metrics(sketch.Sketch(cand), sketch.Sketch(ref))
+    want = sketch.metrics(sketch.Sketch(cand.astype(np.float64)), sketch.Sketch(ref.astype(np.float64)))
+    assert m["finite"] and math.isfinite(m["rel_l2"]) and m["rel_l2"] == pytest.approx(want["rel_l2"], rel=1e-12)
 
 
 def test_floors_are_of_points_not_of_the_logits_top_k():
