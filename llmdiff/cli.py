@@ -354,7 +354,6 @@ def report(directory, reference, json_path, out, floor_factor, thresholds, basel
     from llmdiff.config import find_config
 
     console = _console(no_color)
-    _interruptible()
     try:
         config, _ = find_config()
         _check_outputs(json_path, out)

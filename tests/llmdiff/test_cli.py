@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -241,3 +242,16 @@ def test_a_hung_worker_is_killed_at_its_timeout_and_its_progress_kept(tmp_path, 
     assert not r.ok and r.error == "worker for 'hf_mutants:Hangs' timed out after 4 s"
     assert said == ["hf_mutants:Hangs float32: loading"]
     assert "llmdiff-worker: hf_mutants:Hangs float32: loading" in (tmp_path / "worker-hf_mutants_Hangs.log").read_text()
+
+
+def test_sigterm_ends_a_command_without_interrupt_handling_with_143(tmp_path):
+    """Only compare, selftest, matrix and bisect turn SIGTERM into Ctrl-C (and say what finished);
+    `report` keeps the default, exit 143, not click's 'Aborted!' with exit 1."""
+    code = ("import os, signal, sys\n"
+            "from llmdiff import api, cli\n"
+            "api.recompare = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"sys.argv = ['llmdiff', 'report', {str(tmp_path)!r}]\n"
+            "cli.main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Aborted" not in proc.stdout + proc.stderr
