@@ -119,13 +119,15 @@ def bench(model, tokens, dtypes) -> dict:
     spec = get_spec(model)
     params = sum(int(np.prod(s)) for s in canonical_shapes(spec).values())
     work = Path(tempfile.mkdtemp(prefix="llmdiff-bench-"))
-    t = time.perf_counter()
-    result = api.compare(model, impls=["hf"], dtypes=dtypes, device="cuda", lengths=(tokens,), bench=True,
-                         diagnose=False, workdir=work)
-    wall = time.perf_counter() - t
-    report = result.report
-    diff_per_run = _diff_per_run(work, report, dtypes, tokens)
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        t = time.perf_counter()
+        result = api.compare(model, impls=["hf"], dtypes=dtypes, device="cuda", lengths=(tokens,), bench=True,
+                             diagnose=False, workdir=work)
+        wall = time.perf_counter() - t
+        report = result.report
+        diff_per_run = _diff_per_run(work, report, dtypes, tokens)
+    finally:   # the captures (GBs of a float32 run's sketches and logits) go
+        shutil.rmtree(work, ignore_errors=True)
     rows = []
     for key, timings in report["timings"]["workers"].items():
         rows.append({"worker_run": key, **{k: timings.get(k) for k in (

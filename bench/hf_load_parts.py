@@ -83,6 +83,9 @@ def main() -> int:
 
     timed("generate_float32", generate)
     timed("load_bfloat16", lambda: load("bfloat16"))
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(40)
     (out / "hf-load-profile.txt").write_text(text.getvalue())
