@@ -64,11 +64,15 @@ def canonical_shapes(spec: ModelSpec, *, lm_head: bool = False) -> dict[str, tup
 
 def resize_rows(table: np.ndarray, rows: int) -> np.ndarray:
     """The first `rows` rows of `table`, or `table` followed by zero rows up to `rows` (numpy,
-    or a torch tensor on its device)."""
+    a torch tensor on its device, or a JAX array on its)."""
     if table.shape[0] >= rows:
         return table[:rows]
-    if not isinstance(table, np.ndarray):  # torch
+    if hasattr(table, "new_zeros"):  # torch
         return _rows([table, table.new_zeros((rows - table.shape[0], *table.shape[1:]))])
+    if not isinstance(table, np.ndarray):  # jax
+        import jax.numpy as jnp
+
+        return jnp.concatenate([table, jnp.zeros((rows - table.shape[0], *table.shape[1:]), table.dtype)])
     pad = np.zeros((rows - table.shape[0], *table.shape[1:]), table.dtype)
     return np.concatenate([table, pad])
 

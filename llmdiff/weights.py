@@ -529,9 +529,10 @@ class HFCheckpoint:
         touched.append((mapping, start, header[name]["data_offsets"]))
         return safetensors_file.view(self.path / fname, header, start, mapping, name)
 
-    def _views(self, group, touched: list) -> dict:
-        """The canonical tensors of `group` (`_group`) as views of the mapped HF ones."""
-        hf = _HFTensors(self, touched)
+    def _views(self, group, touched: list, put=None) -> dict:
+        """The canonical tensors of `group` (`_group`) as views of the mapped HF ones; with
+        `put`, of `put(hf_tensor)` of each HF tensor as stored (another array library's)."""
+        hf = _HFTensors(self, touched, put)
         if isinstance(group, int) and 0 <= group < self.spec.num_layers:
             return convert.from_hf_layer(self.spec, group, hf)
         return convert.from_hf_top(self.spec, hf)
@@ -560,6 +561,33 @@ class HFCheckpoint:
                     if name not in views:
                         raise self._missing(name)
                     out[name] = _float32(views[name], parallel=True)
+            finally:
+                _release(touched)
+        return out
+
+    def read_put(self, names, put) -> dict:
+        """`read(names)`'s values made by another array library: each HF tensor the group
+        needs is handed to `put` as stored (its own dtype, a view of the file's bytes), and the
+        canonical views (`convert.from_hf_layer`: transposes, reshapes, row slices) and the cast
+        to float32 are that library's: with `jax.numpy.asarray`, a GPU's. The host converts
+        nothing and moves half the bytes of a 16-bit checkpoint. Transposes and reshapes are
+        exact, and so is a widening of bfloat16 or float16 to float32 (subnormals kept: tested),
+        so the values are `read`'s, bit for bit."""
+        groups: dict = {}
+        for name in names:
+            groups.setdefault(_group(name), []).append(name)
+        out = {}
+        for group, members in groups.items():
+            touched: list = []
+            try:
+                self._views(group, touched)   # which bytes: read ahead of the transfers
+                _advise(touched, "MADV_WILLNEED")
+                views = self._views(group, [], put)
+                for name in members:
+                    if name not in views:
+                        raise self._missing(name)
+                    v = views[name]
+                    out[name] = v if v.dtype == np.float32 else v.astype(np.float32)
             finally:
                 _release(touched)
         return out
@@ -616,13 +644,10 @@ class HFCheckpoint:
                     for name in members:
                         if name not in views:
                             raise self._missing(name)
-                        v = views[name]
-                        rows = v.shape[0] if v.ndim else 1
-                        per = max(1, block_bytes // max(1, 4 * (v.size // rows if rows else 0)))
-                        for r0 in range(0, rows, per) if rows else (0,):
+                        for block in _row_blocks(views[name], block_bytes):
                             if stop.is_set():
                                 return
-                            ready.put(pool.submit(_counted_block, name, v[r0:r0 + per] if v.ndim else v))
+                            ready.put(pool.submit(_counted_block, name, block))
                 finally:
                     ready.put(touched)   # released by the caller once it has the group's blocks
             ready.put(None)
@@ -630,9 +655,26 @@ class HFCheckpoint:
             ready.put(e)
 
 
+def _row_blocks(v: np.ndarray, block_bytes: int):
+    """`v` in blocks of whole rows of about `block_bytes` as float32 (one row a block where a
+    row is larger; a tensor of no rows, or of no axes, is one block)."""
+    rows = v.shape[0] if v.ndim else 0
+    if not rows:
+        yield v
+        return
+    per = max(1, block_bytes // max(1, 4 * (v.size // rows)))
+    for r0 in range(0, rows, per):
+        yield v[r0:r0 + per]
+
+
 def _counted_block(name: str, v: np.ndarray):
     block = _float32(v)
-    return name, block, _non_finite(block)
+    return name, block, _non_finite(block), _digest(block)
+
+
+def _digest(block: np.ndarray) -> bytes:
+    """sha256 of a block's float32 bytes: on the thread that has it (hashlib lets go of the GIL)."""
+    return hashlib.sha256(np.ascontiguousarray(block, np.float32).reshape(-1).view(np.uint8)).digest()
 
 
 class _Shape:
@@ -645,14 +687,18 @@ class _Shape:
 class _HFTensors:
     """The HF tensors of an `HFCheckpoint` by name, mapped when asked for; `touched` hears each."""
 
-    def __init__(self, checkpoint: HFCheckpoint, touched: list):
-        self.checkpoint, self.touched = checkpoint, touched
+    def __init__(self, checkpoint: HFCheckpoint, touched: list, put=None):
+        self.checkpoint, self.touched, self.put, self.made = checkpoint, touched, put, {}
 
     def __contains__(self, name) -> bool:
         return name in self.checkpoint._where
 
     def __getitem__(self, name) -> np.ndarray:
-        return self.checkpoint._hf(name, self.touched)
+        if self.put is None:
+            return self.checkpoint._hf(name, self.touched)
+        if name not in self.made:   # once, however many canonical tensors it gives (Phi-3's fused ones)
+            self.made[name] = self.put(self.checkpoint._hf(name, self.touched))
+        return self.made[name]
 
 
 def _advise(touched: list, advice: str) -> None:
@@ -682,17 +728,20 @@ def _open_checkpoint(path: str, spec: ModelSpec) -> HFCheckpoint:
     return HFCheckpoint(path, spec)
 
 
-def canonical_tensors(spec: ModelSpec, source, names=None) -> dict[str, np.ndarray]:
+def canonical_tensors(spec: ModelSpec, source, names=None, put=None) -> dict:
     """The canonical tensors (float32) a worker asks for by `names` (None: every one), from
     where the run's `source` (`job.WeightsSource`) keeps them: llmdiff's canonical safetensors
     file, or converted one at a time from an HF checkpoint directory's own weight files
-    (`source.from_hf`: `HFCheckpoint`, opened once per process). Weights made from a seed are
-    the worker's to make (`generate_*`)."""
+    (`source.from_hf`: `HFCheckpoint`, opened once per process). `put` (an array library's
+    `asarray`): the tensors are that library's, made as `HFCheckpoint.read_put` makes them.
+    Weights made from a seed are the worker's to make (`generate_*`)."""
     if source.from_hf:
         checkpoint = _open_checkpoint(str(source.hf_dir), spec)
-        return checkpoint.read(checkpoint.names if names is None else names)
+        names = checkpoint.names if names is None else names
+        return checkpoint.read(names) if put is None else checkpoint.read_put(names, put)
     if source.canonical:
-        return {n: np.asarray(a, np.float32) for n, a in safetensors_file.load(source.canonical, names).items()}
+        loaded = safetensors_file.load(source.canonical, names).items()
+        return {n: np.asarray(a, np.float32) if put is None else put(a).astype(np.float32) for n, a in loaded}
     raise WeightsError("these weights are made from a seed on the worker's device: no file holds them")
 
 
@@ -760,35 +809,52 @@ def save_canonical(path, canon: dict) -> None:
     safetensors_file.save(path, {k: np.asarray(v, np.float32) for k, v in canon.items()})
 
 
-def weights_fingerprint(canon: dict) -> str:
-    """sha256 over names and bytes: identical weights give identical fingerprints."""
-    h = hashlib.sha256()
-    for name in sorted(canon):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(canon[name], np.float32).tobytes())
-    return h.hexdigest()[:16]
+FINGERPRINT = "v2-"   # the fingerprint's scheme; one without a prefix (reports before 2026-12) hashed one stream
+
+
+def weights_fingerprint(canon: dict, block_bytes: int = BLOCK_BYTES) -> str:
+    """FINGERPRINT and 16 hex digits of a tree of sha256: each tensor's float32 bytes in blocks
+    of whole rows (`_row_blocks`; BLOCK_BYTES is part of the definition) hashed on every core,
+    then one sha256 over each sorted name with its blocks' digests. Identical weights give
+    identical fingerprints, whatever they were read from. (The one sha256 over every byte that
+    reports had before took 33 s for a gemma-7b checkpoint, 34 GB as float32, on one core of the
+    H200's host: longer than the compare's workers.) `block_bytes`: tests make blocks small."""
+    names = sorted(canon)
+    blocks = [(name, b) for name in names for b in _row_blocks(np.asarray(canon[name]), block_bytes)]
+    digests = list(_pool().map(lambda item: (item[0], _digest(item[1])), blocks))
+    return _tree(digests)
+
+
+def _tree(digests) -> str:
+    """The fingerprint of (name, block digest) pairs: each tensor's in order, names sorted."""
+    h = hashlib.sha256(FINGERPRINT.encode())
+    current = None
+    for name, digest in digests:
+        if name != current:
+            h.update(b"\0" + name.encode() + b"\0")
+            current = name
+        h.update(digest)
+    return FINGERPRINT + h.hexdigest()[:16]
 
 
 def checked_fingerprint(blocks, where) -> str:
     """`refuse_non_finite` then `weights_fingerprint`, in one pass over (name, float32 block,
-    its NaN/Inf count) triples: each tensor's blocks in order, the tensors in sorted name order
-    (`HFCheckpoint.blocks`). The same error naming the same tensor and count, the same
-    fingerprint, without the whole set in memory."""
-    h = hashlib.sha256()
-    current, bad = None, 0
-    for name, block, non_finite in blocks:
+    its NaN/Inf count, its digest) of each tensor's blocks in order, the tensors in sorted name
+    order (`HFCheckpoint.blocks`, whose blocks the fingerprint's are). The same error naming the
+    same tensor and count, the same fingerprint, without the whole set in memory."""
+    digests, current, bad = [], None, 0
+    for name, _block, non_finite, digest in blocks:
         if name != current:
             if bad:
                 raise _non_finite_error(current, bad, where)
             if current is not None and name < current:
                 raise ValueError(f"checked_fingerprint: {name!r} after {current!r}; the fingerprint's order is sorted")
             current = name
-            h.update(name.encode())
         bad += non_finite
-        h.update(np.ascontiguousarray(block, np.float32).reshape(-1).view(np.uint8))
+        digests.append((name, digest))
     if bad:
         raise _non_finite_error(current, bad, where)
-    return h.hexdigest()[:16]
+    return _tree(digests)
 
 
 def generated_fingerprint(spec: ModelSpec, seed: int) -> str:

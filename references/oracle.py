@@ -193,14 +193,21 @@ class OracleReference(Reference):
                 raise ValueError(f"--quant {self.job.quant} rounds weights read from a file, not made from a seed")
             shapes = convert.canonical_shapes(self.spec)
             return {n: weights.generate_jax(self.spec, n, shapes[n], source.seed, self.dtype) for n in names}
+        if self.device == "gpu" and not self.job.quant:
+            # The checkpoint's tensors go to the GPU as stored and become canonical float32 there,
+            # then this run's dtype (`HFCheckpoint.read_put`): the host converts nothing and moves
+            # a 16-bit checkpoint's bytes once. Converted on the host, a gemma-7b checkpoint took
+            # each oracle worker 25 s (bench/RESULTS.md). (On the CPU the host's conversion
+            # threads are the device's; XLA:CPU may also alias an array of the mapped file.)
+            loaded = weights.canonical_tensors(self.spec, source, names, put=jnp.asarray)
+            return {n: a.astype(self.dtype) for n, a in loaded.items()}
         loaded = weights.canonical_tensors(self.spec, source, names).items()
         if self.job.quant:  # the weights as llama.cpp's converter quantises them (llmdiff/quant.py)
             from llmdiff import quant
 
             loaded = [(n, quant.round_trip(n, np.asarray(a, np.float32), self.job.quant)) for n, a in loaded]
         # Onto the device as read (float32), then cast there: `jnp.asarray(a, bfloat16)` casts
-        # on the host, one core (a gemma-7b checkpoint's bfloat16 worker loaded in 32.5 s, its
-        # float32 one in 23.7 s, bench/RESULTS.md). Both round to nearest even.
+        # on the host, one core. Both round to nearest even.
         return {n: jnp.asarray(np.asarray(a)).astype(self.dtype) for n, a in loaded}
 
     def _layer(self, i):

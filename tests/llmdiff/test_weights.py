@@ -134,7 +134,7 @@ FAMILY_MODELS = ["gemma-7b", "gemma-2-2b", "gemma-3-1b", "llama-3.1-8b", "qwen2.
 
 def _joined(blocks) -> dict:
     parts: dict = {}
-    for name, block, non_finite in blocks:
+    for name, block, non_finite, _digest in blocks:
         assert block.dtype == np.float32 and block.flags.c_contiguous and non_finite == 0
         parts.setdefault(name, []).append(block)
     return {n: np.concatenate(p) for n, p in parts.items()}
@@ -170,8 +170,9 @@ def test_checkpoint_tensor_by_tensor_is_read_hf_checkpoint_bit_for_bit(name, tmp
     _assert_same_bits(alone, whole)
     _assert_same_bits(_joined(checkpoint.blocks(block_bytes=1000)), whole)   # several blocks per tensor
     fingerprint = weights.weights_fingerprint(whole)
-    assert weights.checked_fingerprint(checkpoint.blocks(block_bytes=1000), path) == fingerprint
     assert weights.checked_fingerprint(checkpoint.blocks(), path) == fingerprint
+    assert weights.checked_fingerprint(checkpoint.blocks(block_bytes=1000), path) == \
+        weights.weights_fingerprint(whole, block_bytes=1000) != fingerprint
     layer = convert.layer_names(spec, 1)
     from_dir = weights.canonical_tensors(spec, WeightsSource(hf_dir=str(path), from_hf=True), layer)
     _assert_same_bits(from_dir, {n: whole[n] for n in layer})
@@ -180,16 +181,50 @@ def test_checkpoint_tensor_by_tensor_is_read_hf_checkpoint_bit_for_bit(name, tmp
     _assert_same_bits(from_file, whole)
 
 
-def test_fingerprint_is_the_one_reports_always_had():
-    """sha256 of each sorted name then its float32 bytes, first 16 hex digits: reports of the
-    same checkpoint stay comparable across versions."""
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_checkpoint_read_on_the_device_is_read_bit_for_bit(name, tmp_path):
+    """`read_put` (what the oracle does on a GPU: the HF tensors onto the device as stored,
+    transposed and widened there) gives `read`'s values, bit for bit, every bfloat16 finite
+    value among them (subnormals, signed zeros); on JAX's default device (a GPU where there is
+    one)."""
+    jnp = pytest.importorskip("jax.numpy")
+    from llmdiff import safetensors_file
+
+    spec = get_spec(name, tiny=True)
+    path = weights.write_hf_checkpoint(tmp_path / "c", spec, weights.random_weights(spec))
+    f = path / "model.safetensors"
+    tensors = {k: np.array(v) for k, v in safetensors_file.load(f).items()}
+    embed = tensors["model.embed_tokens.weight"]
+    bits = np.arange(embed.size, dtype=np.uint32).astype(np.uint16)
+    bits[(bits & 0x7F80) == 0x7F80] = 0x0001   # no NaN or Inf: the check refuses those first
+    tensors["model.embed_tokens.weight"] = bits.view(ml_dtypes.bfloat16).reshape(embed.shape)
+    safetensors_file.save(f, tensors)
+    checkpoint = weights.HFCheckpoint(path, spec)
+    on_device = checkpoint.read_put(checkpoint.names, put=jnp.asarray)
+    _assert_same_bits({n: np.asarray(a) for n, a in on_device.items()}, checkpoint.read(checkpoint.names))
+    assert all(a.dtype == jnp.float32 for a in on_device.values())
+
+
+def test_fingerprint_is_a_tree_of_row_block_digests():
+    """"v2-" and the first 16 hex digits of sha256 over "v2-", then each sorted name between NULs
+    followed by the sha256 of each of its blocks of whole rows (float32 bytes, BLOCK_BYTES a
+    block): its definition, so that reports of the same weights stay comparable from now on. The
+    blocks and the names are the tree's: the same bytes cut otherwise, or renamed, differ."""
     import hashlib
 
-    canon = {"b": np.arange(6, dtype=np.float32).reshape(2, 3).T, "a": np.array([1.5], np.float32)}
-    h = hashlib.sha256(b"a" + np.float32(1.5).tobytes() + b"b" + np.array([0, 3, 1, 4, 2, 5], np.float32).tobytes())
-    assert weights.weights_fingerprint(canon) == h.hexdigest()[:16]
-    assert weights.checked_fingerprint([("a", canon["a"], 0), ("b", canon["b"][:1], 0), ("b", canon["b"][1:], 0)],
-                                       "x") == h.hexdigest()[:16]
+    sha = lambda b: hashlib.sha256(b).digest()   # noqa: E731
+    rows = weights.BLOCK_BYTES // 12             # a block of `b` below: this many rows of 3 float32
+    b = np.arange(3 * (rows + 1), dtype=np.float32).reshape(3, rows + 1).T   # a transposed view
+    canon = {"b": b, "a": np.array([1.5], np.float32), "c": np.float32(2.0).reshape(()), "d": np.zeros((0, 4), np.float32)}
+    want = hashlib.sha256(b"v2-" + b"\0a\0" + sha(np.float32(1.5).tobytes())
+                          + b"\0b\0" + sha(np.ascontiguousarray(b[:rows]).tobytes()) + sha(np.ascontiguousarray(b[rows:]).tobytes())
+                          + b"\0c\0" + sha(np.float32(2.0).tobytes()) + b"\0d\0" + sha(b""))
+    assert weights.weights_fingerprint(canon) == "v2-" + want.hexdigest()[:16]
+    blocks = [(n, blk, 0, weights._digest(blk)) for n in sorted(canon)
+              for blk in weights._row_blocks(np.ascontiguousarray(canon[n]), weights.BLOCK_BYTES)]
+    assert len(blocks) == 5 and weights.checked_fingerprint(blocks, "x") == weights.weights_fingerprint(canon)
+    assert weights.weights_fingerprint({"a": canon["a"], "bb": b}) != weights.weights_fingerprint({"a": canon["a"], "b": b})
+    assert weights.weights_fingerprint({"b": b}, block_bytes=1 << 30) != weights.weights_fingerprint({"b": b})
 
 
 def test_sharded_float32_checkpoint_with_an_untied_head_of_a_tied_model(tmp_path):
@@ -214,7 +249,8 @@ def test_sharded_float32_checkpoint_with_an_untied_head_of_a_tied_model(tmp_path
     assert "lm_head" in whole
     checkpoint = weights.HFCheckpoint(path, spec)
     _assert_same_bits(checkpoint.read(checkpoint.names), whole)
-    assert weights.checked_fingerprint(checkpoint.blocks(block_bytes=4096), path) == weights.weights_fingerprint(whole)
+    assert weights.checked_fingerprint(checkpoint.blocks(block_bytes=4096), path) == \
+        weights.weights_fingerprint(whole, block_bytes=4096)
 
 
 def _error(call) -> str:
@@ -271,7 +307,7 @@ def test_blocks_stay_near_block_bytes(tmp_path):
     spec = get_spec("gemma-7b", tiny=True)
     path = weights.write_hf_checkpoint(tmp_path / "c", spec, weights.random_weights(spec))
     shapes, sizes = convert.canonical_shapes(spec), {}
-    for name, block, _ in weights.HFCheckpoint(path, spec).blocks(block_bytes=8192):
+    for name, block, _, _ in weights.HFCheckpoint(path, spec).blocks(block_bytes=8192):
         sizes.setdefault(name, []).append(block.nbytes)
     for name, got in sizes.items():   # whole rows: one row a block where a row is larger
         row = int(np.prod(shapes[name][1:])) * 4
