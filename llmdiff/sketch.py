@@ -35,7 +35,9 @@ Arrays here are numpy; workers apply `project` with their framework's ops.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import numpy as np
 
@@ -143,49 +145,57 @@ def metrics_many(pairs: list) -> list[dict]:
         C = _stacked([pairs[i][0].data for i in idx], [where[i] for i in idx])
         R = _stacked([pairs[i][1].data for i in idx])
         if C is not None and R is not None:
-            d2, c2, r2 = _sums(C, R)
-            for j, i in enumerate(idx):
-                out[i] = _from_sums(float(d2[j]), float(c2[j]), float(r2[j]), pairs[i][0].data)
+            for i, m in zip(idx, _from_sums(*_sums(C, R), C)):
+                out[i] = m
             continue
         for i in idx:   # not side by side: each pair on its own
-            d2, c2, r2 = _sums(pairs[i][0].data[None], pairs[i][1].data[None])
-            out[i] = _from_sums(float(d2[0]), float(c2[0]), float(r2[0]), pairs[i][0].data)
+            c = pairs[i][0].data[None]
+            out[i] = _from_sums(*_sums(c, pairs[i][1].data[None]), c)[0]
     return out
 
 
-_BLOCK_BYTES = 4 << 20   # per thread step of `_sums`: a few points, their difference in cache
+_STEP_BYTES = 512 << 10   # a thread's step of `_sums`: a few points and their difference, in the core's cache
+_THREAD_BYTES = 2 << 20   # bytes of points at least per thread: fewer points are not worth a thread
+
+
+@functools.lru_cache(maxsize=1)
+def _pool():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="llmdiff-sketch")
 
 
 def _sums(C: np.ndarray, R: np.ndarray):
     """Per point (axis 0): |C - R|^2 over the sketch columns, |C|^2 and |R|^2 (norm columns).
     In the sketches' own dtype: two float32 values' difference is exact within a factor 2 of
-    each other, else rounded once, and numpy sums pairwise: on a compare's float32 sketches (339
-    points of 512 positions) rel_l2 is float64's to 5e-8 relative, against the sketch's own 1%."""
+    each other, else rounded once; the squares are rounded once and summed pairwise (numpy): on
+    a compare's float32 sketches (339 points of 512 positions) rel_l2 is float64's to 5e-8
+    relative, against the sketch's own 1%. The points are split over the cores (numpy releases
+    the GIL in its loops), each thread stepping through its own a few points at a time in a
+    scratch buffer of its own, so that each value is read from memory once."""
     P = C.shape[0]
     d2, c2, r2 = np.empty(P), np.empty(P), np.empty(P)
-    step = max(1, _BLOCK_BYTES // max(1, C[0].nbytes))
+    point = max(1, C[0].nbytes)
+    step = max(1, _STEP_BYTES // point)
+    threads = max(1, min(P, os.cpu_count() or 1, C.nbytes // _THREAD_BYTES))
+    bounds = [P * k // threads for k in range(threads + 1)]
 
-    def block(lo):
-        c, r = C[lo:lo + step], R[lo:lo + step]
-        c2[lo:lo + step], r2[lo:lo + step] = (x[..., -1].reshape(len(x), -1).sum(axis=1, dtype=np.float64)
-                                              for x in (c, r))
-        d = np.subtract(c, r)
-        d[..., -1] = 0   # the norms' column
-        d = d.reshape(d.shape[0], -1)
-        np.square(d, out=d)
-        d2[lo:lo + step] = d.sum(axis=1)   # numpy's pairwise summation
+    def part(k):
+        scratch = np.empty((min(step, bounds[k + 1] - bounds[k]), *C.shape[1:]), C.dtype)
+        for lo in range(bounds[k], bounds[k + 1], step):
+            hi = min(lo + step, bounds[k + 1])
+            d = np.subtract(C[lo:hi], R[lo:hi], out=scratch[:hi - lo])
+            c2[lo:hi], r2[lo:hi] = (x[lo:hi, ..., -1].reshape(hi - lo, -1).sum(axis=1, dtype=np.float64) for x in (C, R))
+            d[..., -1] = 0   # the norms' column
+            d = d.reshape(hi - lo, -1)
+            np.square(d, out=d)
+            d2[lo:hi] = d.sum(axis=1)   # numpy's pairwise summation
 
-    starts = range(0, P, step)
     with np.errstate(invalid="ignore", over="ignore"):   # non-finite values are reported by the caller
-        if len(starts) <= 1:
-            for lo in starts:
-                block(lo)
+        if threads == 1:
+            part(0)
         else:
-            import os
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1)) as pool:
-                list(pool.map(block, starts))
+            list(_pool().map(part, range(threads)))
         for j in np.nonzero(~np.isfinite(d2))[0]:   # a float32 square over 3.4e38: float64's sum, as before
             d = np.subtract(C[j], R[j], dtype=np.float64)
             d[..., -1] = 0
@@ -201,12 +211,12 @@ def _stacked(arrays: list, addresses: list | None = None) -> np.ndarray | None:
     """arrays of one shape and dtype as one read-only (len, ...) array without a copy, where
     they lie one after another in one buffer (a captures file's mapping); else None."""
     first = arrays[0]
-    root = _root(first)
     n = first.nbytes
-    addresses = addresses or [_address(a) for a in arrays]
-    if n == 0 or not all(a.flags.c_contiguous and a.shape == first.shape and a.dtype == first.dtype
-                         and at == addresses[0] + i * n and _root(a) is root
-                         for i, (a, at) in enumerate(zip(arrays, addresses))):
+    addresses = np.asarray(addresses or [_address(a) for a in arrays], np.int64)
+    # The first and the last in one buffer and the rest at the addresses between, one after
+    # another: the whole span is that buffer's, and each array is its row there.
+    if n == 0 or _root(first) is not _root(arrays[-1]) or np.any(np.diff(addresses) != n) \
+            or not all(a.flags.c_contiguous and a.shape == first.shape and a.dtype == first.dtype for a in arrays):
         return None
     return np.lib.stride_tricks.as_strided(first, (len(arrays), *first.shape), (n, *first.strides),
                                            writeable=False)
@@ -220,17 +230,22 @@ def _root(a: np.ndarray):
     return root.obj if isinstance(root, memoryview) else root
 
 
-def _from_sums(d2: float, c2: float, r2: float, cand: np.ndarray) -> dict:
+def _from_sums(d2: np.ndarray, c2: np.ndarray, r2: np.ndarray, cand: np.ndarray) -> list[dict]:
+    """Each point's metrics from its sums (`_sums`); `cand`: the points' candidate sketches."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref_norm, cand_norm = np.sqrt(np.maximum(r2, 0.0)), np.sqrt(np.maximum(c2, 0.0))
+        rel_l2 = np.where(ref_norm > 0, np.sqrt(d2) / np.where(ref_norm > 0, ref_norm, 1.0),
+                          np.where(d2 == 0, 0.0, np.inf))
+        # |c|^2 + |r|^2 - |c - r|^2 = 2 c.r, norms exact
+        both = (ref_norm > 0) & (cand_norm > 0)
+        cos = (c2 + r2 - d2) / np.where(both, 2 * cand_norm * ref_norm, 1.0)
+        cos = np.where(np.isnan(cos), 1.0, np.clip(cos, -1.0, 1.0))   # Python's min(1.0, nan), as before
+        cosine = np.where(both, cos, np.where(d2 == 0, 1.0, 0.0))
     # A non-finite candidate value makes d2 or c2 non-finite (inf - inf is nan too).
-    finite = (math.isfinite(d2) and math.isfinite(c2)) or bool(np.isfinite(cand).all())
-    ref_norm, cand_norm = math.sqrt(max(r2, 0.0)), math.sqrt(max(c2, 0.0))
-    if ref_norm > 0:
-        rel_l2 = math.sqrt(d2) / ref_norm
-    else:
-        rel_l2 = 0.0 if d2 == 0 else float("inf")
-    if ref_norm > 0 and cand_norm > 0:  # |c|^2 + |r|^2 - |c - r|^2 = 2 c.r, norms exact
-        cosine = max(-1.0, min(1.0, (c2 + r2 - d2) / (2 * cand_norm * ref_norm)))
-    else:
-        cosine = 1.0 if d2 == 0 else 0.0
-    return {"max_abs": None, "mean_abs": None, "rel_l2": rel_l2 if finite else float("nan"),
-            "cosine": cosine, "finite": finite, "estimated": True}
+    finite = np.isfinite(d2) & np.isfinite(c2)
+    out = []
+    for j in range(len(d2)):
+        ok = bool(finite[j]) or bool(np.isfinite(cand[j]).all())
+        out.append({"max_abs": None, "mean_abs": None, "rel_l2": float(rel_l2[j]) if ok else float("nan"),
+                    "cosine": float(cosine[j]), "finite": ok, "estimated": True})
+    return out
