@@ -154,7 +154,6 @@ def metrics_many(pairs: list) -> list[dict]:
     return out
 
 
-_STEP_BYTES = 512 << 10   # a thread's step of `_sums`: a few points and their difference, in the core's cache
 _THREAD_BYTES = 2 << 20   # bytes of points at least per thread: fewer points are not worth a thread
 
 
@@ -170,32 +169,33 @@ def _sums(C: np.ndarray, R: np.ndarray):
     In the sketches' own dtype: two float32 values' difference is exact within a factor 2 of
     each other, else rounded once; the squares are rounded once and summed pairwise (numpy): on
     a compare's float32 sketches (339 points of 512 positions) rel_l2 is float64's to 5e-8
-    relative, against the sketch's own 1%. The points are split over the cores (numpy releases
-    the GIL in its loops), each thread stepping through its own a few points at a time in a
-    scratch buffer of its own, so that each value is read from memory once."""
+    relative, against the sketch's own 1%. The points are split evenly over the cores, one
+    block a thread: numpy releases the GIL in its loops, but each call takes it back, and on the
+    H200's 16-core host steps of a few points each (14 numpy calls a thread) took 16.4 ms a
+    gemma-7b run where one block a thread (6 calls) takes 5.1-5.6 ms, and 3.0-3.8 ms with the
+    norms' column cast first (bench/RESULTS.md)."""
     P = C.shape[0]
     d2, c2, r2 = np.empty(P), np.empty(P), np.empty(P)
-    point = max(1, C[0].nbytes)
-    step = max(1, _STEP_BYTES // point)
     threads = max(1, min(P, os.cpu_count() or 1, C.nbytes // _THREAD_BYTES))
     bounds = [P * k // threads for k in range(threads + 1)]
 
-    def part(k):
-        scratch = np.empty((min(step, bounds[k + 1] - bounds[k]), *C.shape[1:]), C.dtype)
-        for lo in range(bounds[k], bounds[k + 1], step):
-            hi = min(lo + step, bounds[k + 1])
-            d = np.subtract(C[lo:hi], R[lo:hi], out=scratch[:hi - lo])
-            c2[lo:hi], r2[lo:hi] = (x[lo:hi, ..., -1].reshape(hi - lo, -1).sum(axis=1, dtype=np.float64) for x in (C, R))
-            d[..., -1] = 0   # the norms' column
-            d = d.reshape(hi - lo, -1)
-            np.square(d, out=d)
-            d2[lo:hi] = d.sum(axis=1)   # numpy's pairwise summation
+    def block(k):
+        lo, hi = bounds[k], bounds[k + 1]
+        c, r = C[lo:hi], R[lo:hi]
+        # The norms' column as float64 first: a float64 sum of the strided float32 column casts
+        # in small buffers, on the H200's host slower than the rest together (the same sums)
+        c2[lo:hi], r2[lo:hi] = (x[..., -1].astype(np.float64).reshape(hi - lo, -1).sum(axis=1) for x in (c, r))
+        d = np.subtract(c, r)
+        d[..., -1] = 0   # the norms' column
+        d = d.reshape(hi - lo, -1)
+        np.square(d, out=d)
+        d2[lo:hi] = d.sum(axis=1)   # numpy's pairwise summation
 
     with np.errstate(invalid="ignore", over="ignore"):   # non-finite values are reported by the caller
         if threads == 1:
-            part(0)
+            block(0)
         else:
-            list(_pool().map(part, range(threads)))
+            list(_pool().map(block, range(threads)))
         for j in np.nonzero(~np.isfinite(d2))[0]:   # a float32 square over 3.4e38: float64's sum, as before
             d = np.subtract(C[j], R[j], dtype=np.float64)
             d[..., -1] = 0

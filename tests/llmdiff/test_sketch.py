@@ -65,10 +65,16 @@ def test_float32_sketches_are_compared_as_float64_would_be():
     assert got["cosine"] == pytest.approx(want["cosine"], abs=1e-9) and want["cosine"] < 1
 
 
-def test_a_runs_points_are_compared_at_once_as_one_by_one(tmp_path):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_runs_points_are_compared_at_once_as_one_by_one(tmp_path, monkeypatch, threads):
     """A captures file's sketches lie side by side: `metrics_many` reads them as one array per
-    side (no copy) and gives each pair's `metrics` of its own copies, in any order asked."""
+    side (no copy) and gives each pair's `metrics` of its own copies, in any order asked; split
+    over threads too (points of 10 KB, a thread's share made that small)."""
     from llmdiff import safetensors_file
+
+    if threads > 1:
+        monkeypatch.setattr(sketch, "_THREAD_BYTES", 1)
+        monkeypatch.setattr(sketch.os, "cpu_count", lambda: threads)
 
     rng = np.random.default_rng(2)
     names = [f"L{i}.{p}" for i in range(3) for p in ("q", "k", "out")]
