@@ -212,14 +212,15 @@ def from_hf(spec: ModelSpec, hf: dict, where: str = "HF checkpoint") -> dict[str
     return {k: np.ascontiguousarray(v) if isinstance(v, np.ndarray) else v for k, v in out.items()}
 
 
-def from_hf_top(spec: ModelSpec, hf) -> dict:
+def from_hf_top(spec: ModelSpec, hf, only: str | None = None) -> dict:
     """The canonical tensors outside the layers (`embed`, `final_norm`, `lm_head` where `hf` has
-    one) from the HF ones, as views where they can be (`from_hf` makes them contiguous)."""
-    out = {"embed": resize_rows(hf["model.embed_tokens.weight"], spec.vocab_size),
-           "final_norm": hf["model.norm.weight"]}
+    one) from the HF ones, as views where they can be (`from_hf` makes them contiguous).
+    `only`: that canonical tensor alone, and no other HF tensor asked of `hf`."""
+    made = {"embed": lambda: resize_rows(hf["model.embed_tokens.weight"], spec.vocab_size),
+            "final_norm": lambda: hf["model.norm.weight"]}
     if "lm_head.weight" in hf:
-        out["lm_head"] = resize_rows(hf["lm_head.weight"], spec.vocab_size)
-    return out
+        made["lm_head"] = lambda: resize_rows(hf["lm_head.weight"], spec.vocab_size)
+    return {name: make() for name, make in made.items() if only is None or name == only}
 
 
 def from_hf_layer(spec: ModelSpec, i: int, hf) -> dict:

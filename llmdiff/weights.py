@@ -535,14 +535,22 @@ class HFCheckpoint:
         hf = _HFTensors(self, touched, put)
         if isinstance(group, int) and 0 <= group < self.spec.num_layers:
             return convert.from_hf_layer(self.spec, group, hf)
-        return convert.from_hf_top(self.spec, hf)
+        return convert.from_hf_top(self.spec, hf, only=group)   # a top-level tensor is a group alone
 
     def _missing(self, name: str) -> WeightsError:
         return WeightsError(f"{self.path}: no canonical tensor {name!r} for {self.spec.name}")
 
-    def read(self, names) -> dict[str, np.ndarray]:
+    def read(self, names, put=None) -> dict:
         """{name: float32 array} for canonical `names`, each contiguous (read-only where it is
-        the file's own float32 bytes), converted on the conversion threads (`_pool`)."""
+        the file's own float32 bytes), converted on the conversion threads (`_pool`).
+
+        `put` (an array library's `asarray`): the same values, made by that library. Each HF
+        tensor a group needs is handed to `put` once, as stored (its own dtype, a view of the
+        file's bytes), and the canonical views (`convert.from_hf_layer`: transposes, reshapes,
+        row slices) and the cast to float32 are the library's: with `jax.numpy.asarray`, a
+        GPU's. The host converts nothing and moves half the bytes of a 16-bit checkpoint.
+        Transposes and reshapes are exact, and so is widening bfloat16 or float16 to float32
+        (subnormals kept: tested), so the values are the host's, bit for bit."""
         groups: dict = {}
         for name in names:
             groups.setdefault(_group(name), []).append(name)
@@ -557,37 +565,16 @@ class HFCheckpoint:
                         ahead: list = []   # and the next layer's, which a worker loading layer by layer asks for next
                         self._views(group + 1, ahead)
                         _advise(ahead, "MADV_WILLNEED")
-                for name in members:
-                    if name not in views:
-                        raise self._missing(name)
-                    out[name] = _float32(views[name], parallel=True)
-            finally:
-                _release(touched)
-        return out
-
-    def read_put(self, names, put) -> dict:
-        """`read(names)`'s values made by another array library: each HF tensor the group
-        needs is handed to `put` as stored (its own dtype, a view of the file's bytes), and the
-        canonical views (`convert.from_hf_layer`: transposes, reshapes, row slices) and the cast
-        to float32 are that library's: with `jax.numpy.asarray`, a GPU's. The host converts
-        nothing and moves half the bytes of a 16-bit checkpoint. Transposes and reshapes are
-        exact, and so is a widening of bfloat16 or float16 to float32 (subnormals kept: tested),
-        so the values are `read`'s, bit for bit."""
-        groups: dict = {}
-        for name in names:
-            groups.setdefault(_group(name), []).append(name)
-        out = {}
-        for group, members in groups.items():
-            touched: list = []
-            try:
-                self._views(group, touched)   # which bytes: read ahead of the transfers
-                _advise(touched, "MADV_WILLNEED")
-                views = self._views(group, [], put)
+                if put is not None:
+                    views = self._views(group, [], put)
                 for name in members:
                     if name not in views:
                         raise self._missing(name)
                     v = views[name]
-                    out[name] = v if v.dtype == np.float32 else v.astype(np.float32)
+                    if put is None:
+                        out[name] = _float32(v, parallel=True)
+                    else:
+                        out[name] = v if v.dtype == np.float32 else v.astype(np.float32)
             finally:
                 _release(touched)
         return out
@@ -733,12 +720,12 @@ def canonical_tensors(spec: ModelSpec, source, names=None, put=None) -> dict:
     where the run's `source` (`job.WeightsSource`) keeps them: llmdiff's canonical safetensors
     file, or converted one at a time from an HF checkpoint directory's own weight files
     (`source.from_hf`: `HFCheckpoint`, opened once per process). `put` (an array library's
-    `asarray`): the tensors are that library's, made as `HFCheckpoint.read_put` makes them.
+    `asarray`): the tensors are that library's (`HFCheckpoint.read`).
     Weights made from a seed are the worker's to make (`generate_*`)."""
     if source.from_hf:
         checkpoint = _open_checkpoint(str(source.hf_dir), spec)
         names = checkpoint.names if names is None else names
-        return checkpoint.read(names) if put is None else checkpoint.read_put(names, put)
+        return checkpoint.read(names, put)
     if source.canonical:
         loaded = safetensors_file.load(source.canonical, names).items()
         return {n: np.asarray(a, np.float32) if put is None else put(a).astype(np.float32) for n, a in loaded}

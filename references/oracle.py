@@ -195,7 +195,7 @@ class OracleReference(Reference):
             return {n: weights.generate_jax(self.spec, n, shapes[n], source.seed, self.dtype) for n in names}
         if self.device == "gpu" and not self.job.quant:
             # The checkpoint's tensors go to the GPU as stored and become canonical float32 there,
-            # then this run's dtype (`HFCheckpoint.read_put`): the host converts nothing and moves
+            # then this run's dtype (`HFCheckpoint.read` with `put`): the host converts nothing and moves
             # a 16-bit checkpoint's bytes once. Converted on the host, a gemma-7b checkpoint took
             # each oracle worker 25 s (bench/RESULTS.md). (On the CPU the host's conversion
             # threads are the device's; XLA:CPU may also alias an array of the mapped file.)

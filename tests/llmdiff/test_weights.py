@@ -183,10 +183,10 @@ def test_checkpoint_tensor_by_tensor_is_read_hf_checkpoint_bit_for_bit(name, tmp
 
 @pytest.mark.parametrize("name", FAMILY_MODELS)
 def test_checkpoint_read_on_the_device_is_read_bit_for_bit(name, tmp_path):
-    """`read_put` (what the oracle does on a GPU: the HF tensors onto the device as stored,
-    transposed and widened there) gives `read`'s values, bit for bit, every bfloat16 finite
-    value among them (subnormals, signed zeros); on JAX's default device (a GPU where there is
-    one)."""
+    """`read` with `put` (what the oracle does on a GPU: the HF tensors onto the device as
+    stored, each once, transposed and widened there) gives the host's values, bit for bit, every
+    bfloat16 finite value among them (subnormals, signed zeros); on JAX's default device (a GPU
+    where there is one)."""
     jnp = pytest.importorskip("jax.numpy")
     from llmdiff import safetensors_file
 
@@ -200,9 +200,14 @@ def test_checkpoint_read_on_the_device_is_read_bit_for_bit(name, tmp_path):
     tensors["model.embed_tokens.weight"] = bits.view(ml_dtypes.bfloat16).reshape(embed.shape)
     safetensors_file.save(f, tensors)
     checkpoint = weights.HFCheckpoint(path, spec)
-    on_device = checkpoint.read_put(checkpoint.names, put=jnp.asarray)
+    put = []
+    on_device = checkpoint.read(checkpoint.names, put=lambda a: put.append(a.shape) or jnp.asarray(a))
     _assert_same_bits({n: np.asarray(a) for n, a in on_device.items()}, checkpoint.read(checkpoint.names))
     assert all(a.dtype == jnp.float32 for a in on_device.values())
+    assert sorted(put) == sorted(t.shape for t in tensors.values())   # each HF tensor once
+    alone = checkpoint.read(["final_norm"], put=lambda a: put.append(a.shape) or jnp.asarray(a))
+    assert put[-1] == (spec.hidden_size,) and len(put) == len(tensors) + 1   # the embedding not put for it
+    _assert_same_bits({"final_norm": np.asarray(alone["final_norm"])}, checkpoint.read(["final_norm"]))
 
 
 def test_fingerprint_is_a_tree_of_row_block_digests():
