@@ -580,10 +580,10 @@ class HFCheckpoint:
         return out
 
     def blocks(self, block_bytes: int = BLOCK_BYTES):
-        """(name, block, non-finite count) for every canonical tensor, in `names`' order: float32
-        blocks of whole rows of about `block_bytes`, which laid end to end are the tensor's bytes
-        (a tensor of no rows is one empty block), and how many of the block's values are NaN or
-        Inf. A thread walks the groups (each group's bytes read ahead, `MADV_WILLNEED`) and hands
+        """(name, block, non-finite count, digest) for every canonical tensor, in `names`' order:
+        float32 blocks of whole rows of about `block_bytes` (`_row_blocks`), which laid end to end
+        are the tensor's bytes, how many of the block's values are NaN or Inf, and the block's
+        sha256 (`_digest`, the fingerprint's leaf). A thread walks the groups (each group's bytes read ahead, `MADV_WILLNEED`) and hands
         each block to the conversion threads (`_pool`), READ_AHEAD per thread ahead of the caller,
         which gets them in order; a group's HF pages are released once the caller has all its
         blocks, so memory holds about the largest HF tensor plus a few blocks per thread."""
