@@ -157,6 +157,11 @@ def metrics_many(pairs: list) -> list[dict]:
 _THREAD_BYTES = 2 << 20   # bytes of points at least per thread: fewer points are not worth a thread
 
 
+def _cores() -> int:
+    """How many blocks `_sums` splits a run's points into at most (tests make it small)."""
+    return os.cpu_count() or 1
+
+
 @functools.lru_cache(maxsize=1)
 def _pool():
     from concurrent.futures import ThreadPoolExecutor
@@ -176,7 +181,7 @@ def _sums(C: np.ndarray, R: np.ndarray):
     norms' column cast first (bench/RESULTS.md)."""
     P = C.shape[0]
     d2, c2, r2 = np.empty(P), np.empty(P), np.empty(P)
-    threads = max(1, min(P, os.cpu_count() or 1, C.nbytes // _THREAD_BYTES))
+    threads = max(1, min(P, _cores(), C.nbytes // _THREAD_BYTES))
     bounds = [P * k // threads for k in range(threads + 1)]
 
     def block(k):

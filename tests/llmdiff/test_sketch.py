@@ -74,7 +74,7 @@ def test_a_runs_points_are_compared_at_once_as_one_by_one(tmp_path, monkeypatch,
 
     if threads > 1:
         monkeypatch.setattr(sketch, "_THREAD_BYTES", 1)
-        monkeypatch.setattr(sketch.os, "cpu_count", lambda: threads)
+        monkeypatch.setattr(sketch, "_cores", lambda: threads)
 
     rng = np.random.default_rng(2)
     names = [f"L{i}.{p}" for i in range(3) for p in ("q", "k", "out")]
