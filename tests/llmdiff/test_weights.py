@@ -117,6 +117,21 @@ def test_generator_across_chunks_and_its_distribution(monkeypatch):
     assert abs(np.corrcoef(whole.ravel()[:-1], whole.ravel()[1:])[0, 1]) < 0.01  # neighbours independent
 
 
+def test_host_generator_is_the_int64_formula_rounded_as_ml_dtypes_rounds(monkeypatch):
+    """The host's uint32 steps (threads, scratch arrays, bfloat16 rounding in float32's bits)
+    against the generator's definition: `_odd_uniform` in int64, times c, then ml_dtypes'
+    round to nearest even; on a million values, ties to even among them."""
+    spec = get_spec("gemma-7b")
+    name, size = "L0.gate", (1 << 20) + 3
+    monkeypatch.setattr(weights, "_HOST_BLOCK", (1 << 15) + 1)   # uneven steps, several threads
+    made = weights.generate_numpy(spec, name, (size,))
+    exact = weights._odd_uniform(np.arange(size, dtype=np.int64), weights._key(0, name)).astype(np.float32) \
+        * weights._unit(spec, name)
+    assert np.count_nonzero((exact.view(np.uint32) & 0xFFFF) == 0x8000) > 0   # ties are rounded here
+    assert np.array_equal(made, weights.to_bf16_values(exact))
+    assert made.view(np.uint32).tobytes() == weights.to_bf16_values(exact).view(np.uint32).tobytes()
+
+
 def test_generated_fingerprint_depends_on_seed_and_model():
     a = get_spec("gemma-7b")
     assert weights.generated_fingerprint(a, 0) == weights.generated_fingerprint(a, 0)
