@@ -185,15 +185,19 @@ def generate_torch(spec: ModelSpec, name: str, shape, seed: int = 0, device="cpu
 
 
 def generate_jax(spec: ModelSpec, name: str, shape, seed: int = 0, dtype="float32"):
-    """`generate_numpy` in JAX (x64 enabled), on the default device, cast to `dtype` (exactly):
-    one jitted step a chunk (`_jax_chunk`), so a model's weights compile a handful of steps, not
-    a dozen eager operations per tensor shape (about 100 compiles, 4 s of a cold gemma-7b run)."""
+    """`generate_numpy` in JAX, on the default device, cast to `dtype` (exactly): one jitted
+    step a chunk (`_jax_chunk`), so a model's weights compile a handful of steps, not a dozen
+    eager operations per tensor shape (about 100 compiles, 4 s of a cold gemma-7b run). In
+    uint32, as on the host: the same bits with JAX's 64-bit types off (DeepMind's gemma runs
+    with them off) or on (the oracle)."""
     import jax.numpy as jnp
 
     size = int(np.prod(shape, dtype=np.int64))
-    key, c = _key(seed, name), jnp.asarray(_unit(spec, name), jnp.float32)
+    if size >= 2 ** 32:
+        raise WeightsError(f"{name}: {size} elements; the generator indexes at most 2**32")
+    key, c = jnp.uint32(_key(seed, name)), jnp.asarray(_unit(spec, name), jnp.float32)
     step = min(CHUNK, 1 << max(0, size - 1).bit_length())   # a power of two: few sizes to compile
-    parts = [_jax_chunk(step)(jnp.int64(lo), jnp.int64(key), c) for lo in range(0, size, step)]
+    parts = [_jax_chunk(step)(jnp.uint32(lo), key, c) for lo in range(0, size, step)]
     out = (jnp.concatenate(parts) if len(parts) > 1 else parts[0])[:size].reshape(tuple(shape)).astype(dtype)
     if (row := _zero_rows(spec, name)) is not None:
         out = out.at[row:].set(0)
@@ -203,13 +207,20 @@ def generate_jax(spec: ModelSpec, name: str, shape, seed: int = 0, dtype="float3
 @functools.lru_cache(maxsize=None)
 def _jax_chunk(n: int):
     """f(lo, key, c): elements lo .. lo + n of a tensor of the seeded weights, bfloat16, in one
-    fused step (the same integer operations as `_odd_uniform`, so the same bits)."""
+    fused step: `_odd_uniform`'s operations in uint32 (a product wraps modulo 2**32, which is
+    its `& _MASK32`; indices past the tensor's end wrap too, and are cut), so the same bits."""
     import jax
     import jax.numpy as jnp
 
+    def hash32(x):   # `_hash32` without its mask: a uint32 (and 0xFFFFFFFF is no int32)
+        for _ in range(2):
+            x = ((x >> 16) ^ x) * jnp.uint32(_MUL)
+        return (x >> 16) ^ x
+
     def f(lo, key, c):
-        idx = lo + jnp.arange(n, dtype=jnp.int64)
-        return (_odd_uniform(idx, key).astype(jnp.float32) * c).astype(jnp.bfloat16)
+        h = hash32(hash32(lo + jnp.arange(n, dtype=jnp.uint32)) ^ key)
+        v = (h >> 8).astype(jnp.int32) * 2 - (2 ** 24 - 1)   # odd, |v| < 2**24: exact in float32
+        return (v.astype(jnp.float32) * c).astype(jnp.bfloat16)
 
     return jax.jit(f)
 

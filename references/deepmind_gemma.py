@@ -118,6 +118,7 @@ def _captured(module, method_name: str) -> bool:
 class DeepMindReference(Reference):
     name = "deepmind"
     package = "gemma"
+    makes_weights = True
 
     def __init__(self, job):
         super().__init__(job)
@@ -146,10 +147,22 @@ class DeepMindReference(Reference):
             raise ValueError("DeepMind's gemma always ties the output projection to the embedding")
         self.config = transformer_config(spec, self._config, self._modules)
         self.model = self._transformer.Transformer(config=self.config, dtype=getattr(jnp, dtype))
-        canon = weights.canonical_tensors(spec, self.job.weights)
-        flat = convert.to_deepmind(spec, canon)
-        self.params = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a), dtype=dtype),
-                                             convert.unflatten(flat))
+        source = self.job.weights
+        if source.generated:   # made here, on JAX's device, a layer at a time (full-size models)
+            shapes = convert.canonical_shapes(spec)
+
+            def made(names):
+                return {n: weights.generate_jax(spec, n, shapes[n], source.seed, dtype) for n in names}
+
+            top = made(["embed", "final_norm"])
+            flat = {"embedder/input_embedding": top["embed"], "final_norm/scale": top["final_norm"]}
+            for i in range(spec.num_layers):
+                layer = made([n for n in shapes if n.startswith(f"L{i}.")])
+                flat.update({f"layer_{i}/{k}": v
+                             for k, v in convert.to_deepmind_layer(spec, i, layer, stack=jnp.stack).items()})
+        else:
+            flat = convert.to_deepmind(spec, weights.canonical_tensors(spec, source))
+        self.params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype=dtype), convert.unflatten(flat))
         self.dtype = dtype
 
     # --- capture ------------------------------------------------------------------------

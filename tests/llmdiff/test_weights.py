@@ -85,7 +85,8 @@ def test_gemma2_gemma3_hf_config_loads_with_every_number(name, tmp_path):
 
 
 def test_generator_gives_the_same_bits_in_numpy_torch_and_jax():
-    """Workers make full-size weights on their own device with their own framework."""
+    """Workers make full-size weights on their own device with their own framework; in JAX
+    with its 64-bit types off (DeepMind's gemma) and on (the oracle)."""
     torch = pytest.importorskip("torch")
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)
@@ -94,7 +95,12 @@ def test_generator_gives_the_same_bits_in_numpy_torch_and_jax():
     for name in ("embed", "L0.q", "L1.down", "L0.attn_norm", "final_norm"):
         ref = weights.generate_numpy(spec, name, shapes[name])
         assert np.array_equal(ref, weights.generate_torch(spec, name, shapes[name]).numpy()), name
-        assert np.array_equal(ref, np.asarray(weights.generate_jax(spec, name, shapes[name]))), name
+        for x64 in (False, True):
+            with jax.enable_x64(x64):
+                made = weights.generate_jax(spec, name, shapes[name])
+                assert made.dtype == np.float32 and np.array_equal(ref, np.asarray(made)), (name, x64)
+                half = weights.generate_jax(spec, name, shapes[name], dtype="bfloat16")
+                assert np.array_equal(ref, np.asarray(half.astype(np.float32))), (name, x64)
         assert np.array_equal(ref.astype(np.float64),
                               weights.generate_torch(spec, name, shapes[name], dtype=torch.float64).numpy()), name
 

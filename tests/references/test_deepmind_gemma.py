@@ -84,3 +84,29 @@ def test_missing_extra_is_one_line_and_others_still_run(llmdiff_cli, tmp_path, m
     assert lines == [f"llmdiff: error: deepmind: implementation 'deepmind' needs the deepmind extra: {INSTALL}"]
     assert run_by_candidate(report, "hf", "float32")["verdict"] == "parity"  # the others still ran
     assert run_by_candidate(report, "deepmind", "float32")["verdict"] == "error"
+
+
+@needs_deepmind
+@pytest.mark.slow   # two compares, 42 s on this project's 2 cores
+def test_weights_made_on_its_device_give_the_host_weights_captures(tmp_path):
+    """Full-size random weights are made by each worker (`makes_weights`): DeepMind's in JAX with
+    its 64-bit types off. Forced on a tiny model, its captures are the host-made weights' bit for
+    bit, in both dtypes."""
+    import numpy as np
+
+    import llmdiff
+    from llmdiff import safetensors_file
+
+    captures = {}
+    for generate in (True, False):
+        work = tmp_path / f"generate-{generate}"
+        result = llmdiff.compare("gemma-7b", ["deepmind"], tiny=True, generate=generate, diagnose=False,
+                                 workdir=work, tokenizer_parity=False)
+        assert result, result.summary()
+        assert (result.report["weights"].get("made") == "on each worker's device") is generate
+        captures[generate] = {d: safetensors_file.load(work / f"deepmind-{d}.safetensors") for d in ("float32", "bfloat16")}
+    for dtype, made in captures[True].items():
+        host = captures[False][dtype]
+        assert sorted(made) == sorted(host) and "logits" in made
+        for name in host:
+            assert np.array_equal(made[name], host[name]), (dtype, name)
