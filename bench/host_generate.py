@@ -48,13 +48,18 @@ def main(model="gemma-7b", layers=1):
     fill = _fill_rate(4 * total)
     probe = max((n for n in names if n != "embed"), key=lambda n: np.prod(shapes[n]))
     n_probe = int(np.prod(shapes[probe]))
-    # The generator alone: into memory the tensor freed just before (touched already), best of 5
-    best = float("inf")
-    for _ in range(5):
-        new.pop(probe)
-        t = time.perf_counter()
-        new[probe] = weights.generate_numpy(spec, probe, shapes[probe])
-        best = min(best, time.perf_counter() - t)
+
+    def alone(reps=5):
+        """The generator alone: into memory the tensor freed just before (touched already)."""
+        best = float("inf")
+        for _ in range(reps):
+            new.pop(probe)
+            t = time.perf_counter()
+            new[probe] = weights.generate_numpy(spec, probe, shapes[probe])
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    best = alone()
     t = time.perf_counter()
     old = old_form(spec, probe, shapes[probe])
     t_old = time.perf_counter() - t
@@ -74,12 +79,7 @@ def main(model="gemma-7b", layers=1):
     default = weights._HOST_BLOCK, weights._HOST_STEP_MAX
     for log2 in range(15, 22):
         weights._HOST_BLOCK, weights._HOST_STEP_MAX = 1 << log2, 1 << log2
-        best = float("inf")
-        for _ in range(5):
-            new.pop(probe)
-            t = time.perf_counter()
-            new[probe] = weights.generate_numpy(spec, probe, shapes[probe])
-            best = min(best, time.perf_counter() - t)
+        best = alone()
         assert np.array_equal(old, new[probe])
         print(f"  steps of 2**{log2}: {4 * n_probe / best / 1e9:.2f} GB/s")
     weights._HOST_BLOCK, weights._HOST_STEP_MAX = default
