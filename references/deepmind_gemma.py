@@ -2,9 +2,10 @@
 
 The model is built from the run's `ModelSpec` through DeepMind's `TransformerConfig` (it covers
 Gemma 1, 2 and 3: post norms, softcaps, local/global layers, qk-norm, RoPE bases and scales),
-loaded with the canonical weights via `convert.to_deepmind`, and called the way a user calls
-it: `model.apply({'params': params}, tokens)`. The library builds positions and the causal
-mask itself from the tokens (it treats id 0 as padding, so prompts must not contain it). The
+loaded with the canonical weights via `convert.to_deepmind` (seeded full-size weights are
+made on JAX's device, a layer at a time: `makes_weights`), and called the way a user calls it:
+`model.apply({'params': params}, tokens)`. The library builds positions and the causal mask
+itself from the tokens (it treats id 0 as padding, so prompts must not contain it). The
 compute dtype is the dtype of the params handed to `apply` (`Transformer(dtype=...)` only
 sets the dtype of params made by `init`).
 
