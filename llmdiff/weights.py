@@ -142,25 +142,22 @@ def _host_range(out: np.ndarray, lo: int, hi: int, key: int, c: np.float32, step
 
 def generate_numpy(spec: ModelSpec, name: str, shape, seed: int = 0) -> np.ndarray:
     """Tensor `name` of the seeded random weights, float32 holding bfloat16 values: the
-    `_odd_uniform` generator in uint32, in place, one contiguous range a core (numpy releases
-    the GIL), for the very bits the torch and JAX forms make (tests/llmdiff/test_weights.py)."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
+    `_odd_uniform` generator in uint32, in place, one contiguous range a conversion thread
+    (`_pool`; numpy releases the GIL), for the very bits the torch and JAX forms make
+    (tests/llmdiff/test_weights.py)."""
     size = int(np.prod(shape, dtype=np.int64))
     if size >= 2 ** 32:
         raise WeightsError(f"{name}: {size} elements; the generator indexes at most 2**32")
     key, c = _key(seed, name), _unit(spec, name)
     out = np.empty(size, np.float32)
-    threads = max(1, min(os.cpu_count() or 1, size // _HOST_BLOCK))
+    threads = max(1, min(_threads(), size // _HOST_BLOCK))
     step = min(_HOST_STEP_MAX, _HOST_BLOCK * max(2, threads))
     bounds = [size * k // threads for k in range(threads + 1)]
     ranges = [(bounds[k], bounds[k + 1]) for k in range(threads)]
     if threads == 1:
         _host_range(out, *ranges[0], key, c, step)
     else:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(lambda r: _host_range(out, *r, key, c, step), ranges))
+        list(_pool().map(lambda r: _host_range(out, *r, key, c, step), ranges))
     out = out.reshape(shape)
     if (row := _zero_rows(spec, name)) is not None:
         out[row:] = 0.0
